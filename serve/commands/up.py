@@ -20,6 +20,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_flags(parser)
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="prepare the data directory and exit without starting the server (used on cluster heads)",
+    )
     parser.set_defaults(func=run)
 
 

@@ -1,0 +1,72 @@
+"""Server config: YAML < environment < explicit overrides, and clear errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import MoseError
+from serve.config import ServeConfig, load_config
+
+
+def test_defaults_run_on_one_cpu_machine(monkeypatch):
+    monkeypatch.delenv("MOSE_ADMIN_TOKEN", raising=False)
+    config = load_config()
+    assert config.http.host == "127.0.0.1"
+    assert config.ray.address is None
+    assert config.auth.admin_token is None
+    assert config.limits.default_max_tokens <= config.limits.max_tokens
+
+
+def test_layers_yaml_then_env_then_overrides(tmp_path, monkeypatch):
+    path = tmp_path / "serve.yaml"
+    path.write_text("http: {port: 9100, host: 0.0.0.0}\nlimits: {max_tokens: 128}\n")
+    monkeypatch.setenv("MOSE_SERVE__HTTP__PORT", "9200")
+    config = load_config(path, limits={"max_tokens": 64})
+    assert config.http.host == "0.0.0.0"  # from YAML
+    assert config.http.port == 9200  # env beats YAML
+    assert config.limits.max_tokens == 64  # overrides beat both
+
+
+def test_admin_token_short_env_name_is_secret(monkeypatch):
+    monkeypatch.setenv("MOSE_ADMIN_TOKEN", "s3cret-token")
+    config = load_config()
+    assert config.auth.admin_token.get_secret_value() == "s3cret-token"
+    assert "s3cret-token" not in repr(config)
+    assert "s3cret-token" not in config.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"limits": {"max_tokens": 0}}, "limits.max_tokens: Input should be greater than 0"),
+        ({"http": {"port": 70000}}, "http.port: Input should be less than or equal to 65535"),
+        ({"limits": {"max_tokens": 8, "default_max_tokens": 16}}, "default_max_tokens (16) exceeds max_tokens (8)"),
+        ({"upstreams": {"big": {"base_url": ""}}}, "upstream 'big' needs a base_url"),
+        ({"expert_pool": {"num_gpus": 2}}, "expert_pool.num_gpus: Input should be less than or equal to 1"),
+        ({"no_such_section": {}}, "no_such_section: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(MoseError) as err:
+        load_config(**overrides)
+    assert message in str(err.value)
+
+
+def test_bad_yaml_file_is_reported(tmp_path):
+    path = tmp_path / "serve.yaml"
+    path.write_text("http: [unclosed\n")
+    with pytest.raises(MoseError, match="is not valid YAML"):
+        load_config(path)
+    with pytest.raises(MoseError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                walk(annotation)
+
+    walk(ServeConfig)
