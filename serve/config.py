@@ -103,12 +103,16 @@ class DeploymentConfig(_Section):
     """Custom Ray resources the replica needs (e.g. ``{"expert_node": 1}`` to pin it to a node)."""
 
 
-class BatchConfig(_Section):
+class PoolSettings(_Section):
     max_batch_size: int = Field(8, ge=1)
     """Most requests the expert pool answers in one forward pass."""
 
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     """How long the pool waits to fill a batch before running a partial one."""
+
+    torch_threads: int = Field(0, ge=0)
+    """Threads torch may use in each pool replica; 0 = every core of the machine. (Ray gives
+    actors with fractional CPUs one thread by default, which would starve the decoder.)"""
 
 
 class UpstreamConfig(_Section):
@@ -170,8 +174,8 @@ class ServeConfig(BaseSettings):
     crosscheck: DeploymentConfig = Field(default_factory=DeploymentConfig)
     """The cross-check jury deployment."""
 
-    batching: BatchConfig = Field(default_factory=BatchConfig)
-    """Mixed-adapter batching in the expert pool."""
+    pool: PoolSettings = Field(default_factory=PoolSettings)
+    """Mixed-adapter batching and threads in the expert pool."""
 
     upstreams: dict[str, UpstreamConfig] = Field(default_factory=dict)
     """Large models reachable as ``model: "upstream:<name>"``."""

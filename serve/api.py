@@ -1,0 +1,423 @@
+"""The HTTP API: OpenAI-compatible completions plus mose's routing and admin endpoints.
+
+:func:`build_api` turns a :class:`~serve.config.ServeConfig` and a :class:`~serve.backend.Backend`
+into a FastAPI app. Every error is an OpenAI-shaped JSON body (``{"error": {"message", ...}}``)
+with a 4xx status that says what was wrong; nothing a client sends may cause a 5xx.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts.types import BASE_EXPERT, GenerationRequest, SamplingParams
+from experts.types import ChatMessage as PoolMessage
+from registry.errors import ConflictError, MoseError, NotFoundError, StatusError
+from router_model.runtime import RouteDecision
+from serve.backend import Backend
+from serve.config import ServeConfig
+from serve.metrics import IngressMetrics
+from serve.schemas import (
+    Alternative,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionRequest,
+    ErrorBody,
+    ErrorResponse,
+    MoseInfo,
+    RouteRequest,
+    SamplingFields,
+    TextChoice,
+    Usage,
+    new_id,
+)
+
+logger = logging.getLogger("mose.api")
+
+AUTO = "auto"
+UPSTREAM_PREFIX = "upstream:"
+
+
+class ApiError(Exception):
+    """An error with its HTTP status, raised inside handlers and rendered as OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
+
+
+class RegisterExpertRequest(BaseModel):
+    """Register an expert over HTTP: the manifest and each file's bytes, base64-encoded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    manifest: dict[str, Any]
+    """The expert manifest (the same fields as manifest.yaml)."""
+
+    files: dict[str, str] = Field(default_factory=dict)
+    """Relative path -> base64 of the file's bytes; every path in ``manifest.files``."""
+
+    activate: bool = False
+    """Activate right after registration (routable at once)."""
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=str(status)))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def mose_error_status(exc: BaseException) -> int:
+    """HTTP status for a user-caused error raised anywhere behind the API."""
+    if isinstance(exc, NotFoundError):
+        return 404
+    if isinstance(exc, (ConflictError, StatusError)):
+        return 409
+    return 400
+
+
+def find_mose_error(exc: BaseException) -> MoseError | None:
+    """The MoseError behind ``exc``: Ray wraps errors raised in other replicas (``.cause``)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, MoseError):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    return None
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    problems, param = [], None
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            problems.append(f"request body is not valid JSON ({err.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+            problems.append("request body must be a JSON object (send Content-Type: application/json)")
+            continue
+        where = ".".join(loc)
+        param = param or where or None
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    return "; ".join(problems) or "invalid request", param
+
+
+class BodyLimitMiddleware:
+    """Refuse request bodies over ``max_bytes`` with 413, before they are read into memory."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        received = 0
+
+        async def counting_receive() -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise _BodyTooLarge()
+            return message
+
+        try:
+            await self.app(scope, counting_receive, send)
+        except _BodyTooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class AdmissionMiddleware:
+    """Admission control: beyond ``limit`` requests in flight, answer 429 with Retry-After at once."""
+
+    def __init__(self, app: Any, limit: int, metrics: IngressMetrics) -> None:
+        self.app, self.limit, self.metrics = app, limit, metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        if self.in_flight >= self.limit:
+            self.metrics.rejected.labels("queue_full").inc()
+            response = error_response(
+                429, f"server is at capacity ({self.limit} requests in flight); retry shortly",
+                kind="rate_limit_error", headers={"Retry-After": "1"},
+            )
+            return await response(scope, receive, send)
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | None = None) -> FastAPI:
+    """The FastAPI app for one ingress replica."""
+    metrics = metrics or IngressMetrics()
+    api = FastAPI(
+        title="mose",
+        version="0.1.0",
+        description="Mixture of small experts: OpenAI-compatible completions routed to vertical experts.",
+    )
+    api.add_middleware(AdmissionMiddleware, limit=config.limits.max_queued_requests, metrics=metrics)
+    api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    _install_error_handlers(api)
+    handlers = _Handlers(config, backend, metrics)
+
+    api.get("/healthz")(handlers.healthz)
+    api.get("/metrics")(handlers.metrics_text)
+    api.get("/v1/models")(handlers.list_models)
+    api.post("/v1/route", response_model=RouteDecision)(handlers.route)
+    api.post("/v1/chat/completions", response_model=ChatCompletion)(handlers.chat_completions)
+    api.post("/v1/completions", response_model=Completion)(handlers.completions)
+    api.post("/v1/experts")(handlers.register_expert)
+    api.post("/v1/experts/{name}/activate")(handlers.activate_expert)
+    api.post("/v1/experts/{name}/retire")(handlers.retire_expert)
+    return api
+
+
+def _install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _describe_validation(exc)
+        return error_response(400, message, param=param)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        known = find_mose_error(exc)
+        if known is not None:
+            return error_response(mose_error_status(known), str(known))
+        if _is_backpressure(exc):
+            return error_response(503, "the expert pool is overloaded; retry shortly", kind="overloaded_error",
+                                  headers={"Retry-After": "1"})
+        logger.exception("unhandled error")
+        return error_response(500, "internal error; the server log has details", kind="server_error")
+
+
+def _is_backpressure(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name in {"BackPressureError", "DeploymentUnavailableError", "ActorDiedError", "RayActorError"}
+
+
+class _Handlers:
+    """Route handlers bound to one config, backend and metrics set."""
+
+    def __init__(self, config: ServeConfig, backend: Backend, metrics: IngressMetrics) -> None:
+        self.config, self.backend, self.metrics = config, backend, metrics
+
+    # ------------------------------------------------------------ plain endpoints
+
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", **(await self.backend.health())}
+
+    async def metrics_text(self) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def list_models(self) -> dict[str, Any]:
+        cards = [{"id": AUTO, "object": "model", "owned_by": "mose", "created": 0,
+                  "mose": {"description": "the router picks the expert"}}]
+        for expert in await self.backend.experts():
+            cards.append({"id": expert["name"], "object": "model", "owned_by": expert.get("owner", ""),
+                          "created": 0, "mose": expert})
+        cards.extend({"id": f"{UPSTREAM_PREFIX}{name}", "object": "model", "owned_by": "upstream", "created": 0}
+                     for name in self.config.upstreams)
+        return {"object": "list", "data": cards}
+
+    async def route(self, body: RouteRequest) -> RouteDecision:
+        started = time.perf_counter()
+        self._check_prompt(len(body.query))
+        decision = await self.backend.route(body.query)
+        self.metrics.observe_route(decision.confidence, decision.abstained)
+        self.metrics.observe_request("route", decision.expert, 200, time.perf_counter() - started)
+        return decision
+
+    # ------------------------------------------------------------ completions
+
+    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+        self._check_prompt(body.prompt_chars())
+        messages = [PoolMessage(role=m.role, content=m.content) for m in body.messages]
+        return await self._complete("chat", body, body.routing_text(), messages)
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        text = body.prompt_text()
+        self._check_prompt(len(text))
+        return await self._complete("completions", body, text, [PoolMessage(role="user", content=text)])
+
+    async def _complete(self, endpoint: str, body: SamplingFields, routing_text: str,
+                        messages: list[PoolMessage]) -> Response:
+        started = time.perf_counter()
+        params = self._sampling(body)
+        info = await self._choose_expert(body.model, routing_text)
+        request = GenerationRequest(expert=info.expert, messages=messages, params=params)
+        headers = _mose_headers(info)
+        if body.stream:
+            stream = _sse(endpoint, body.model, info, self.backend.stream(request))
+            self.metrics.observe_request(endpoint, info.expert, 200, time.perf_counter() - started)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+        result, batch_size = await self.backend.generate(request)
+        self.metrics.batch_size.observe(batch_size)
+        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
+                      total_tokens=result.prompt_tokens + result.completion_tokens)
+        if endpoint == "chat":
+            payload: BaseModel = ChatCompletion(
+                model=info.expert, usage=usage, mose=info,
+                choices=[ChatChoice(message=ChatMessage(role="assistant", content=result.text),
+                                    finish_reason=result.finish_reason)])
+        else:
+            payload = Completion(model=info.expert, usage=usage, mose=info,
+                                 choices=[TextChoice(text=result.text, finish_reason=result.finish_reason)])
+        self.metrics.observe_request(endpoint, info.expert, 200, time.perf_counter() - started)
+        return JSONResponse(payload.model_dump(mode="json"), headers=headers)
+
+    async def _choose_expert(self, model: str, routing_text: str) -> MoseInfo:
+        if model == AUTO:
+            decision = await self.backend.route(routing_text)
+            self.metrics.observe_route(decision.confidence, decision.abstained)
+            alternatives = [Alternative(domain=d.domain, expert=d.expert, p=d.p) for d in decision.top_k[1:]]
+            return MoseInfo(expert=decision.expert, domain=decision.domain, confidence=decision.confidence,
+                            abstained=decision.abstained, alternatives=alternatives)
+        if model.startswith(UPSTREAM_PREFIX):
+            name = model[len(UPSTREAM_PREFIX):]
+            if name not in self.config.upstreams:
+                raise ApiError(404, f"unknown upstream {name!r}; configured upstreams: "
+                               f"{sorted(self.config.upstreams) or 'none'}", param="model")
+            raise ApiError(501, "upstream cross-checking is not available in this build yet", param="model")
+        if model in (BASE_EXPERT,):
+            return MoseInfo(expert=model)
+        known = {e["name"] for e in await self.backend.experts()}
+        if model not in known:
+            raise ApiError(404, f"unknown model {model!r}: use 'auto', one of the active experts "
+                           f"(GET /v1/models lists them) or 'upstream:<name>'", param="model")
+        return MoseInfo(expert=model)
+
+    def _sampling(self, body: SamplingFields) -> SamplingParams:
+        limits = self.config.limits
+        requested = body.requested_max_tokens()
+        if requested is not None and requested < 1:
+            raise ApiError(400, f"max_tokens must be at least 1 (got {requested})", param="max_tokens")
+        if requested is not None and requested > limits.max_tokens:
+            raise ApiError(400, f"max_tokens is {requested}; this server allows at most {limits.max_tokens}",
+                           param="max_tokens")
+        return SamplingParams(
+            max_new_tokens=requested or limits.default_max_tokens,
+            temperature=body.temperature if body.temperature is not None else 0.0,
+            top_p=body.top_p if body.top_p is not None else 1.0,
+            stop=body.stop_list(),
+            seed=body.seed,
+        )
+
+    def _check_prompt(self, chars: int) -> None:
+        limit = self.config.limits.max_prompt_chars
+        if chars > limit:
+            raise ApiError(400, f"prompt is {chars} characters; this server allows at most {limit}",
+                           param="messages")
+
+    # ------------------------------------------------------------ admin
+
+    def _authorize(self, authorization: str | None) -> str:
+        """Constant-time bearer-token check; returns the actor name for the audit log."""
+        token = self.config.auth.admin_token
+        if token is None:
+            if self.config.auth.insecure_local:
+                return "insecure-local-admin"
+            raise ApiError(403, "admin endpoints are disabled: the server has no admin token configured",
+                           kind="permission_error")
+        if not authorization or not authorization.startswith("Bearer "):
+            raise ApiError(401, "admin endpoints need 'Authorization: Bearer <token>'", kind="authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"})
+        given = authorization[len("Bearer "):].encode()
+        if not hmac.compare_digest(given, token.get_secret_value().encode()):
+            raise ApiError(403, "the admin token is not valid", kind="permission_error")
+        return "admin-api"
+
+    async def register_expert(self, body: RegisterExpertRequest,
+                              authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        actor = self._authorize(authorization)
+        files: dict[str, bytes] = {}
+        for path, encoded in body.files.items():
+            try:
+                files[path] = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise ApiError(400, f"files[{path!r}] is not valid base64", param="files") from None
+        record = await self.backend.register(body.manifest, files, actor)
+        if body.activate:
+            record = await self.backend.set_status(record["name"], "activate", actor)
+        return record
+
+    async def activate_expert(self, name: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        return await self.backend.set_status(name, "activate", self._authorize(authorization))
+
+    async def retire_expert(self, name: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        return await self.backend.set_status(name, "retire", self._authorize(authorization))
+
+
+def _mose_headers(info: MoseInfo) -> dict[str, str]:
+    headers = {"x-mose-expert": info.expert, "x-mose-abstained": str(info.abstained).lower()}
+    if info.domain is not None:
+        headers["x-mose-domain"] = info.domain
+    if info.confidence is not None:
+        headers["x-mose-confidence"] = f"{info.confidence:.4f}"
+    return headers
+
+
+async def _sse(endpoint: str, model: str, info: MoseInfo, pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    """OpenAI server-sent events: a role chunk, one chunk per piece, a finish chunk, [DONE]."""
+    chat = endpoint == "chat"
+    ident = new_id("chatcmpl" if chat else "cmpl")
+    created = int(time.time())
+
+    def chunk(delta: dict[str, Any] | str, finish: str | None) -> bytes:
+        if chat:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": info.expert,
+                    "choices": [choice], "mose": info.model_dump(mode="json")}
+        else:
+            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+            body = {"id": ident, "object": "text_completion", "created": created, "model": info.expert,
+                    "choices": [choice], "mose": info.model_dump(mode="json")}
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    yield chunk({"role": "assistant", "content": ""} if chat else "", None)
+    try:
+        async for piece in pieces:
+            yield chunk({"content": piece} if chat else piece, None)
+    except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+        known = find_mose_error(exc)
+        message = str(known) if known else "internal error while generating; the server log has details"
+        if known is None:
+            logger.exception("error while streaming")
+        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n".encode()
+        return
+    yield chunk({} if chat else "", "stop")
+    yield b"data: [DONE]\n\n"

@@ -1,0 +1,47 @@
+"""The interface between the HTTP API and whatever answers it.
+
+:func:`serve.api.build_api` only talks to a :class:`Backend`; the Ray Serve ingress implements it
+with deployment handles (router, expert pool, cross-check). Keeping HTTP concerns (parsing,
+limits, status codes, SSE) apart from placement concerns (Ray) lets each be tested alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from typing import Any
+
+from experts.types import GenerationRequest, GenerationResult
+from router_model.runtime import RouteDecision
+
+
+class Backend(ABC):
+    """What the HTTP API needs from the serving side; every method may raise MoseError."""
+
+    @abstractmethod
+    async def route(self, query: str) -> RouteDecision:
+        """The router's decision for one query."""
+
+    @abstractmethod
+    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+        """One completion, and the size of the batch it was decoded in."""
+
+    @abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """One completion as text pieces, as they are generated."""
+
+    @abstractmethod
+    async def experts(self) -> list[dict[str, Any]]:
+        """The active experts: name, version, domains, owner, kind."""
+
+    @abstractmethod
+    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: str) -> dict[str, Any]:
+        """Register an expert from a manifest and its files; returns the stored record."""
+
+    @abstractmethod
+    async def set_status(self, name: str, action: str, actor: str) -> dict[str, Any]:
+        """``activate`` or ``retire`` an expert; an activated expert becomes routable at once."""
+
+    @abstractmethod
+    async def health(self) -> dict[str, Any]:
+        """Liveness and what each part is running on."""

@@ -1,0 +1,75 @@
+"""``mose serve``: run the application; ``mose serve build``: write a Ray Serve config for a cluster."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from serve.commands._common import add_common_flags
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "serve",
+        help="serve the OpenAI-compatible API on Ray Serve (embedded local Ray by default)",
+        description="Start Ray (embedded, or join --address), deploy the mose application, print its "
+        "URL and serve until SIGINT/SIGTERM. Settings come from --config (YAML), then MOSE_SERVE__* "
+        "environment variables, then these flags.",
+    )
+    _add_config_flags(parser)
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port to bind (default 8000)")
+    parser.set_defaults(func=run_serve)
+    actions = parser.add_subparsers(dest="serve_action", metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="print a Ray Serve config (YAML) for `serve deploy` on a cluster",
+        description="Print a Ray Serve config that `serve deploy` accepts. Secrets are not written: "
+        "set MOSE_ADMIN_TOKEN in the cluster nodes' environment.",
+    )
+    _add_config_flags(build)
+    build.set_defaults(func=run_build)
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    add_common_flags(parser, json_flag=False)
+    parser.add_argument("--config", default=None, help="server config YAML (see docs/operations.md)")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join ('auto' or host:port); default: start an embedded local Ray")
+
+
+def _load(args: argparse.Namespace):
+    from serve.config import load_config
+
+    overrides = {"home": args.home, "ray": {"address": args.address},
+                 "http": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}}
+    return load_config(args.config, **overrides)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from serve import app
+
+    config = _load(args)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print("mose: starting Ray Serve ...", file=sys.stderr)
+    try:
+        url = app.start(config)
+        print(f"mose: serving on {url}  (OpenAI base URL: {url}/v1; Ctrl-C to stop)", flush=True)
+        stop.wait()
+    finally:
+        print("mose: shutting down", file=sys.stderr)
+        app.stop()
+    return 0
+
+
+def run_build(args: argparse.Namespace) -> int:
+    import yaml
+
+    from serve.app import serve_build_config
+
+    sys.stdout.write(yaml.safe_dump(serve_build_config(args.config, args.home), sort_keys=False))
+    return 0

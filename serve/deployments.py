@@ -1,0 +1,302 @@
+"""Ray Serve deployments, one class per role.
+
+* :class:`RouterDeployment` — the learned router on ONNX Runtime; concurrent queries are batched.
+* :class:`ExpertPoolDeployment` — one per base model: the base plus its LoRA experts; concurrent
+  requests for different adapters share forward passes (``@serve.batch``).
+* :class:`Ingress` — the FastAPI app (:mod:`serve.api`), implementing :class:`~serve.backend.Backend`
+  with handles to the others; it owns registry writes (admin endpoints).
+
+Each class wraps a component that works without Ray (``router_model``, ``experts``, ``registry``);
+nothing here decides *what* to answer, only *where* it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from ray import serve
+
+from experts.types import GenerationRequest, GenerationResult
+from registry.errors import ArtifactError, MoseError
+from registry.home import MoseHome
+from router_model.runtime import RouteDecision
+from serve.backend import Backend
+from serve.config import ServeConfig
+
+logger = logging.getLogger("mose.serve")
+
+REGISTRY_REFRESH_S = 2.0
+"""How often replicas re-read the registry's active experts (activation needs no restart)."""
+
+
+def _open_registry(home_root: str):
+    from registry import Registry
+
+    return Registry.open(MoseHome.from_env(home_root))
+
+
+class RouterDeployment:
+    """The router: ONNX Runtime session, reloaded when a new router version is published.
+
+    A missing or corrupted router artifact does not stop the server: every query then goes to
+    the fallback (the base model) and ``status`` reports why.
+    """
+
+    def __init__(self, home_root: str) -> None:
+        self.home = MoseHome.from_env(home_root)
+        self.registry = _open_registry(home_root)
+        self._loaded_pointer: str | None = None
+        self._checked_at = 0.0
+        self.error: str | None = None
+        self._load()
+
+    def _pointer(self) -> str | None:
+        pointer = self.home.router_dir / "current"
+        return pointer.read_text().strip() if pointer.is_file() else None
+
+    def _load(self) -> None:
+        from router_model.runtime import FallbackRouter, load_router
+
+        self._loaded_pointer = self._pointer()
+        try:
+            self.router = load_router(self.home, self.registry, strict=True)
+            self.error = None
+        except MoseError as exc:
+            logger.warning("router unavailable, answering with the fallback: %s", exc)
+            self.router, self.error = FallbackRouter(), str(exc)
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if now - self._checked_at < REGISTRY_REFRESH_S:
+            return
+        self._checked_at = now
+        if self._pointer() != self._loaded_pointer:
+            self._load()
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
+    async def route(self, queries: list[str]) -> list[RouteDecision]:
+        self._maybe_reload()
+        return self.router.route_batch(queries)
+
+    def refresh(self) -> dict[str, Any]:
+        """Teach the router the domains of newly activated experts (no encoder retraining)."""
+        from router_model.update import update_router
+
+        if self.error is None:
+            try:
+                update_router(self.home, self.registry, progress=False)
+            except MoseError as exc:
+                logger.info("router update skipped: %s", exc)
+        self._load()
+        return self.status()
+
+    def status(self) -> dict[str, Any]:
+        version = getattr(self.router, "version", None)
+        provider = getattr(self.router, "provider", None)
+        return {"version": version, "provider": provider, "fallback_only": self.error is not None,
+                "error": self.error}
+
+
+class ExpertPoolDeployment:
+    """One base model and its experts; concurrent requests are decoded together."""
+
+    def __init__(self, home_root: str, base_model: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 max_new_tokens: int, torch_threads: int) -> None:
+        import torch
+
+        from experts.pool import ExpertPool, PoolConfig
+
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.home = MoseHome.from_env(home_root)
+        self.registry = _open_registry(home_root)
+        config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size)
+        self.pool = ExpertPool(config, home=self.home)
+        self._sync_lock = threading.Lock()
+        self._synced_at = float("-inf")
+        self.load_errors: dict[str, str] = {}
+        self.sync_experts(force=True)
+        self.generate_batch.set_max_batch_size(max_batch_size)
+        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def sync_experts(self, force: bool = False) -> list[str]:
+        """Load newly active experts and unload retired or quarantined ones; returns the loaded names."""
+        with self._sync_lock:
+            if not force and time.monotonic() - self._synced_at < REGISTRY_REFRESH_S:
+                return sorted(self.pool.experts())
+            self._synced_at = time.monotonic()
+            wanted = {r.name: r for r in self.registry.list(status="active")
+                      if r.kind == "full" or r.base_model == self.pool.config.base_model}
+            loaded = self.pool.experts()
+            for name in [n for n, kind in loaded.items() if kind != "base" and n not in wanted]:
+                self.pool.remove(name)
+            for name, record in wanted.items():
+                if name in loaded or name in self.load_errors:
+                    continue
+                try:
+                    self.pool.add_registered(self.registry, record)
+                except MoseError as exc:  # tampered or unloadable: refused (and quarantined), rest serves
+                    logger.error("expert %s refused: %s", name, exc)
+                    self.load_errors[name] = str(exc)
+            return sorted(self.pool.experts())
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Decode a batch of requests together; a request that fails alone gets its own error."""
+        self.sync_experts()
+        try:
+            results = await asyncio.to_thread(self.pool.generate, requests)
+            return [(result, len(requests)) for result in results]
+        except MoseError:
+            if len(requests) == 1:
+                raise
+        # Isolate the bad request(s): the others still get their answers.
+        outcomes: list[Any] = []
+        for request in requests:
+            try:
+                outcomes.append((await asyncio.to_thread(self.pool.generate, [request]))[0], 1)
+            except MoseError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+        outcome = await self.generate_batch(request)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """Text pieces of one completion; the blocking decoder runs in a thread."""
+        self.sync_experts()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        done = object()
+
+        def produce() -> None:
+            try:
+                for piece in self.pool.stream(request):
+                    loop.call_soon_threadsafe(queue.put_nowait, piece)
+            except Exception as exc:  # delivered to the consumer below
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        threading.Thread(target=produce, daemon=True).start()
+        while (item := await queue.get()) is not done:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def status(self) -> dict[str, Any]:
+        return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
+                "refused": self.load_errors, "memory": self.pool.memory()}
+
+
+@serve.ingress()
+class Ingress(Backend):
+    """The HTTP front door: parses, limits, authenticates; routes and generates through handles."""
+
+    def __init__(self, config: ServeConfig, router: Any, pool: Any) -> None:
+        self.config = config
+        self.home_root = str(config.home or MoseHome.from_env().root)
+        self.registry = _open_registry(self.home_root)
+        self.router, self.pool = router, pool
+        self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        if config.auth.insecure_local and config.auth.admin_token is None:
+            logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
+
+    def __serve_build_asgi_app__(self):
+        from serve.api import build_api
+
+        return build_api(self.config, self)
+
+    async def route(self, query: str) -> RouteDecision:
+        return await self.router.route.remote(query)
+
+    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+        return await self.pool.generate.remote(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        async for piece in self.pool.options(stream=True).stream.remote(request):
+            yield piece
+
+    async def experts(self) -> list[dict[str, Any]]:
+        stamp, cached = self._experts_cache
+        if time.monotonic() - stamp < REGISTRY_REFRESH_S:
+            return cached
+        records = await asyncio.to_thread(self.registry.list, "active")
+        cards = [{"name": r.name, "version": r.version, "kind": r.kind, "domains": r.domains,
+                  "owner": r.manifest.owner, "description": r.manifest.description} for r in records]
+        self._experts_cache = (time.monotonic(), cards)
+        return cards
+
+    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: str) -> dict[str, Any]:
+        record = await asyncio.to_thread(_register_upload, self.registry, manifest, files, actor)
+        return _record_json(record)
+
+    async def set_status(self, name: str, action: str, actor: str) -> dict[str, Any]:
+        change = self.registry.activate if action == "activate" else self.registry.retire
+        record = await asyncio.to_thread(change, name, None, actor)
+        self._experts_cache = (float("-inf"), [])
+        if action == "activate":
+            await self.router.refresh.remote()
+        return _record_json(record)
+
+    async def health(self) -> dict[str, Any]:
+        router, pool = await asyncio.gather(self.router.status.remote(), self.pool.status.remote())
+        return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"}}
+
+
+def _record_json(record: Any) -> dict[str, Any]:
+    return {"name": record.name, "version": record.version, "status": record.status, "kind": record.kind,
+            "domains": record.domains, "base_model": record.base_model}
+
+
+def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes], actor: str):
+    """Write uploaded files to a private temp folder (paths checked first), then register them."""
+    from registry.manifest import ExpertManifest
+    from serve.api import ApiError
+
+    try:
+        manifest = ExpertManifest.model_validate(manifest_data)
+    except Exception as exc:  # pydantic: name the field
+        raise ApiError(400, f"invalid manifest: {_first_error(exc)}", param="manifest") from None
+    missing = sorted(set(manifest.files) - set(files))
+    extra = sorted(set(files) - set(manifest.files))
+    if missing or extra:
+        raise ArtifactError(f"uploaded files do not match manifest.files (missing: {missing or 'none'}, "
+                            f"not in the manifest: {extra or 'none'})")
+    folder = Path(tempfile.mkdtemp(prefix="mose-upload-"))
+    try:
+        for relpath, data in files.items():
+            target = folder / _safe_relpath(relpath)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        return registry.add(manifest, folder, actor=actor)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _safe_relpath(relpath: str) -> PurePosixPath:
+    path = PurePosixPath(relpath)
+    if path.is_absolute() or ".." in path.parts or "\\" in relpath or not path.parts:
+        raise ArtifactError(f"file path {relpath!r} must be relative and stay inside the upload")
+    return path
+
+
+def _first_error(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
+    return str(exc)
+
+
+__all__ = ["RouterDeployment", "ExpertPoolDeployment", "Ingress"]
