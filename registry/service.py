@@ -1,0 +1,432 @@
+"""The registry service: register experts, move them through their statuses, answer look-ups.
+
+:class:`Registry` ties the parts together: manifest validation, the taxonomy, signatures,
+file safety and digests, the artifact store, the SQLite store and the audit log. Each change
+and its audit entry commit in one transaction; blobs are copied (atomically) *before* that
+transaction, so a crash at any point leaves the whole expert or nothing visible.
+
+Statuses: ``pending`` (registered, not yet served) -> ``active`` (served; at most one version
+per name) -> ``retired``; ``quarantined`` takes an expert out of service pending review.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from registry.artifacts import ArtifactStore, sha256_file
+from registry.audit import AuditEntry, AuditReport, append_entry, verify_chain
+from registry.errors import ArtifactError, ConflictError, ManifestError, NotFoundError, StatusError
+from registry.home import MoseHome
+from registry.manifest import VERSION_PATTERN, ExpertManifest, check_layout, load_manifest
+from registry.safety import check_expert_file
+from registry.settings import RegistrySettings
+from registry.signing import verify_manifest
+from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, utc_now
+from registry.taxonomy import Taxonomy
+
+Status = Literal["pending", "active", "quarantined", "retired"]
+STATUSES: tuple[str, ...] = ("pending", "active", "quarantined", "retired")
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    "pending": frozenset({"active", "quarantined", "retired"}),
+    "active": frozenset({"retired", "quarantined"}),
+    "quarantined": frozenset({"active", "retired"}),
+    "retired": frozenset({"active"}),
+}
+_ACTION_FOR_STATUS = {"active": "activate", "retired": "retire", "quarantined": "quarantine"}
+
+
+class ExpertRecord(BaseModel):
+    """One registered ``name@version`` and where it stands."""
+
+    model_config = ConfigDict(frozen=True, use_attribute_docstrings=True)
+
+    name: str
+    """Expert name."""
+    version: str
+    """Expert version."""
+    kind: Literal["lora", "full"]
+    """``lora`` adapter or ``full`` model."""
+    base_model: str | None
+    """Base model id of a LoRA adapter."""
+    status: Status
+    """``pending``, ``active``, ``quarantined`` or ``retired``."""
+    domains: list[str]
+    """Taxonomy domains the expert serves."""
+    manifest: ExpertManifest
+    """The manifest as registered."""
+    created_at: datetime
+    """When it was registered (UTC)."""
+    updated_at: datetime
+    """Last status change (UTC)."""
+
+    @property
+    def ref(self) -> str:
+        """``name@version``."""
+        return f"{self.name}@{self.version}"
+
+    @classmethod
+    def from_stored(cls, row: StoredExpert) -> "ExpertRecord":
+        manifest = ExpertManifest.model_validate_json(row.manifest_json)
+        return cls(
+            name=row.name, version=row.version, kind=row.kind, base_model=row.base_model,
+            status=row.status, domains=list(manifest.domains), manifest=manifest,
+            created_at=row.created_at, updated_at=row.updated_at,
+        )
+
+
+class FileCheck(BaseModel):
+    """Result of re-hashing an expert's stored blobs (``mose expert verify``)."""
+
+    ref: str
+    """``name@version`` checked."""
+    ok: bool
+    """True when every blob is present and matches its digest."""
+    files: int
+    """Number of files checked."""
+    problems: list[str]
+    """One line per missing or corrupted file."""
+
+
+class Reputation(BaseModel):
+    """Beta(alpha, beta) belief that an expert's verdicts/answers are right."""
+
+    expert: str
+    """Expert name."""
+    alpha: float
+    """Prior + observed successes."""
+    beta: float
+    """Prior + observed failures."""
+    updated_at: str | None = None
+    """Last update (UTC), None while only the prior is known."""
+
+    @property
+    def mean(self) -> float:
+        """Expected success rate."""
+        return self.alpha / (self.alpha + self.beta)
+
+
+def version_key(version: str) -> tuple:
+    """Semantic-version ordering: numeric parts, then a release above its pre-releases."""
+    match = re.match(VERSION_PATTERN, version)
+    if not match:
+        return (0, 0, 0, 0, ((1, version),))
+    major, minor, patch, pre = match.groups()
+    pre_key = tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in pre.split(".")) if pre else ()
+    return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``name@version`` or ``name`` -> ``(name, version or None)``."""
+    name, _, version = ref.partition("@")
+    return name, (version or None)
+
+
+class Registry:
+    """The expert registry on one mose home (see :mod:`registry` for the contract)."""
+
+    def __init__(self, home: MoseHome, store: RegistryStore, settings: RegistrySettings) -> None:
+        self.home = home
+        self.store = store
+        self.settings = settings
+        delay = settings.copy_chunk_delay_s
+        self.artifacts = ArtifactStore(home.artifacts_dir, functools.partial(time.sleep, delay) if delay else None)
+        self._taxonomy: tuple[int, Taxonomy] | None = None  # (added-domain count, taxonomy)
+
+    @classmethod
+    def open(cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None) -> "Registry":
+        """Open (creating if needed) the registry of ``home`` (default: ``$MOSE_HOME`` or ``./.mose``)."""
+        home = home if isinstance(home, MoseHome) else MoseHome.from_env(home)
+        settings = settings if settings is not None else RegistrySettings.load(home)
+        return cls(home, SQLiteStore(home.db_path), settings)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Registry":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- taxonomy
+    @property
+    def taxonomy(self) -> Taxonomy:
+        """Default verticals and sub-domains plus the domains added to this registry (by any process)."""
+        added = self.store.domain_count()
+        if self._taxonomy is None or self._taxonomy[0] != added:
+            self._taxonomy = (added, Taxonomy.default(extra=self.store.list_domains()))
+        return self._taxonomy[1]
+
+    def refresh_taxonomy(self) -> Taxonomy:
+        """Re-read the added domains now."""
+        self._taxonomy = None
+        return self.taxonomy
+
+    def add_domain(self, name: str, parent: str | None = None, actor: str = "cli") -> Taxonomy:
+        """Add a domain to the taxonomy (persisted and audited); same name and parent again is a no-op."""
+        with self.store.transaction():
+            taxonomy = self.refresh_taxonomy()
+            if name in taxonomy and taxonomy.parent(name) == parent:
+                return taxonomy
+            taxonomy.add(name, parent=parent)
+            self.store.insert_domain(name, parent, utc_now())
+            append_entry(self.store, "add-domain", name, {"parent": parent}, actor)
+        return self.taxonomy
+
+    # ------------------------------------------------------------- registration
+    def add(
+        self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None = None, actor: str = "cli"
+    ) -> ExpertRecord:
+        """Register an expert as ``pending``; the same ``name@version`` with the same files is a no-op.
+
+        Raises :class:`ManifestError` (manifest or domain), :class:`SignatureError`,
+        :class:`ArtifactError` (unsafe file, digest mismatch) or :class:`ConflictError`
+        (``name@version`` already registered with other files).
+        """
+        manifest, source, folder = self._resolve_input(manifest_or_path, files_dir)
+        self.refresh_taxonomy().require_known(manifest.domains, source)
+        signature = verify_manifest(manifest, self.settings.trusted_keys, self.settings.require_signatures)
+        files = self._check_files(manifest, folder)
+        check_layout(manifest, source)
+        if (existing := self._existing_same(manifest, files)) is not None:
+            return existing
+        for stored in files:
+            self.artifacts.put_file(folder / stored.relpath, stored.sha256)
+        with self.store.transaction():
+            # Another process may have registered the same version while we copied.
+            if (existing := self._existing_same(manifest, files)) is not None:
+                return existing
+            now = utc_now()
+            row = StoredExpert(
+                manifest.name, manifest.version, manifest.kind, manifest.base_model, "pending",
+                manifest.model_dump_json(), now, now,
+            )
+            self.store.insert_expert(row, files)
+            details = {
+                "kind": manifest.kind, "base_model": manifest.base_model, "domains": list(manifest.domains),
+                "owner": manifest.owner, "files": dict(sorted(manifest.files.items())), "signature": signature,
+            }
+            append_entry(self.store, "register", manifest.ref, details, actor)
+        return ExpertRecord.from_stored(row)
+
+    def _resolve_input(
+        self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None
+    ) -> tuple[ExpertManifest, str, Path]:
+        if isinstance(manifest_or_path, ExpertManifest):
+            if files_dir is None:
+                raise ManifestError("files_dir is needed to register a manifest object (the folder holding its files)")
+            manifest, source, folder = manifest_or_path, "manifest", Path(files_dir)
+        else:
+            path = Path(manifest_or_path)
+            manifest, source = load_manifest(path), path.name
+            folder = Path(files_dir) if files_dir is not None else path.parent
+        if not folder.is_dir():
+            raise ArtifactError(f"{folder}: the expert's files folder does not exist")
+        return manifest, source, folder
+
+    def _check_files(self, manifest: ExpertManifest, folder: Path) -> list[StoredFile]:
+        """Every file safe, inside the folder, and matching its digest; nothing copied yet."""
+        root = folder.resolve()
+        checked = []
+        for relpath, expected in sorted(manifest.files.items()):
+            path = folder / relpath
+            size = check_expert_file(relpath, path)
+            if not path.resolve().is_relative_to(root):
+                raise ArtifactError(f"{relpath}: resolves outside the expert folder (through a symbolic link)")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise ArtifactError(
+                    f"{relpath}: sha256 mismatch: the manifest says {expected}, the file has {actual}; "
+                    "fix the file or put its real digest in the manifest"
+                )
+            checked.append(StoredFile(relpath, expected, size))
+        return checked
+
+    def _existing_same(self, manifest: ExpertManifest, files: list[StoredFile]) -> ExpertRecord | None:
+        """The stored record when ``name@version`` exists with these digests; conflict if other digests."""
+        row = self.store.get_expert(manifest.name, manifest.version)
+        if row is None:
+            return None
+        stored = {f.relpath: f.sha256 for f in self.store.expert_files(manifest.name, manifest.version)}
+        new = {f.relpath: f.sha256 for f in files}
+        if stored == new:
+            return ExpertRecord.from_stored(row)
+        diffs = "; ".join(
+            f"{rel}: registered {(stored.get(rel) or 'absent')[:12]}, new {(new.get(rel) or 'absent')[:12]}"
+            for rel in sorted(stored.keys() | new.keys())
+            if stored.get(rel) != new.get(rel)
+        )
+        raise ConflictError(
+            f"{manifest.ref} is already registered with other files ({diffs}); a registered version never "
+            "changes: publish these files under a new version"
+        )
+
+    # ------------------------------------------------------------------ look-up
+    def list(self, status: str | None = None, domain: str | None = None, name: str | None = None) -> list[ExpertRecord]:
+        """Registered experts (every version), by name then registration time; optionally filtered."""
+        if status is not None and status not in STATUSES:
+            raise StatusError(f"unknown status {status!r}; use one of {', '.join(STATUSES)}")
+        records = [ExpertRecord.from_stored(row) for row in self.store.list_experts(status=status, name=name)]
+        if domain is not None:
+            records = [r for r in records if domain in r.domains]
+        return records
+
+    def get(self, name: str, version: str | None = None) -> ExpertRecord:
+        """One version (``version=None``: the highest registered version)."""
+        if version is not None:
+            row = self.store.get_expert(name, version)
+            if row is None:
+                known = [r.version for r in self.store.list_experts(name=name)]
+                hint = f"registered versions: {', '.join(sorted(known, key=version_key))}" if known else "see `mose expert list`"
+                raise NotFoundError(f"{name}@{version} is not registered ({hint})")
+            return ExpertRecord.from_stored(row)
+        rows = self.store.list_experts(name=name)
+        if not rows:
+            raise NotFoundError(f"expert {name!r} is not registered (see `mose expert list`)")
+        return ExpertRecord.from_stored(max(rows, key=lambda r: version_key(r.version)))
+
+    def active(self, name: str) -> ExpertRecord | None:
+        """The active version of ``name``, if any."""
+        rows = self.store.list_experts(status="active", name=name)
+        return ExpertRecord.from_stored(rows[0]) if rows else None
+
+    def blob_paths(self, record: ExpertRecord) -> dict[str, Path]:
+        """Manifest relative path -> content-addressed blob file (read-only)."""
+        return {rel: self.artifacts.path_for(sha) for rel, sha in sorted(record.manifest.files.items())}
+
+    def verify_files(self, name: str, version: str | None = None) -> FileCheck:
+        """Re-hash the stored blobs of one version (default: the highest)."""
+        record = self.get(name, version)
+        files = self.store.expert_files(record.name, record.version)
+        problems = [f"{f.relpath}: {problem}" for f in files if (problem := self.artifacts.verify(f.sha256))]
+        return FileCheck(ref=record.ref, ok=not problems, files=len(files), problems=problems)
+
+    # ----------------------------------------------------------------- statuses
+    def activate(self, name: str, version: str | None = None, actor: str = "cli") -> ExpertRecord:
+        """Make a version active (default: the highest); the previously active version is retired."""
+        with self.store.transaction():
+            record = self.get(name, version)
+            if record.status == "active":
+                return record
+            self._check_transition(record, "active")
+            for other in self.store.list_experts(status="active", name=name):
+                self._set_status(ExpertRecord.from_stored(other), "retired", actor, {"reason": f"superseded by {record.ref}"})
+            self._set_status(record, "active", actor, {})
+        return self.get(name, record.version)
+
+    def retire(self, name: str, version: str | None = None, actor: str = "cli", reason: str | None = None) -> ExpertRecord:
+        """Take a version out of service for good (default: the active one, else the highest)."""
+        return self._transition(name, version, "retired", actor, {"reason": reason} if reason else {})
+
+    def quarantine(self, name: str, version: str | None, reason: str, actor: str = "cli") -> ExpertRecord:
+        """Take a version out of service pending review (default: the active one, else the highest)."""
+        return self._transition(name, version, "quarantined", actor, {"reason": reason})
+
+    def remove(self, name: str, version: str, actor: str = "cli") -> None:
+        """Delete a non-active version's record (its blobs go at the next :meth:`gc`)."""
+        with self.store.transaction():
+            record = self.get(name, version)
+            if record.status == "active":
+                raise StatusError(f"{record.ref} is active; retire it first (`mose expert retire {record.ref}`)")
+            self.store.delete_expert(name, version)
+            append_entry(self.store, "remove", record.ref, {"status": record.status, "files": dict(record.manifest.files)}, actor)
+
+    def gc(self, min_age_s: float = 3600.0) -> list[str]:
+        """Delete blobs no record refers to and stale temp files, older than ``min_age_s``."""
+        return self.artifacts.gc(self.store.referenced_blobs(), stale_after_s=min_age_s)
+
+    def _transition(self, name: str, version: str | None, target: str, actor: str, details: dict[str, Any]) -> ExpertRecord:
+        with self.store.transaction():
+            record = self.get(name, version) if version is not None else (self.active(name) or self.get(name))
+            if record.status == target:
+                return record
+            self._check_transition(record, target)
+            self._set_status(record, target, actor, details)
+        return self.get(name, record.version)
+
+    @staticmethod
+    def _check_transition(record: ExpertRecord, target: str) -> None:
+        if target not in ALLOWED_TRANSITIONS[record.status]:
+            allowed = ", ".join(sorted(ALLOWED_TRANSITIONS[record.status]))
+            raise StatusError(f"{record.ref} is {record.status}; it can only become {allowed}")
+
+    def _set_status(self, record: ExpertRecord, target: str, actor: str, details: dict[str, Any]) -> None:
+        self.store.set_status(record.name, record.version, target, utc_now())
+        append_entry(
+            self.store, _ACTION_FOR_STATUS[target], record.ref, {"from": record.status, "to": target, **details}, actor
+        )
+
+    # -------------------------------------------------------------------- audit
+    def audit_verify(self) -> AuditReport:
+        """Recompute the audit chain; the report names the first altered entry."""
+        return verify_chain(self.store)
+
+    def append_audit(self, action: str, subject: str, details: dict[str, Any], actor: str) -> AuditEntry:
+        """Append an entry for a change made by another component (in its own transaction)."""
+        return append_entry(self.store, action, subject, details, actor)
+
+    def audit_entries(self, limit: int | None = None) -> list[AuditEntry]:
+        """Audit entries, oldest first (the last ``limit`` when given)."""
+        entries = [AuditEntry.from_row(row) for row in self.store.audit_rows()]
+        return entries[-limit:] if limit else entries
+
+    # --------------------------------------------------------------- reputation
+    def reputation(self, name: str, prior: tuple[float, float] = (1.0, 1.0)) -> Reputation:
+        """The expert's reputation (``prior`` until feedback arrives)."""
+        row = self.store.get_reputation(name)
+        if row is None:
+            return Reputation(expert=name, alpha=prior[0], beta=prior[1])
+        return Reputation(expert=row.expert, alpha=row.alpha, beta=row.beta, updated_at=row.updated_at)
+
+    # --------------------------------------------------------------- verdicts
+    def record_verdict(self, verdict_id: str, payload: dict[str, Any]) -> None:
+        """Keep a cross-check verdict so feedback on it can update its jurors' reputations."""
+        with self.store.transaction():
+            self.store.insert_verdict(verdict_id, json.dumps(payload, sort_keys=True), utc_now())
+
+    def verdict(self, verdict_id: str) -> tuple[dict[str, Any], bool | None]:
+        """A stored verdict and its feedback (None until given); NotFoundError when unknown."""
+        found = self.store.get_verdict(verdict_id)
+        if found is None:
+            raise NotFoundError(f"no verdict {verdict_id!r}: feedback needs the id of a verdict this server returned")
+        return json.loads(found[0]), found[1]
+
+    def record_feedback(self, verdict_id: str, correct: bool, updates: dict[str, tuple[float, float]],
+                        actor: str = "feedback", prior: tuple[float, float] = (1.0, 1.0)) -> dict[str, "Reputation"]:
+        """Mark a verdict's outcome once and add each juror's (successes, failures), in one transaction."""
+        with self.store.transaction():
+            _, given = self.verdict(verdict_id)
+            if given is not None:
+                raise ConflictError(f"feedback for verdict {verdict_id!r} was already recorded "
+                                    f"(correct={str(given).lower()}); each verdict counts once")
+            self.store.set_verdict_feedback(verdict_id, correct, utc_now())
+            reputations = {name: self.update_reputation(name, s, f, actor=actor, prior=prior)
+                           for name, (s, f) in updates.items()}
+            append_entry(self.store, "feedback", verdict_id, {"correct": correct}, actor)
+        return reputations
+
+    def update_reputation(
+        self, name: str, successes: float = 0.0, failures: float = 0.0, actor: str = "feedback",
+        prior: tuple[float, float] = (1.0, 1.0), audit: bool = True,
+    ) -> Reputation:
+        """Add observed successes/failures atomically (safe against concurrent updaters)."""
+        if successes < 0 or failures < 0:
+            raise ValueError("successes and failures must be >= 0")
+        with self.store.transaction():
+            current = self.reputation(name, prior)
+            row = ReputationRow(name, current.alpha + successes, current.beta + failures, utc_now())
+            self.store.put_reputation(row)
+            if audit:
+                append_entry(
+                    self.store, "reputation", name,
+                    {"successes": successes, "failures": failures, "alpha": row.alpha, "beta": row.beta}, actor,
+                )
+        return Reputation(expert=name, alpha=row.alpha, beta=row.beta, updated_at=row.updated_at)
