@@ -1,0 +1,181 @@
+"""Turn a jury's evidence into P(correct), and choose the flag threshold.
+
+Two candidates are fitted on the training rows and the one with the lower log loss on a
+validation split is kept: logistic regression on the evidence features (standardised), or
+isotonic regression on the uncalibrated jury score alone. The flag threshold is the largest
+P(correct) below which flagged answers are wrong with at least ``target_flag_precision`` on
+validation. Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pickles).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from registry.errors import MoseError
+from router_model.calibration import choose_threshold, expected_calibration_error
+
+FEATURES: tuple[str, ...] = (
+    "jury_pmi",
+    "jury_logp_given",
+    "jury_pmi_spread",
+    "base_pmi",
+    "base_logp_given",
+    "base_logp_without",
+    "log_answer_tokens",
+    "log_question_chars",
+    "long_answer",
+    "jury_pmi_x_long",
+    "agreement",
+)
+"""Evidence features, in the order the calibrator sees them (see :func:`experts.jury.features`)."""
+
+CURRENT_FILE = "current"
+
+
+class CalibratorConfig(BaseModel):
+    """How the calibrator is fitted."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    validation_fraction: float = Field(0.25, gt=0.0, lt=0.9)
+    """Share of the labelled rows held out to choose the method and the flag threshold."""
+
+    target_flag_precision: float = Field(0.7, gt=0.0, le=1.0)
+    """Wanted share of flagged answers that are really wrong."""
+
+    max_flag_probability: float = Field(0.5, gt=0.0, le=1.0)
+    """Never flag an answer whose P(correct) is above this."""
+
+    seed: int = 0
+    """Seed of the train/validation split."""
+
+
+class Calibrator(BaseModel):
+    """A fitted calibrator: plain numbers, so it saves as JSON and loads anywhere."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["logistic", "isotonic"]
+    features: list[str] = Field(default_factory=lambda: list(FEATURES))
+    mean: list[float] = Field(default_factory=list)
+    scale: list[float] = Field(default_factory=list)
+    coef: list[float] = Field(default_factory=list)
+    intercept: float = 0.0
+    iso_x: list[float] = Field(default_factory=list)
+    iso_y: list[float] = Field(default_factory=list)
+    threshold: float = 0.5
+    """Flag when P(correct) is below this."""
+    vote_threshold: float = 0.0
+    """A juror 'votes correct' when its PMI is above this (median PMI seen in training)."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    trained_on: dict[str, object] = Field(default_factory=dict)
+    version: str = ""
+    created_at: str = ""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """P(correct) for each row of the feature matrix ``x`` (columns in :data:`FEATURES` order)."""
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        if self.method == "logistic":
+            z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
+            logits = z @ np.asarray(self.coef) + self.intercept
+            return 1.0 / (1.0 + np.exp(-np.clip(logits, -40, 40)))
+        score = x[:, self.features.index("jury_pmi")]
+        return np.interp(score, np.asarray(self.iso_x), np.asarray(self.iso_y))
+
+
+def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
+                   config: CalibratorConfig | None = None) -> Calibrator:
+    """Fit both candidates on a split of (x, labels), keep the better one on validation."""
+    from sklearn.isotonic import IsotonicRegression
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    config = config or CalibratorConfig()
+    x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    if len(labels) < 20 or len(set(labels.tolist())) < 2:
+        raise MoseError("calibration needs at least 20 labelled rows with both correct and wrong answers")
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(labels))
+    n_val = max(10, int(len(labels) * config.validation_fraction))
+    val, train = order[:n_val], order[n_val:]
+
+    mean, scale = x[train].mean(axis=0), x[train].std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    logistic = LogisticRegression(C=1.0, max_iter=2000).fit((x[train] - mean) / scale, labels[train])
+    candidates = {
+        "logistic": Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(),
+                               coef=logistic.coef_[0].tolist(), intercept=float(logistic.intercept_[0])),
+    }
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.01, y_max=0.99).fit(x[train, 0], labels[train])
+    candidates["isotonic"] = Calibrator(method="isotonic", iso_x=iso.X_thresholds_.tolist(),
+                                        iso_y=iso.y_thresholds_.tolist())
+    losses = {name: log_loss(labels[val], np.clip(c.predict(x[val]), 1e-6, 1 - 1e-6), labels=[0, 1])
+              for name, c in candidates.items()}
+    best = candidates[min(losses, key=losses.get)]
+
+    p_val = best.predict(x[val])
+    flag_conf = 1.0 - p_val
+    flag_cut = choose_threshold(flag_conf, labels[val] == 0, config.target_flag_precision,
+                                1.0 - config.max_flag_probability)
+    best.threshold = float(1.0 - flag_cut)
+    best.vote_threshold = float(np.median(jury_pmi[train]))
+    best.metrics = {
+        "validation_log_loss": float(losses[best.method]),
+        "validation_log_loss_other": float(max(losses.values())),
+        "validation_auroc": float(roc_auc_score(labels[val], p_val)) if len(set(labels[val])) > 1 else 0.5,
+        "validation_ece": expected_calibration_error(p_val, labels[val]),
+        "train_rows": float(len(train)),
+        "validation_rows": float(len(val)),
+    }
+    return best
+
+
+def save_calibrator(calibrator: Calibrator, directory: Path) -> Path:
+    """Write a new version (``vNNNN.json``) and point ``current`` at it, atomically."""
+    directory.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.stem for p in directory.glob("v*.json"))
+    number = int(existing[-1][1:]) + 1 if existing else 1
+    calibrator.version = f"v{number:04d}"
+    calibrator.created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    target = directory / f"{calibrator.version}.json"
+    _atomic_write(target, calibrator.model_dump_json(indent=2))
+    _atomic_write(directory / CURRENT_FILE, calibrator.version + "\n")
+    return target
+
+
+def load_calibrator(directory: Path) -> Calibrator:
+    """The current calibrator; a clear MoseError when there is none or it is damaged."""
+    pointer = directory / CURRENT_FILE
+    if not pointer.is_file():
+        raise MoseError(f"no cross-check calibrator in {directory}: train one with "
+                        "`mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl`")
+    path = directory / f"{pointer.read_text().strip()}.json"
+    try:
+        calibrator = Calibrator.model_validate_json(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MoseError(f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
+                        "retrain with `mose crosscheck train`") from None
+    if calibrator.features != list(FEATURES):
+        raise MoseError(f"cross-check calibrator {path} was trained on other features: retrain it")
+    return calibrator
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def dump_features(x: np.ndarray) -> str:
+    return json.dumps(np.asarray(x).tolist())

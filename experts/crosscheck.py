@@ -1,0 +1,243 @@
+"""Training and evaluating the cross-check calibrator on labelled question/answer rows.
+
+Rows (JSONL): ``question``, ``answer``, ``label`` (1 correct, 0 wrong), optional ``source``,
+``domain``, ``id``. Honesty rules: training uses only rows whose id hashes into the *train*
+bucket; the calibrator records the digests of the rows it saw, and evaluation skips any of them,
+so the figures always come from rows the calibrator never saw. ``--limit`` samples N rows per
+source with a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError
+from tqdm import tqdm
+
+from experts.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
+from experts.jury import Jury, JurorEvidence, features
+from experts.types import BASE_EXPERT
+from registry.errors import MoseError
+from router_model.calibration import expected_calibration_error
+
+TEST_BUCKETS = 3
+"""Rows whose id hashes into buckets 0..2 of 10 are never used for training (30 % held out)."""
+
+
+class CheckRow(BaseModel):
+    """One labelled answer."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    question: str
+    answer: str
+    label: int
+    source: str = "unknown"
+    domain: str | None = None
+    id: str | None = None
+
+    def digest(self) -> str:
+        key = self.id or f"{self.question}\x00{self.answer}"
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    def is_test(self) -> bool:
+        return int(self.digest(), 16) % 10 < TEST_BUCKETS
+
+
+class RowEvidence(BaseModel):
+    """The jury's evidence on one row, ready for the calibrator."""
+
+    row: CheckRow
+    jurors: list[JurorEvidence]
+    values: dict[str, float]
+    seconds: float
+
+
+def load_rows(path: str | Path) -> list[CheckRow]:
+    """Read labelled rows; a bad line is reported with its number."""
+    rows = []
+    try:
+        # split on "\n" only: splitlines() would also cut at U+2028 inside JSON strings.
+        lines = Path(path).read_text(encoding="utf-8").split("\n")
+    except OSError as exc:
+        raise MoseError(f"cannot read {path}: {exc.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = CheckRow.model_validate_json(line)
+        except ValidationError as exc:
+            raise MoseError(f"{path}:{number}: not a labelled row ({exc.errors()[0]['loc']}: "
+                            f"{exc.errors()[0]['msg']})") from None
+        if row.label not in (0, 1):
+            raise MoseError(f"{path}:{number}: label must be 1 (correct) or 0 (wrong), got {row.label}")
+        rows.append(row)
+    if not rows:
+        raise MoseError(f"{path} has no rows")
+    return rows
+
+
+def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: int) -> list[CheckRow]:
+    """Up to ``per_source`` rows of each source, drawn with ``seed`` (all rows when None)."""
+    if per_source is None:
+        return list(rows)
+    by_source: dict[str, list[CheckRow]] = defaultdict(list)
+    for row in rows:
+        by_source[row.source].append(row)
+    rng = random.Random(seed)
+    sample = []
+    for source in sorted(by_source):
+        group = by_source[source]
+        sample.extend(rng.sample(group, min(per_source, len(group))))
+    return sample
+
+
+def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: Sequence[str] = (),
+            progress: bool = True) -> list[RowEvidence]:
+    """Jury evidence for every row (``extra`` experts are scored too, outside the jury)."""
+    out = []
+    for row in tqdm(rows, desc="cross-check evidence", unit="row", disable=not progress, file=sys.stderr):
+        started = time.perf_counter()
+        jurors = jury.select(row.question, k)
+        names = [name for name, _ in jurors]
+        observers = [(name, None) for name in extra if name not in names]
+        evidence = jury.evidence(row.question, row.answer[: jury.config.max_answer_chars], jurors + observers)
+        in_jury = evidence[: len(jurors)]
+        out.append(RowEvidence(row=row, jurors=evidence, values=features(in_jury, row.question, None),
+                               seconds=time.perf_counter() - started))
+    return out
+
+
+def matrix(evidence: Sequence[RowEvidence]) -> np.ndarray:
+    return np.array([[e.values[f] for f in FEATURES] for e in evidence], dtype=np.float64)
+
+
+def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.asarray(labels)
+    return float(roc_auc_score(labels, scores)) if len(set(labels.tolist())) > 1 else float("nan")
+
+
+def best_single_expert(evidence: Sequence[RowEvidence], min_rows: int = 20) -> str | None:
+    """The non-base juror whose PMI alone ranks the training rows best."""
+    per_expert: dict[str, tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+    for item in evidence:
+        for juror in item.jurors:
+            if juror.expert != BASE_EXPERT:
+                per_expert[juror.expert][0].append(item.row.label)
+                per_expert[juror.expert][1].append(juror.pmi)
+    scored = {name: auroc(labels, pmis) for name, (labels, pmis) in per_expert.items()
+              if len(labels) >= min_rows and len(set(labels)) > 1}
+    return max(scored, key=scored.get) if scored else None
+
+
+def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None = None, k: int | None = None,
+          progress: bool = True) -> Calibrator:
+    """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped)."""
+    rows = [r for r in rows if not r.is_test()]
+    if not rows:
+        raise MoseError("no training rows left after holding out the test bucket")
+    evidence = collect(jury, rows, k, progress=progress)
+    x = matrix(evidence)
+    calibrator = fit_calibrator(x, np.array([e.row.label for e in evidence]), x[:, FEATURES.index("jury_pmi")],
+                                config)
+    calibrator.trained_on = {
+        "rows": len(rows),
+        "sources": sorted({r.source for r in rows}),
+        "row_digests": sorted(r.digest() for r in rows),
+        "best_single_expert": best_single_expert(evidence),
+        "k": jury.config.k if k is None else k,
+    }
+    return calibrator
+
+
+def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """The contract JSON of ``mose crosscheck eval`` on rows the calibrator never saw."""
+    if jury.calibrator is None:
+        raise MoseError("evaluation needs a trained calibrator: run `mose crosscheck train` first")
+    seen = set(jury.calibrator.trained_on.get("row_digests", []))
+    rows = [r for r in rows if r.digest() not in seen]
+    if not rows:
+        raise MoseError("every row given was used to train the calibrator: evaluate on other rows")
+    best = jury.calibrator.trained_on.get("best_single_expert")
+    evidence = collect(jury, rows, k, extra=[best] if best else [], progress=progress)
+    labels = np.array([e.row.label for e in evidence])
+    x = matrix(evidence)
+    p = jury.calibrator.predict(x)
+    flagged = p < jury.calibrator.threshold
+    wrong = labels == 0
+    per_source: dict[str, dict[str, Any]] = {}
+    for source in sorted({e.row.source for e in evidence}):
+        mask = np.array([e.row.source == source for e in evidence])
+        per_source[source] = {"n": int(mask.sum()), "auroc": _round(auroc(labels[mask], p[mask])),
+                              "positive_rate": _round(float(labels[mask].mean()))}
+    from sklearn.metrics import average_precision_score
+
+    base_pmi = [next(j.pmi for j in e.jurors if j.expert == BASE_EXPERT) for e in evidence]
+    best_pmi = [next((j.pmi for j in e.jurors if j.expert == best), np.nan) for e in evidence] if best else []
+    return {
+        "n": len(evidence),
+        "auroc": _round(auroc(labels, p)),
+        "auprc": _round(float(average_precision_score(labels, p))),
+        "ece": _round(expected_calibration_error(p, labels)),
+        "flag_precision": _round(float(wrong[flagged].mean()) if flagged.any() else float("nan")),
+        "flag_recall": _round(float(flagged[wrong].mean()) if wrong.any() else float("nan")),
+        "flag_rate": _round(float(flagged.mean())),
+        "threshold": _round(jury.calibrator.threshold),
+        "per_source": per_source,
+        "baselines": {
+            "base_model_pmi": _round(auroc(labels, base_pmi)),
+            "best_single_expert": _round(auroc(labels, best_pmi)) if best else None,
+            "jury_uncalibrated": _round(auroc(labels, x[:, FEATURES.index("jury_pmi")])),
+        },
+        "best_single_expert_name": best,
+        "calibrator": {"version": jury.calibrator.version, "method": jury.calibrator.method},
+        "seconds_per_item": _round(float(np.mean([e.seconds for e in evidence]))),
+        "items_per_second": _round(1.0 / max(float(np.mean([e.seconds for e in evidence])), 1e-9)),
+    }
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return round(float(value), digits)
+
+
+def dumps(payload: dict[str, Any]) -> str:
+    return json.dumps(payload, sort_keys=False)
+
+
+def open_jury(home: Any, config: Any = None, require_calibrator: bool = False, pool: Any = None) -> Jury:
+    """A jury over the home's active experts, router and current calibrator (when there is one)."""
+    from experts.calibrator import load_calibrator
+    from experts.pool import ExpertPool
+    from registry import Registry
+    from router_model.runtime import load_router
+
+    registry = Registry.open(home)
+    pool = pool or ExpertPool.from_registry(registry, home=home)
+    try:
+        calibrator = load_calibrator(home.crosscheck_dir)
+    except MoseError:
+        if require_calibrator:
+            raise
+        calibrator = None
+    router = load_router(home, registry, strict=False)
+    return Jury(pool, router, registry, calibrator, config, embedder=minilm_embedder)
+
+
+def minilm_embedder(texts: Sequence[str]) -> np.ndarray:
+    """MiniLM sentence embeddings for the agreement graph (own answers)."""
+    from router_model.evaluate import minilm_embeddings
+
+    return minilm_embeddings(list(texts), None)

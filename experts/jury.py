@@ -1,0 +1,257 @@
+"""The cross-check jury: small experts judge an answer that came from a large model.
+
+For a question and a candidate answer, the router picks the ``k`` most relevant active experts;
+the base model sits on every jury as a reference. Each juror gives likelihood evidence (mean
+log-prob of the answer given the question, without it, and their difference, PMI), computed in
+one batched pass through the expert pool. Optionally each juror also answers the question
+itself, and the candidate's place in the agreement graph (``networkx``; an edge where MiniLM
+similarity passes a threshold) is one more piece of evidence. Jurors are weighted by reputation
+(a Beta posterior on how often their evidence pointed the right way), and a calibrator turns the
+weighted evidence into P(correct).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts.calibrator import FEATURES, Calibrator
+from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
+from registry.errors import MoseError
+
+Embedder = Callable[[Sequence[str]], np.ndarray]
+"""Texts -> L2-normalised embeddings (MiniLM in production)."""
+
+
+class JuryConfig(BaseModel):
+    """How juries are formed and weighted."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    k: int = Field(3, ge=0, le=16)
+    """Experts on the jury besides the base model."""
+
+    reputation_sharpness: float = Field(12.0, ge=0.0)
+    """Weight = exp(sharpness * (reliability - 0.5)): a juror right half the time weighs 1."""
+
+    reputation_prior: tuple[float, float] = (2.0, 2.0)
+    """Beta prior (successes, failures) of a juror with no feedback yet."""
+
+    similarity_threshold: float = Field(0.6, ge=-1.0, le=1.0)
+    """MiniLM cosine similarity above which two answers agree (an edge in the agreement graph)."""
+
+    own_answer_tokens: int = Field(48, ge=1, le=256)
+    """Length of each juror's own answer when own answers are asked for."""
+
+    max_answer_chars: int = Field(20_000, ge=1)
+    """Longer answers are cut (the scorer also truncates by tokens)."""
+
+
+class JurorEvidence(BaseModel):
+    """What one juror says about the candidate answer."""
+
+    expert: str
+    domain: str | None = None
+    weight: float = 1.0
+    logp_given_question: float
+    logp_without_question: float
+    pmi: float
+    answer_tokens: int
+    own_answer: str | None = None
+    similarity: float | None = None
+    vote: bool | None = None
+    """Whether this juror's evidence says 'correct' (its PMI above the calibrator's vote threshold)."""
+
+
+class Verdict(BaseModel):
+    """The jury's verdict on one answer."""
+
+    id: str
+    p_correct: float
+    flagged: bool
+    threshold: float
+    jurors: list[JurorEvidence]
+    agreement: bool | None = None
+    """Whether the candidate sits in the largest cluster of the agreement graph (own answers only)."""
+    calibrator: str | None = None
+    """Version of the calibrator used (None: uncalibrated fallback)."""
+    evidence: dict[str, float] = Field(default_factory=dict)
+    """The aggregated features the calibrator saw."""
+
+
+def reliability_weight(alpha: float, beta: float, sharpness: float) -> float:
+    mean = alpha / (alpha + beta)
+    return math.exp(sharpness * (mean - 0.5))
+
+
+def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | None) -> dict[str, float]:
+    """Composition-independent evidence: weighted means over the experts, the base model's own."""
+    base = next((j for j in jurors if j.expert == BASE_EXPERT), None)
+    experts = [j for j in jurors if j.expert != BASE_EXPERT] or ([base] if base else [])
+    if base is None or not experts:
+        raise MoseError("a jury needs the base model's evidence")
+    weights = np.array([max(j.weight, 1e-6) for j in experts])
+    weights = weights / weights.sum()
+    pmi = np.array([j.pmi for j in experts])
+    jury_pmi = float(weights @ pmi)
+    long_answer = float(base.answer_tokens > 40)
+    values = {
+        "jury_pmi": jury_pmi,
+        "jury_logp_given": float(weights @ np.array([j.logp_given_question for j in experts])),
+        "jury_pmi_spread": float(np.sqrt(weights @ (pmi - jury_pmi) ** 2)),
+        "base_pmi": base.pmi,
+        "base_logp_given": base.logp_given_question,
+        "base_logp_without": base.logp_without_question,
+        "log_answer_tokens": math.log1p(base.answer_tokens),
+        "log_question_chars": math.log1p(len(question)),
+        "long_answer": long_answer,
+        "jury_pmi_x_long": jury_pmi * long_answer,
+        "agreement": 0.0 if agreement is None else (1.0 if agreement else -1.0),
+    }
+    return {name: values[name] for name in FEATURES}
+
+
+def largest_cluster_contains_candidate(similarity: np.ndarray, threshold: float) -> bool:
+    """Node 0 is the candidate; edges where similarity >= threshold; is it in the largest component?"""
+    import networkx as nx
+
+    graph = nx.Graph()
+    graph.add_nodes_from(range(len(similarity)))
+    rows, cols = np.nonzero(np.triu(similarity >= threshold, k=1))
+    graph.add_edges_from(zip(rows.tolist(), cols.tolist()))
+    components = sorted(nx.connected_components(graph), key=lambda c: (-len(c), min(c)))
+    return 0 in components[0]
+
+
+class Jury:
+    """Forms juries, gathers evidence, and returns calibrated verdicts.
+
+    ``pool`` needs ``score(question, answer, experts)`` and ``generate(requests)``; ``router`` needs
+    ``route(query)`` returning a decision with ``top_k``; ``registry`` gives active experts and
+    reputations. None of them needs Ray.
+    """
+
+    def __init__(self, pool: Any, router: Any, registry: Any, calibrator: Calibrator | None = None,
+                 config: JuryConfig | None = None, embedder: Embedder | None = None) -> None:
+        self.pool, self.router, self.registry = pool, router, registry
+        self.calibrator = calibrator
+        self.config = config or JuryConfig()
+        self.embedder = embedder
+
+    # ------------------------------------------------------------ forming the jury
+
+    def select(self, question: str, k: int | None = None) -> list[tuple[str, str | None]]:
+        """(expert, domain) pairs: the k most relevant active experts by the router, then the base."""
+        k = self.config.k if k is None else k
+        servable = set(self.pool.experts()) - {BASE_EXPERT}
+        chosen: list[tuple[str, str | None]] = []
+        if k > 0 and servable:
+            decision = self.router.route(question)
+            for candidate in decision.top_k:
+                if candidate.expert in servable and candidate.expert not in {e for e, _ in chosen}:
+                    chosen.append((candidate.expert, candidate.domain))
+            # The router's top-k may name fewer distinct experts than k: fill with the rest.
+            for name in sorted(servable):
+                if name not in {e for e, _ in chosen}:
+                    chosen.append((name, None))
+        return chosen[:k] + [(BASE_EXPERT, None)]
+
+    def weight(self, expert: str) -> float:
+        reputation = self.registry.reputation(expert, prior=self.config.reputation_prior)
+        return reliability_weight(reputation.alpha, reputation.beta, self.config.reputation_sharpness)
+
+    # ------------------------------------------------------------ evidence
+
+    def evidence(self, question: str, answer: str, jurors: Sequence[tuple[str, str | None]]) -> list[JurorEvidence]:
+        scores: list[ExpertScore] = self.pool.score(question, answer, [name for name, _ in jurors])
+        return [
+            JurorEvidence(expert=s.expert, domain=domain, weight=self.weight(s.expert),
+                          logp_given_question=s.logp_given_question, logp_without_question=s.logp_without_question,
+                          pmi=s.pmi, answer_tokens=s.answer_tokens)
+            for s, (_, domain) in zip(scores, jurors)
+        ]
+
+    def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
+        """Jurors answer too; True when the candidate sits in the largest agreement cluster."""
+        if self.embedder is None:
+            raise MoseError("own answers need a sentence embedder (MiniLM); none is configured")
+        params = SamplingParams(max_new_tokens=self.config.own_answer_tokens, temperature=0.0)
+        requests = [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
+                                      params=params) for j in jurors]
+        results = self.pool.generate(requests)
+        vectors = np.asarray(self.embedder([answer] + [r.text for r in results]))
+        similarity = vectors @ vectors.T
+        for juror, result, sim in zip(jurors, results, similarity[0, 1:]):
+            juror.own_answer, juror.similarity = result.text, float(sim)
+        return largest_cluster_contains_candidate(similarity, self.config.similarity_threshold)
+
+    # ------------------------------------------------------------ verdicts
+
+    def crosscheck(self, question: str, answer: str, k: int | None = None, own_answers: bool = False) -> Verdict:
+        """The jury's calibrated verdict on ``answer``."""
+        question, answer = _check_text(question, "question"), answer[: self.config.max_answer_chars]
+        if not answer.strip():
+            # Nothing to score: an empty answer is wrong by definition, say so without a crash.
+            return Verdict(id=new_verdict_id(question, answer), p_correct=0.0, flagged=True,
+                           threshold=self._threshold(), jurors=[], calibrator=self._version(),
+                           evidence={"empty_answer": 1.0})
+        jurors = self.evidence(question, answer, self.select(question, k))
+        agreement = self.own_answers(question, answer, jurors) if own_answers else None
+        cut = self.calibrator.vote_threshold if self.calibrator is not None else 0.0
+        for juror in jurors:
+            juror.vote = juror.pmi > cut
+        values = features(jurors, question, agreement)
+        p_correct = self.probability(values)
+        return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,
+                       flagged=p_correct < self._threshold(), threshold=self._threshold(), jurors=jurors,
+                       agreement=agreement, calibrator=self._version(), evidence=values)
+
+    def probability(self, values: dict[str, float]) -> float:
+        """Calibrated P(correct); without a calibrator, a logistic squash of the jury PMI."""
+        if self.calibrator is None:
+            return float(1.0 / (1.0 + math.exp(-values["jury_pmi"])))
+        return float(self.calibrator.predict(np.array([[values[f] for f in FEATURES]]))[0])
+
+    def _threshold(self) -> float:
+        return self.calibrator.threshold if self.calibrator is not None else 0.5
+
+    def _version(self) -> str | None:
+        return self.calibrator.version if self.calibrator is not None else None
+
+    # ------------------------------------------------------------ feedback
+
+    def record(self, verdict: Verdict) -> Verdict:
+        """Store the verdict so feedback can reach its jurors later."""
+        self.registry.record_verdict(verdict.id, verdict.model_dump(mode="json"))
+        return verdict
+
+    def feedback(self, verdict_id: str, correct: bool, actor: str = "feedback") -> dict[str, float]:
+        """Credit each juror whose vote matched the truth, debit the others; returns new weights.
+
+        Feedback counts once per verdict (a repeat is a ConflictError) and is audit-logged.
+        """
+        payload, _ = self.registry.verdict(verdict_id)
+        verdict = Verdict.model_validate(payload)
+        updates = {j.expert: (float(j.vote == correct), float(j.vote != correct))
+                   for j in verdict.jurors if j.vote is not None}
+        reputations = self.registry.record_feedback(verdict_id, correct, updates, actor,
+                                                    prior=self.config.reputation_prior)
+        return {name: reliability_weight(r.alpha, r.beta, self.config.reputation_sharpness)
+                for name, r in reputations.items()}
+
+
+def new_verdict_id(question: str, answer: str) -> str:
+    digest = hashlib.sha256(f"{question}\x00{answer}".encode()).hexdigest()[:8]
+    return f"vrd-{digest}-{uuid.uuid4().hex[:12]}"
+
+
+def _check_text(text: str, what: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise MoseError(f"the {what} must be a non-empty string")
+    return text

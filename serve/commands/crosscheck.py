@@ -1,0 +1,112 @@
+"""``mose crosscheck``: train and evaluate the jury's calibrator, check one answer, give feedback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from serve.commands._common import add_common_flags, emit, home_of
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("crosscheck", help="cross-check answers from a large model with a jury of experts",
+                            description=__doc__)
+    actions = parser.add_subparsers(dest="crosscheck_action", metavar="ACTION", required=True)
+
+    train = actions.add_parser("train", help="fit the calibrator on labelled rows (question, answer, label)",
+                               description="Fit the calibrator that turns jury evidence into P(correct), and the "
+                               "flag threshold. Only rows in the train bucket of their id hash are used.")
+    _data_flags(train)
+    train.add_argument("--target-flag-precision", type=float, default=0.7,
+                       help="wanted share of flagged answers that are really wrong (default 0.7)")
+    train.set_defaults(func=run_train)
+
+    evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
+                                  description="Evaluate the jury on rows the calibrator never saw; prints one "
+                                  "JSON object with --json.")
+    _data_flags(evaluate)
+    evaluate.set_defaults(func=run_eval)
+
+    check = actions.add_parser("check", help="the jury's verdict on one question/answer pair")
+    add_common_flags(check)
+    check.add_argument("question")
+    check.add_argument("answer")
+    check.add_argument("--k", type=int, default=3, help="experts on the jury besides the base model (default 3)")
+    check.add_argument("--own-answers", action="store_true", help="jurors answer too (slower)")
+    check.set_defaults(func=run_check)
+
+    feedback = actions.add_parser("feedback", help="tell the jury whether a checked answer was correct")
+    add_common_flags(feedback)
+    feedback.add_argument("verdict_id")
+    outcome = feedback.add_mutually_exclusive_group(required=True)
+    outcome.add_argument("--correct", dest="correct", action="store_true", help="the answer was correct")
+    outcome.add_argument("--wrong", dest="correct", action="store_false", help="the answer was wrong")
+    feedback.set_defaults(func=run_feedback)
+
+
+def _data_flags(parser: argparse.ArgumentParser) -> None:
+    add_common_flags(parser)
+    parser.add_argument("--data", required=True, help="JSONL rows: question, answer, label, optional source/domain/id")
+    parser.add_argument("--limit", type=int, default=None, help="sample N rows per source (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-source sample (default 0)")
+    parser.add_argument("--k", type=int, default=3, help="experts on the jury besides the base model (default 3)")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from experts.calibrator import CalibratorConfig, save_calibrator
+    from experts.crosscheck import load_rows, open_jury, stratified_sample, train
+
+    home = home_of(args)
+    rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
+    jury = open_jury(home)
+    calibrator = train(jury, rows, CalibratorConfig(target_flag_precision=args.target_flag_precision,
+                                                    seed=args.seed), k=args.k)
+    path = save_calibrator(calibrator, home.crosscheck_dir)
+    summary = {"version": calibrator.version, "path": str(path), "method": calibrator.method,
+               "threshold": calibrator.threshold, "metrics": calibrator.metrics,
+               "best_single_expert": calibrator.trained_on.get("best_single_expert")}
+    emit(args, summary, f"calibrator {calibrator.version} ({calibrator.method}) -> {path}\n"
+         f"validation AUROC {calibrator.metrics['validation_auroc']:.3f}, ECE {calibrator.metrics['validation_ece']:.3f}, "
+         f"flag below P(correct) {calibrator.threshold:.3f}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from experts.crosscheck import dumps, evaluate, load_rows, open_jury, stratified_sample
+
+    home = home_of(args)
+    jury = open_jury(home, require_calibrator=True)
+    seen = set(jury.calibrator.trained_on.get("row_digests", []))
+    unseen = [r for r in load_rows(args.data) if r.digest() not in seen]
+    report = evaluate(jury, stratified_sample(unseen, args.limit, args.seed), k=args.k, progress=not args.json)
+    if args.json:
+        print(dumps(report))
+    else:
+        emit(args, report, None)
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from experts.crosscheck import open_jury
+
+    jury = open_jury(home_of(args))
+    verdict = jury.record(jury.crosscheck(args.question, args.answer, k=args.k, own_answers=args.own_answers))
+    lines = [f"verdict {verdict.id}: P(correct) = {verdict.p_correct:.3f}"
+             f"{'  FLAGGED' if verdict.flagged else ''} (threshold {verdict.threshold:.3f})"]
+    lines += [f"  {j.expert:28s} weight {j.weight:6.2f}  pmi {j.pmi:+.3f}  logp|q {j.logp_given_question:+.3f}"
+              for j in verdict.jurors]
+    if jury.calibrator is None:
+        print("warning: no calibrator trained; P(correct) is an uncalibrated squash of the jury PMI", file=sys.stderr)
+    emit(args, verdict.model_dump(mode="json"), "\n".join(lines))
+    return 0
+
+
+def run_feedback(args: argparse.Namespace) -> int:
+    from experts.jury import Jury, JuryConfig
+    from registry import Registry
+
+    registry = Registry.open(home_of(args))
+    weights = Jury(None, None, registry, config=JuryConfig()).feedback(args.verdict_id, args.correct, actor="cli")
+    emit(args, {"verdict_id": args.verdict_id, "correct": args.correct, "weights": weights},
+         "\n".join(f"{name:28s} weight now {w:.2f}" for name, w in sorted(weights.items())))
+    return 0

@@ -1,0 +1,148 @@
+"""The cross-check jury on the real SmolLM2 with real registered LoRA experts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from experts.jury import Jury, JuryConfig
+from experts.types import BASE_EXPERT
+from registry import Registry
+from registry.errors import ConflictError, MoseError, NotFoundError
+from router_model.runtime import FallbackRouter
+from tests._fixtures.experts import write_lora_expert
+
+
+@pytest.fixture(scope="module")
+def jury_home(base_models, tmp_path_factory):
+    """A data directory with two active LoRA experts (law, medicine)."""
+    from registry.home import MoseHome
+
+    home = MoseHome.from_env(tmp_path_factory.mktemp("jury-home"))
+    folder = tmp_path_factory.mktemp("jury-experts")
+    with Registry.open(home) as reg:
+        for seed, (name, domain) in enumerate([("law-juror", "law"), ("med-juror", "medicine")]):
+            reg.add(write_lora_expert(folder, name, seed=seed, domain=domain))
+            reg.activate(name)
+    return home
+
+
+@pytest.fixture(scope="module")
+def jury(jury_home):
+    from experts.pool import ExpertPool
+
+    registry = Registry.open(jury_home)
+    pool = ExpertPool.from_registry(registry, home=jury_home)
+    return Jury(pool, FallbackRouter(), registry, config=JuryConfig(k=3))
+
+
+def test_verdict_on_a_real_pair_has_every_field(jury):
+    verdict = jury.crosscheck("What is the capital of France?", "The capital of France is Paris.")
+    assert verdict.id.startswith("vrd-")
+    assert 0.0 <= verdict.p_correct <= 1.0
+    assert verdict.flagged == (verdict.p_correct < verdict.threshold)
+    assert [j.expert for j in verdict.jurors] == ["law-juror", "med-juror", BASE_EXPERT]
+    for juror in verdict.jurors:
+        assert juror.weight > 0 and juror.answer_tokens > 0
+        assert juror.pmi == pytest.approx(juror.logp_given_question - juror.logp_without_question)
+        assert juror.vote is not None
+    assert set(verdict.evidence) >= {"jury_pmi", "base_pmi", "log_answer_tokens"}
+
+
+def test_the_answer_matters_to_the_evidence(jury):
+    right = jury.crosscheck("What is the capital of France?", "Paris is the capital of France.")
+    odd = jury.crosscheck("What is the capital of France?", "Bananas are rich in potassium.")
+    base = {v.id: next(j for j in v.jurors if j.expert == BASE_EXPERT) for v in (right, odd)}
+    assert base[right.id].pmi > base[odd.id].pmi
+
+
+def test_k_larger_than_the_experts_uses_them_all_and_k_zero_only_the_base(jury):
+    assert [e for e, _ in jury.select("Is a verbal contract binding?", k=10)] == ["law-juror", "med-juror", BASE_EXPERT]
+    verdict = jury.crosscheck("Is a verbal contract binding?", "Often, yes.", k=0)
+    assert [j.expert for j in verdict.jurors] == [BASE_EXPERT]
+
+
+@pytest.mark.parametrize(
+    "question, answer",
+    [
+        ("巴黎是哪个国家的首都？", "巴黎是法国的首都。"),
+        ("ما هي عاصمة فرنسا؟", "باريس"),
+        ("Explain the history of Rome.", "Rome was founded long ago. " * 2000),
+    ],
+)
+def test_other_scripts_and_very_long_answers_get_a_verdict(jury, question, answer):
+    verdict = jury.crosscheck(question, answer)
+    assert 0.0 <= verdict.p_correct <= 1.0
+    assert all(j.answer_tokens <= jury.pool.config.score_max_tokens for j in verdict.jurors)
+
+
+def test_empty_answer_is_flagged_and_blank_question_refused(jury):
+    verdict = jury.crosscheck("What is 2 + 2?", "   ")
+    assert verdict.flagged and verdict.p_correct == 0.0 and verdict.jurors == []
+    with pytest.raises(MoseError, match="the question must be a non-empty string"):
+        jury.crosscheck("  ", "4")
+
+
+def test_no_active_experts_leaves_the_base_model_alone(base_models, tmp_path):
+    from experts.pool import ExpertPool
+    from registry.home import MoseHome
+
+    home = MoseHome.from_env(tmp_path / "empty")
+    registry = Registry.open(home)
+    lonely = Jury(ExpertPool.from_registry(registry, home=home), FallbackRouter(), registry)
+    verdict = lonely.crosscheck("What is 2 + 2?", "4")
+    assert [j.expert for j in verdict.jurors] == [BASE_EXPERT]
+
+
+def test_feedback_updates_reputation_persistently_once_and_is_audited(jury, jury_home):
+    verdict = jury.record(jury.crosscheck("Who wrote Hamlet?", "William Shakespeare wrote Hamlet."))
+    before = {j.expert: j.weight for j in verdict.jurors}
+    weights = jury.feedback(verdict.id, correct=True)
+    for juror in verdict.jurors:
+        moved_up = weights[juror.expert] > before[juror.expert]
+        assert moved_up == (juror.vote is True)  # right votes gain weight, wrong ones lose it
+    with pytest.raises(ConflictError, match=f"feedback for verdict '{verdict.id}' was already recorded"):
+        jury.feedback(verdict.id, correct=False)
+    with pytest.raises(NotFoundError, match="no verdict 'vrd-nope'"):
+        jury.feedback("vrd-nope", correct=True)
+    with Registry.open(jury_home) as reopened:  # a restart: state comes from the database file
+        for name, weight in weights.items():
+            assert jury.weight(name) == pytest.approx(weight)
+            assert reopened.reputation(name, prior=jury.config.reputation_prior).updated_at is not None
+        actions = [(e.action, e.subject) for e in reopened.audit_entries()]
+        assert ("feedback", verdict.id) in actions
+        assert reopened.audit_verify().ok
+
+
+def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    source = (shared_data / "crosscheck_dev.jsonl").read_text(encoding="utf-8").split("\n")
+    rows.write_text("\n".join(source[:400]), encoding="utf-8")
+    env_home = ["--home", str(jury_home.root)]
+    train = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                            "--limit", "5", "--json", *env_home], capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-2000:]
+    assert json.loads(train.stdout)["version"].startswith("v")
+    run = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
+                          "--limit", "2", "--json", *env_home], capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    report = json.loads(run.stdout)  # exactly one JSON object on stdout
+    assert {"n", "auroc", "auprc", "ece", "flag_precision", "flag_recall", "per_source", "baselines",
+            "seconds_per_item"} <= report.keys()
+    assert {"base_model_pmi", "best_single_expert", "jury_uncalibrated"} <= report["baselines"].keys()
+    assert all({"n", "auroc"} <= v.keys() for v in report["per_source"].values())
+    assert report["n"] <= 2 * len(report["per_source"])  # --limit 2 per source
+
+    from experts.calibrator import load_calibrator
+    from experts.crosscheck import evaluate, load_rows
+
+    calibrator = load_calibrator(jury_home.crosscheck_dir)
+    trained = set(calibrator.trained_on["row_digests"])
+    seen_rows = [r for r in load_rows(rows) if r.digest() in trained]
+    assert seen_rows and not any(r.is_test() for r in seen_rows)  # training never touched the test bucket
+    judge = Jury(None, None, None, calibrator)
+    with pytest.raises(MoseError, match="every row given was used to train the calibrator"):
+        evaluate(judge, seen_rows, progress=False)

@@ -1,0 +1,68 @@
+"""The calibrator: method choice, calibration, flag threshold, versioned artifacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from experts.calibrator import FEATURES, CalibratorConfig, fit_calibrator, load_calibrator, save_calibrator
+from registry.errors import MoseError
+from router_model.calibration import expected_calibration_error
+
+
+def _evidence(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Features whose jury PMI carries a real but noisy signal about the label (like the jury's)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, len(FEATURES)))
+    x[:, FEATURES.index("jury_pmi")] = 3.0 * labels + rng.normal(0, 2.0, n) + 5.0  # badly scaled
+    return x, labels
+
+
+def test_calibrated_probabilities_beat_the_raw_squash_on_unseen_rows():
+    x, labels = _evidence(1200, seed=1)
+    calibrator = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(seed=0))
+    test_x, test_labels = _evidence(600, seed=2)
+    p = calibrator.predict(test_x)
+    assert np.all((p >= 0) & (p <= 1))
+    raw = 1 / (1 + np.exp(-test_x[:, 0]))  # the uncalibrated fallback
+    assert expected_calibration_error(p, test_labels) < 0.06
+    assert expected_calibration_error(p, test_labels) < expected_calibration_error(raw, test_labels) - 0.1
+    assert calibrator.method in ("logistic", "isotonic")
+    assert calibrator.metrics["validation_log_loss"] <= calibrator.metrics["validation_log_loss_other"]
+
+
+def test_flag_threshold_reaches_target_precision_on_validation_like_rows():
+    x, labels = _evidence(1500, seed=3)
+    calibrator = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(target_flag_precision=0.85))
+    test_x, test_labels = _evidence(1500, seed=4)
+    flagged = calibrator.predict(test_x) < calibrator.threshold
+    assert flagged.any()
+    # Chosen on ~375 validation rows, the cut carries sampling noise; the base rate of wrong is 0.5.
+    assert (test_labels[flagged] == 0).mean() > 0.75
+    assert calibrator.threshold <= 0.5  # never flags what it thinks is more likely right
+
+
+def test_too_few_or_one_class_rows_are_refused():
+    x, labels = _evidence(10, seed=5)
+    with pytest.raises(MoseError, match="at least 20 labelled rows with both correct and wrong"):
+        fit_calibrator(x, labels, x[:, 0])
+    x, _ = _evidence(100, seed=6)
+    with pytest.raises(MoseError, match="both correct and wrong"):
+        fit_calibrator(x, np.ones(100, dtype=int), x[:, 0])
+
+
+def test_versions_round_trip_and_damage_is_reported(tmp_path):
+    x, labels = _evidence(300, seed=7)
+    first = fit_calibrator(x, labels, x[:, 0])
+    save_calibrator(first, tmp_path)
+    second = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(seed=1))
+    save_calibrator(second, tmp_path)
+    loaded = load_calibrator(tmp_path)
+    assert (first.version, loaded.version) == ("v0001", "v0002")
+    assert np.allclose(loaded.predict(x[:5]), second.predict(x[:5]))
+    (tmp_path / "v0002.json").write_text("{ not json")
+    with pytest.raises(MoseError, match="v0002.json is missing or damaged .* retrain with `mose crosscheck train`"):
+        load_calibrator(tmp_path)
+    with pytest.raises(MoseError, match="no cross-check calibrator in .* train one with `mose crosscheck train"):
+        load_calibrator(tmp_path / "empty")
