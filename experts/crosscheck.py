@@ -111,7 +111,7 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
         names = [name for name, _ in jurors]
         observers = [(name, None) for name in extra if name not in names]
         evidence = jury.evidence(row.question, row.answer[: jury.config.max_answer_chars], jurors + observers)
-        in_jury = evidence[: len(jurors)]
+        in_jury = evidence[: len(jurors)]  # observers' evidence is kept for the baselines only
         out.append(RowEvidence(row=row, jurors=evidence, values=features(in_jury, row.question, None),
                                seconds=time.perf_counter() - started))
     return out

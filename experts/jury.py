@@ -129,6 +129,19 @@ def largest_cluster_contains_candidate(similarity: np.ndarray, threshold: float)
     return 0 in components[0]
 
 
+def select_jurors(top_k: Sequence[Any], servable: set[str], k: int) -> list[tuple[str, str | None]]:
+    """The first ``k`` distinct servable experts of the router's top-k, topped up with the other
+    servable experts (the router may name fewer than k), then the base model."""
+    chosen: dict[str, str | None] = {}
+    if k > 0:
+        for candidate in top_k:
+            if candidate.expert in servable and candidate.expert != BASE_EXPERT:
+                chosen.setdefault(candidate.expert, candidate.domain)
+        for name in sorted(servable - {BASE_EXPERT}):
+            chosen.setdefault(name, None)
+    return list(chosen.items())[:k] + [(BASE_EXPERT, None)]
+
+
 class Jury:
     """Forms juries, gathers evidence, and returns calibrated verdicts.
 
@@ -149,18 +162,9 @@ class Jury:
     def select(self, question: str, k: int | None = None) -> list[tuple[str, str | None]]:
         """(expert, domain) pairs: the k most relevant active experts by the router, then the base."""
         k = self.config.k if k is None else k
-        servable = set(self.pool.experts()) - {BASE_EXPERT}
-        chosen: list[tuple[str, str | None]] = []
-        if k > 0 and servable:
-            decision = self.router.route(question)
-            for candidate in decision.top_k:
-                if candidate.expert in servable and candidate.expert not in {e for e, _ in chosen}:
-                    chosen.append((candidate.expert, candidate.domain))
-            # The router's top-k may name fewer distinct experts than k: fill with the rest.
-            for name in sorted(servable):
-                if name not in {e for e, _ in chosen}:
-                    chosen.append((name, None))
-        return chosen[:k] + [(BASE_EXPERT, None)]
+        servable = set(self.pool.experts())
+        decision = self.router.route(question) if k > 0 and servable - {BASE_EXPERT} else None
+        return select_jurors(decision.top_k if decision else [], servable, k)
 
     def weight(self, expert: str) -> float:
         reputation = self.registry.reputation(expert, prior=self.config.reputation_prior)
@@ -169,11 +173,15 @@ class Jury:
     # ------------------------------------------------------------ evidence
 
     def evidence(self, question: str, answer: str, jurors: Sequence[tuple[str, str | None]]) -> list[JurorEvidence]:
-        scores: list[ExpertScore] = self.pool.score(question, answer, [name for name, _ in jurors])
+        return self.weigh(jurors, self.pool.score(question, answer, [name for name, _ in jurors]))
+
+    def weigh(self, jurors: Sequence[tuple[str, str | None]], scores: Sequence[ExpertScore]) -> list[JurorEvidence]:
+        """Scores (same order as ``jurors``) -> evidence with reputation weights and votes."""
+        cut = self.calibrator.vote_threshold if self.calibrator is not None else 0.0
         return [
             JurorEvidence(expert=s.expert, domain=domain, weight=self.weight(s.expert),
                           logp_given_question=s.logp_given_question, logp_without_question=s.logp_without_question,
-                          pmi=s.pmi, answer_tokens=s.answer_tokens)
+                          pmi=s.pmi, answer_tokens=s.answer_tokens, vote=s.pmi > cut)
             for s, (_, domain) in zip(scores, jurors)
         ]
 
@@ -195,17 +203,27 @@ class Jury:
 
     def crosscheck(self, question: str, answer: str, k: int | None = None, own_answers: bool = False) -> Verdict:
         """The jury's calibrated verdict on ``answer``."""
-        question, answer = _check_text(question, "question"), answer[: self.config.max_answer_chars]
+        question, answer = self.prepare(question, answer)
         if not answer.strip():
-            # Nothing to score: an empty answer is wrong by definition, say so without a crash.
-            return Verdict(id=new_verdict_id(question, answer), p_correct=0.0, flagged=True,
-                           threshold=self._threshold(), jurors=[], calibrator=self._version(),
-                           evidence={"empty_answer": 1.0})
+            return self.empty_answer_verdict(question, answer)
         jurors = self.evidence(question, answer, self.select(question, k))
         agreement = self.own_answers(question, answer, jurors) if own_answers else None
-        cut = self.calibrator.vote_threshold if self.calibrator is not None else 0.0
-        for juror in jurors:
-            juror.vote = juror.pmi > cut
+        return self.verdict(question, answer, jurors, agreement)
+
+    def prepare(self, question: str, answer: str) -> tuple[str, str]:
+        """Validate the question; cut an over-long answer."""
+        if not isinstance(answer, str):
+            raise MoseError("the answer must be a string")
+        return _check_text(question, "question"), answer[: self.config.max_answer_chars]
+
+    def empty_answer_verdict(self, question: str, answer: str) -> Verdict:
+        """An empty answer is wrong by definition: say so without scoring anything."""
+        return Verdict(id=new_verdict_id(question, answer), p_correct=0.0, flagged=True,
+                       threshold=self._threshold(), jurors=[], calibrator=self._version(),
+                       evidence={"empty_answer": 1.0})
+
+    def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
+        """Aggregate the jurors' evidence into a calibrated verdict."""
         values = features(jurors, question, agreement)
         p_correct = self.probability(values)
         return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,

@@ -36,7 +36,9 @@ from serve.schemas import (
     ChatMessage,
     Completion,
     CompletionRequest,
+    CrosscheckRequest,
     ErrorBody,
+    FeedbackRequest,
     ErrorResponse,
     MoseInfo,
     RouteRequest,
@@ -119,34 +121,39 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class BodyLimitMiddleware:
-    """Refuse request bodies over ``max_bytes`` with 413, before they are read into memory."""
+    """Refuse request bodies over the limit with 413, before they are read into memory.
 
-    def __init__(self, app: Any, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    Expert uploads (``/v1/experts``, admin only) carry weights and get their own, larger limit.
+    """
+
+    def __init__(self, app: Any, max_bytes: int, max_upload_bytes: int) -> None:
+        self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.max_upload_bytes if scope.get("path", "").startswith("/v1/experts") else self.max_bytes
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._refuse(scope, receive, send)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await self._refuse(scope, receive, send, limit)
         received = 0
 
         async def counting_receive() -> dict:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > self.max_bytes:
+            if received > limit:
                 raise _BodyTooLarge()
             return message
 
         try:
             await self.app(scope, counting_receive, send)
         except _BodyTooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, limit)
 
-    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
-        response = error_response(413, f"request body is larger than the limit of {self.max_bytes} bytes")
+    @staticmethod
+    async def _refuse(scope: dict, receive: Any, send: Any, limit: int) -> None:
+        response = error_response(413, f"request body is larger than the limit of {limit} bytes")
         await response(scope, receive, send)
 
 
@@ -187,7 +194,8 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
         description="Mixture of small experts: OpenAI-compatible completions routed to vertical experts.",
     )
     api.add_middleware(AdmissionMiddleware, limit=config.limits.max_queued_requests, metrics=metrics)
-    api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes)
+    api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes,
+                       max_upload_bytes=config.limits.max_upload_bytes)
     _install_error_handlers(api)
     handlers = _Handlers(config, backend, metrics)
 
@@ -197,6 +205,8 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
     api.post("/v1/route", response_model=RouteDecision)(handlers.route)
     api.post("/v1/chat/completions", response_model=ChatCompletion)(handlers.chat_completions)
     api.post("/v1/completions", response_model=Completion)(handlers.completions)
+    api.post("/v1/crosscheck")(handlers.crosscheck)
+    api.post("/v1/feedback")(handlers.feedback)
     api.post("/v1/experts")(handlers.register_expert)
     api.post("/v1/experts/{name}/activate")(handlers.activate_expert)
     api.post("/v1/experts/{name}/retire")(handlers.retire_expert)
@@ -261,6 +271,18 @@ class _Handlers:
         self.metrics.observe_route(decision.confidence, decision.abstained)
         self.metrics.observe_request("route", decision.expert, 200, time.perf_counter() - started)
         return decision
+
+    async def crosscheck(self, body: CrosscheckRequest) -> dict[str, Any]:
+        started = time.perf_counter()
+        self._check_prompt(len(body.question) + len(body.answer))
+        verdict = await self.backend.crosscheck(body.question, body.answer, body.k, body.own_answers)
+        self.metrics.crosschecks.labels(str(verdict.flagged).lower()).inc()
+        self.metrics.observe_request("crosscheck", "jury", 200, time.perf_counter() - started)
+        return verdict.model_dump(mode="json")
+
+    async def feedback(self, body: FeedbackRequest) -> dict[str, Any]:
+        weights = await self.backend.feedback(body.verdict_id, body.correct)
+        return {"verdict_id": body.verdict_id, "correct": body.correct, "weights": weights}
 
     # ------------------------------------------------------------ completions
 

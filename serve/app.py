@@ -56,10 +56,10 @@ def deployment_options(name: str, deployment: DeploymentConfig, gpus_available: 
 
 
 def build_application(config: ServeConfig, gpus_available: bool | None = None):
-    """The bound application graph: Ingress -> (Router, ExpertPool)."""
+    """The bound application graph: Ingress -> (Router, ExpertPool, CrossCheck -> (Router, ExpertPool))."""
     from ray import serve
 
-    from serve.deployments import ExpertPoolDeployment, Ingress, RouterDeployment
+    from serve.deployments import CrossCheckDeployment, ExpertPoolDeployment, Ingress, RouterDeployment
 
     gpus = cluster_gpus() > 0 if gpus_available is None else gpus_available
     home_root = str(config.home or MoseHome.from_env().root)
@@ -71,8 +71,10 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
     pool = serve.deployment(ExpertPoolDeployment).options(**pool_options).bind(
         home_root, SMOLLM2_ID, config.pool.max_batch_size, config.pool.batch_wait_timeout_s,
         config.limits.max_tokens, config.pool.torch_threads)
+    checker = serve.deployment(CrossCheckDeployment).options(
+        **deployment_options("CrossCheck", config.crosscheck, gpus, home_root)).bind(home_root, router, pool)
     ingress = serve.deployment(Ingress).options(**deployment_options("Ingress", config.ingress, gpus, home_root))
-    return ingress.bind(config, router, pool)
+    return ingress.bind(config, router, pool, checker)
 
 
 def app_builder(args: dict[str, Any]):

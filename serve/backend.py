@@ -31,6 +31,14 @@ class Backend(ABC):
         """One completion as text pieces, as they are generated."""
 
     @abstractmethod
+    async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
+        """The jury's verdict (``experts.jury.Verdict``) on an answer; stored for feedback."""
+
+    @abstractmethod
+    async def feedback(self, verdict_id: str, correct: bool) -> dict[str, float]:
+        """Record whether a checked answer was correct; returns the jurors' new weights."""
+
+    @abstractmethod
     async def experts(self) -> list[dict[str, Any]]:
         """The active experts: name, version, domains, owner, kind."""
 

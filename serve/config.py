@@ -45,6 +45,9 @@ class LimitsConfig(_Section):
     max_body_bytes: int = Field(1_000_000, gt=0)
     """Largest request body accepted, in bytes (413 above it)."""
 
+    max_upload_bytes: int = Field(256_000_000, gt=0)
+    """Largest body of an admin expert upload (``POST /v1/experts``: files base64-encoded)."""
+
     max_prompt_chars: int = Field(8_000, gt=0)
     """Longest prompt (all messages together), in characters (400 above it)."""
 
@@ -249,12 +252,13 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, recursively; ``None`` in ``top`` means "not given" (unset CLI flags)."""
     merged = dict(base)
     for key, value in top.items():
         if value is None:
             continue
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+        if isinstance(value, dict):
+            merged[key] = _deep_merge(merged.get(key) if isinstance(merged.get(key), dict) else {}, value)
         else:
             merged[key] = value
     return merged

@@ -3,6 +3,7 @@
 * :class:`RouterDeployment` — the learned router on ONNX Runtime; concurrent queries are batched.
 * :class:`ExpertPoolDeployment` — one per base model: the base plus its LoRA experts; concurrent
   requests for different adapters share forward passes (``@serve.batch``).
+* :class:`CrossCheckDeployment` — the jury; it borrows the router and the pool through handles.
 * :class:`Ingress` — the FastAPI app (:mod:`serve.api`), implementing :class:`~serve.backend.Backend`
   with handles to the others; it owns registry writes (admin endpoints).
 
@@ -195,20 +196,101 @@ class ExpertPoolDeployment:
                 raise item
             yield item
 
+    async def score(self, question: str, answer: str, experts: list[str]) -> list[Any]:
+        """Likelihood evidence of each expert about one answer (one batched pass)."""
+        self.sync_experts()
+        return await asyncio.to_thread(self.pool.score, question, answer, experts)
+
+    def experts(self) -> list[str]:
+        """Names this replica can serve ('base' included)."""
+        return self.sync_experts()
+
     def status(self) -> dict[str, Any]:
         return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
                 "refused": self.load_errors, "memory": self.pool.memory()}
+
+
+class CrossCheckDeployment:
+    """The jury: asks the router for jurors and the expert pool for evidence, then calibrates.
+
+    Holds no model of its own (the pool's base model is shared); the calibrator is reloaded when
+    a new version is trained.
+    """
+
+    def __init__(self, home_root: str, router: Any, pool: Any) -> None:
+        from experts.jury import Jury
+
+        self.home = MoseHome.from_env(home_root)
+        self.registry = _open_registry(home_root)
+        self.router, self.pool = router, pool
+        self.jury = Jury(None, None, self.registry, self._load_calibrator())
+        self._checked_at = time.monotonic()
+
+    def _load_calibrator(self):
+        from experts.calibrator import load_calibrator
+
+        try:
+            return load_calibrator(self.home.crosscheck_dir)
+        except MoseError as exc:
+            logger.warning("no calibrator, verdicts are uncalibrated: %s", exc)
+            return None
+
+    def _maybe_reload(self) -> None:
+        if time.monotonic() - self._checked_at > REGISTRY_REFRESH_S:
+            self._checked_at = time.monotonic()
+            current = self._load_calibrator() if (self.home.crosscheck_dir / "current").is_file() else None
+            if current is not None and current.version != self.jury._version():
+                self.jury.calibrator = current
+
+    async def crosscheck(self, question: str, answer: str, k: int | None = None, own_answers: bool = False):
+        from experts.jury import select_jurors
+
+        self._maybe_reload()
+        jury = self.jury
+        question, answer = jury.prepare(question, answer)
+        if not answer.strip():
+            return jury.record(jury.empty_answer_verdict(question, answer))
+        k = jury.config.k if k is None else k
+        servable = set(await self.pool.experts.remote())
+        top_k = (await self.router.route.remote(question)).top_k if k > 0 and len(servable) > 1 else []
+        jurors_wanted = select_jurors(top_k, servable, k)
+        scores = await self.pool.score.remote(question, answer, [name for name, _ in jurors_wanted])
+        jurors = await asyncio.to_thread(jury.weigh, jurors_wanted, scores)
+        agreement = await self._agreement(question, answer, jurors) if own_answers else None
+        return await asyncio.to_thread(lambda: jury.record(jury.verdict(question, answer, jurors, agreement)))
+
+    async def _agreement(self, question: str, answer: str, jurors: list[Any]) -> bool:
+        from experts.crosscheck import minilm_embedder
+        from experts.jury import largest_cluster_contains_candidate
+        from experts.types import ChatMessage, SamplingParams
+
+        params = SamplingParams(max_new_tokens=self.jury.config.own_answer_tokens, temperature=0.0)
+        requests = [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
+                                      params=params) for j in jurors]
+        results = await asyncio.gather(*(self.pool.generate.remote(r) for r in requests))
+        texts = [result.text for result, _ in results]
+        vectors = await asyncio.to_thread(minilm_embedder, [answer] + texts)
+        similarity = vectors @ vectors.T
+        for juror, text, sim in zip(jurors, texts, similarity[0, 1:]):
+            juror.own_answer, juror.similarity = text, float(sim)
+        return largest_cluster_contains_candidate(similarity, self.jury.config.similarity_threshold)
+
+    def feedback(self, verdict_id: str, correct: bool, actor: str) -> dict[str, float]:
+        return self.jury.feedback(verdict_id, correct, actor=actor)
+
+    def status(self) -> dict[str, Any]:
+        return {"calibrator": self.jury._version()}
 
 
 @serve.ingress()
 class Ingress(Backend):
     """The HTTP front door: parses, limits, authenticates; routes and generates through handles."""
 
-    def __init__(self, config: ServeConfig, router: Any, pool: Any) -> None:
+    def __init__(self, config: ServeConfig, router: Any, pool: Any, crosscheck: Any) -> None:
         self.config = config
         self.home_root = str(config.home or MoseHome.from_env().root)
         self.registry = _open_registry(self.home_root)
-        self.router, self.pool = router, pool
+        self.router, self.pool, self.checker = router, pool, crosscheck
         self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         if config.auth.insecure_local and config.auth.admin_token is None:
             logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
@@ -250,9 +332,17 @@ class Ingress(Backend):
             await self.router.refresh.remote()
         return _record_json(record)
 
+    async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
+        return await self.checker.crosscheck.remote(question, answer, k, own_answers)
+
+    async def feedback(self, verdict_id: str, correct: bool) -> dict[str, float]:
+        return await self.checker.feedback.remote(verdict_id, correct, "feedback-api")
+
     async def health(self) -> dict[str, Any]:
-        router, pool = await asyncio.gather(self.router.status.remote(), self.pool.status.remote())
-        return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"}}
+        router, pool, checker = await asyncio.gather(
+            self.router.status.remote(), self.pool.status.remote(), self.checker.status.remote())
+        return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"},
+                "crosscheck": checker}
 
 
 def _record_json(record: Any) -> dict[str, Any]:
@@ -299,4 +389,4 @@ def _first_error(exc: Exception) -> str:
     return str(exc)
 
 
-__all__ = ["RouterDeployment", "ExpertPoolDeployment", "Ingress"]
+__all__ = ["RouterDeployment", "ExpertPoolDeployment", "CrossCheckDeployment", "Ingress"]

@@ -29,6 +29,7 @@ pytest_plugins = [
     "tests._fixtures.registry",
     "tests._fixtures.experts",
     "tests._fixtures.router",
+    "tests._fixtures.serve",
 ]
 
 

@@ -53,11 +53,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print("mose: starting Ray Serve ...", file=sys.stderr)
     try:
         url = app.start(config)
+        # After ray.init: Ray installs its own SIGTERM handler, which aborts the process.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
         print(f"mose: serving on {url}  (OpenAI base URL: {url}/v1; Ctrl-C to stop)", flush=True)
         stop.wait()
     finally:

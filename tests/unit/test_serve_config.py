@@ -70,3 +70,9 @@ def test_every_field_is_documented():
                 walk(annotation)
 
     walk(ServeConfig)
+
+
+def test_unset_flags_do_not_override(monkeypatch):
+    monkeypatch.setenv("MOSE_SERVE__HTTP__HOST", "0.0.0.0")
+    config = load_config(http={"host": None, "port": 9300}, ray={"address": None})
+    assert (config.http.host, config.http.port, config.ray.address) == ("0.0.0.0", 9300, None)

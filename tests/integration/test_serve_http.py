@@ -1,0 +1,182 @@
+"""The real application over real HTTP: routing, the OpenAI client, cross-checks, admin, limits."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from tests._fixtures.experts import write_lora_expert
+
+CLEAR = [
+    ("What are the symptoms of type 2 diabetes?", "medicine", "med-expert"),
+    ("What causes high blood pressure ?", "medicine", "med-expert"),
+    ("Solve for x: 3x + 5 = 20.", "math", "math-expert"),
+    ("What is the derivative of x^2 + 3x?", "math", "math-expert"),
+]
+
+
+def chat(client, content, model="auto", **extra):
+    return client.post("/v1/chat/completions",
+                       json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
+                             "temperature": 0, **extra})
+
+
+@pytest.mark.parametrize("query, domain, expert", CLEAR)
+def test_auto_sends_clear_queries_to_their_vertical_expert(served, query, domain, expert):
+    with served.client() as client:
+        response = chat(client, query)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["mose"]["domain"] == domain and body["mose"]["expert"] == expert
+    assert body["mose"]["abstained"] is False
+    assert response.headers["x-mose-expert"] == expert and response.headers["x-mose-domain"] == domain
+    assert 0 < float(response.headers["x-mose-confidence"]) <= 1
+    assert body["choices"][0]["message"]["content"]
+    assert body["usage"]["completion_tokens"] > 0
+
+
+def test_official_openai_client_works_unchanged(served):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    models = [m.id for m in client.models.list()]
+    assert {"auto", "med-expert", "math-expert"} <= set(models)
+    reply = client.chat.completions.create(model="med-expert", max_tokens=8, temperature=0,
+                                           messages=[{"role": "user", "content": "What is asthma?"}])
+    assert reply.choices[0].message.content and reply.model == "med-expert"
+    stream = client.chat.completions.create(model="auto", max_tokens=8, temperature=0, stream=True,
+                                            messages=[{"role": "user", "content": "Solve 2x = 10 for x."}])
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
+    assert "".join(pieces).strip()
+    completion = client.completions.create(model="math-expert", prompt="2 + 2 =", max_tokens=4, temperature=0)
+    assert completion.choices[0].text is not None
+
+
+def test_streaming_is_server_sent_events_ending_with_done(served):
+    with served.client() as client, client.stream(
+        "POST", "/v1/chat/completions",
+        json={"model": "auto", "stream": True, "max_tokens": 6,
+              "messages": [{"role": "user", "content": "What causes asthma?"}]},
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_route_and_models_endpoints(served):
+    with served.client() as client:
+        decision = client.post("/v1/route", json={"query": "What causes high blood pressure ?"}).json()
+        models = client.get("/v1/models").json()
+    assert decision["domain"] == "medicine" and decision["expert"] == "med-expert"
+    assert len(decision["top_k"]) >= 2 and decision["top_k"][0]["p"] >= decision["top_k"][1]["p"]
+    assert models["object"] == "list" and models["data"][0]["id"] == "auto"
+
+
+def test_crosscheck_returns_a_verdict_and_feedback_moves_weights(served):
+    with served.client() as client:
+        verdict = client.post("/v1/crosscheck", json={"question": "What is 12 * 3?", "answer": "36", "k": 2}).json()
+        assert 0 <= verdict["p_correct"] <= 1 and isinstance(verdict["flagged"], bool)
+        assert verdict["jurors"][-1]["expert"] == "base" and len(verdict["jurors"]) == 3
+        feedback = client.post("/v1/feedback", json={"verdict_id": verdict["id"], "correct": True})
+        assert feedback.status_code == 200 and set(feedback.json()["weights"]) == {j["expert"] for j in verdict["jurors"]}
+        again = client.post("/v1/feedback", json={"verdict_id": verdict["id"], "correct": False})
+        assert again.status_code == 409 and "already recorded" in again.json()["error"]["message"]
+        unknown = client.post("/v1/feedback", json={"verdict_id": "vrd-unknown", "correct": True})
+        assert unknown.status_code == 404
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, message",
+    [
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "request body is not valid JSON"),
+        ({"json": {"model": "auto", "messages": []}}, 400, "messages: List should have at least 1 item"),
+        ({"json": {"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}}, 404, "unknown model 'nobody'"),
+        ({"json": {"model": "auto", "messages": [{"role": "user", "content": "x" * 9000}]}}, 400,
+         "prompt is 9000 characters; this server allows at most 8000"),
+        ({"json": {"model": "auto", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}}, 400,
+         "max_tokens is 100000; this server allows at most 256"),
+        ({"json": {"model": "auto", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}}, 400,
+         "max_tokens must be at least 1 (got -1)"),
+        ({"json": {"model": "auto", "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}}, 400,
+         "temperature: Input should be less than or equal to 2"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(served, kwargs, status, message):
+    with served.client() as client:
+        response = client.post("/v1/chat/completions", **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["error"]["message"]
+
+
+def test_body_over_the_limit_is_refused_with_413(served):
+    with served.client() as client:
+        response = client.post("/v1/chat/completions", content=b"x" * 2_000_000,
+                               headers={"content-type": "application/json"})
+    assert response.status_code == 413
+    assert "larger than the limit of 1000000 bytes" in response.json()["error"]["message"]
+
+
+def _upload(folder, name, domain):
+    manifest_path = write_lora_expert(folder, name, seed=99, domain=domain)
+    import yaml
+
+    manifest = yaml.safe_load(manifest_path.read_text())
+    files = {rel: base64.b64encode((manifest_path.parent / rel).read_bytes()).decode() for rel in manifest["files"]}
+    return {"manifest": manifest, "files": files}
+
+
+def test_admin_calls_need_the_right_token_and_change_nothing_otherwise(served, tmp_path):
+    from registry import Registry
+    from registry.home import MoseHome
+
+    body = _upload(tmp_path, "sneaky-expert", "finance")
+    with Registry.open(MoseHome.from_env(served.home)) as reg:
+        before = [(r.ref, r.status) for r in reg.list()]
+    with served.client() as client:
+        missing = client.post("/v1/experts", json=body)
+        wrong = client.post("/v1/experts", json=body, headers={"Authorization": "Bearer not-the-token"})
+        retire = client.post("/v1/experts/med-expert/retire", headers={"Authorization": "Bearer nope"})
+    assert missing.status_code == 401 and "Authorization: Bearer" in missing.json()["error"]["message"]
+    assert wrong.status_code == 403 and wrong.json()["error"]["message"] == "the admin token is not valid"
+    assert retire.status_code == 403
+    assert served.token not in served.log.read_text()
+    with Registry.open(MoseHome.from_env(served.home)) as reg:
+        assert [(r.ref, r.status) for r in reg.list()] == before
+        assert reg.audit_verify().ok
+
+
+def test_registering_over_http_makes_an_expert_servable_without_restart(served, tmp_path):
+    body = _upload(tmp_path, "fin-expert", "finance") | {"activate": True}
+    with served.client() as client:
+        created = client.post("/v1/experts", json=body, headers=served.admin())
+        assert created.status_code == 200, created.text
+        assert created.json()["status"] == "active"
+        models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+        reply = chat(client, "What is compound interest?", model="fin-expert")
+    assert "fin-expert" in models
+    assert reply.status_code == 200 and reply.json()["mose"]["expert"] == "fin-expert"
+
+
+def test_upload_with_escaping_paths_is_refused(served, tmp_path):
+    body = _upload(tmp_path, "escape-expert", "finance")
+    body["files"]["../../evil.json"] = base64.b64encode(b"{}").decode()
+    with served.client() as client:
+        response = client.post("/v1/experts", json=body, headers=served.admin())
+    assert response.status_code == 400
+    assert "uploaded files do not match manifest.files" in response.json()["error"]["message"]
+
+
+def test_metrics_count_what_was_sent(served):
+    with served.client() as client:
+        for _ in range(3):
+            chat(client, "What causes high blood pressure ?")
+        text = client.get("/metrics").text
+    assert 'mose_requests_total{endpoint="chat",expert="med-expert",status="200"}' in text
+    count = float(text.split('mose_requests_total{endpoint="chat",expert="med-expert",status="200"} ')[1].split()[0])
+    assert count >= 3
+    assert "mose_route_confidence_bucket" in text and "mose_expert_batch_size_count" in text
