@@ -99,7 +99,8 @@ def start(config: ServeConfig, blocking: bool = False) -> str:
                 object_store_memory=config.ray.object_store_memory_mb * 1024 * 1024,
                 log_to_driver=False,
             )
-    serve.start(http_options={"host": config.http.host, "port": config.http.port})
+    serve.start(http_options={"host": config.http.host, "port": config.http.port},
+                proxy_location=config.http.proxy_location)
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=blocking)
     host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
     return f"http://{host}:{config.http.port}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
@@ -31,6 +31,10 @@ class HttpConfig(_Section):
 
     port: int = Field(8000, ge=1, le=65535)
     """Port of the HTTP ingress."""
+
+    proxy_location: Literal["HeadOnly", "EveryNode"] = "HeadOnly"
+    """Where Ray Serve runs HTTP proxies. EveryNode suits a cluster behind a load balancer; the
+    default avoids several nodes of one machine (tests, a laptop cluster) binding the same port."""
 
 
 class AuthConfig(_Section):

@@ -206,7 +206,10 @@ class ExpertPoolDeployment:
         return self.sync_experts()
 
     def status(self) -> dict[str, Any]:
+        import ray
+
         return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
+                "node_id": ray.get_runtime_context().get_node_id(),
                 "refused": self.load_errors, "memory": self.pool.memory()}
 
 

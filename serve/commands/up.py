@@ -1,47 +1,119 @@
-"""``mose up``: the README's main command — get a working mose on this machine.
+"""``mose up``: the README's main command — from a fresh checkout to a running server.
 
-Runs every preparation step that is not done yet (each one is idempotent and cached under
-MOSE_HOME), then reports what is registered. Later steps start the server.
+Each step runs only when its result is missing, so the first run is slow (demo experts are
+fine-tuned, the router and the calibrator trained) and later runs start the server in well
+under a minute:
+
+1. base models: locate the packaged weights, convert SmolLM2 to safetensors once;
+2. demo experts: one LoRA expert per vertical of the shared data, registered and activated;
+3. router: trained on the shared routing data + the experts' example queries; later runs only
+   teach it the domains of newly activated experts;
+4. calibrator: the cross-check jury's, trained on a per-source sample of labelled answers;
+5. serve on the embedded local Ray (skipped with ``--prepare-only``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from pathlib import Path
 
 from serve.commands._common import add_common_flags, emit, home_of
+
+CALIBRATION_ROWS_PER_SOURCE = 60
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
         "up",
-        help="prepare everything mose needs (first run slow, cached after) and report",
+        help="prepare everything mose needs (first run slow, cached after), then serve",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_flags(parser)
-    parser.add_argument(
-        "--prepare-only",
-        action="store_true",
-        help="prepare the data directory and exit without starting the server (used on cluster heads)",
-    )
+    parser.add_argument("--prepare-only", action="store_true",
+                        help="prepare the data directory and exit without serving (used on cluster heads)")
+    parser.add_argument("--data-dir", default=None,
+                        help="shared datasets folder (default: $MOSE_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--config", default=None, help="server config YAML for the serve step")
+    parser.add_argument("--port", type=int, default=None, help="port to serve on (default 8000)")
     parser.set_defaults(func=run)
+
+
+def _step(name: str):
+    print(f"mose up: {name} ...", file=sys.stderr, flush=True)
+    return time.perf_counter()
 
 
 def run(args: argparse.Namespace) -> int:
     from experts.base_models import prepare_base_models
+    from experts.demo import DemoConfig, build_demo, default_data_dir
     from registry import Registry
 
     home = home_of(args)
-    print(f"mose: data directory {home.root}", file=sys.stderr)
-    models = prepare_base_models(home)
-    registry = Registry.open(home)
-    experts = [
-        {"name": r.name, "version": r.version, "status": r.status, "domains": r.domains}
-        for r in registry.list()
-    ]
-    payload = {"home": str(home.root), "base_models": models.model_dump(mode="json"), "experts": experts}
-    lines = [f"mose is ready in {home.root}", f"{len(experts)} expert(s) registered:"]
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    print(f"mose up: data directory {home.root}, shared data {data_dir}", file=sys.stderr)
+    timings: dict[str, float] = {}
+
+    started = _step("base models")
+    prepare_base_models(home)
+    timings["base_models"] = time.perf_counter() - started
+
+    started = _step("demo experts")
+    build_demo(home, DemoConfig(data_dir=data_dir))
+    timings["demo_experts"] = time.perf_counter() - started
+
+    with Registry.open(home) as registry:
+        started = _step("router")
+        router_version = _ensure_router(home, registry, data_dir)
+        timings["router"] = time.perf_counter() - started
+
+        started = _step("cross-check calibrator")
+        calibrator_version = _ensure_calibrator(home, data_dir)
+        timings["calibrator"] = time.perf_counter() - started
+
+        experts = [{"name": r.name, "version": r.version, "status": r.status, "domains": r.domains}
+                   for r in registry.list()]
+    payload = {"home": str(home.root), "router": router_version, "calibrator": calibrator_version,
+               "experts": experts, "seconds": {k: round(v, 1) for k, v in timings.items()}}
+    lines = [f"mose is ready in {home.root} (router {router_version}, calibrator {calibrator_version})",
+             f"{len(experts)} expert(s) registered:"]
     lines += [f"  {e['name']}@{e['version']}  [{e['status']}]  {', '.join(e['domains'])}" for e in experts]
     emit(args, payload, "\n".join(lines))
-    return 0
+    if args.prepare_only:
+        return 0
+    from serve.commands.serve import run_serve
+
+    serve_args = argparse.Namespace(home=args.home, config=args.config, address=None, host=None, port=args.port)
+    return run_serve(serve_args)
+
+
+def _ensure_router(home, registry, data_dir: Path) -> str:
+    """Train the router when there is none; otherwise teach it newly activated experts' domains."""
+    from registry.errors import MoseError
+    from router_model.artifact import current_dir, read_metadata
+    from router_model.service import train_and_publish
+    from router_model.update import update_router
+
+    try:
+        current_dir(home.router_dir)
+    except MoseError:
+        return train_and_publish(home, [data_dir / "routing_dev.jsonl"], registry).name
+    return update_router(home, registry).version or read_metadata(current_dir(home.router_dir)).version
+
+
+def _ensure_calibrator(home, data_dir: Path) -> str:
+    """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
+    from experts.calibrator import load_calibrator, save_calibrator
+    from experts.crosscheck import load_rows, open_jury, stratified_sample, train
+    from registry.errors import MoseError
+
+    try:
+        return load_calibrator(home.crosscheck_dir).version
+    except MoseError:
+        pass
+    rows = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
+    calibrator = train(open_jury(home), stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0))
+    save_calibrator(calibrator, home.crosscheck_dir)
+    return calibrator.version
