@@ -40,3 +40,15 @@ def test_schema_check_is_not_vacuous():
     except jsonschema.ValidationError:
         return
     raise AssertionError("the schema accepted a non-integer CPU count")
+
+
+def test_rayservice_embeds_what_serve_build_prints(monkeypatch):
+    """deploy/rayservice.yaml's serveConfigV2 must match `mose serve build` (host 0.0.0.0 for pods)."""
+    from serve.app import serve_build_config
+
+    monkeypatch.setenv("MOSE_SERVE__HTTP__HOST", "0.0.0.0")
+    service = yaml.safe_load((REPO / "deploy" / "rayservice.yaml").read_text())
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert embedded == serve_build_config(None, "/mnt/mose")
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert any("expert_node" in w["rayStartParams"].get("resources", "") for w in workers)
