@@ -28,6 +28,7 @@ from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import ServeConfig
 from serve.metrics import IngressMetrics
+from serve.upstream import UpstreamError
 from serve.schemas import (
     Alternative,
     ChatChoice,
@@ -86,6 +87,8 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 def mose_error_status(exc: BaseException) -> int:
     """HTTP status for a user-caused error raised anywhere behind the API."""
+    if isinstance(exc, UpstreamError):
+        return 502
     if isinstance(exc, NotFoundError):
         return 404
     if isinstance(exc, (ConflictError, StatusError)):
@@ -300,6 +303,8 @@ class _Handlers:
                         messages: list[PoolMessage]) -> Response:
         started = time.perf_counter()
         params = self._sampling(body)
+        if body.model.startswith(UPSTREAM_PREFIX):
+            return await self._upstream(endpoint, body, routing_text, messages, params, started)
         info = await self._choose_expert(body.model, routing_text)
         request = GenerationRequest(expert=info.expert, messages=messages, params=params)
         headers = _mose_headers(info)
@@ -329,12 +334,6 @@ class _Handlers:
             alternatives = [Alternative(domain=d.domain, expert=d.expert, p=d.p) for d in decision.top_k[1:]]
             return MoseInfo(expert=decision.expert, domain=decision.domain, confidence=decision.confidence,
                             abstained=decision.abstained, alternatives=alternatives)
-        if model.startswith(UPSTREAM_PREFIX):
-            name = model[len(UPSTREAM_PREFIX):]
-            if name not in self.config.upstreams:
-                raise ApiError(404, f"unknown upstream {name!r}; configured upstreams: "
-                               f"{sorted(self.config.upstreams) or 'none'}", param="model")
-            raise ApiError(501, "upstream cross-checking is not available in this build yet", param="model")
         if model in (BASE_EXPERT,):
             return MoseInfo(expert=model)
         known = {e["name"] for e in await self.backend.experts()}
@@ -342,6 +341,40 @@ class _Handlers:
             raise ApiError(404, f"unknown model {model!r}: use 'auto', one of the active experts "
                            f"(GET /v1/models lists them) or 'upstream:<name>'", param="model")
         return MoseInfo(expert=model)
+
+    async def _upstream(self, endpoint: str, body: SamplingFields, question: str, messages: list[PoolMessage],
+                        params: SamplingParams, started: float) -> Response:
+        """Forward to the upstream model, then let the jury check its answer."""
+        name = body.model[len(UPSTREAM_PREFIX):]
+        upstream = self.config.upstreams.get(name)
+        if upstream is None:
+            raise ApiError(404, f"unknown upstream {name!r}; configured upstreams: "
+                           f"{sorted(self.config.upstreams) or 'none'}", param="model")
+        if body.stream:
+            raise ApiError(400, "streaming is not available for upstream models: the verdict needs the whole answer",
+                           param="stream")
+        reply = await self.backend.upstream_chat(name, [m.model_dump() for m in messages], params.max_new_tokens,
+                                                 params.temperature)
+        text = reply["choices"][0]["message"]["content"] or ""
+        info = MoseInfo(expert=body.model)
+        headers = _mose_headers(info)
+        if upstream.crosscheck:
+            verdict = await self.backend.crosscheck(question, text, 3, False)
+            self.metrics.crosschecks.labels(str(verdict.flagged).lower()).inc()
+            info.verdict = verdict.model_dump(mode="json")
+            headers |= {"x-mose-flagged": str(verdict.flagged).lower(), "x-mose-p-correct": f"{verdict.p_correct:.4f}",
+                        "x-mose-verdict-id": verdict.id}
+        usage = Usage(**{k: int(v) for k, v in (reply.get("usage") or {}).items()
+                         if k in ("prompt_tokens", "completion_tokens", "total_tokens") and isinstance(v, int)})
+        finish = reply["choices"][0].get("finish_reason") if reply["choices"][0].get("finish_reason") in ("stop", "length") else "stop"
+        if endpoint == "chat":
+            payload: BaseModel = ChatCompletion(model=body.model, usage=usage, mose=info, choices=[
+                ChatChoice(message=ChatMessage(role="assistant", content=text), finish_reason=finish)])
+        else:
+            payload = Completion(model=body.model, usage=usage, mose=info,
+                                 choices=[TextChoice(text=text, finish_reason=finish)])
+        self.metrics.observe_request(endpoint, body.model, 200, time.perf_counter() - started)
+        return JSONResponse(payload.model_dump(mode="json"), headers=headers)
 
     def _sampling(self, body: SamplingFields) -> SamplingParams:
         limits = self.config.limits

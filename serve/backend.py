@@ -39,6 +39,11 @@ class Backend(ABC):
         """Record whether a checked answer was correct; returns the jurors' new weights."""
 
     @abstractmethod
+    async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
+                            temperature: float) -> dict[str, Any]:
+        """The named upstream model's chat completion (OpenAI JSON)."""
+
+    @abstractmethod
     async def experts(self) -> list[dict[str, Any]]:
         """The active experts: name, version, domains, owner, kind."""
 

@@ -126,6 +126,9 @@ class UpstreamConfig(_Section):
     base_url: str = ""
     """OpenAI-compatible base URL of the single large model (e.g. https://api.example.com/v1)."""
 
+    model: str = "auto"
+    """Model name sent to the upstream."""
+
     api_key: SecretStr | None = None
     """API key sent to the upstream (``MOSE_SERVE__UPSTREAMS__<NAME>__API_KEY``)."""
 

@@ -32,6 +32,7 @@ from registry.home import MoseHome
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import ServeConfig
+from serve.upstream import UpstreamClient
 
 logger = logging.getLogger("mose.serve")
 
@@ -294,6 +295,7 @@ class Ingress(Backend):
         self.home_root = str(config.home or MoseHome.from_env().root)
         self.registry = _open_registry(self.home_root)
         self.router, self.pool, self.checker = router, pool, crosscheck
+        self.upstream = UpstreamClient(config.upstreams)
         self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         if config.auth.insecure_local and config.auth.admin_token is None:
             logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
@@ -337,6 +339,11 @@ class Ingress(Backend):
 
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
         return await self.checker.crosscheck.remote(question, answer, k, own_answers)
+
+    async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
+                            temperature: float) -> dict[str, Any]:
+        model = self.config.upstreams[name].model
+        return await self.upstream.chat(name, model, messages, max_tokens, temperature)
 
     async def feedback(self, verdict_id: str, correct: bool) -> dict[str, float]:
         return await self.checker.feedback.remote(verdict_id, correct, "feedback-api")
