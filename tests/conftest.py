@@ -24,6 +24,9 @@ os.environ.update(
     }
 )
 os.environ.setdefault("MOSE_CACHE", str(REPO_ROOT / ".mose-cache"))
+# One torch thread per process: tests run beside Ray replicas and other tests' servers on a
+# 2-core machine, where two threads per process wait on each other (measured 3-10x slower).
+os.environ.setdefault("MOSE_CPU_THREADS", "1")
 
 pytest_plugins = [
     "tests._fixtures.registry",

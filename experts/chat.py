@@ -1,0 +1,119 @@
+"""Chat formatting and answer log-likelihoods, shared by the pool, scoring and fine-tuning.
+
+A question/answer pair is encoded as ``chat_template([user: question], generation prompt)``
+followed by the answer tokens and the end-of-turn token. Fine-tuning loss, held-out loss and
+likelihood scoring all use the same encoding and the same :func:`answer_logprobs`, so their
+numbers are comparable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+@dataclass(frozen=True)
+class EncodedPair:
+    """Token ids of one prompt + answer; ``answer_len`` trailing ids are the scored answer."""
+
+    input_ids: list[int]
+    answer_len: int
+
+
+def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template and the assistant header."""
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+    if hasattr(out, "keys"):  # transformers 5 returns a BatchEncoding
+        out = out["input_ids"]
+    return list(out)
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    return tokenizer.eos_token or "<|im_end|>"
+
+
+def encode_pair(tokenizer: Any, question: str | None, answer: str, max_tokens: int) -> EncodedPair:
+    """Encode a pair, truncated to ``max_tokens`` (question == None: the unconditional prompt).
+
+    The answer keeps at least half the budget; the prompt is cut from the left (it ends with the
+    assistant header, which must stay next to the answer).
+    """
+    messages = [{"role": "user", "content": question if question is not None else ""}]
+    prompt = prompt_ids(tokenizer, messages)
+    answer_ids = tokenizer(answer + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
+    answer_ids = answer_ids[: max(1, max_tokens - min(len(prompt), max_tokens // 2))]
+    prompt = prompt[-max(1, max_tokens - len(answer_ids)):]
+    return EncodedPair(input_ids=list(prompt) + list(answer_ids), answer_len=len(answer_ids))
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
+    """Left-padded ``input_ids``, ``attention_mask`` and ``position_ids`` tensors."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+def forward_kwargs(adapter_names: Sequence[str] | None) -> dict:
+    """Extra forward arguments: peft's per-row adapter selection, only when adapters are in play."""
+    return {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
+
+
+def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
+                    adapter_names: Sequence[str] | None = None):
+    """Per-row (sum of answer-token log-probs, answer-token count), one forward pass.
+
+    Rows are left-padded so every answer ends at the last position; only the last
+    ``max(answer_len)`` logits are computed (the LM head is a large part of the cost).
+    Differentiable: fine-tuning uses it for its loss.
+    """
+    import torch
+
+    ids, mask, positions = left_pad([p.input_ids for p in pairs], pad_id)
+    device = next(model.parameters()).device
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    keep = max(p.answer_len for p in pairs)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                logits_to_keep=keep + 1, **forward_kwargs(adapter_names))
+    logits = out.logits[:, :-1, :].float()  # position t predicts token t+1
+    targets = ids[:, -keep:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    lengths = torch.tensor([p.answer_len for p in pairs], device=device)
+    cols = torch.arange(keep, device=device).unsqueeze(0)
+    answer_mask = cols >= (keep - lengths).unsqueeze(1)
+    return (logp * answer_mask).sum(-1), lengths
+
+
+def answer_nll(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], adapter_keys: Sequence[str] | None,
+               max_tokens: int, batch_size: int = 8) -> dict[str, float]:
+    """Held-out answer loss: token-weighted mean negative log-likelihood of the answers, per adapter.
+
+    Every (pair, adapter) row goes through mixed-adapter batches, so N adapters on the same rows
+    cost N times the rows but share each forward pass. ``adapter_keys=None``: the plain model
+    (result under the key ``BASE_ADAPTER``).
+    """
+    import torch
+
+    encoded = [encode_pair(tokenizer, q, a, max_tokens) for q, a in pairs]
+    keys = list(adapter_keys) if adapter_keys is not None else [BASE_ADAPTER]
+    rows = sorted(((key, enc) for key in keys for enc in encoded), key=lambda r: len(r[1].input_ids))
+    totals = {key: [0.0, 0] for key in keys}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            names = [k for k, _ in chunk] if adapter_keys is not None else None
+            sums, counts = answer_logprobs(model, [e for _, e in chunk], pad, names)
+            for (key, _), s, c in zip(chunk, sums.tolist(), counts.tolist()):
+                totals[key][0] -= s
+                totals[key][1] += c
+    return {key: total / max(count, 1) for key, (total, count) in totals.items()}

@@ -1,0 +1,92 @@
+"""Device and precision policy, in one place.
+
+On CUDA a model is loaded with the quantisation its manifest asks for (bitsandbytes nf4 4-bit or
+8-bit) or in bf16; on CPU always in fp32 (bitsandbytes' CPU kernels are slower than fp32 there).
+Every loader asks :meth:`DevicePolicy.plan` instead of deciding for itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+THREADS_ENV = "MOSE_CPU_THREADS"
+Quantization = Literal["none", "8bit", "4bit"]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How to load one model: device, dtype, and the bitsandbytes config (None: unquantised)."""
+
+    device: str
+    dtype: Any
+    quantization: Quantization
+    quantization_config: Any = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (offline, no remote code)."""
+        kwargs: dict = {"dtype": self.dtype, "local_files_only": True, "trust_remote_code": False}
+        if self.quantization_config is not None:
+            kwargs["quantization_config"] = self.quantization_config
+            kwargs["device_map"] = {"": self.device}
+        return kwargs
+
+
+class DevicePolicy(BaseModel):
+    """Where models run and at which precision."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="'auto' picks CUDA when available, else CPU.")
+    cuda_dtype: Literal["bfloat16", "float16"] = Field(
+        default="bfloat16", description="Compute dtype on CUDA (and of the 4-bit compute).")
+    base_quantization: Quantization = Field(
+        default="none", description="Quantisation of the shared base model on CUDA.")
+    cpu_threads: int | None = Field(
+        default_factory=lambda: int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None,
+        description="torch intra-op threads on CPU (default $MOSE_CPU_THREADS, else torch's default). "
+                    "On a CPU shared with other busy processes, 1 thread can be several times faster "
+                    "than 2: parallel regions wait for the slowest thread.")
+
+    def resolve_device(self) -> str:
+        import torch
+
+        if self.device == "cuda" and not torch.cuda.is_available():
+            from registry.errors import MoseError
+
+            raise MoseError("device 'cuda' requested but no CUDA device is available: use device 'auto' or 'cpu'")
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def plan(self, quantization: Quantization = "none") -> LoadPlan:
+        """The load plan for a model whose manifest asks for ``quantization``."""
+        import torch
+
+        device = self.resolve_device()
+        if device == "cpu":
+            if self.cpu_threads:
+                torch.set_num_threads(self.cpu_threads)
+            return LoadPlan(device="cpu", dtype=torch.float32, quantization="none")
+        compute = getattr(torch, self.cuda_dtype)
+        if quantization == "none":
+            return LoadPlan(device=device, dtype=compute, quantization="none")
+        return LoadPlan(device=device, dtype=compute, quantization=quantization,
+                        quantization_config=bnb_config(quantization, compute))
+
+    def base_plan(self) -> LoadPlan:
+        return self.plan(self.base_quantization)
+
+
+def bnb_config(quantization: Quantization, compute_dtype: Any):
+    """bitsandbytes config: nf4 4-bit with double quantisation, or LLM.int8()."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)

@@ -1,0 +1,428 @@
+"""The expert pool: one base model, many LoRA adapters, and an LRU of full-weight experts.
+
+* LoRA experts are peft adapters added to the single base model, so each costs only its
+  adapter's size. Requests for different adapters of the base (the base model itself included)
+  are decoded together, one forward pass per step (peft mixed-adapter batches).
+* Full-weight experts live in an LRU bounded by a memory budget; evicting one frees its memory.
+* ``score`` returns per-expert answer likelihoods (with and without the question: PMI).
+
+The public interface is small and free of Ray so a Ray Serve deployment can wrap it unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gc
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from experts import batched_lora
+from experts.base_models import SMOLLM2_ID, ensure_base_model
+from experts.chat import BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids
+from experts.decoding import decode
+from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
+                            tokenizer_from_verified)
+from experts.policy import DevicePolicy
+from experts.types import (BASE_EXPERT, ExpertScore, GenerationRequest, GenerationResult,
+                           SamplingParams, validate)
+from registry.errors import ArtifactError, MoseError, NotFoundError
+from registry.home import MoseHome
+
+
+class PoolConfig(BaseModel):
+    """Limits and placement of one expert pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(default=SMOLLM2_ID, description="Base model id that LoRA experts attach to.")
+    max_new_tokens_limit: int = Field(default=512, ge=1, description="Upper bound on max_new_tokens.")
+    max_prompt_tokens: int = Field(default=1024, ge=8, description="Longer prompts are cut from the left.")
+    max_batch_size: int = Field(default=16, ge=1, description="Rows per forward pass (larger batches are split).")
+    score_max_tokens: int = Field(default=256, ge=8, description="Token budget of one scored question+answer.")
+    full_expert_budget_bytes: int = Field(default=2 << 30, ge=0,
+                                          description="Memory budget of the full-weight expert LRU.")
+    batched_lora: bool = Field(default=True, description="Decode mixed-adapter batches with stacked per-row "
+                               "LoRA matmuls (experts.batched_lora) instead of peft's per-adapter loop.")
+    policy: DevicePolicy = Field(default_factory=DevicePolicy, description="Device and precision policy.")
+
+
+@dataclass
+class _FullEntry:
+    model: Any
+    tokenizer: Any
+    nbytes: int
+
+
+def model_bytes(model: Any) -> int:
+    """Bytes held by a model's parameters and buffers."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class FullExpertLRU:
+    """Full-weight experts in memory, least recently used evicted first, within a byte budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._entries: OrderedDict[str, _FullEntry] = OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values())
+
+    def names(self) -> list[str]:
+        """Loaded experts, least recently used first."""
+        return list(self._entries)
+
+    def peek(self, name: str) -> _FullEntry | None:
+        """The entry without counting it as a use."""
+        return self._entries.get(name)
+
+    def get(self, name: str) -> _FullEntry | None:
+        entry = self._entries.get(name)
+        if entry is not None:
+            self._entries.move_to_end(name)
+        return entry
+
+    def make_room(self, nbytes: int) -> list[str]:
+        """Evict least recently used experts until ``nbytes`` more fit; return the evicted names."""
+        if nbytes > self.budget_bytes:
+            raise MoseError(f"a full expert of {nbytes >> 20} MiB does not fit the full-expert memory budget "
+                            f"({self.budget_bytes >> 20} MiB): raise PoolConfig.full_expert_budget_bytes")
+        evicted = []
+        while self._entries and self.used_bytes + nbytes > self.budget_bytes:
+            name, _ = self._entries.popitem(last=False)
+            evicted.append(name)
+        if evicted:
+            gc.collect()  # drop the evicted tensors now, not at some later collection
+        return evicted
+
+    def put(self, name: str, entry: _FullEntry) -> None:
+        self.make_room(entry.nbytes)
+        self._entries[name] = entry
+
+    def discard(self, name: str) -> None:
+        if self._entries.pop(name, None) is not None:
+            gc.collect()
+
+
+class ExpertPool:
+    """One base model plus LoRA adapters, and full-weight experts in an LRU."""
+
+    def __init__(self, config: PoolConfig | None = None, home: MoseHome | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.config = config or PoolConfig()
+        self._home = home or MoseHome.from_env()
+        self._lock = threading.RLock()
+        base_dir = ensure_base_model(self.config.base_model, self._home)
+        plan = self.config.policy.base_plan()
+        self.device = plan.device
+        self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, **plan.from_pretrained_kwargs())
+        if plan.quantization_config is None:
+            base = base.to(plan.device)
+        self._base = base.eval()
+        self._peft: Any = None                      # PeftModel once the first adapter is added
+        self._adapters: dict[str, str] = {}         # expert name -> peft adapter key
+        self._adapter_bytes: dict[str, int] = {}
+        self._full_sources: dict[str, tuple[Any, Any]] = {}  # expert name -> (registry, record)
+        self._full = FullExpertLRU(self.config.full_expert_budget_bytes)
+        self._next_key = 0
+        self.rejected: dict[str, str] = {}  # expert name -> why loading it failed
+
+    # ------------------------------------------------------------ loading experts
+
+    @classmethod
+    def from_registry(cls, registry: Any, config: PoolConfig | None = None,
+                      home: MoseHome | None = None) -> "ExpertPool":
+        """A pool holding every active expert of ``registry`` that it can serve."""
+        pool = cls(config, home)
+        pool.load_registry(registry)
+        return pool
+
+    def load_registry(self, registry: Any) -> list[str]:
+        """Add the active experts of ``registry`` (LoRA on this pool's base, and full experts).
+
+        Experts whose files fail verification are skipped (the loader quarantined them); their
+        errors are kept in :attr:`rejected`. Returns the names added.
+        """
+        added = []
+        for record in registry.list(status="active"):
+            if record.kind == "lora" and record.base_model != self.config.base_model:
+                continue  # served by a pool on another base
+            try:
+                self.add_registered(registry, record)
+            except ArtifactError as exc:
+                # One bad expert (already quarantined by the loader) must not stop the others.
+                self.rejected[record.name] = str(exc)
+                continue
+            added.append(record.name)
+        return added
+
+    def add_registered(self, registry: Any, record: Any) -> None:
+        """Add one registered expert; its files are verified (tampering quarantines it)."""
+        if record.kind == "full":
+            read_verified(registry, record)  # fail now, not on the first request
+            with self._lock:
+                self._full_sources[record.name] = (registry, record)
+            return
+        if record.base_model != self.config.base_model:
+            raise MoseError(f"{record.name}: adapter for base model {record.base_model!r}, but this pool "
+                            f"serves {self.config.base_model!r}")
+        lora_config, state = lora_from_verified(read_verified(registry, record))
+        self.add_adapter(record.name, lora_config, state)
+
+    def add_adapter(self, name: str, lora_config: Any, state_dict: dict) -> None:
+        """Add a LoRA expert from an already-verified config and state dict (replaces ``name``)."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        self._check_name(name)
+        with self._lock:
+            if name in self._adapters:
+                self.remove(name)
+            lora_config = copy.deepcopy(lora_config)  # peft rewrites fields of the config it is given
+            key = f"expert{self._next_key}"
+            self._next_key += 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # peft notes it rewrote base_model_name_or_path: expected
+                # low_cpu_mem_usage: create the adapter's tensors empty (no random init), the
+                # verified state dict below fills them; several times faster per adapter.
+                if self._peft is None:
+                    self._peft = get_peft_model(self._base, lora_config, adapter_name=key, low_cpu_mem_usage=True)
+                else:
+                    self._peft.add_adapter(key, lora_config, low_cpu_mem_usage=True)
+            result = set_peft_model_state_dict(self._peft, state_dict, adapter_name=key, low_cpu_mem_usage=True)
+            missing = [k for k in getattr(result, "missing_keys", []) if f".{key}." in k and "lora_" in k]
+            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+            if unexpected or missing:
+                self._drop_adapter(key)
+                raise MoseError(f"{name}: adapter weights do not fit its adapter_config.json / the base model "
+                               f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+            self._peft.eval()
+            self._adapters[name] = key
+            self._adapter_bytes[name] = sum(t.numel() * t.element_size() for t in state_dict.values())
+
+    def remove(self, name: str) -> None:
+        """Unload an expert (adapter or full)."""
+        with self._lock:
+            if name in self._adapters:
+                self._adapter_bytes.pop(name, None)
+                self._drop_adapter(self._adapters.pop(name))
+            elif name in self._full_sources:
+                self._full_sources.pop(name)
+                self._full.discard(name)
+            else:
+                raise self._unknown(name)
+
+    def _drop_adapter(self, key: str) -> None:
+        if len(self._peft.peft_config) == 1:
+            # peft cannot run with zero adapters: go back to the plain base model.
+            self._base = self._peft.unload()
+            self._peft = None
+            return
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "active adapter deleted": we always pass adapter_names
+            self._peft.delete_adapter(key)
+
+    def _check_name(self, name: str) -> None:
+        if name in (BASE_EXPERT, self.config.base_model):
+            raise MoseError(f"{name!r} names the base model; choose another expert name")
+
+    # ------------------------------------------------------------ introspection
+
+    def experts(self) -> dict[str, str]:
+        """Expert name -> kind ('base', 'lora', 'full') of everything this pool can serve."""
+        names = {BASE_EXPERT: "base"}
+        names.update({n: "lora" for n in self._adapters})
+        names.update({n: "full" for n in self._full_sources})
+        return names
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes held by the base model, the adapters and the full-expert LRU."""
+        return {
+            "base_bytes": model_bytes(self._base) - sum(self._adapter_bytes.values()),
+            "adapter_bytes": sum(self._adapter_bytes.values()),
+            "adapters": len(self._adapters),
+            "full_loaded": self._full.names(),
+            "full_bytes": self._full.used_bytes,
+            "full_budget_bytes": self._full.budget_bytes,
+        }
+
+    # ------------------------------------------------------------ routing requests to models
+
+    def _unknown(self, name: str) -> NotFoundError:
+        known = ", ".join(sorted(self.experts()))
+        return NotFoundError(f"unknown expert {name!r}: this pool serves {known}")
+
+    def _resolve(self, name: str) -> tuple[str, str]:
+        """('shared', adapter key or __base__) or ('full', name)."""
+        if name in (BASE_EXPERT, self.config.base_model):
+            return "shared", BASE_ADAPTER
+        if name in self._adapters:
+            return "shared", self._adapters[name]
+        if name in self._full_sources:
+            return "full", name
+        raise self._unknown(name)
+
+    def _shared_model(self) -> Any:
+        return self._peft if self._peft is not None else self._base
+
+    def _adapter_names(self, keys: Sequence[str]) -> list[str] | None:
+        # Without adapters the plain base model runs; with them every row must name its adapter,
+        # otherwise peft would apply the active adapter to base-model rows.
+        return list(keys) if self._peft is not None else None
+
+    def _full_model(self, name: str) -> _FullEntry:
+        entry = self._full.get(name)
+        if entry is not None:
+            return entry
+        registry, record = self._full_sources[name]
+        verified = read_verified(registry, record)
+        size = sum(len(b) for p, b in verified.files.items() if p.endswith(".safetensors"))
+        self._full.make_room(size)
+        plan = self.config.policy.plan(record.manifest.quantization)
+        model = full_model_from_verified(verified, plan)
+        tokenizer = tokenizer_from_verified(verified) or self.tokenizer
+        entry = _FullEntry(model=model, tokenizer=tokenizer, nbytes=model_bytes(model))
+        self._full.put(name, entry)
+        return entry
+
+    def _groups(self, names: Sequence[str]) -> list[tuple[str, list[int]]]:
+        """Row indices grouped by model: all shared-base rows together, one group per full expert."""
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            kind, target = self._resolve(name)
+            groups.setdefault("" if kind == "shared" else target, []).append(i)
+        return list(groups.items())
+
+    def _model_for(self, group: str) -> tuple[Any, Any]:
+        if group == "":
+            return self._shared_model(), self.tokenizer
+        entry = self._full_model(group)
+        return entry.model, entry.tokenizer
+
+    # ------------------------------------------------------------ generation
+
+    def _check_request(self, request: Any) -> GenerationRequest:
+        request = validate(GenerationRequest, request, "generation request")
+        limit = self.config.max_new_tokens_limit
+        if request.params.max_new_tokens > limit:
+            raise MoseError(f"invalid generation request: max_new_tokens={request.params.max_new_tokens} is above "
+                            f"this pool's limit of {limit}")
+        self._resolve(request.expert)
+        return request
+
+    def _prompt(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
+        ids = prompt_ids(tokenizer, [m.model_dump() for m in request.messages])
+        return ids[-self.config.max_prompt_tokens:]
+
+    def _decode(self, group: str, requests: Sequence[GenerationRequest]):
+        model, tokenizer = self._model_for(group)
+        prompts = [self._prompt(tokenizer, r) for r in requests]
+        keys = [self._resolve(r.expert)[1] for r in requests]
+        adapters = self._adapter_names(keys) if group == "" else None
+        eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        context: Any = contextlib.nullcontext()
+        if adapters is not None and self.config.batched_lora and batched_lora.supported(self._peft, adapters):
+            context, adapters = batched_lora.BatchedLoRA(self._peft, adapters), None
+        with context:
+            for rows in decode(model, tokenizer, prompts, [r.params for r in requests], adapters,
+                               {e for e in eos if e is not None}, pad):
+                yield prompts, rows
+
+    def generate(self, requests: Iterable[Any]) -> list[GenerationResult]:
+        """Complete every request; requests on the shared base run as one mixed-adapter batch."""
+        requests = [self._check_request(r) for r in requests]
+        results: list[GenerationResult | None] = [None] * len(requests)
+        with self._lock:
+            for group, indices in self._groups([r.expert for r in requests]):
+                for start in range(0, len(indices), self.config.max_batch_size):
+                    chunk = indices[start:start + self.config.max_batch_size]
+                    prompts, rows = [], []
+                    for prompts, rows in self._decode(group, [requests[i] for i in chunk]):
+                        pass
+                    for i, prompt, row in zip(chunk, prompts, rows):
+                        results[i] = GenerationResult(
+                            expert=requests[i].expert, text=row.text, finish_reason=row.finish_reason,
+                            prompt_tokens=len(prompt), completion_tokens=len(row.token_ids))
+        return results  # type: ignore[return-value]
+
+    def stream(self, request: Any) -> Iterator[str]:
+        """Yield the completion of one request as text pieces, as they are generated."""
+        request = self._check_request(request)
+        kind, target = self._resolve(request.expert)
+        sent = ""
+        with self._lock:
+            for _, rows in self._decode("" if kind == "shared" else target, [request]):
+                text = rows[0].text
+                # Hold back a trailing partial UTF-8 character (decoded as U+FFFD) until complete.
+                ready = text.rstrip("\ufffd") if not rows[0].done else text
+                if len(ready) > len(sent) and ready.startswith(sent):
+                    yield ready[len(sent):]
+                    sent = ready
+
+    # ------------------------------------------------------------ scoring
+
+    def answer_loss(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
+                    batch_size: int = 8) -> dict[str, float]:
+        """Held-out answer loss (token-weighted mean NLL) of each shared-base expert on the same pairs."""
+        from experts.chat import answer_nll
+
+        keys = {}
+        for name in experts:
+            kind, key = self._resolve(name)
+            if kind != "shared":
+                raise MoseError(f"answer_loss compares experts on the shared base; {name!r} is a full expert")
+            keys[name] = key
+        with self._lock:
+            losses = answer_nll(self._shared_model(), self.tokenizer, pairs,
+                                self._adapter_names(list(dict.fromkeys(keys.values()))), max_tokens, batch_size)
+        return {name: losses.get(key, losses.get(BASE_ADAPTER)) for name, key in keys.items()}
+
+    def score(self, question: str, answer: str, experts: Sequence[str]) -> list[ExpertScore]:
+        """Per expert: mean log-prob of the answer tokens with and without the question, and PMI."""
+        if not answer:
+            raise MoseError("cannot score an empty answer")
+        experts = list(experts) or [BASE_EXPERT]
+        for name in experts:
+            self._resolve(name)
+        scores: dict[int, ExpertScore] = {}
+        with self._lock:
+            for group, indices in self._groups(experts):
+                model, tokenizer = self._model_for(group)
+                with_q = encode_pair(tokenizer, question, answer, self.config.score_max_tokens)
+                without_q = encode_pair(tokenizer, None, answer, self.config.score_max_tokens)
+                for start in range(0, len(indices), max(1, self.config.max_batch_size // 2)):
+                    chunk = indices[start:start + max(1, self.config.max_batch_size // 2)]
+                    keys = [self._resolve(experts[i])[1] for i in chunk]
+                    pairs: list[EncodedPair] = [with_q] * len(chunk) + [without_q] * len(chunk)
+                    adapters = self._adapter_names(keys + keys) if group == "" else None
+                    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                    import torch
+
+                    with torch.inference_mode():
+                        sums, counts = answer_logprobs(model, pairs, pad, adapters)
+                    means = (sums / counts).tolist()
+                    for j, i in enumerate(chunk):
+                        given, without = means[j], means[j + len(chunk)]
+                        scores[i] = ExpertScore(expert=experts[i], logp_given_question=given,
+                                                logp_without_question=without, pmi=given - without,
+                                                answer_tokens=with_q.answer_len)
+        return [scores[i] for i in range(len(experts))]
+
+
+def _as_list(value: Any) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple, set)) else [value]
+
+
+__all__ = ["ExpertPool", "PoolConfig", "FullExpertLRU", "SamplingParams", "GenerationRequest"]

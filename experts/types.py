@@ -1,0 +1,86 @@
+"""Request and result types of the expert pool (plain pydantic: they cross process boundaries)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from registry.errors import MoseError
+
+BASE_EXPERT = "base"
+"""Name that addresses the base model itself (its id, e.g. ``smollm2-135m-instruct``, works too)."""
+
+
+class SamplingParams(BaseModel):
+    """How to sample one completion."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=64, ge=1, description="Most tokens to generate (the pool caps it).")
+    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 = greedy; higher = more random.")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass, in (0, 1].")
+    stop: list[str] = Field(default_factory=list, max_length=8,
+                            description="Strings that end the completion (not included in the text).")
+    seed: int | None = Field(default=None, description="Seed for sampling; same seed, same completion.")
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class ChatMessage(BaseModel):
+    """One chat turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"] = Field(default="user", description="Who speaks.")
+    content: str = Field(default="", description="What is said.")
+
+
+class GenerationRequest(BaseModel):
+    """One completion request: which expert, the conversation, and how to sample."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    expert: str = Field(default=BASE_EXPERT, description="Expert name, or 'base' for the base model.")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    params: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters.")
+
+
+class GenerationResult(BaseModel):
+    """One completion."""
+
+    expert: str = Field(description="Expert that answered.")
+    text: str = Field(description="Generated text (stop string and end-of-turn removed).")
+    finish_reason: Literal["stop", "length"] = Field(description="'stop': end of turn or stop string.")
+    prompt_tokens: int = Field(description="Tokens in the formatted prompt.")
+    completion_tokens: int = Field(description="Tokens generated.")
+
+
+class ExpertScore(BaseModel):
+    """Likelihood evidence of one expert about one answer."""
+
+    expert: str = Field(description="Expert name ('base' for the base model).")
+    logp_given_question: float = Field(description="Mean log-prob of the answer tokens given the question.")
+    logp_without_question: float = Field(description="Mean log-prob of the answer tokens without it.")
+    pmi: float = Field(description="logp_given_question - logp_without_question.")
+    answer_tokens: int = Field(description="Answer tokens scored (after truncation).")
+
+
+def validate(model: type[BaseModel], data: object, what: str) -> BaseModel:
+    """Validate ``data`` as ``model``; pydantic errors become one clear MoseError."""
+    if isinstance(data, model):
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or what}: {err['msg']}"
+            + (f" (got {err['input']!r})" if not isinstance(err.get("input"), (dict, list)) else "")
+            for err in exc.errors()
+        )
+        raise MoseError(f"invalid {what}: {problems}") from None

@@ -1,0 +1,197 @@
+"""The expert pool on the real SmolLM2: mixed-adapter batches, streaming, scoring, errors, registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from experts.pool import ExpertPool, PoolConfig
+from registry.errors import ArtifactError, MoseError, NotFoundError
+from tests._fixtures.experts import FRANCE, random_lora, write_full_expert, write_lora_expert
+
+
+def _req(expert="base", **params):
+    return {"expert": expert, "messages": FRANCE, "params": {"max_new_tokens": 8, **params}}
+
+
+@pytest.fixture(scope="module")
+def two_adapters(expert_pool):
+    expert_pool.add_adapter("alpha", *random_lora(1))
+    expert_pool.add_adapter("beta", *random_lora(2, scale=0.6, modules=("k_proj", "o_proj"), layers=range(10, 30)))
+    yield expert_pool
+    for name in ("alpha", "beta"):
+        if name in expert_pool.experts():
+            expert_pool.remove(name)
+
+
+def test_base_model_generates_a_few_tokens(expert_pool):
+    [result] = expert_pool.generate([_req(max_new_tokens=12)])
+    assert result.expert == "base" and result.finish_reason == "stop"
+    assert "Paris" in result.text and result.prompt_tokens > 10 and 0 < result.completion_tokens <= 12
+
+
+def test_mixed_adapter_batch_equals_each_request_alone(two_adapters):
+    pool = two_adapters
+    requests = [_req("alpha"), _req("base"), _req("beta"), _req("alpha", max_new_tokens=4)]
+    batched = pool.generate(requests)
+    alone = [pool.generate([r])[0] for r in requests]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
+    # the adapters really differ from the base model and from each other
+    assert len({batched[0].text, batched[1].text, batched[2].text}) == 3
+    assert batched[3].completion_tokens == 4 and batched[3].finish_reason == "length"
+
+
+def test_seeded_sampling_is_reproducible_and_stops_are_applied(two_adapters):
+    pool = two_adapters
+    sampled = _req("alpha", temperature=1.2, top_p=0.9, seed=7, max_new_tokens=10)
+    assert pool.generate([sampled])[0].text == pool.generate([sampled, _req("beta")])[0].text
+    [stopped] = pool.generate([_req(max_new_tokens=12, stop=["Paris"])])
+    assert stopped.finish_reason == "stop" and "Paris" not in stopped.text and stopped.text.strip()
+
+
+def test_streaming_yields_pieces_that_join_to_the_completion(two_adapters):
+    pieces = list(two_adapters.stream(_req("beta", max_new_tokens=10)))
+    assert len(pieces) > 1
+    assert "".join(pieces) == two_adapters.generate([_req("beta", max_new_tokens=10)])[0].text
+
+
+def test_score_batches_experts_and_matches_single_scoring(two_adapters):
+    pool = two_adapters
+    scores = pool.score("What is the capital of France?", "Paris is the capital of France.", ["base", "alpha", "beta"])
+    assert [s.expert for s in scores] == ["base", "alpha", "beta"]
+    for s in scores:
+        assert s.logp_given_question < 0 and s.pmi == pytest.approx(s.logp_given_question - s.logp_without_question)
+        [alone] = pool.score("What is the capital of France?", "Paris is the capital of France.", [s.expert])
+        assert alone.logp_given_question == pytest.approx(s.logp_given_question, abs=1e-4)
+        assert alone.logp_without_question == pytest.approx(s.logp_without_question, abs=1e-4)
+    assert scores[0].pmi > 0, "the question should make the right answer more likely for the base model"
+    assert scores[1].logp_given_question != pytest.approx(scores[0].logp_given_question, abs=1e-3)
+
+
+def test_adapters_cost_only_their_own_size(expert_pool):
+    before = expert_pool.memory()
+    config, state = random_lora(5)
+    expert_pool.add_adapter("gamma", config, state)
+    after = expert_pool.memory()
+    expert_pool.remove("gamma")
+    assert after["adapter_bytes"] - before["adapter_bytes"] == sum(t.numel() * 4 for t in state.values())
+    assert after["base_bytes"] == before["base_bytes"]
+    assert "gamma" not in expert_pool.experts()
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "message"),
+    [
+        (_req("nobody"), NotFoundError, "unknown expert 'nobody': this pool serves "),
+        (_req(max_new_tokens=-3), MoseError, "invalid generation request: params.max_new_tokens: Input should be "
+                                              "greater than or equal to 1 (got -3)"),
+        (_req(max_new_tokens=65), MoseError, "invalid generation request: max_new_tokens=65 is above this pool's "
+                                             "limit of 64"),
+        (_req(temperature=-1), MoseError, "invalid generation request: params.temperature: Input should be greater "
+                                          "than or equal to 0 (got -1)"),
+        (_req(temperature=float("nan")), MoseError, "invalid generation request: params.temperature: Input should "
+                                                     "be a finite number (got nan)"),
+    ],
+)
+def test_bad_requests_give_clear_errors_and_leave_the_pool_intact(expert_pool, request_, error, message):
+    before = expert_pool.experts()
+    with pytest.raises(error) as err:
+        expert_pool.generate([_req(), request_])
+    assert str(err.value).startswith(message)
+    assert expert_pool.experts() == before
+    assert expert_pool.generate([_req(max_new_tokens=3)])[0].completion_tokens == 3
+
+
+def test_pool_serves_active_registry_experts_and_quarantines_tampered_ones(expert_pool, registry, tmp_path):
+    for i, name in enumerate(["law-one", "law-two"]):  # law-two gets tampered with below
+        record = registry.add(write_lora_expert(tmp_path, name, seed=10 + i), actor="tests")
+        registry.activate(record.name, actor="tests")
+    pending = registry.add(write_lora_expert(tmp_path, "law-pending", seed=3), actor="tests")
+    record = registry.get("law-two")
+    blob = registry.blob_paths(record)["adapter_model.safetensors"]
+    blob.chmod(0o644)
+    data = bytearray(blob.read_bytes())
+    data[-2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    try:
+        with pytest.raises(ArtifactError, match="law-two@0.1.0: adapter_model.safetensors does not match"):
+            expert_pool.add_registered(registry, record)
+        assert registry.get("law-two").status == "quarantined"
+        assert "law-two" not in expert_pool.experts()
+        # loading the registry skips quarantined and pending experts and keeps serving the rest
+        assert expert_pool.load_registry(registry) == ["law-one"]
+        assert pending.name not in expert_pool.experts()
+        [result] = expert_pool.generate([_req("law-one", max_new_tokens=3)])
+        assert result.completion_tokens == 3
+    finally:
+        for name in ("law-one", "law-two"):
+            if name in expert_pool.experts():
+                expert_pool.remove(name)
+
+
+def test_full_experts_live_in_a_bounded_lru(base_models, registry, tmp_path):
+    import gc
+    import weakref
+
+    for i in range(3):
+        record = registry.add(write_full_expert(tmp_path, f"full-{i}", seed=i), actor="tests")
+        registry.activate(record.name, actor="tests")
+    one = (tmp_path / "full-0" / "model.safetensors").stat().st_size
+    pool = ExpertPool(PoolConfig(full_expert_budget_bytes=int(2.5 * one), max_new_tokens_limit=8))
+    assert sorted(pool.load_registry(registry)) == ["full-0", "full-1", "full-2"]
+    results = pool.generate([_req("full-0", max_new_tokens=3), _req("full-1", max_new_tokens=3), _req("base")])
+    assert [r.completion_tokens for r in results[:2]] == [3, 3]
+    first = weakref.ref(pool._full.peek("full-0").model)
+    pool.generate([_req("full-2", max_new_tokens=2)])
+    memory = pool.memory()
+    assert memory["full_loaded"] == ["full-1", "full-2"] and memory["full_bytes"] <= memory["full_budget_bytes"]
+    gc.collect()
+    assert first() is None, "the evicted full expert must be freed"
+    scores = pool.score("q?", "an answer", ["full-1", "base"])
+    assert [s.expert for s in scores] == ["full-1", "base"]
+
+
+def test_a_tampered_expert_does_not_stop_the_others_from_loading(expert_pool, registry, tmp_path):
+    for i, name in enumerate(["med-one", "med-two"]):
+        record = registry.add(write_lora_expert(tmp_path, name, seed=20 + i, domain="medicine"), actor="tests")
+        registry.activate(record.name, actor="tests")
+    # (adapter_config.json is the same blob for both experts: the store is content-addressed)
+    blob = registry.blob_paths(registry.get("med-one"))["adapter_model.safetensors"]
+    blob.chmod(0o644)
+    blob.write_bytes(blob.read_bytes()[:-4] + b"\0\0\0\0")
+    try:
+        assert expert_pool.load_registry(registry) == ["med-two"]
+        assert "med-one@0.1.0: adapter_model.safetensors does not match" in expert_pool.rejected["med-one"]
+        assert registry.get("med-one").status == "quarantined"
+        assert registry.audit_verify().ok
+    finally:
+        if "med-two" in expert_pool.experts():
+            expert_pool.remove("med-two")
+
+
+def test_adapter_with_missing_weights_is_refused_and_the_pool_still_serves(expert_pool):
+    config, state = random_lora(9)
+    dropped = sorted(state)[0]
+    del state[dropped]
+    before = expert_pool.experts()
+    with pytest.raises(MoseError, match=r"broken: adapter weights do not fit its adapter_config.json"):
+        expert_pool.add_adapter("broken", config, state)
+    assert expert_pool.experts() == before
+    assert expert_pool.generate([_req(max_new_tokens=2)])[0].completion_tokens == 2
+
+
+def test_batched_lora_decoding_matches_peft_generate(two_adapters):
+    """The stacked-matmul path gives the same greedy tokens as peft's own single-adapter generate."""
+    import torch
+
+    from experts.chat import prompt_ids
+
+    pool = two_adapters
+    ids = torch.tensor([prompt_ids(pool.tokenizer, FRANCE)])
+    for name in ("alpha", "beta"):
+        pool._peft.set_adapter(pool._adapters[name])
+        with torch.inference_mode():
+            out = pool._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                      do_sample=False)
+        reference = pool.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        assert pool.generate([_req(name)])[0].text == reference
