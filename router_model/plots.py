@@ -1,0 +1,70 @@
+"""Evaluation plots (matplotlib, optional extra ``mose[plots]``): confusion matrix and
+reliability diagram."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from registry.errors import MoseError
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MoseError("--plots needs matplotlib: `.venv/bin/pip install -e '.[plots]'`") from None
+    return plt
+
+
+def confusion_plot(gold: Sequence[str], predicted: Sequence[str], path: Path) -> Path:
+    """Row-normalised confusion matrix (rows: true vertical; columns: predicted, incl. abstain)."""
+    import numpy as np
+
+    plt = _pyplot()
+    rows = sorted(set(gold))
+    cols = rows + sorted(set(predicted) - set(rows))
+    counts = np.zeros((len(rows), len(cols)))
+    for g, p in zip(gold, predicted):
+        counts[rows.index(g), cols.index(p)] += 1
+    share = counts / counts.sum(1, keepdims=True).clip(min=1)
+    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(cols), 1 + 0.6 * len(rows)))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            if counts[i, j]:
+                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("router confusion matrix (row share)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def reliability_plot(bins: list[dict], ece: float, path: Path) -> Path:
+    """Accuracy against mean confidence per confidence bin, with the diagonal."""
+    plt = _pyplot()
+    used = [b for b in bins if b["n"]]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.bar([b["low"] for b in used], [b["accuracy"] for b in used], width=[b["high"] - b["low"] for b in used],
+           align="edge", alpha=0.6, edgecolor="black", label="accuracy per bin")
+    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", color="C1", label="bin mean confidence")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("calibrated confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"router reliability (ECE {ece:.3f})")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

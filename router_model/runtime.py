@@ -1,0 +1,240 @@
+"""Route queries with the current router artifact (ONNX Runtime; no torch needed).
+
+``BaseRouter`` is the interface the server codes against (one method, ``route_batch``);
+``OnnxRouter`` is the learned router and ``FallbackRouter`` sends everything to the fallback
+(what the server uses when no router artifact can be loaded). ``ROUTERS`` maps names to
+implementations, RouteLLM style.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from registry.errors import MoseError
+from router_model.artifact import current_dir, read_metadata
+from router_model.config import RouterConfig
+from router_model.tokens import length_sorted_batches, load_tokenizer, pad
+
+
+class DomainScore(BaseModel):
+    """One alternative in a routing decision."""
+
+    domain: str
+    """Predicted domain."""
+    expert: str
+    """Expert that would serve it (after taxonomy fallback)."""
+    p: float
+    """Calibrated probability."""
+
+
+class RouteDecision(BaseModel):
+    """Where a query goes and how sure the router is."""
+
+    domain: str
+    """Most probable domain (also set when abstaining, for the record)."""
+    expert: str
+    """Expert chosen; the fallback name when abstaining or when no expert covers the domain."""
+    confidence: float
+    """Calibrated probability of ``domain``."""
+    top_k: list[DomainScore] = Field(default_factory=list)
+    """The k most probable domains, best first."""
+    abstained: bool = False
+    """True when ``confidence`` is below the router's threshold, or ``support`` below its
+    minimum (text unlike the training data): the fallback answers."""
+    support: float = 1.0
+    """Best cosine similarity of the query's embedding to a domain centroid."""
+
+
+class BaseRouter(ABC):
+    """A router: queries in, one decision per query out."""
+
+    @abstractmethod
+    def route_batch(self, queries: Sequence[str]) -> list[RouteDecision]:
+        """Decide for every query (same order)."""
+
+    def route(self, query: str) -> RouteDecision:
+        """Decide for one query."""
+        return self.route_batch([query])[0]
+
+
+class ExpertDirectory:
+    """Domain -> expert from the registry's active experts, with taxonomy fallback.
+
+    A domain is served by the active experts that list it; among several, the most recently
+    activated wins (reputation can refine this later). A domain with none falls back along
+    ``taxonomy.chain(domain)`` to the nearest ancestor that has one, then to ``fallback``.
+    The mapping is re-read from the registry at most every ``refresh_s`` seconds.
+    """
+
+    def __init__(self, registry=None, fallback: str = "base", refresh_s: float = 2.0) -> None:
+        self.registry = registry
+        self.fallback = fallback
+        self.refresh_s = refresh_s
+        self._owners: dict[str, str] = {}
+        self._chains: dict[str, list[str]] = {}
+        self._loaded_at = float("-inf")
+
+    def _refresh(self) -> None:
+        if self.registry is None or time.monotonic() - self._loaded_at < self.refresh_s:
+            return
+        owners: dict[str, tuple[str, str]] = {}
+        for record in self.registry.list(status="active"):
+            stamp = str(record.updated_at)
+            for domain in record.domains:
+                if domain not in owners or stamp > owners[domain][0]:
+                    owners[domain] = (stamp, record.name)
+        self._owners = {domain: name for domain, (_, name) in owners.items()}
+        self._chains = {}
+        self._loaded_at = time.monotonic()
+
+    def chain(self, domain: str) -> list[str]:
+        if domain not in self._chains:
+            taxonomy = self.registry.taxonomy if self.registry is not None else None
+            self._chains[domain] = taxonomy.chain(domain) if taxonomy is not None and domain in taxonomy else [domain]
+        return self._chains[domain]
+
+    def expert_for(self, domain: str) -> str:
+        self._refresh()
+        for candidate in self.chain(domain):
+            if candidate in self._owners:
+                return self._owners[candidate]
+        return self.fallback
+
+    def vertical(self, domain: str) -> str:
+        """The top of ``domain``'s taxonomy chain (the domain itself when unknown)."""
+        return self.chain(domain)[-1]
+
+
+def choose_providers(use_cuda: bool) -> list[str]:
+    """CUDA first when ONNX Runtime lists it (it silently falls back to CPU if it cannot load)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    providers = ["CUDAExecutionProvider"] if use_cuda and "CUDAExecutionProvider" in available else []
+    return providers + ["CPUExecutionProvider"]
+
+
+class OnnxRouter(BaseRouter):
+    """The learned router: tokenizer + one ONNX graph + threshold + expert directory."""
+
+    def __init__(self, directory: Path, registry=None, config: RouterConfig | None = None) -> None:
+        import onnxruntime as ort
+
+        self.directory = Path(directory)
+        self.metadata = read_metadata(self.directory, verify=True)
+        trained = RouterConfig.model_validate(self.metadata.config) if self.metadata.config else RouterConfig()
+        self.config = config or trained
+        self.labels = self.metadata.labels
+        self.threshold = self.metadata.threshold
+        self.tokenizer = load_tokenizer(self.directory, trained.max_length)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.config.threads:
+            options.intra_op_num_threads = self.config.threads
+        providers = choose_providers(self.config.use_cuda)
+        try:
+            # A CUDA provider that cannot load logs an error and falls back to CPU; we report
+            # the provider actually used (``self.provider``) instead of that log.
+            ort.set_default_logger_severity(4 if len(providers) > 1 else 2)
+            self.session = ort.InferenceSession(str(self.directory / self.metadata.onnx_file), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
+            raise MoseError(
+                f"router graph {self.directory / self.metadata.onnx_file} cannot be loaded ({exc}); "
+                "retrain with `mose router train`"
+            ) from None
+        finally:
+            ort.set_default_logger_severity(2)
+        self.experts = ExpertDirectory(registry, self.config.fallback_expert, self.config.expert_refresh_s)
+
+    @classmethod
+    def load(cls, home, registry=None, config: RouterConfig | None = None) -> "OnnxRouter":
+        """The current version in ``home.router_dir``; MoseError when missing or corrupted."""
+        return cls(current_dir(home.router_dir), registry=registry, config=config)
+
+    @property
+    def version(self) -> str:
+        return self.metadata.version
+
+    @property
+    def provider(self) -> str:
+        """The execution provider ONNX Runtime actually uses (not just the one asked for)."""
+        return self.session.get_providers()[0]
+
+    def scores(self, queries: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(calibrated probabilities, centroid support), one row per query, input order."""
+        if not queries:
+            return np.zeros((0, len(self.labels)), dtype=np.float32), np.zeros(0, dtype=np.float32)
+        token_ids = [encoding.ids for encoding in self.tokenizer.encode_batch(list(queries))]
+        if len(token_ids) == 1:
+            input_ids, mask = pad(token_ids)
+            probs, support = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+            return probs, support
+        probs = np.empty((len(token_ids), len(self.labels)), dtype=np.float32)
+        support = np.empty(len(token_ids), dtype=np.float32)
+        for index in length_sorted_batches(token_ids, self.config.runtime_batch_size):
+            input_ids, mask = pad([token_ids[i] for i in index])
+            probs[index], support[index] = self.session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        return probs, support
+
+    def probabilities(self, queries: Sequence[str]) -> np.ndarray:
+        """Calibrated probabilities, one row per query (input order)."""
+        return self.scores(queries)[0]
+
+    def route_batch(self, queries: Sequence[str]) -> list[RouteDecision]:
+        for query in queries:
+            if not isinstance(query, str) or not query.strip():
+                raise MoseError("the router needs a non-empty text query")
+        probs, support = self.scores(queries)
+        return [self.decide(row, float(s)) for row, s in zip(probs, support)]
+
+    def decide(self, probs: np.ndarray, support: float = 1.0) -> RouteDecision:
+        """Turn one probability row into a decision (top-k, expert mapping, abstention)."""
+        k = min(self.config.top_k, len(self.labels))
+        best = np.argsort(-probs, kind="stable")[:k]
+        top = [
+            DomainScore(domain=self.labels[i], expert=self.experts.expert_for(self.labels[i]), p=float(probs[i]))
+            for i in best
+        ]
+        abstained = top[0].p < self.threshold or support < self.metadata.min_support
+        return RouteDecision(
+            domain=top[0].domain,
+            expert=self.experts.fallback if abstained else top[0].expert,
+            confidence=top[0].p,
+            top_k=top,
+            abstained=abstained,
+            support=support,
+        )
+
+
+class FallbackRouter(BaseRouter):
+    """Sends every query to the fallback (used when no router artifact can be loaded)."""
+
+    def __init__(self, fallback: str = "base") -> None:
+        self.fallback = fallback
+
+    def route_batch(self, queries: Sequence[str]) -> list[RouteDecision]:
+        return [
+            RouteDecision(domain="unknown", expert=self.fallback, confidence=0.0, abstained=True) for _ in queries
+        ]
+
+
+ROUTERS = MappingProxyType({"onnx": OnnxRouter, "fallback": FallbackRouter})
+"""Router implementations by name."""
+
+
+def load_router(home, registry=None, config: RouterConfig | None = None, strict: bool = True) -> BaseRouter:
+    """The current learned router; with ``strict=False`` a missing or corrupted artifact gives a
+    :class:`FallbackRouter` instead of raising (what the server does)."""
+    try:
+        return OnnxRouter.load(home, registry=registry, config=config)
+    except MoseError:
+        if strict:
+            raise
+        return FallbackRouter((config or RouterConfig()).fallback_expert)
