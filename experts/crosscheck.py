@@ -102,18 +102,28 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
 
 
 def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: Sequence[str] = (),
-            progress: bool = True) -> list[RowEvidence]:
-    """Jury evidence for every row (``extra`` experts are scored too, outside the jury)."""
-    out = []
-    for row in tqdm(rows, desc="cross-check evidence", unit="row", disable=not progress, file=sys.stderr):
+            progress: bool = True, chunk: int = 16) -> list[RowEvidence]:
+    """Jury evidence for every row (``extra`` experts are scored too, outside the jury).
+
+    Rows go through in chunks: one batched routing call and packed scoring passes per chunk.
+    """
+    out: list[RowEvidence] = []
+    bar = tqdm(total=len(rows), desc="cross-check evidence", unit="row", disable=not progress, file=sys.stderr)
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
         started = time.perf_counter()
-        jurors = jury.select(row.question, k)
-        names = [name for name, _ in jurors]
-        observers = [(name, None) for name in extra if name not in names]
-        evidence = jury.evidence(row.question, row.answer[: jury.config.max_answer_chars], jurors + observers)
-        in_jury = evidence[: len(jurors)]  # observers' evidence is kept for the baselines only
-        out.append(RowEvidence(row=row, jurors=evidence, values=features(in_jury, row.question, None),
-                               seconds=time.perf_counter() - started))
+        juries = jury.select_many([row.question for row in part], k)
+        panels = [jurors + [(name, None) for name in extra if name not in {n for n, _ in jurors}]
+                  for jurors in juries]
+        evidence = jury.evidence_many([(row.question, row.answer[: jury.config.max_answer_chars], panel)
+                                       for row, panel in zip(part, panels)])
+        seconds = (time.perf_counter() - started) / len(part)
+        for row, jurors, found in zip(part, juries, evidence):
+            in_jury = found[: len(jurors)]  # observers' evidence is kept for the baselines only
+            out.append(RowEvidence(row=row, jurors=found, values=features(in_jury, row.question, None),
+                                   seconds=seconds))
+        bar.update(len(part))
+    bar.close()
     return out
 
 

@@ -161,10 +161,15 @@ class Jury:
 
     def select(self, question: str, k: int | None = None) -> list[tuple[str, str | None]]:
         """(expert, domain) pairs: the k most relevant active experts by the router, then the base."""
+        return self.select_many([question], k)[0]
+
+    def select_many(self, questions: Sequence[str], k: int | None = None) -> list[list[tuple[str, str | None]]]:
+        """:meth:`select` for several questions, with one batched routing call."""
         k = self.config.k if k is None else k
         servable = set(self.pool.experts())
-        decision = self.router.route(question) if k > 0 and servable - {BASE_EXPERT} else None
-        return select_jurors(decision.top_k if decision else [], servable, k)
+        if k > 0 and servable - {BASE_EXPERT}:
+            return [select_jurors(d.top_k, servable, k) for d in self.router.route_batch(list(questions))]
+        return [select_jurors([], servable, k) for _ in questions]
 
     def weight(self, expert: str) -> float:
         reputation = self.registry.reputation(expert, prior=self.config.reputation_prior)
@@ -173,7 +178,13 @@ class Jury:
     # ------------------------------------------------------------ evidence
 
     def evidence(self, question: str, answer: str, jurors: Sequence[tuple[str, str | None]]) -> list[JurorEvidence]:
-        return self.weigh(jurors, self.pool.score(question, answer, [name for name, _ in jurors]))
+        return self.evidence_many([(question, answer, jurors)])[0]
+
+    def evidence_many(self, items: Sequence[tuple[str, str, Sequence[tuple[str, str | None]]]]
+                      ) -> list[list[JurorEvidence]]:
+        """Evidence for several (question, answer, jurors) items, scored in shared passes."""
+        scores = self.pool.score_many([(q, a, [name for name, _ in jurors]) for q, a, jurors in items])
+        return [self.weigh(jurors, item_scores) for (_, _, jurors), item_scores in zip(items, scores)]
 
     def weigh(self, jurors: Sequence[tuple[str, str | None]], scores: Sequence[ExpertScore]) -> list[JurorEvidence]:
         """Scores (same order as ``jurors``) -> evidence with reputation weights and votes."""

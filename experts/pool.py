@@ -45,6 +45,8 @@ class PoolConfig(BaseModel):
     max_prompt_tokens: int = Field(default=1024, ge=8, description="Longer prompts are cut from the left.")
     max_batch_size: int = Field(default=16, ge=1, description="Rows per forward pass (larger batches are split).")
     score_max_tokens: int = Field(default=256, ge=8, description="Token budget of one scored question+answer.")
+    score_batch_tokens: int = Field(default=4096, ge=64, description="Padded tokens per scoring forward pass "
+                                    "(rows of several items are length-sorted and packed up to this).")
     full_expert_budget_bytes: int = Field(default=2 << 30, ge=0,
                                           description="Memory budget of the full-weight expert LRU.")
     batched_lora: bool = Field(default=True, description="Decode mixed-adapter batches with stacked per-row "
@@ -279,6 +281,13 @@ class ExpertPool:
         # otherwise peft would apply the active adapter to base-model rows.
         return list(keys) if self._peft is not None else None
 
+    def _adapter_context(self, adapters: list[str] | None) -> tuple[Any, list[str] | None]:
+        """(context, adapter_names): stacked per-row LoRA matmuls when every adapter allows it,
+        else peft's own per-adapter loop through ``adapter_names``."""
+        if adapters is not None and self.config.batched_lora and batched_lora.supported(self._peft, adapters):
+            return batched_lora.BatchedLoRA(self._peft, adapters), None
+        return contextlib.nullcontext(), adapters
+
     def _full_model(self, name: str) -> _FullEntry:
         entry = self._full.get(name)
         if entry is not None:
@@ -330,9 +339,7 @@ class ExpertPool:
         adapters = self._adapter_names(keys) if group == "" else None
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        context: Any = contextlib.nullcontext()
-        if adapters is not None and self.config.batched_lora and batched_lora.supported(self._peft, adapters):
-            context, adapters = batched_lora.BatchedLoRA(self._peft, adapters), None
+        context, adapters = self._adapter_context(adapters)
         with context:
             for rows in decode(model, tokenizer, prompts, [r.params for r in requests], adapters,
                                {e for e in eos if e is not None}, pad):
@@ -389,34 +396,71 @@ class ExpertPool:
 
     def score(self, question: str, answer: str, experts: Sequence[str]) -> list[ExpertScore]:
         """Per expert: mean log-prob of the answer tokens with and without the question, and PMI."""
-        if not answer:
-            raise MoseError("cannot score an empty answer")
-        experts = list(experts) or [BASE_EXPERT]
-        for name in experts:
-            self._resolve(name)
-        scores: dict[int, ExpertScore] = {}
+        return self.score_many([(question, answer, experts)])[0]
+
+    def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[list[ExpertScore]]:
+        """:meth:`score` for several (question, answer, experts) items at once.
+
+        Every (item, expert, with/without question) row of a model is length-sorted and packed
+        into forward passes of about ``score_batch_tokens`` padded tokens, each row with its own
+        adapter, so short answers from many items share passes instead of padding each other.
+        """
+        items = [(q, a, list(e) or [BASE_EXPERT]) for q, a, e in items]
+        for _, answer, experts in items:
+            if not answer:
+                raise MoseError("cannot score an empty answer")
+            for name in experts:
+                self._resolve(name)
+        means: dict[tuple[int, int, bool], float] = {}
+        answer_lens: dict[int, int] = {}
         with self._lock:
-            for group, indices in self._groups(experts):
+            for group, rows in self._score_rows(items).items():
                 model, tokenizer = self._model_for(group)
-                with_q = encode_pair(tokenizer, question, answer, self.config.score_max_tokens)
-                without_q = encode_pair(tokenizer, None, answer, self.config.score_max_tokens)
-                for start in range(0, len(indices), max(1, self.config.max_batch_size // 2)):
-                    chunk = indices[start:start + max(1, self.config.max_batch_size // 2)]
-                    keys = [self._resolve(experts[i])[1] for i in chunk]
-                    pairs: list[EncodedPair] = [with_q] * len(chunk) + [without_q] * len(chunk)
-                    adapters = self._adapter_names(keys + keys) if group == "" else None
-                    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                for batch in self._score_batches(rows):
+                    keys = [key for _, key, _ in batch]
+                    context, adapters = self._adapter_context(self._adapter_names(keys) if group == "" else None)
                     import torch
 
-                    with torch.inference_mode():
-                        sums, counts = answer_logprobs(model, pairs, pad, adapters)
-                    means = (sums / counts).tolist()
-                    for j, i in enumerate(chunk):
-                        given, without = means[j], means[j + len(chunk)]
-                        scores[i] = ExpertScore(expert=experts[i], logp_given_question=given,
-                                                logp_without_question=without, pmi=given - without,
-                                                answer_tokens=with_q.answer_len)
-        return [scores[i] for i in range(len(experts))]
+                    with context, torch.inference_mode():
+                        sums, counts = answer_logprobs(model, [pair for _, _, pair in batch], pad, adapters)
+                    for (where, _, pair), total, count in zip(batch, sums.tolist(), counts.tolist()):
+                        means[where] = total / count
+                        if where[2]:
+                            answer_lens[where[0]] = pair.answer_len
+        return [
+            [ExpertScore(expert=name, logp_given_question=means[(i, j, True)],
+                         logp_without_question=means[(i, j, False)],
+                         pmi=means[(i, j, True)] - means[(i, j, False)], answer_tokens=answer_lens[i])
+             for j, name in enumerate(experts)]
+            for i, (_, _, experts) in enumerate(items)
+        ]
+
+    def _score_rows(self, items: Sequence[tuple[str, str, list[str]]]) -> dict[str, list[tuple]]:
+        """Model group -> rows ((item, expert index, with question?), adapter key, encoded pair)."""
+        rows: dict[str, list[tuple]] = {}
+        for i, (question, answer, experts) in enumerate(items):
+            for group, indices in self._groups(experts):
+                tokenizer = self._model_for(group)[1]
+                with_q = encode_pair(tokenizer, question, answer, self.config.score_max_tokens)
+                without_q = encode_pair(tokenizer, None, answer, self.config.score_max_tokens)
+                for j in indices:
+                    key = self._resolve(experts[j])[1]
+                    rows.setdefault(group, []).extend([((i, j, True), key, with_q), ((i, j, False), key, without_q)])
+        return rows
+
+    def _score_batches(self, rows: list[tuple]) -> Iterator[list[tuple]]:
+        """Length-sorted rows packed so that rows x longest row stays within the token budget."""
+        rows = sorted(rows, key=lambda row: len(row[2].input_ids))
+        batch: list[tuple] = []
+        for row in rows:
+            width = len(row[2].input_ids)  # sorted: the newest row is the longest
+            if batch and (len(batch) + 1) * width > self.config.score_batch_tokens:
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
 
 
 def _as_list(value: Any) -> list:

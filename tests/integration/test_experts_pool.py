@@ -68,6 +68,27 @@ def test_score_batches_experts_and_matches_single_scoring(two_adapters):
     assert scores[1].logp_given_question != pytest.approx(scores[0].logp_given_question, abs=1e-3)
 
 
+def test_scoring_many_items_together_equals_each_alone_and_peft_path(two_adapters):
+    pool = two_adapters
+    items = [
+        ("What is the capital of France?", "Paris.", ["base", "alpha", "beta"]),
+        ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.", ["beta"]),
+        ("2 + 2 = ?", "4", ["alpha", "base"]),
+    ]
+    together = pool.score_many(items)
+    pool.config.batched_lora = False  # peft's own adapter_names loop, item by item
+    try:
+        alone = [pool.score(q, a, e) for q, a, e in items]
+    finally:
+        pool.config.batched_lora = True
+    for many, single in zip(together, alone):
+        assert [s.expert for s in many] == [s.expert for s in single]
+        for m, o in zip(many, single):
+            assert m.logp_given_question == pytest.approx(o.logp_given_question, abs=1e-4)
+            assert m.logp_without_question == pytest.approx(o.logp_without_question, abs=1e-4)
+            assert m.answer_tokens == o.answer_tokens
+
+
 def test_adapters_cost_only_their_own_size(expert_pool):
     before = expert_pool.memory()
     config, state = random_lora(5)
