@@ -5,7 +5,7 @@ Run (after ``mose up --prepare-only``, so the demo experts and router exist):
     .venv/bin/python benchmarks/serve.py [--home .mose] [--requests 24] [--clients 16]
 
 In one run, on the same short prompts, greedy, 16 new tokens:
-  (a) in-process: ``ExpertPool.generate`` on one request at a time;
+  (a) in-process: the router and ``ExpertPool.generate``, one request at a time;
   (b) HTTP: ``POST /v1/chat/completions`` with ``model: auto`` (routing included) on a
       ``mose serve`` started by this script; overhead ratio b/a (target <= 1.15);
   throughput with N concurrent clients over mixed named experts vs one client (requests/s,
@@ -58,16 +58,19 @@ def in_process(home, requests: int) -> list[float]:
     from experts.pool import ExpertPool
     from experts.types import GenerationRequest, SamplingParams
     from registry import Registry
+    from router_model.runtime import load_router
 
-    pool = ExpertPool.from_registry(Registry.open(home), home=home)
-    experts = sorted(n for n in pool.experts() if n != "base") or ["base"]
+    registry = Registry.open(home)
+    pool = ExpertPool.from_registry(registry, home=home)
+    router = load_router(home, registry, strict=False)  # same expert per prompt as HTTP `auto`
     params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    pool.generate([GenerationRequest(expert=experts[0], messages=[{"role": "user", "content": "hi"}], params=params)])
+    pool.generate([GenerationRequest(expert="base", messages=[{"role": "user", "content": "hi"}], params=params)])
     times = []
     for i in range(requests):
-        request = GenerationRequest(expert=experts[i % len(experts)],
-                                    messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], params=params)
+        prompt = PROMPTS[i % len(PROMPTS)]
         started = time.perf_counter()
+        request = GenerationRequest(expert=router.route(prompt).expert,
+                                    messages=[{"role": "user", "content": prompt}], params=params)
         pool.generate([request])
         times.append(time.perf_counter() - started)
     del pool

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from serve.commands._common import add_common_flags, emit, home_of
 
-CALIBRATION_ROWS_PER_SOURCE = 60
+CALIBRATION_ROWS_PER_SOURCE = 30
+"""Labelled rows per source for the first calibrator (~150 rows, ~10 min on 2 cores; `mose
+crosscheck train --limit N` fits a larger one)."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
