@@ -172,7 +172,7 @@ def main() -> None:
         ("latency p50, HTTP auto-routed (b)", f"{b50 * 1000:.0f} ms", ""),
         ("overhead ratio b/a (p50)", f"{b50 / a50:.2f}", "target <= 1.15"),
         ("latency p99 a / b", f"{a99 * 1000:.0f} / {b99 * 1000:.0f} ms", ""),
-        (f"throughput, 1 client", f"{single['rps']:.2f} req/s, {single['tps']:.1f} tok/s",
+        ("throughput, 1 client", f"{single['rps']:.2f} req/s, {single['tps']:.1f} tok/s",
          f"avg batch {single['batch']:.2f}"),
         (f"throughput, {args.clients} clients, mixed experts", f"{many['rps']:.2f} req/s, {many['tps']:.1f} tok/s",
          f"avg batch {many['batch']:.2f}; x{many['rps'] / single['rps']:.2f} vs 1 client"),

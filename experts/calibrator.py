@@ -9,9 +9,6 @@ validation. Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pic
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -19,6 +16,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from registry.artifacts import atomic_write
 from registry.errors import MoseError
 from router_model.calibration import choose_threshold, expected_calibration_error
 
@@ -146,8 +144,8 @@ def save_calibrator(calibrator: Calibrator, directory: Path) -> Path:
     calibrator.version = f"v{number:04d}"
     calibrator.created_at = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     target = directory / f"{calibrator.version}.json"
-    _atomic_write(target, calibrator.model_dump_json(indent=2))
-    _atomic_write(directory / CURRENT_FILE, calibrator.version + "\n")
+    atomic_write(target, calibrator.model_dump_json(indent=2))
+    atomic_write(directory / CURRENT_FILE, calibrator.version + "\n")
     return target
 
 
@@ -166,16 +164,3 @@ def load_calibrator(directory: Path) -> Calibrator:
     if calibrator.features != list(FEATURES):
         raise MoseError(f"cross-check calibrator {path} was trained on other features: retrain it")
     return calibrator
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def dump_features(x: np.ndarray) -> str:
-    return json.dumps(np.asarray(x).tolist())

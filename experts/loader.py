@@ -17,11 +17,11 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from registry.errors import ArtifactError
+from registry.safety import find_remote_code_key
 
 LOADER_ACTOR = "expert-loader"
 SAFETENSORS = ".safetensors"
 ALLOWED_SUFFIXES = frozenset({SAFETENSORS, ".json", ".txt", ".jinja"})
-REMOTE_CODE_KEYS = frozenset({"auto_map", "trust_remote_code"})
 LORA_CONFIG = "adapter_config.json"
 LORA_WEIGHTS = "adapter_model.safetensors"
 
@@ -60,24 +60,10 @@ def _refuse_unsafe(ref: str, relpath: str, data: bytes) -> None:
             parsed = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ArtifactError(f"{ref}: {relpath} is not valid JSON ({exc})") from None
-        key = _remote_code_key(parsed)
+        key = find_remote_code_key(parsed)
         if key:
             raise ArtifactError(f"{ref}: {relpath} sets {key!r} (remote code); the loader never runs "
                                 "code shipped with a model: re-register without it")
-
-
-def _remote_code_key(data: Any) -> str | None:
-    if isinstance(data, dict):
-        for key, value in data.items():
-            if key in REMOTE_CODE_KEYS and value not in (None, False, {}, []):
-                return key
-            if found := _remote_code_key(value):
-                return found
-    elif isinstance(data, list):
-        for item in data:
-            if found := _remote_code_key(item):
-                return found
-    return None
 
 
 def read_verified(registry: Any, record: Any, actor: str = LOADER_ACTOR) -> VerifiedFiles:

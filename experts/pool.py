@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.chat import BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids
+from experts.chat import BASE_ADAPTER, answer_logprobs, encode_pair, prompt_ids
 from experts.decoding import decode
 from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
                             tokenizer_from_verified)

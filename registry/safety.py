@@ -111,7 +111,7 @@ def _check_json(relpath: str, path: Path) -> None:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{relpath}: not valid JSON ({exc})") from None
-    key = _find_remote_code_key(data)
+    key = find_remote_code_key(data)
     if key:
         raise ArtifactError(
             f"{relpath}: sets {key!r}, which makes transformers run code shipped with the model; "
@@ -119,15 +119,16 @@ def _check_json(relpath: str, path: Path) -> None:
         )
 
 
-def _find_remote_code_key(data: object) -> str | None:
+def find_remote_code_key(data: object) -> str | None:
+    """The first key anywhere in ``data`` that asks transformers to run shipped code, if any."""
     if isinstance(data, dict):
         for key, value in data.items():
             if key in REMOTE_CODE_KEYS and value not in (None, False, {}, []):
                 return key
-            if found := _find_remote_code_key(value):
+            if found := find_remote_code_key(value):
                 return found
     elif isinstance(data, list):
         for item in data:
-            if found := _find_remote_code_key(item):
+            if found := find_remote_code_key(item):
                 return found
     return None

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from registry.artifacts import atomic_write
 from registry.errors import MoseError
 from router_model.data import file_sha256
 
@@ -116,12 +117,7 @@ def set_current(router_dir: Path, version: str) -> None:
     """Point ``current`` at ``version`` atomically (temp file + rename)."""
     if not (router_dir / version).is_dir():
         raise MoseError(f"router version {version} does not exist in {router_dir}")
-    fd, tmp = tempfile.mkstemp(dir=router_dir, prefix=".current-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(version + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, router_dir / CURRENT_FILE)
+    atomic_write(router_dir / CURRENT_FILE, version + "\n")
 
 
 def current_dir(router_dir: Path) -> Path:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from registry.artifacts import atomic_write
 from registry.errors import MoseError
 
 REGISTRY_SOURCE = "registry"
@@ -86,12 +86,7 @@ def write_jsonl(rows: Iterable[LabelledQuery], path: str | os.PathLike) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = "".join(json.dumps(row.model_dump(), ensure_ascii=False) + "\n" for row in rows).encode()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(payload)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, payload)
     return hashlib.sha256(payload).hexdigest()
 
 
