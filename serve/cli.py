@@ -40,13 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"serve.commands.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"serve.commands.{name}":
-                continue  # command group not built yet
-            raise
-        module.add_parser(sub)
+        importlib.import_module(f"serve.commands.{name}").add_parser(sub)
     return parser
 
 

@@ -40,7 +40,7 @@ def test_help_lists_command_groups():
     out = subprocess.run(
         [sys.executable, "-m", "serve.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    for group in ("up", "models", "expert", "keys", "audit"):
+    for group in ("up", "models", "expert", "keys", "audit", "demo", "router", "crosscheck", "serve"):
         assert group in out
 
 
