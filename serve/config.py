@@ -178,7 +178,8 @@ class ServeConfig(BaseSettings):
     router: DeploymentConfig = Field(default_factory=DeploymentConfig)
     """The router deployment (ONNX Runtime)."""
 
-    expert_pool: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=1.0, num_gpus=0.5))
+    expert_pool: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=1.0, num_gpus=0.5, max_ongoing_requests=64))
     """One deployment per base model hosting its LoRA experts."""
 
     crosscheck: DeploymentConfig = Field(default_factory=DeploymentConfig)

@@ -108,6 +108,49 @@ class RouterDeployment:
                 "error": self.error}
 
 
+class Coalescer:
+    """Runs a blocking batch function on one thread at a time, merging every batch that waited.
+
+    ``submit(items)`` returns that call's share of the results (an item may come back as an
+    exception instance, which the caller raises). Each pass takes up to ``max_items`` items.
+    """
+
+    def __init__(self, run: Any, max_items: int) -> None:
+        self.run, self.max_items = run, max_items
+        self.waiting: list[tuple[list[Any], asyncio.Future]] = []
+        self.busy = False
+
+    async def submit(self, items: list[Any]) -> list[Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append((items, future))
+        if not self.busy:
+            self.busy = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.waiting:
+                taken = [self.waiting.pop(0)]
+                while self.waiting and sum(len(i) for i, _ in taken) + len(self.waiting[0][0]) <= self.max_items:
+                    taken.append(self.waiting.pop(0))
+                merged = [item for items, _ in taken for item in items]
+                try:
+                    results = await asyncio.to_thread(self.run, merged)
+                except Exception as exc:  # every caller of this pass gets the error
+                    for _, future in taken:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                start = 0
+                for items, future in taken:
+                    if not future.done():
+                        future.set_result(results[start:start + len(items)])
+                    start += len(items)
+        finally:
+            self.busy = False
+
+
 class ExpertPoolDeployment:
     """One base model and its experts; concurrent requests are decoded together."""
 
@@ -128,6 +171,7 @@ class ExpertPoolDeployment:
         self.sync_experts(force=True)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        self.coalescer = Coalescer(self._generate_isolated, max_batch_size)
 
     def sync_experts(self, force: bool = False) -> list[str]:
         """Load newly active experts and unload retired or quarantined ones; returns the loaded names."""
@@ -150,21 +194,26 @@ class ExpertPoolDeployment:
                     self.load_errors[name] = str(exc)
             return sorted(self.pool.experts())
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Ray closes a batch every batch_wait_timeout_s whether or not the pool is free, so under
+    # load it would queue many small batches; several may be in flight and the coalescer merges
+    # whatever waits into one forward pass each time the pool frees up.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=8)
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Decode a batch of requests together; a request that fails alone gets its own error."""
+        """Requests gathered by Ray Serve; decoded together with any other batch waiting."""
         self.sync_experts()
+        return await self.coalescer.submit(requests)
+
+    def _generate_isolated(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Decode together; if that fails, one by one, so a bad request only fails itself."""
         try:
-            results = await asyncio.to_thread(self.pool.generate, requests)
-            return [(result, len(requests)) for result in results]
+            return [(result, len(requests)) for result in self.pool.generate(requests)]
         except MoseError:
             if len(requests) == 1:
                 raise
-        # Isolate the bad request(s): the others still get their answers.
         outcomes: list[Any] = []
         for request in requests:
             try:
-                outcomes.append((await asyncio.to_thread(self.pool.generate, [request]))[0], 1)
+                outcomes.append((self.pool.generate([request])[0], 1))
             except MoseError as exc:
                 outcomes.append(exc)
         return outcomes
