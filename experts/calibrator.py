@@ -92,7 +92,6 @@ class Calibrator(BaseModel):
 def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
                    config: CalibratorConfig | None = None) -> Calibrator:
     """Fit both candidates on a split of (x, labels), keep the better one on validation."""
-    from sklearn.isotonic import IsotonicRegression
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
 
@@ -112,9 +111,7 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
         "logistic": Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(),
                                coef=logistic.coef_[0].tolist(), intercept=float(logistic.intercept_[0])),
     }
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.01, y_max=0.99).fit(x[train, 0], labels[train])
-    candidates["isotonic"] = Calibrator(method="isotonic", iso_x=iso.X_thresholds_.tolist(),
-                                        iso_y=iso.y_thresholds_.tolist())
+    candidates["isotonic"] = fit_isotonic(x[train, 0], labels[train])
     losses = {name: log_loss(labels[val], np.clip(c.predict(x[val]), 1e-6, 1 - 1e-6), labels=[0, 1])
               for name, c in candidates.items()}
     best = candidates[min(losses, key=losses.get)]
@@ -134,6 +131,15 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
         "validation_rows": float(len(val)),
     }
     return best
+
+
+def fit_isotonic(jury_pmi: np.ndarray, labels: np.ndarray) -> Calibrator:
+    """Isotonic regression of correctness on the jury PMI, in whichever direction the data shows
+    (pooled over sources, PMI can run against correctness)."""
+    from sklearn.isotonic import IsotonicRegression
+
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.01, y_max=0.99, increasing="auto").fit(jury_pmi, labels)
+    return Calibrator(method="isotonic", iso_x=iso.X_thresholds_.tolist(), iso_y=iso.y_thresholds_.tolist())
 
 
 def save_calibrator(calibrator: Calibrator, directory: Path) -> Path:
