@@ -411,13 +411,9 @@ def _record_json(record: Any) -> dict[str, Any]:
 
 def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes], actor: str):
     """Write uploaded files to a private temp folder (paths checked first), then register them."""
-    from registry.manifest import ExpertManifest
-    from serve.api import ApiError
+    from registry.manifest import parse_manifest
 
-    try:
-        manifest = ExpertManifest.model_validate(manifest_data)
-    except Exception as exc:  # pydantic: name the field
-        raise ApiError(400, f"invalid manifest: {_first_error(exc)}", param="manifest") from None
+    manifest = parse_manifest(manifest_data, source="manifest")  # the CLI's own messages, per field
     missing = sorted(set(manifest.files) - set(files))
     extra = sorted(set(files) - set(manifest.files))
     if missing or extra:
@@ -439,13 +435,6 @@ def _safe_relpath(relpath: str) -> PurePosixPath:
     if path.is_absolute() or ".." in path.parts or "\\" in relpath or not path.parts:
         raise ArtifactError(f"file path {relpath!r} must be relative and stay inside the upload")
     return path
-
-
-def _first_error(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors())
-    return str(exc)
 
 
 __all__ = ["RouterDeployment", "ExpertPoolDeployment", "CrossCheckDeployment", "Ingress"]

@@ -162,6 +162,21 @@ def test_registering_over_http_makes_an_expert_servable_without_restart(served, 
     assert reply.status_code == 200 and reply.json()["mose"]["expert"] == "fin-expert"
 
 
+def test_upload_with_a_bad_manifest_gets_the_registry_message_and_stores_nothing(served, tmp_path):
+    from registry import Registry
+    from registry.home import MoseHome
+
+    body = _upload(tmp_path, "thin-expert", "finance")
+    body["manifest"]["example_queries"] = body["manifest"]["example_queries"][:5]
+    with served.client() as client:
+        response = client.post("/v1/experts", json=body, headers=served.admin())
+    assert response.status_code == 400
+    assert response.json()["error"]["message"].startswith("manifest: example_queries: ")
+    assert "at least 20" in response.json()["error"]["message"]
+    with Registry.open(MoseHome.from_env(served.home)) as reg:
+        assert not reg.list(name="thin-expert")
+
+
 def test_upload_with_escaping_paths_is_refused(served, tmp_path):
     body = _upload(tmp_path, "escape-expert", "finance")
     body["files"]["../../evil.json"] = base64.b64encode(b"{}").decode()
