@@ -200,14 +200,21 @@ class Jury:
         """Jurors answer too; True when the candidate sits in the largest agreement cluster."""
         if self.embedder is None:
             raise MoseError("own answers need a sentence embedder (MiniLM); none is configured")
+        texts = [r.text for r in self.pool.generate(self.own_answer_requests(question, jurors))]
+        return self.agreement(jurors, texts, np.asarray(self.embedder([answer] + texts)))
+
+    def own_answer_requests(self, question: str, jurors: Sequence[JurorEvidence]) -> list[GenerationRequest]:
+        """One short greedy answer to ``question`` per juror."""
         params = SamplingParams(max_new_tokens=self.config.own_answer_tokens, temperature=0.0)
-        requests = [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
-                                      params=params) for j in jurors]
-        results = self.pool.generate(requests)
-        vectors = np.asarray(self.embedder([answer] + [r.text for r in results]))
+        return [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
+                                  params=params) for j in jurors]
+
+    def agreement(self, jurors: Sequence[JurorEvidence], texts: Sequence[str], vectors: np.ndarray) -> bool:
+        """Record each juror's answer and its similarity to the candidate (``vectors[0]``); True
+        when the candidate sits in the largest cluster of the agreement graph."""
         similarity = vectors @ vectors.T
-        for juror, result, sim in zip(jurors, results, similarity[0, 1:]):
-            juror.own_answer, juror.similarity = result.text, float(sim)
+        for juror, text, sim in zip(jurors, texts, similarity[0, 1:]):
+            juror.own_answer, juror.similarity = text, float(sim)
         return largest_cluster_contains_candidate(similarity, self.config.similarity_threshold)
 
     # ------------------------------------------------------------ verdicts

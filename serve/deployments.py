@@ -314,19 +314,12 @@ class CrossCheckDeployment:
 
     async def _agreement(self, question: str, answer: str, jurors: list[Any]) -> bool:
         from experts.crosscheck import minilm_embedder
-        from experts.jury import largest_cluster_contains_candidate
-        from experts.types import ChatMessage, SamplingParams
 
-        params = SamplingParams(max_new_tokens=self.jury.config.own_answer_tokens, temperature=0.0)
-        requests = [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
-                                      params=params) for j in jurors]
+        requests = self.jury.own_answer_requests(question, jurors)
         results = await asyncio.gather(*(self.pool.generate.remote(r) for r in requests))
         texts = [result.text for result, _ in results]
         vectors = await asyncio.to_thread(minilm_embedder, [answer] + texts)
-        similarity = vectors @ vectors.T
-        for juror, text, sim in zip(jurors, texts, similarity[0, 1:]):
-            juror.own_answer, juror.similarity = text, float(sim)
-        return largest_cluster_contains_candidate(similarity, self.jury.config.similarity_threshold)
+        return self.jury.agreement(jurors, texts, vectors)
 
     def feedback(self, verdict_id: str, correct: bool, actor: str) -> dict[str, float]:
         return self.jury.feedback(verdict_id, correct, actor=actor)

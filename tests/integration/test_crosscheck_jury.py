@@ -146,3 +146,19 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     judge = Jury(None, None, None, calibrator)
     with pytest.raises(MoseError, match="every row given was used to train the calibrator"):
         evaluate(judge, seen_rows, progress=False)
+
+
+def test_own_answers_fill_each_juror_and_the_agreement_evidence(jury):
+    from experts.crosscheck import minilm_embedder
+
+    jury.embedder = minilm_embedder
+    try:
+        verdict = jury.crosscheck("What is the capital of France?", "Paris", k=2, own_answers=True)
+    finally:
+        jury.embedder = None
+    assert isinstance(verdict.agreement, bool)
+    assert verdict.evidence["agreement"] == (1.0 if verdict.agreement else -1.0)
+    for juror in verdict.jurors:
+        assert juror.own_answer and -1.0 <= juror.similarity <= 1.0001
+    with pytest.raises(MoseError, match="own answers need a sentence embedder"):
+        jury.crosscheck("What is the capital of France?", "Paris", own_answers=True)

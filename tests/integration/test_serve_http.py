@@ -88,6 +88,9 @@ def test_crosscheck_returns_a_verdict_and_feedback_moves_weights(served):
         assert again.status_code == 409 and "already recorded" in again.json()["error"]["message"]
         unknown = client.post("/v1/feedback", json={"verdict_id": "vrd-unknown", "correct": True})
         assert unknown.status_code == 404
+        own = client.post("/v1/crosscheck", json={"question": "What is 12 * 3?", "answer": "36", "k": 1,
+                                                  "own_answers": True}).json()
+        assert isinstance(own["agreement"], bool) and all(j["own_answer"] for j in own["jurors"])
 
 
 @pytest.mark.parametrize(
