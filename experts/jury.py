@@ -237,7 +237,7 @@ class Jury:
     def empty_answer_verdict(self, question: str, answer: str) -> Verdict:
         """An empty answer is wrong by definition: say so without scoring anything."""
         return Verdict(id=new_verdict_id(question, answer), p_correct=0.0, flagged=True,
-                       threshold=self._threshold(), jurors=[], calibrator=self._version(),
+                       threshold=self._threshold(), jurors=[], calibrator=self.calibrator_version,
                        evidence={"empty_answer": 1.0})
 
     def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
@@ -246,7 +246,7 @@ class Jury:
         p_correct = self.probability(values)
         return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,
                        flagged=p_correct < self._threshold(), threshold=self._threshold(), jurors=jurors,
-                       agreement=agreement, calibrator=self._version(), evidence=values)
+                       agreement=agreement, calibrator=self.calibrator_version, evidence=values)
 
     def probability(self, values: dict[str, float]) -> float:
         """Calibrated P(correct); without a calibrator, a logistic squash of the jury PMI."""
@@ -257,7 +257,9 @@ class Jury:
     def _threshold(self) -> float:
         return self.calibrator.threshold if self.calibrator is not None else 0.5
 
-    def _version(self) -> str | None:
+    @property
+    def calibrator_version(self) -> str | None:
+        """Version of the calibrator in use (None: uncalibrated)."""
         return self.calibrator.version if self.calibrator is not None else None
 
     # ------------------------------------------------------------ feedback

@@ -292,7 +292,7 @@ class CrossCheckDeployment:
         if time.monotonic() - self._checked_at > REGISTRY_REFRESH_S:
             self._checked_at = time.monotonic()
             current = self._load_calibrator() if (self.home.crosscheck_dir / "current").is_file() else None
-            if current is not None and current.version != self.jury._version():
+            if current is not None and current.version != self.jury.calibrator_version:
                 self.jury.calibrator = current
 
     async def crosscheck(self, question: str, answer: str, k: int | None = None, own_answers: bool = False):
@@ -325,7 +325,7 @@ class CrossCheckDeployment:
         return self.jury.feedback(verdict_id, correct, actor=actor)
 
     def status(self) -> dict[str, Any]:
-        return {"calibrator": self.jury._version()}
+        return {"calibrator": self.jury.calibrator_version}
 
 
 @serve.ingress()
