@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 from experts.base_models import SMOLLM2_ID
@@ -17,6 +18,8 @@ from registry.home import MoseHome
 from serve.config import DeploymentConfig, ServeConfig, load_config
 
 APP_NAME = "mose"
+RETRY_AFTER_S = 1
+"""``Retry-After`` (seconds) of a 429 from Ray's proxy queue; the middleware sends the same."""
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -55,6 +58,22 @@ def deployment_options(name: str, deployment: DeploymentConfig, gpus_available: 
     return options
 
 
+def ingress_options(config: ServeConfig, gpus_available: bool, home_root: str) -> dict[str, Any]:
+    """The Ingress options, sized so that overload is refused with 429 instead of queued.
+
+    The admission middleware refuses requests beyond ``limits.max_queued_requests``, but it only
+    sees what the replica admits: with ``max_ongoing_requests`` below the limit the excess would
+    wait in Ray's proxy, unbounded, until clients time out. So each replica admits twice the
+    limit (refusing is cheap), and Ray's proxy queue is bounded and answers 429 + Retry-After too.
+    """
+    options = deployment_options("Ingress", config.ingress, gpus_available, home_root)
+    limit = config.limits.max_queued_requests
+    options["max_ongoing_requests"] = max(options["max_ongoing_requests"], 2 * limit)
+    options["max_queued_requests"] = limit
+    options["backpressure_config"] = {"status_code": 429, "retry_after_s": RETRY_AFTER_S}
+    return options
+
+
 def build_application(config: ServeConfig, gpus_available: bool | None = None):
     """The bound application graph: Ingress -> (Router, ExpertPool, CrossCheck -> (Router, ExpertPool))."""
     from ray import serve
@@ -73,7 +92,7 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
         config.limits.max_tokens, config.pool.torch_threads)
     checker = serve.deployment(CrossCheckDeployment).options(
         **deployment_options("CrossCheck", config.crosscheck, gpus, home_root)).bind(home_root, router, pool)
-    ingress = serve.deployment(Ingress).options(**deployment_options("Ingress", config.ingress, gpus, home_root))
+    ingress = serve.deployment(Ingress).options(**ingress_options(config, gpus, home_root))
     return ingress.bind(config, router, pool, checker)
 
 
@@ -102,8 +121,32 @@ def start(config: ServeConfig, blocking: bool = False) -> str:
     serve.start(http_options={"host": config.http.host, "port": config.http.port},
                 proxy_location=config.http.proxy_location)
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=blocking)
+    if not blocking:
+        for line in damage_report():
+            print(f"mose: WARNING: {line}", file=sys.stderr, flush=True)
     host = "127.0.0.1" if config.http.host in ("0.0.0.0", "::") else config.http.host
     return f"http://{host}:{config.http.port}"
+
+
+def damage_report(timeout_s: float = 120.0) -> list[str]:
+    """What started damaged (a router that fell back, experts refused at load), one line each.
+
+    Replicas log to Ray's files, not to ``mose serve``'s output; an operator starting the server
+    should see at once that it runs degraded (``/healthz`` has the same details).
+    """
+    from ray import serve
+
+    try:
+        health = serve.get_app_handle(APP_NAME).health.remote().result(timeout_s=timeout_s)
+    except Exception as exc:  # a report, never a reason not to serve
+        return [f"could not read the application's health: {exc}"]
+    lines = []
+    router = health.get("router") or {}
+    if router.get("fallback_only"):
+        lines.append(f"router unavailable, every query goes to the base model: {router.get('error')}")
+    for name, reason in sorted(((health.get("expert_pool") or {}).get("refused") or {}).items()):
+        lines.append(f"expert {name} refused (quarantined in the registry): {reason}")
+    return lines
 
 
 def stop() -> None:

@@ -39,6 +39,9 @@ logger = logging.getLogger("mose.serve")
 REGISTRY_REFRESH_S = 2.0
 """How often replicas re-read the registry's active experts (activation needs no restart)."""
 
+HANDLE_RETRY_DELAY_S = 0.5
+"""Pause before the one retry of a call whose replica died under it (Ray Serve is replacing it)."""
+
 
 def _open_registry(home_root: str):
     from registry import Registry
@@ -328,6 +331,43 @@ class CrossCheckDeployment:
         return {"calibrator": self.jury.calibrator_version}
 
 
+def _replica_lost(exc: BaseException) -> bool:
+    """The replica serving a call died or became unreachable (killed, OOM, node lost).
+
+    Errors re-raised by a replica that called another one (CrossCheck -> pool) come wrapped in
+    ``RayTaskError(cause)``, which is also an instance of the cause's class.
+    """
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, ReplicaUnavailableError))
+
+
+async def _call(handle_method: Any, *args: Any) -> Any:
+    """One call through a deployment handle, retried once when its replica died under it.
+
+    Ray Serve replaces a dead replica and the handle waits for the new one, so the retry usually
+    answers. When it fails too, the caller gets ``DeploymentUnavailableError``, which the API
+    answers with 503 and ``Retry-After`` (never a bare 500).
+    """
+    from ray.serve.exceptions import DeploymentUnavailableError
+
+    try:
+        return await handle_method.remote(*args)
+    except Exception as exc:
+        if not _replica_lost(exc):
+            raise
+        logger.warning("replica lost during a call, retrying once: %s", type(exc).__name__)
+    await asyncio.sleep(HANDLE_RETRY_DELAY_S)
+    try:
+        return await handle_method.remote(*args)
+    except Exception as exc:
+        if not _replica_lost(exc):
+            raise
+        logger.error("replica lost again on retry; answering 503: %s", type(exc).__name__)
+        raise DeploymentUnavailableError(getattr(handle_method, "deployment_name", "deployment")) from exc
+
+
 @serve.ingress()
 class Ingress(Backend):
     """The HTTP front door: parses, limits, authenticates; routes and generates through handles."""
@@ -348,10 +388,10 @@ class Ingress(Backend):
         return build_api(self.config, self)
 
     async def route(self, query: str) -> RouteDecision:
-        return await self.router.route.remote(query)
+        return await _call(self.router.route, query)
 
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
-        return await self.pool.generate.remote(request)
+        return await _call(self.pool.generate, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         async for piece in self.pool.options(stream=True).stream.remote(request):
@@ -380,7 +420,7 @@ class Ingress(Backend):
         return _record_json(record)
 
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
-        return await self.checker.crosscheck.remote(question, answer, k, own_answers)
+        return await _call(self.checker.crosscheck, question, answer, k, own_answers)
 
     async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
                             temperature: float) -> dict[str, Any]:
@@ -392,7 +432,7 @@ class Ingress(Backend):
 
     async def health(self) -> dict[str, Any]:
         router, pool, checker = await asyncio.gather(
-            self.router.status.remote(), self.pool.status.remote(), self.checker.status.remote())
+            _call(self.router.status), _call(self.pool.status), _call(self.checker.status))
         return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"},
                 "crosscheck": checker}
 
