@@ -33,6 +33,7 @@ pytest_plugins = [
     "tests._fixtures.experts",
     "tests._fixtures.router",
     "tests._fixtures.serve",
+    "tests._fixtures.faults",
 ]
 
 
