@@ -171,6 +171,7 @@ class ExpertPoolDeployment:
         self._sync_lock = threading.Lock()
         self._synced_at = float("-inf")
         self.load_errors: dict[str, str] = {}
+        self._refused: dict[str, tuple[str, Any]] = {}
         self.sync_experts(force=True)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -188,13 +189,18 @@ class ExpertPoolDeployment:
             for name in [n for n, kind in loaded.items() if kind != "base" and n not in wanted]:
                 self.pool.remove(name)
             for name, record in wanted.items():
-                if name in loaded or name in self.load_errors:
+                # A refused expert is tried again only once it changed (re-activated or a new
+                # version), so an operator's fix needs no restart and a bad file is not re-read.
+                if name in loaded or self._refused.get(name) == (record.ref, record.updated_at):
                     continue
                 try:
                     self.pool.add_registered(self.registry, record)
+                    self.load_errors.pop(name, None)
+                    self._refused.pop(name, None)
                 except MoseError as exc:  # tampered or unloadable: refused (and quarantined), rest serves
                     logger.error("expert %s refused: %s", name, exc)
                     self.load_errors[name] = str(exc)
+                    self._refused[name] = (record.ref, record.updated_at)
             return sorted(self.pool.experts())
 
     # Ray closes a batch every batch_wait_timeout_s whether or not the pool is free, so under
