@@ -12,6 +12,7 @@ Two server starts on one private data directory (``fault_home``), never the sess
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import signal
 import sys
@@ -178,19 +179,33 @@ def test_sigkill_mid_registration_leaves_the_registry_consistent(crashed, fault_
 
 # ---------------------------------------------------------------- restart on damaged files
 
+@dataclass
+class Damage:
+    adapter: Path
+    adapter_bytes: bytes
+    """The adapter blob as registered, to restore it."""
+
+
 @pytest.fixture(scope="module")
-def restarted(crashed, fault_home, tmp_path_factory) -> ServerRun:
-    """The same data directory, restarted after damaging the router graph and med-expert's weights."""
+def damage(crashed, fault_home) -> Damage:
+    """The router graph truncated and med-expert's weights garbled, while no server runs."""
     _truncate(_router_graph(fault_home))
-    _garble(_blob(fault_home, "med-expert", "adapter_model.safetensors"))
+    adapter = _blob(fault_home, "med-expert", "adapter_model.safetensors")
+    return Damage(adapter=adapter, adapter_bytes=_garble(adapter))
+
+
+@pytest.fixture(scope="module")
+def restarted(damage, fault_home, tmp_path_factory) -> ServerRun:
+    """The same data directory, restarted on the damaged files."""
     run = launch(fault_home, tmp_path_factory.mktemp("fault-log") / "restarted.log")
     yield run
     assert run.stop() == 0, run.log.read_text()[-3000:]
 
 
 def _router_graph(home: Path) -> Path:
-    version = (home / "router" / "current").read_text().strip()
-    return home / "router" / version / "model.int8.onnx"
+    """The graph the current router serves (model.int8.onnx when quantized, else model.onnx)."""
+    version = home / "router" / (home / "router" / "current").read_text().strip()
+    return version / json.loads((version / "metadata.json").read_text())["onnx_file"]
 
 
 def _blob(home: Path, name: str, relpath: str) -> Path:
@@ -207,13 +222,15 @@ def _truncate(path: Path) -> None:
         handle.truncate(path.stat().st_size // 2)
 
 
-def _garble(path: Path) -> None:
-    """Flip bytes in the middle, size unchanged (silent disk corruption or tampering)."""
+def _garble(path: Path) -> bytes:
+    """Flip bytes in the middle, size unchanged (silent disk corruption or tampering); returns the original."""
     path.chmod(0o644)
-    data = bytearray(path.read_bytes())
+    original = path.read_bytes()
+    data = bytearray(original)
     middle = len(data) // 2
     data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
     path.write_bytes(bytes(data))
+    return original
 
 
 def test_damaged_router_is_reported_and_queries_go_to_the_base_model(restarted):
@@ -221,7 +238,7 @@ def test_damaged_router_is_reported_and_queries_go_to_the_base_model(restarted):
         router = client.get("/healthz").json()["router"]
         reply = chat(client, "auto", "What are the symptoms of type 2 diabetes?")
         route = client.post("/v1/route", json={"query": "Solve for x: 3x + 5 = 20."})
-    assert router["fallback_only"] is True and "model.int8.onnx" in router["error"]
+    assert router["fallback_only"] is True and _router_graph(restarted.home).name in router["error"]
     assert "router unavailable, every query goes to the base model" in restarted.log.read_text()
     assert reply.status_code == 200 and reply.json()["mose"]["expert"] == "base"
     assert reply.json()["choices"][0]["message"]["content"]
@@ -260,3 +277,18 @@ def test_the_expert_whose_registration_was_killed_registers_again(restarted, cra
         assert reg.verify_files("big-law").ok
         assert reg.audit_verify().ok
     assert run_mose("audit", "verify", home=restarted.home).returncode == 0
+
+
+def test_a_restored_adapter_serves_again_once_reactivated_without_a_restart(restarted, damage):
+    damage.adapter.write_bytes(damage.adapter_bytes)  # the operator restored the file from a backup
+    with restarted.client() as client:
+        activated = client.post("/v1/experts/med-expert/activate", headers=restarted.admin())
+        assert activated.status_code == 200 and activated.json()["status"] == "active", activated.text
+        reply = wait_for(lambda: _ok(chat(client, "med-expert")), 60, "med-expert to answer again")
+        assert reply.json()["mose"]["expert"] == "med-expert"
+        pool = client.get("/healthz").json()["expert_pool"]
+    assert "med-expert" in pool["experts"] and "med-expert" not in pool["refused"]
+
+
+def _ok(response: httpx.Response) -> httpx.Response | None:
+    return response if response.status_code == 200 else None
