@@ -4,6 +4,7 @@ Run (after ``mose up --prepare-only``, so the demo experts and router exist):
 
     .venv/bin/python benchmarks/load.py [--home .mose] [--clients 32] [--seconds 120] [--json]
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 ...   # a server already running
+    .venv/bin/python benchmarks/load.py --queue-limit 16                  # overload: see the 429s
 
 N clients send, back to back, a mix of chat completions (``model: auto`` and named experts,
 small ``max_tokens``), ``/v1/route`` and ``/v1/crosscheck`` calls for T seconds (and at most
@@ -243,7 +244,8 @@ def served_by_us(args: argparse.Namespace, experts: list[str]) -> dict:
 
     port = free_port()
     log = Path(args.home) / "bench-load.log"
-    proc = start_server(Path(args.home), port, log)
+    env = {"MOSE_SERVE__LIMITS__MAX_QUEUED_REQUESTS": str(args.queue_limit)} if args.queue_limit else None
+    proc = start_server(Path(args.home), port, log, extra_env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
@@ -277,6 +279,8 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (an error)")
+    parser.add_argument("--queue-limit", type=int, default=None,
+                        help="admission limit of the server this script starts (limits.max_queued_requests)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = parser.parse_args()
 
