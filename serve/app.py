@@ -64,12 +64,14 @@ def ingress_options(config: ServeConfig, gpus_available: bool, home_root: str) -
     The admission middleware refuses requests beyond ``limits.max_queued_requests``, but it only
     sees what the replica admits: with ``max_ongoing_requests`` below the limit the excess would
     wait in Ray's proxy, unbounded, until clients time out. So each replica admits twice the
-    limit (refusing is cheap), and Ray's proxy queue is bounded and answers 429 + Retry-After too.
+    limit (refusing is cheap). Ray's proxy queue is bounded as a backstop (429 + Retry-After, but
+    a plain-text body); it is deep enough that a burst drains through the middleware's JSON 429s,
+    since a refused request frees its slot within milliseconds.
     """
     options = deployment_options("Ingress", config.ingress, gpus_available, home_root)
     limit = config.limits.max_queued_requests
     options["max_ongoing_requests"] = max(options["max_ongoing_requests"], 2 * limit)
-    options["max_queued_requests"] = limit
+    options["max_queued_requests"] = 4 * limit
     options["backpressure_config"] = {"status_code": 429, "retry_after_s": RETRY_AFTER_S}
     return options
 

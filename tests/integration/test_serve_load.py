@@ -25,7 +25,6 @@ def loadgen():
     sys.modules.pop(spec.name, None)
 
 
-@pytest.mark.slow
 def test_mixed_load_is_answered_or_refused_with_retry_after_and_nothing_else(served, loadgen):
     report = loadgen.run_load(served.url, clients=16, seconds=18, experts=["med-expert", "math-expert"],
                               timeout_s=120.0)
