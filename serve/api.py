@@ -19,14 +19,16 @@ from typing import Any
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from experts.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, SamplingParams
 from experts.types import ChatMessage as PoolMessage
 from registry.errors import ConflictError, MoseError, NotFoundError, StatusError
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
-from serve.config import ServeConfig
+from serve.config import AuthConfig, ServeConfig
 from serve.metrics import IngressMetrics
 from serve.upstream import UpstreamError
 from serve.schemas import (
@@ -39,8 +41,12 @@ from serve.schemas import (
     CompletionRequest,
     CrosscheckRequest,
     ErrorBody,
-    FeedbackRequest,
     ErrorResponse,
+    ExpertRecordOut,
+    FeedbackRequest,
+    FeedbackResponse,
+    Health,
+    ModelList,
     MoseInfo,
     RouteRequest,
     SamplingFields,
@@ -53,6 +59,22 @@ logger = logging.getLogger("mose.api")
 
 AUTO = "auto"
 UPSTREAM_PREFIX = "upstream:"
+ADMIN_PREFIX = "/v1/experts"
+MIN_TEMPERATURE = 1e-3
+"""Temperatures below this decode greedily: dividing logits by a tinier one overflows float32
+to inf/NaN and would fail the whole batch the request shares (same answer up to exact ties)."""
+
+ERROR_DESCRIPTIONS = {
+    400: "The request is malformed or over a limit; the message names the field.",
+    401: "Admin endpoint called without 'Authorization: Bearer <token>'.",
+    403: "Wrong admin token, or admin endpoints are disabled on this server.",
+    404: "Unknown model, expert, verdict or endpoint.",
+    409: "Conflicts with the registry's or the verdict's current state.",
+    413: "Request body over the server's limit.",
+    429: "The server is at capacity; retry after Retry-After seconds.",
+    502: "The upstream model failed.",
+    503: "The expert pool is overloaded or restarting; retry after Retry-After seconds.",
+}
 
 
 class ApiError(Exception):
@@ -79,6 +101,22 @@ class RegisterExpertRequest(BaseModel):
     """Activate right after registration (routable at once)."""
 
 
+def authorize_admin(auth: AuthConfig, authorization: str | None) -> str:
+    """Constant-time bearer-token check; returns the actor name for the audit log."""
+    if auth.admin_mode == "off":
+        raise ApiError(403, "admin endpoints are disabled on this server (start it with MOSE_ADMIN_TOKEN set)",
+                       kind="permission_error")
+    if auth.admin_mode == "insecure":
+        return "insecure-local-admin"
+    if not authorization or not authorization.startswith("Bearer "):
+        raise ApiError(401, "admin endpoints need 'Authorization: Bearer <token>'", kind="authentication_error",
+                       headers={"WWW-Authenticate": "Bearer"})
+    given = authorization[len("Bearer "):].encode()
+    if not hmac.compare_digest(given, auth.admin_token.get_secret_value().encode()):
+        raise ApiError(403, "the admin token is not valid", kind="permission_error")
+    return "admin-api"
+
+
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=str(status)))
@@ -97,14 +135,19 @@ def mose_error_status(exc: BaseException) -> int:
 
 
 def find_mose_error(exc: BaseException) -> MoseError | None:
-    """The MoseError behind ``exc``: Ray wraps errors raised in other replicas (``.cause``)."""
-    seen = set()
+    """The innermost MoseError behind ``exc``. Ray wraps errors raised in other replicas in a class
+    that is also a MoseError but whose text is the remote traceback: the original is its ``.cause``."""
+    seen, found = set(), None
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, MoseError):
-            return exc
+            found = exc
         seen.add(id(exc))
         exc = getattr(exc, "cause", None) or exc.__cause__
-    return None
+    return found
+
+
+def _describe_errors(errors: list[dict[str, Any]]) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in errors)
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -123,19 +166,41 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(problems) or "invalid request", param
 
 
+class AdminGateMiddleware:
+    """Check the admin token of ``/v1/experts`` requests before their body is read: nobody without
+    it can make the server read (up to ``max_upload_bytes``) or parse an upload."""
+
+    def __init__(self, app: Any, auth: AuthConfig) -> None:
+        self.app, self.auth = app, auth
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path", "").startswith(ADMIN_PREFIX):
+            header = dict(scope.get("headers") or []).get(b"authorization")
+            try:
+                authorize_admin(self.auth, header.decode("latin-1") if header is not None else None)
+            except ApiError as exc:
+                response = error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodyLimitMiddleware:
     """Refuse request bodies over the limit with 413, before they are read into memory.
 
-    Expert uploads (``/v1/experts``, admin only) carry weights and get their own, larger limit.
+    Expert uploads (``/v1/experts``, admin only: :class:`AdminGateMiddleware` runs first) carry
+    weights and get their own, larger limit.
     """
 
     def __init__(self, app: Any, max_bytes: int, max_upload_bytes: int) -> None:
         self.app, self.max_bytes, self.max_upload_bytes = app, max_bytes, max_upload_bytes
 
+    def _limit(self, scope: dict) -> int:
+        return self.max_upload_bytes if scope.get("path", "").startswith(ADMIN_PREFIX) else self.max_bytes
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.max_upload_bytes if scope.get("path", "").startswith("/v1/experts") else self.max_bytes
+        limit = self._limit(scope)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await self._refuse(scope, receive, send, limit)
@@ -146,7 +211,7 @@ class BodyLimitMiddleware:
             message = await receive()
             received += len(message.get("body", b""))
             if received > limit:
-                raise _BodyTooLarge()
+                raise _BodyTooLarge(limit)
             return message
 
         try:
@@ -156,12 +221,19 @@ class BodyLimitMiddleware:
 
     @staticmethod
     async def _refuse(scope: dict, receive: Any, send: Any, limit: int) -> None:
-        response = error_response(413, f"request body is larger than the limit of {limit} bytes")
-        await response(scope, receive, send)
+        await _too_large(limit)(scope, receive, send)
 
 
 class _BodyTooLarge(Exception):
-    pass
+    """Raised by the counting ``receive`` once a body without Content-Length passes the limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(limit)
+        self.limit = limit
+
+
+def _too_large(limit: int) -> JSONResponse:
+    return error_response(413, f"request body is larger than the limit of {limit} bytes")
 
 
 class AdmissionMiddleware:
@@ -199,24 +271,81 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
     api.add_middleware(AdmissionMiddleware, limit=config.limits.max_queued_requests, metrics=metrics)
     api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes,
                        max_upload_bytes=config.limits.max_upload_bytes)
+    api.add_middleware(AdminGateMiddleware, auth=config.auth)  # added last: runs first
     _install_error_handlers(api)
     handlers = _Handlers(config, backend, metrics)
 
-    api.get("/healthz")(handlers.healthz)
-    api.get("/metrics")(handlers.metrics_text)
-    api.get("/v1/models")(handlers.list_models)
-    api.post("/v1/route", response_model=RouteDecision)(handlers.route)
-    api.post("/v1/chat/completions", response_model=ChatCompletion)(handlers.chat_completions)
-    api.post("/v1/completions", response_model=Completion)(handlers.completions)
-    api.post("/v1/crosscheck")(handlers.crosscheck)
-    api.post("/v1/feedback")(handlers.feedback)
-    api.post("/v1/experts")(handlers.register_expert)
-    api.post("/v1/experts/{name}/activate")(handlers.activate_expert)
-    api.post("/v1/experts/{name}/retire")(handlers.retire_expert)
+    api.get("/healthz", response_model=Health)(handlers.healthz)
+    api.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                             "description": "Prometheus metrics"}})(handlers.metrics_text)
+    api.get("/v1/models", response_model=ModelList, responses=_errors(429))(handlers.list_models)
+    api.post("/v1/route", response_model=RouteDecision, responses=_errors(400, 413, 429, 503))(handlers.route)
+    completions = _errors(400, 404, 413, 429, 502, 503) | {200: _SSE_RESPONSE}
+    api.post("/v1/chat/completions", response_model=ChatCompletion, responses=completions)(handlers.chat_completions)
+    api.post("/v1/completions", response_model=Completion, responses=completions)(handlers.completions)
+    api.post("/v1/crosscheck", response_model=Verdict, responses=_errors(400, 413, 429, 503))(handlers.crosscheck)
+    api.post("/v1/feedback", response_model=FeedbackResponse,
+             responses=_errors(400, 404, 409, 413, 429))(handlers.feedback)
+    admin = _errors(400, 401, 403, 404, 409, 413, 429)
+    api.post("/v1/experts", response_model=ExpertRecordOut, responses=admin)(handlers.register_expert)
+    api.post("/v1/experts/{name}/activate", response_model=ExpertRecordOut, responses=admin)(handlers.activate_expert)
+    api.post("/v1/experts/{name}/retire", response_model=ExpertRecordOut, responses=admin)(handlers.retire_expert)
+    _document_errors_as_400(api)
     return api
 
 
+_SSE_EVENT = {"type": "object", "required": ["data"],
+              "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] at the end"},
+                             "event": {"type": "string"}}}
+_SSE_RESPONSE = {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                 "description": "The completion; server-sent events (one schema per event) when `stream` is true."}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses an endpoint can answer, all in OpenAI's error shape."""
+    return {code: {"model": ErrorResponse, "description": ERROR_DESCRIPTIONS[code]} for code in codes}
+
+
+def _document_errors_as_400(api: FastAPI) -> None:
+    """Drop FastAPI's automatic 422 from the schema: invalid bodies get 400 (documented per route)."""
+    generate = api.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    api.openapi = openapi  # type: ignore[method-assign]
+
+
+def _http_error_message(request: Request, exc: StarletteHTTPException) -> str:
+    """A clear message for the errors FastAPI and Starlette raise themselves."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"request body is not valid UTF-8 (byte {cause.object[cause.start]:#04x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "request body is nested too deeply to parse"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "request body holds an integer with too many digits"
+    if exc.status_code == 404:
+        return f"no such endpoint: {request.method} {request.url.path}"
+    if exc.status_code == 405:
+        return f"{request.method} is not allowed on {request.url.path}"
+    return str(exc.detail)
+
+
 def _install_error_handlers(api: FastAPI) -> None:
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__, _BodyTooLarge):  # FastAPI wraps what receive() raised
+            return _too_large(exc.__cause__.limit)
+        return error_response(exc.status_code, _http_error_message(request, exc), headers=exc.headers)
+
     @api.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
@@ -384,13 +513,16 @@ class _Handlers:
         if requested is not None and requested > limits.max_tokens:
             raise ApiError(400, f"max_tokens is {requested}; this server allows at most {limits.max_tokens}",
                            param="max_tokens")
-        return SamplingParams(
-            max_new_tokens=requested or limits.default_max_tokens,
-            temperature=body.temperature if body.temperature is not None else 0.0,
-            top_p=body.top_p if body.top_p is not None else 1.0,
-            stop=body.stop_list(),
-            seed=body.seed,
-        )
+        try:
+            return SamplingParams(
+                max_new_tokens=requested or limits.default_max_tokens,
+                temperature=body.temperature if (body.temperature or 0.0) >= MIN_TEMPERATURE else 0.0,
+                top_p=body.top_p if body.top_p is not None else 1.0,
+                stop=body.stop_list(),
+                seed=body.seed,
+            )
+        except ValidationError as exc:  # the pool's own limits, should the request schema miss one
+            raise ApiError(400, f"sampling parameters: {_describe_errors(exc.errors())}") from None
 
     def _check_prompt(self, chars: int) -> None:
         limit = self.config.limits.max_prompt_chars
@@ -401,20 +533,7 @@ class _Handlers:
     # ------------------------------------------------------------ admin
 
     def _authorize(self, authorization: str | None) -> str:
-        """Constant-time bearer-token check; returns the actor name for the audit log."""
-        token = self.config.auth.admin_token
-        if token is None:
-            if self.config.auth.insecure_local:
-                return "insecure-local-admin"
-            raise ApiError(403, "admin endpoints are disabled: the server has no admin token configured",
-                           kind="permission_error")
-        if not authorization or not authorization.startswith("Bearer "):
-            raise ApiError(401, "admin endpoints need 'Authorization: Bearer <token>'", kind="authentication_error",
-                           headers={"WWW-Authenticate": "Bearer"})
-        given = authorization[len("Bearer "):].encode()
-        if not hmac.compare_digest(given, token.get_secret_value().encode()):
-            raise ApiError(403, "the admin token is not valid", kind="permission_error")
-        return "admin-api"
+        return authorize_admin(self.config.auth, authorization)
 
     async def register_expert(self, body: RegisterExpertRequest,
                               authorization: str | None = Header(default=None)) -> dict[str, Any]:

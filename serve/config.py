@@ -21,6 +21,9 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 from registry.errors import MoseError
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -41,8 +44,33 @@ class AuthConfig(_Section):
     admin_token: SecretStr | None = None
     """Bearer token for admin endpoints (register, activate, retire). Env: MOSE_ADMIN_TOKEN."""
 
+    admin_enabled: bool | None = None
+    """Serve the admin endpoints. Default: on when an admin token is set (or insecure_local),
+    off otherwise. Set true to insist on them: the server then refuses to start without a token."""
+
     insecure_local: bool = False
-    """Allow admin endpoints without a token. Only for a local sandbox; announced at start."""
+    """Open the admin endpoints without a token: anyone who reaches the port may change the
+    registry. Only for a sandbox on this machine (http.host must be loopback); announced at start."""
+
+    @model_validator(mode="after")
+    def _admin_needs_a_token(self) -> "AuthConfig":
+        if self.admin_token is not None and not self.admin_token.get_secret_value():
+            raise ValueError("admin_token is empty; unset it or give a real token")
+        if self.admin_enabled and self.admin_token is None and not self.insecure_local:
+            raise ValueError(
+                "admin_enabled is true but no admin token is configured: set MOSE_ADMIN_TOKEN "
+                "(or auth.admin_token), or for a sandbox on this machine only set auth.insecure_local: true "
+                "(MOSE_SERVE__AUTH__INSECURE_LOCAL=true) to open the admin endpoints without a token")
+        return self
+
+    @property
+    def admin_mode(self) -> Literal["token", "insecure", "off"]:
+        """How the admin endpoints are guarded: by the token, by nothing (insecure_local), or absent."""
+        enabled = self.admin_enabled if self.admin_enabled is not None else (
+            self.admin_token is not None or self.insecure_local)
+        if not enabled:
+            return "off"
+        return "token" if self.admin_token is not None else "insecure"
 
 
 class LimitsConfig(_Section):
@@ -203,9 +231,11 @@ class ServeConfig(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _admin_is_protected(self) -> "ServeConfig":
-        if self.auth.admin_token is not None and not self.auth.admin_token.get_secret_value():
-            raise ValueError("auth.admin_token is empty; unset it or give a real token")
+    def _insecure_only_on_loopback(self) -> "ServeConfig":
+        if self.auth.admin_mode == "insecure" and self.http.host not in LOOPBACK_HOSTS:
+            raise ValueError(
+                f"auth.insecure_local opens the admin endpoints without a token, so http.host must be a "
+                f"loopback address ({', '.join(LOOPBACK_HOSTS)}), not {self.http.host!r}; set MOSE_ADMIN_TOKEN instead")
         return self
 
     @classmethod
@@ -279,6 +309,7 @@ def _describe(exc: Exception) -> str:
     parts = []
     for err in errors():
         where = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        message = str(err.get("msg")).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 

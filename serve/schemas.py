@@ -1,17 +1,37 @@
 """HTTP request and response bodies: the OpenAI API subset mose serves, plus its own endpoints.
 
 Requests accept (and ignore) OpenAI fields mose does not use, so the official client works
-unchanged; values mose cannot honour (``n > 1``, NaN temperature) are refused with a 400 that
-names the field. Responses carry the routing decision in a ``mose`` object.
+unchanged; values mose cannot honour (``n > 1``, NaN temperature, a seed torch cannot hold,
+text with unpaired surrogates) are refused with a 400 that names the field. Responses carry the
+routing decision in a ``mose`` object.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
+
+MAX_STOP_SEQUENCES = 4
+"""As OpenAI: each stop string is checked after every generated token."""
+
+
+def _encodable(value: str) -> str:
+    # JSON may carry "\ud800" (an unpaired surrogate): Python accepts it, tokenizers do not.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unpaired_surrogate", "text holds an unpaired UTF-16 surrogate at position {pos}, which is not a character",
+            {"pos": exc.start}) from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string that is valid Unicode text (no unpaired surrogates)."""
 
 
 class _Request(BaseModel):
@@ -27,7 +47,7 @@ class ChatMessage(_Request):
     role: Literal["system", "user", "assistant"]
     """Who said it."""
 
-    content: str
+    content: Text
     """The message text."""
 
 
@@ -47,16 +67,28 @@ class SamplingFields(_Request):
     """Nucleus sampling mass."""
 
     stop: str | list[str] | None = None
-    """Stop generating when one of these strings appears (not included in the output)."""
+    """Stop generating when one of these strings appears (not included in the output); at most 4."""
 
-    seed: int | None = None
-    """Seed for reproducible sampling."""
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    """Seed for reproducible sampling (a 64-bit signed integer)."""
 
     stream: bool = False
     """Send the answer as server-sent events, token by token."""
 
     n: Literal[1] = 1
     """Number of choices; mose returns one."""
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
+            raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences (got {count})",
+                                      {"limit": MAX_STOP_SEQUENCES, "count": len(value)})
+        for item in [value] if isinstance(value, str) else value or []:
+            if not item:
+                raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
+            _encodable(item)
+        return value
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -68,7 +100,7 @@ class SamplingFields(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
-    model: str = "auto"
+    model: Text = "auto"
     """``auto`` (the router picks), an expert name, or ``upstream:<name>``."""
 
     messages: list[ChatMessage] = Field(min_length=1)
@@ -83,7 +115,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    model: str = "auto"
+    model: Text = "auto"
     """``auto`` (the router picks), an expert name, or ``upstream:<name>``."""
 
     prompt: str | list[str]
@@ -94,6 +126,7 @@ class CompletionRequest(SamplingFields):
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError("mose answers one prompt per request; send a string or a one-item list")
+        _encodable(value if isinstance(value, str) else value[0])
         return value
 
     def prompt_text(self) -> str:
@@ -177,15 +210,15 @@ class Completion(_Strict):
 
 
 class RouteRequest(_Request):
-    query: str = Field(min_length=1)
+    query: Text = Field(min_length=1)
     """The text to route."""
 
 
 class CrosscheckRequest(_Request):
-    question: str = Field(min_length=1)
+    question: Text = Field(min_length=1)
     """The question the large model was asked."""
 
-    answer: str
+    answer: Text
     """The large model's answer to check."""
 
     k: int = Field(3, ge=1, le=16)
@@ -196,7 +229,7 @@ class CrosscheckRequest(_Request):
 
 
 class FeedbackRequest(_Request):
-    verdict_id: str = Field(min_length=1)
+    verdict_id: Text = Field(min_length=1)
     """The ``id`` of a verdict returned earlier."""
 
     correct: bool
@@ -214,3 +247,43 @@ class ErrorResponse(_Strict):
     """OpenAI's error shape, so clients surface the message."""
 
     error: ErrorBody
+
+
+class FeedbackResponse(_Strict):
+    verdict_id: str
+    correct: bool
+    weights: dict[str, float]
+    """Each juror's reliability weight after this feedback."""
+
+
+class ModelCard(_Strict):
+    id: str
+    object: Literal["model"] = "model"
+    owned_by: str
+    created: int = 0
+    mose: dict[str, Any] | None = None
+    """For experts: name, version, kind, domains, owner, description (verbatim from the manifest)."""
+
+
+class ModelList(_Strict):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ExpertRecordOut(_Strict):
+    """A registered expert, as the admin endpoints return it."""
+
+    name: str
+    version: str
+    status: str
+    kind: str
+    domains: list[str]
+    base_model: str | None = None
+
+
+class Health(BaseModel):
+    """``status`` plus what each part runs on (router version and provider, pools, calibrator)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    status: Literal["ok"]

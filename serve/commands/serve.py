@@ -48,10 +48,26 @@ def _load(args: argparse.Namespace):
     return load_config(args.config, **overrides)
 
 
+def announce_admin(config) -> None:
+    """Say how the admin endpoints are guarded; insecure_local gets a warning nobody can miss."""
+    mode = config.auth.admin_mode
+    if mode == "insecure":
+        url = f"http://{config.http.host}:{config.http.port}"
+        for line in ("WARNING: INSECURE LOCAL MODE (auth.insecure_local): the admin endpoints",
+                     f"WARNING: (register, activate, retire) are open WITHOUT A TOKEN on {url};",
+                     "WARNING: anyone who can reach that port can change the registry. Set MOSE_ADMIN_TOKEN instead."):
+            print(f"mose: {line}", file=sys.stderr)
+    elif mode == "off":
+        print("mose: admin endpoints are off (set MOSE_ADMIN_TOKEN to register experts over HTTP)", file=sys.stderr)
+    else:
+        print("mose: admin endpoints need 'Authorization: Bearer $MOSE_ADMIN_TOKEN'", file=sys.stderr)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from serve import app
 
-    config = _load(args)
+    config = _load(args)  # an invalid config (e.g. admin on without a token) stops here, before Ray
+    announce_admin(config)
     stop = threading.Event()
     print("mose: starting Ray Serve ...", file=sys.stderr)
     try:

@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from experts.demo import DemoConfig, build_demo, default_data_dir
     from registry import Registry
 
+    serve_args = argparse.Namespace(home=args.home, config=args.config, address=None, host=None, port=args.port)
+    if not args.prepare_only:
+        from serve.commands.serve import _load
+
+        _load(serve_args)  # a server config that cannot serve fails now, not after minutes of preparing
     home = home_of(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
     print(f"mose up: data directory {home.root}, shared data {data_dir}", file=sys.stderr)
@@ -87,7 +92,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from serve.commands.serve import run_serve
 
-    serve_args = argparse.Namespace(home=args.home, config=args.config, address=None, host=None, port=args.port)
     return run_serve(serve_args)
 
 

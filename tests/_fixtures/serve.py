@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ class Served:
     home: Path
     token: str
     log: Path
+    ray_dir: Path | None = None
+    """The server's private Ray temp folder (RAY_TMPDIR): its session logs are under it."""
 
     def client(self, **kwargs) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=120, **kwargs)
@@ -44,12 +47,14 @@ def free_port() -> int:
 
 
 def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = STARTUP_TIMEOUT_S) -> None:
+    """Healthy, and past ``serving on``: only then has ``mose serve`` its own SIGTERM handler (before
+    it, Ray's aborts the process, and a quick test's teardown would see exit -6)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"mose serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200 and "serving on" in log.read_text():
                 return
         except httpx.HTTPError:
             pass
@@ -58,8 +63,13 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: flo
 
 
 def start_server(home: Path, port: int, log: Path, extra_env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = ()) -> subprocess.Popen:
-    env = {**os.environ, "MOSE_HOME": str(home), "MOSE_ADMIN_TOKEN": ADMIN_TOKEN, **(extra_env or {})}
+                 extra_args: tuple[str, ...] = (), token: str | None = ADMIN_TOKEN) -> subprocess.Popen:
+    """``mose serve`` on ``port``; ``token=None`` starts it without MOSE_ADMIN_TOKEN."""
+    env = {**os.environ, "MOSE_HOME": str(home)}
+    env.pop("MOSE_ADMIN_TOKEN", None)
+    if token is not None:
+        env["MOSE_ADMIN_TOKEN"] = token
+    env.update(extra_env or {})
     return subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--home", str(home), *extra_args],
         stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
@@ -98,11 +108,15 @@ def served(serve_home, tmp_path_factory):
     """The running server; stopped with SIGTERM at the end of the session."""
     port = free_port()
     log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    proc = start_server(serve_home, port, log)
+    # A short private Ray folder (socket paths are limited to 107 bytes), so the tests can read
+    # this server's Ray logs and not another process's.
+    ray_dir = Path(tempfile.mkdtemp(prefix="mose-ray-"))
+    proc = start_server(serve_home, port, log, extra_env={"RAY_TMPDIR": str(ray_dir)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(url, proc, log)
-        yield Served(url=url, home=serve_home, token=ADMIN_TOKEN, log=log)
+        yield Served(url=url, home=serve_home, token=ADMIN_TOKEN, log=log, ray_dir=ray_dir)
     finally:
         code = stop_server(proc)
+        shutil.rmtree(ray_dir, ignore_errors=True)
         assert code == 0, f"mose serve did not shut down cleanly ({code}):\n{log.read_text()[-3000:]}"

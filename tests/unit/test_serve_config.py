@@ -76,3 +76,40 @@ def test_unset_flags_do_not_override(monkeypatch):
     monkeypatch.setenv("MOSE_SERVE__HTTP__HOST", "0.0.0.0")
     config = load_config(http={"host": None, "port": 9300}, ray={"address": None})
     assert (config.http.host, config.http.port, config.ray.address) == ("0.0.0.0", 9300, None)
+
+
+@pytest.mark.parametrize(
+    "auth, mode",
+    [
+        ({}, "off"),  # the README's `mose up` / `make start`: no token, admin endpoints absent
+        ({"admin_token": "t0ken"}, "token"),
+        ({"insecure_local": True}, "insecure"),
+        ({"admin_enabled": True, "admin_token": "t0ken"}, "token"),
+        ({"admin_enabled": True, "insecure_local": True}, "insecure"),
+        ({"admin_enabled": False, "admin_token": "t0ken"}, "off"),
+    ],
+)
+def test_admin_mode_follows_token_and_switches(monkeypatch, auth, mode):
+    monkeypatch.delenv("MOSE_ADMIN_TOKEN", raising=False)
+    assert load_config(auth=auth).auth.admin_mode == mode
+
+
+def test_admin_enabled_without_a_token_names_the_ways_out(monkeypatch):
+    monkeypatch.delenv("MOSE_ADMIN_TOKEN", raising=False)
+    monkeypatch.setenv("MOSE_SERVE__AUTH__ADMIN_ENABLED", "true")
+    with pytest.raises(MoseError) as err:
+        load_config()
+    assert "MOSE_ADMIN_TOKEN" in str(err.value) and "auth.insecure_local" in str(err.value)
+
+
+@pytest.mark.parametrize("host, ok", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
+                                      ("192.168.1.5", False)])
+def test_insecure_local_only_listens_on_loopback(monkeypatch, host, ok):
+    monkeypatch.delenv("MOSE_ADMIN_TOKEN", raising=False)
+    if ok:
+        assert load_config(auth={"insecure_local": True}, http={"host": host}).auth.admin_mode == "insecure"
+    else:
+        with pytest.raises(MoseError, match="http.host must be a loopback address"):
+            load_config(auth={"insecure_local": True}, http={"host": host})
+    # With a token, insecure_local changes nothing and any address is fine.
+    assert load_config(auth={"insecure_local": True, "admin_token": "t0ken"}, http={"host": host}).auth.admin_mode == "token"
