@@ -345,6 +345,15 @@ def test_serve_refuses_to_start_unprotected_before_starting_ray(mose_home, env, 
     assert time.monotonic() - started < 30
 
 
+def test_up_refuses_before_preparing_anything(tmp_path):
+    home = tmp_path / "never-made"
+    env = {k: v for k, v in os.environ.items() if k != "MOSE_ADMIN_TOKEN"}
+    result = subprocess.run([sys.executable, "-m", "serve.cli", "up"], capture_output=True, text=True, timeout=60,
+                            env=env | {"MOSE_HOME": str(home), "MOSE_SERVE__AUTH__ADMIN_ENABLED": "1"})
+    assert (result.returncode, result.stderr.strip()) == (2, REFUSALS["admin on, no token"][2])
+    assert not home.exists()  # no minutes of fine-tuning before the refusal
+
+
 @pytest.fixture(scope="module")
 def unprotected_servers(serve_home, tmp_path_factory):
     """Start ``mose serve`` without a token, insecure_local on, then off (one at a time: 2 cores)."""
