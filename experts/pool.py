@@ -49,6 +49,9 @@ class PoolConfig(BaseModel):
                                     "(rows of several items are length-sorted and packed up to this).")
     full_expert_budget_bytes: int = Field(default=2 << 30, ge=0,
                                           description="Memory budget of the full-weight expert LRU.")
+    load_base: bool = Field(default=True, description="Load the base model's weights. False: a pool of "
+                            "full-weight experts only (the base's tokenizer is still loaded, for experts "
+                            "that ship none); it serves no LoRA experts and no 'base'.")
     batched_lora: bool = Field(default=True, description="Decode mixed-adapter batches with stacked per-row "
                                "LoRA matmuls (experts.batched_lora) instead of peft's per-adapter loop.")
     policy: DevicePolicy = Field(default_factory=DevicePolicy, description="Device and precision policy.")
@@ -127,10 +130,12 @@ class ExpertPool:
         plan = self.config.policy.base_plan()
         self.device = plan.device
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
-        base = AutoModelForCausalLM.from_pretrained(base_dir, **plan.from_pretrained_kwargs())
-        if plan.quantization_config is None:
-            base = base.to(plan.device)
-        self._base = base.eval()
+        self._base: Any = None
+        if self.config.load_base:
+            base = AutoModelForCausalLM.from_pretrained(base_dir, **plan.from_pretrained_kwargs())
+            if plan.quantization_config is None:
+                base = base.to(plan.device)
+            self._base = base.eval()
         self._peft: Any = None                      # PeftModel once the first adapter is added
         self._adapters: dict[str, str] = {}         # expert name -> peft adapter key
         self._adapter_bytes: dict[str, int] = {}
@@ -175,6 +180,7 @@ class ExpertPool:
             with self._lock:
                 self._full_sources[record.name] = (registry, record)
             return
+        self._require_base(record.name)
         if record.base_model != self.config.base_model:
             raise MoseError(f"{record.name}: adapter for base model {record.base_model!r}, but this pool "
                             f"serves {self.config.base_model!r}")
@@ -186,6 +192,7 @@ class ExpertPool:
         from peft import get_peft_model, set_peft_model_state_dict
 
         self._check_name(name)
+        self._require_base(name)
         with self._lock:
             if name in self._adapters:
                 self.remove(name)
@@ -233,6 +240,18 @@ class ExpertPool:
             warnings.simplefilter("ignore")  # "active adapter deleted": we always pass adapter_names
             self._peft.delete_adapter(key)
 
+    def _require_base(self, name: str) -> None:
+        if self._base is None and self._peft is None:
+            raise MoseError(f"{name}: this pool holds full-weight experts only (PoolConfig.load_base=False); "
+                            "LoRA experts need a pool with the base model loaded")
+
+    def preload(self, name: str) -> None:
+        """Load a registered full-weight expert's weights now instead of at its first request."""
+        if self._resolve(name)[0] != "full":
+            raise MoseError(f"{name!r} is not a full-weight expert: only those are loaded on demand")
+        with self._lock:
+            self._full_model(name)
+
     def _check_name(self, name: str) -> None:
         if name in (BASE_EXPERT, self.config.base_model):
             raise MoseError(f"{name!r} names the base model; choose another expert name")
@@ -241,7 +260,7 @@ class ExpertPool:
 
     def experts(self) -> dict[str, str]:
         """Expert name -> kind ('base', 'lora', 'full') of everything this pool can serve."""
-        names = {BASE_EXPERT: "base"}
+        names = {BASE_EXPERT: "base"} if self._base is not None or self._peft is not None else {}
         names.update({n: "lora" for n in self._adapters})
         names.update({n: "full" for n in self._full_sources})
         return names
@@ -249,7 +268,8 @@ class ExpertPool:
     def memory(self) -> dict[str, Any]:
         """Bytes held by the base model, the adapters and the full-expert LRU."""
         return {
-            "base_bytes": model_bytes(self._base) - sum(self._adapter_bytes.values()),
+            "base_bytes": model_bytes(self._shared_model()) - sum(self._adapter_bytes.values())
+            if self._shared_model() is not None else 0,
             "adapter_bytes": sum(self._adapter_bytes.values()),
             "adapters": len(self._adapters),
             "full_loaded": self._full.names(),
@@ -265,7 +285,7 @@ class ExpertPool:
 
     def _resolve(self, name: str) -> tuple[str, str]:
         """('shared', adapter key or __base__) or ('full', name)."""
-        if name in (BASE_EXPERT, self.config.base_model):
+        if name in (BASE_EXPERT, self.config.base_model) and self._shared_model() is not None:
             return "shared", BASE_ADAPTER
         if name in self._adapters:
             return "shared", self._adapters[name]

@@ -77,10 +77,17 @@ def ingress_options(config: ServeConfig, gpus_available: bool, home_root: str) -
 
 
 def build_application(config: ServeConfig, gpus_available: bool | None = None):
-    """The bound application graph: Ingress -> (Router, ExpertPool, CrossCheck -> (Router, ExpertPool))."""
+    """The bound application graph:
+    Ingress -> (Router, ExpertPool, FullExperts, CrossCheck -> (Router, ExpertPool))."""
     from ray import serve
 
-    from serve.deployments import CrossCheckDeployment, ExpertPoolDeployment, Ingress, RouterDeployment
+    from serve.deployments import (
+        CrossCheckDeployment,
+        ExpertPoolDeployment,
+        Ingress,
+        RouterDeployment,
+        full_expert_deployment,
+    )
 
     gpus = cluster_gpus() > 0 if gpus_available is None else gpus_available
     home_root = str(config.home or MoseHome.from_env().root)
@@ -92,10 +99,13 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
     pool = serve.deployment(ExpertPoolDeployment).options(**pool_options).bind(
         home_root, SMOLLM2_ID, config.pool.max_batch_size, config.pool.batch_wait_timeout_s,
         config.limits.max_tokens, config.pool.torch_threads)
+    full = serve.deployment(full_expert_deployment(config.pool.max_full_experts_per_replica)).options(
+        **deployment_options("FullExperts", config.full_experts, gpus, home_root)).bind(
+        home_root, config.limits.max_tokens, config.pool.torch_threads)
     checker = serve.deployment(CrossCheckDeployment).options(
         **deployment_options("CrossCheck", config.crosscheck, gpus, home_root)).bind(home_root, router, pool)
     ingress = serve.deployment(Ingress).options(**ingress_options(config, gpus, home_root))
-    return ingress.bind(config, router, pool, checker)
+    return ingress.bind(config, router, pool, full, checker)
 
 
 def app_builder(args: dict[str, Any]):

@@ -145,6 +145,11 @@ class PoolSettings(_Section):
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     """How long the pool waits to fill a batch before running a partial one."""
 
+    max_full_experts_per_replica: int = Field(2, ge=1)
+    """Full-weight experts one ``full_experts`` replica keeps loaded; the least recently used is
+    unloaded when another is asked for. Size it to the replica's memory (a 135M model: ~0.5 GiB
+    in fp32 on CPU, ~0.1 GiB at 4-bit on GPU)."""
+
     torch_threads: int = Field(0, ge=0)
     """Threads torch may use in each pool replica; 0 = every core of the machine. (Ray gives
     actors with fractional CPUs one thread by default, which would starve the decoder.)"""
@@ -209,6 +214,10 @@ class ServeConfig(BaseSettings):
     expert_pool: DeploymentConfig = Field(
         default_factory=lambda: DeploymentConfig(num_cpus=1.0, num_gpus=0.5, max_ongoing_requests=64))
     """One deployment per base model hosting its LoRA experts."""
+
+    full_experts: DeploymentConfig = Field(
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0.25, max_ongoing_requests=32))
+    """Full-weight experts, loaded on demand per replica (Ray Serve model multiplexing)."""
 
     crosscheck: DeploymentConfig = Field(default_factory=DeploymentConfig)
     """The cross-check jury deployment."""

@@ -3,6 +3,8 @@
 * :class:`RouterDeployment` — the learned router on ONNX Runtime; concurrent queries are batched.
 * :class:`ExpertPoolDeployment` — one per base model: the base plus its LoRA experts; concurrent
   requests for different adapters share forward passes (``@serve.batch``).
+* :class:`FullExpertDeployment` — full-weight experts (their own weights, no shared base), loaded
+  on demand through Ray Serve model multiplexing, least recently used unloaded per replica.
 * :class:`CrossCheckDeployment` — the jury; it borrows the router and the pool through handles.
 * :class:`Ingress` — the FastAPI app (:mod:`serve.api`), implementing :class:`~serve.backend.Backend`
   with handles to the others; it owns registry writes (admin endpoints).
@@ -154,6 +156,28 @@ class Coalescer:
             self.busy = False
 
 
+async def _stream_in_thread(produce_pieces: Any, request: GenerationRequest) -> AsyncIterator[str]:
+    """Run a blocking generator of text pieces in a thread and yield its pieces as they come."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for piece in produce_pieces(request):
+                loop.call_soon_threadsafe(queue.put_nowait, piece)
+        except Exception as exc:  # delivered to the consumer below
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := await queue.get()) is not done:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
 class ExpertPoolDeployment:
     """One base model and its experts; concurrent requests are decoded together."""
 
@@ -183,8 +207,9 @@ class ExpertPoolDeployment:
             if not force and time.monotonic() - self._synced_at < REGISTRY_REFRESH_S:
                 return sorted(self.pool.experts())
             self._synced_at = time.monotonic()
+            # Full-weight experts are the FullExperts deployment's (multiplexed, loaded on demand).
             wanted = {r.name: r for r in self.registry.list(status="active")
-                      if r.kind == "full" or r.base_model == self.pool.config.base_model}
+                      if r.kind == "lora" and r.base_model == self.pool.config.base_model}
             loaded = self.pool.experts()
             for name in [n for n, kind in loaded.items() if kind != "base" and n not in wanted]:
                 self.pool.remove(name)
@@ -236,24 +261,8 @@ class ExpertPoolDeployment:
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         """Text pieces of one completion; the blocking decoder runs in a thread."""
         self.sync_experts()
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        done = object()
-
-        def produce() -> None:
-            try:
-                for piece in self.pool.stream(request):
-                    loop.call_soon_threadsafe(queue.put_nowait, piece)
-            except Exception as exc:  # delivered to the consumer below
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        threading.Thread(target=produce, daemon=True).start()
-        while (item := await queue.get()) is not done:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        async for piece in _stream_in_thread(self.pool.stream, request):
+            yield piece
 
     async def score(self, question: str, answer: str, experts: list[str]) -> list[Any]:
         """Likelihood evidence of each expert about one answer (one batched pass)."""
@@ -270,6 +279,94 @@ class ExpertPoolDeployment:
         return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "refused": self.load_errors, "memory": self.pool.memory()}
+
+
+class _LoadedFullExpert:
+    """What the multiplexed loader caches: a full expert loaded in this replica's pool. Ray Serve
+    calls ``__del__`` when it evicts the expert (least recently used), which unloads the weights."""
+
+    def __init__(self, pool: Any, name: str) -> None:
+        self.pool, self.name = pool, name
+
+    def __del__(self) -> None:
+        if self.name in self.pool.experts():
+            self.pool.remove(self.name)
+        self.name = ""  # Ray may call __del__ again when it drops its reference
+
+
+class FullExpertDeployment:
+    """Full-weight experts. A request carries its expert's name as the multiplexed model id; Ray
+    Serve sends it to a replica that already holds that expert when one does, and each replica
+    keeps at most ``max_models_per_replica`` loaded (see :func:`full_expert_deployment`)."""
+
+    def __init__(self, home_root: str, max_new_tokens: int, torch_threads: int) -> None:
+        import torch
+
+        from experts.pool import ExpertPool, PoolConfig
+
+        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        self.registry = _open_registry(home_root)
+        # The LRU is Ray Serve's (per replica, by count); the pool's own byte budget only guards
+        # against one expert too large for the machine.
+        config = PoolConfig(load_base=False, max_new_tokens_limit=max_new_tokens, full_expert_budget_bytes=1 << 40)
+        self.pool = ExpertPool(config, home=MoseHome.from_env(home_root))
+        self.load_errors: dict[str, str] = {}
+
+    async def load_expert(self, name: str) -> _LoadedFullExpert:
+        """Verify and load one active full-weight expert (a tampered one is refused and quarantined)."""
+        from registry.errors import NotFoundError
+
+        record = await asyncio.to_thread(self.registry.active, name)
+        if record is None or record.kind != "full":
+            raise NotFoundError(f"unknown model {name!r}: no active full-weight expert of that name")
+        try:
+            await asyncio.to_thread(self._add_and_load, record)
+        except MoseError as exc:
+            self.load_errors[name] = str(exc)
+            logger.error("full expert %s refused: %s", name, exc)
+            raise
+        self.load_errors.pop(name, None)
+        return _LoadedFullExpert(self.pool, name)
+
+    def _add_and_load(self, record: Any) -> None:
+        self.pool.add_registered(self.registry, record)
+        self.pool.preload(record.name)
+
+    async def _expert(self) -> str:
+        name = serve.get_multiplexed_model_id()
+        await self.load_expert(name)
+        return name
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
+        """Requests for one expert (Ray splits batches by model id), decoded together."""
+        await self._expert()
+        results = await asyncio.to_thread(self.pool.generate, requests)
+        return [(result, len(requests)) for result in results]
+
+    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+        return await self.generate_batch(request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        await self._expert()
+        async for piece in _stream_in_thread(self.pool.stream, request):
+            yield piece
+
+    def status(self) -> dict[str, Any]:
+        return {"loaded": [n for n, kind in self.pool.experts().items() if kind == "full"],
+                "memory": self.pool.memory(), "refused": self.load_errors}
+
+
+def full_expert_deployment(max_models_per_replica: int) -> type:
+    """:class:`FullExpertDeployment` with Ray Serve's multiplexed LRU of the given size (the
+    decorator takes the size when the class is made, so the class is made from the config)."""
+
+    class FullExperts(FullExpertDeployment):
+        load_expert = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(
+            FullExpertDeployment.load_expert)
+
+    FullExperts.__doc__ = FullExpertDeployment.__doc__
+    return FullExperts
 
 
 class CrossCheckDeployment:
@@ -378,14 +475,14 @@ async def _call(handle_method: Any, *args: Any) -> Any:
 class Ingress(Backend):
     """The HTTP front door: parses, limits, authenticates; routes and generates through handles."""
 
-    def __init__(self, config: ServeConfig, router: Any, pool: Any, crosscheck: Any) -> None:
+    def __init__(self, config: ServeConfig, router: Any, pool: Any, full_experts: Any, crosscheck: Any) -> None:
         self.config = config
         self.home_root = str(config.home or MoseHome.from_env().root)
         self.registry = _open_registry(self.home_root)
-        self.router, self.pool, self.checker = router, pool, crosscheck
+        self.router, self.pool, self.full_experts, self.checker = router, pool, full_experts, crosscheck
         self.upstream = UpstreamClient(config.upstreams)
         self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
-        if config.auth.insecure_local and config.auth.admin_token is None:
+        if config.auth.admin_mode == "insecure":
             logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
 
     def __serve_build_asgi_app__(self):
@@ -396,11 +493,19 @@ class Ingress(Backend):
     async def route(self, query: str) -> RouteDecision:
         return await _call(self.router.route, query)
 
+    async def _serving(self, expert: str) -> Any:
+        """The handle that serves ``expert``: the multiplexed full-expert deployment, or the pool."""
+        if any(card["name"] == expert and card["kind"] == "full" for card in await self.experts()):
+            return self.full_experts.options(multiplexed_model_id=expert)
+        return self.pool
+
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
-        return await _call(self.pool.generate, request)
+        handle = await self._serving(request.expert)
+        return await _call(handle.generate, request)
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        async for piece in self.pool.options(stream=True).stream.remote(request):
+        handle = await self._serving(request.expert)
+        async for piece in handle.options(stream=True).stream.remote(request):
             yield piece
 
     async def experts(self) -> list[dict[str, Any]]:
@@ -437,10 +542,11 @@ class Ingress(Backend):
         return await self.checker.feedback.remote(verdict_id, correct, "feedback-api")
 
     async def health(self) -> dict[str, Any]:
-        router, pool, checker = await asyncio.gather(
-            _call(self.router.status), _call(self.pool.status), _call(self.checker.status))
+        router, pool, full, checker = await asyncio.gather(
+            _call(self.router.status), _call(self.pool.status), _call(self.full_experts.status),
+            _call(self.checker.status))
         return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"},
-                "crosscheck": checker}
+                "full_experts": {k: v for k, v in full.items() if k != "memory"}, "crosscheck": checker}
 
 
 def _record_json(record: Any) -> dict[str, Any]:
@@ -476,4 +582,5 @@ def _safe_relpath(relpath: str) -> PurePosixPath:
     return path
 
 
-__all__ = ["RouterDeployment", "ExpertPoolDeployment", "CrossCheckDeployment", "Ingress"]
+__all__ = ["CrossCheckDeployment", "ExpertPoolDeployment", "FullExpertDeployment", "Ingress", "RouterDeployment",
+           "full_expert_deployment"]
