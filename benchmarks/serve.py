@@ -54,27 +54,28 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def in_process(home, requests: int) -> list[float]:
-    from experts.pool import ExpertPool
-    from experts.types import GenerationRequest, SamplingParams
-    from registry import Registry
-    from router_model.runtime import load_router
+class InProcess:
+    """(a): the same router and pool in this process, no Ray, no HTTP."""
 
-    registry = Registry.open(home)
-    pool = ExpertPool.from_registry(registry, home=home)
-    router = load_router(home, registry, strict=False)  # same expert per prompt as HTTP `auto`
-    params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
-    pool.generate([GenerationRequest(expert="base", messages=[{"role": "user", "content": "hi"}], params=params)])
-    times = []
-    for i in range(requests):
-        prompt = PROMPTS[i % len(PROMPTS)]
+    def __init__(self, home) -> None:
+        from experts.pool import ExpertPool
+        from experts.types import GenerationRequest, SamplingParams
+        from registry import Registry
+        from router_model.runtime import load_router
+
+        self.request_type = GenerationRequest
+        self.registry = Registry.open(home)
+        self.pool = ExpertPool.from_registry(self.registry, home=home)
+        self.router = load_router(home, self.registry, strict=False)  # same expert per prompt as HTTP `auto`
+        self.params = SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+        self.answer("hi")
+
+    def answer(self, prompt: str) -> float:
         started = time.perf_counter()
-        request = GenerationRequest(expert=router.route(prompt).expert,
-                                    messages=[{"role": "user", "content": prompt}], params=params)
-        pool.generate([request])
-        times.append(time.perf_counter() - started)
-    del pool
-    return times
+        request = self.request_type(expert=self.router.route(prompt).expert,
+                                    messages=[{"role": "user", "content": prompt}], params=self.params)
+        self.pool.generate([request])
+        return time.perf_counter() - started
 
 
 def chat(client: httpx.Client, prompt: str, model: str = "auto") -> tuple[float, int]:
@@ -151,12 +152,18 @@ def main() -> None:
         experts = [r.name for r in reg.list(status="active")] or ["base"]
     print(f"home {home.root}: {len(experts)} active experts; {psutil.cpu_count()} CPUs", file=sys.stderr)
 
-    direct = in_process(home, args.requests)
+    direct_pool = InProcess(home)
     log = Path(home.root) / "bench-serve.log"
     cold, proc, url = time_to_first_answer(home.root, log)
     try:
+        # (a) and (b) alternate, prompt by prompt, so both series see the same machine: on two
+        # shared cores, series taken minutes apart differed by 20 % on their own.
+        direct, http = [], []
         with httpx.Client(base_url=url, timeout=300) as client:
-            http = [chat(client, PROMPTS[i % len(PROMPTS)])[0] for i in range(args.requests)]
+            for i in range(args.requests):
+                direct.append(direct_pool.answer(PROMPTS[i % len(PROMPTS)]))
+                http.append(chat(client, PROMPTS[i % len(PROMPTS)])[0])
+        del direct_pool
         single = throughput(url, 1, args.requests, experts)
         many = throughput(url, args.clients, max(args.requests, 2 * args.clients), experts)
         rss = app_rss_mb(proc)

@@ -124,7 +124,10 @@ def choose_providers(use_cuda: bool) -> list[str]:
 class OnnxRouter(BaseRouter):
     """The learned router: tokenizer + one ONNX graph + threshold + expert directory."""
 
-    def __init__(self, directory: Path, registry=None, config: RouterConfig | None = None) -> None:
+    def __init__(self, directory: Path, registry=None, config: RouterConfig | None = None,
+                 threads: int | None = None) -> None:
+        """``threads`` overrides the config's ONNX Runtime intra-op threads (a server sharing its
+        cores with decoders wants 1: an idle thread pool spin-waits and steals their CPU)."""
         import onnxruntime as ort
 
         self.directory = Path(directory)
@@ -136,8 +139,9 @@ class OnnxRouter(BaseRouter):
         self.tokenizer = load_tokenizer(self.directory, trained.max_length)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if self.config.threads:
-            options.intra_op_num_threads = self.config.threads
+        threads = self.config.threads if threads is None else threads
+        if threads:
+            options.intra_op_num_threads = threads
         providers = choose_providers(self.config.use_cuda)
         try:
             # A CUDA provider that cannot load logs an error and falls back to CPU; we report
@@ -154,9 +158,10 @@ class OnnxRouter(BaseRouter):
         self.experts = ExpertDirectory(registry, self.config.fallback_expert, self.config.expert_refresh_s)
 
     @classmethod
-    def load(cls, home, registry=None, config: RouterConfig | None = None) -> "OnnxRouter":
+    def load(cls, home, registry=None, config: RouterConfig | None = None,
+             threads: int | None = None) -> "OnnxRouter":
         """The current version in ``home.router_dir``; MoseError when missing or corrupted."""
-        return cls(current_dir(home.router_dir), registry=registry, config=config)
+        return cls(current_dir(home.router_dir), registry=registry, config=config, threads=threads)
 
     @property
     def version(self) -> str:
@@ -229,11 +234,12 @@ ROUTERS = MappingProxyType({"onnx": OnnxRouter, "fallback": FallbackRouter})
 """Router implementations by name."""
 
 
-def load_router(home, registry=None, config: RouterConfig | None = None, strict: bool = True) -> BaseRouter:
+def load_router(home, registry=None, config: RouterConfig | None = None, strict: bool = True,
+                threads: int | None = None) -> BaseRouter:
     """The current learned router; with ``strict=False`` a missing or corrupted artifact gives a
     :class:`FallbackRouter` instead of raising (what the server does)."""
     try:
-        return OnnxRouter.load(home, registry=registry, config=config)
+        return OnnxRouter.load(home, registry=registry, config=config, threads=threads)
     except MoseError:
         if strict:
             raise

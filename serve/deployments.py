@@ -75,7 +75,9 @@ class RouterDeployment:
 
         self._loaded_pointer = self._pointer()
         try:
-            self.router = load_router(self.home, self.registry, strict=True)
+            # One ONNX Runtime thread: routing one query takes ~2 ms, and a second thread would
+            # spin-wait between queries on the cores the expert pool decodes on.
+            self.router = load_router(self.home, self.registry, strict=True, threads=1)
             self.error = None
         except MoseError as exc:
             logger.warning("router unavailable, answering with the fallback: %s", exc)
