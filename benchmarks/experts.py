@@ -186,6 +186,7 @@ def main() -> None:
 
     import torch
 
+    from benchmarks._report import print_table
     from experts.base_models import prepare_base_models
 
     prepare_base_models(progress=True)
@@ -220,13 +221,8 @@ def main() -> None:
                          "fit in free GPU memory"))
     else:
         rows.append(("CUDA 4-bit base", "n/a", "no CUDA device on this machine"))
-    width = max(len(r[0]) for r in rows)
-    print(f"\nexperts benchmark ({os.cpu_count()} CPUs, {args.new_tokens} new tokens per request, "
-          f"MOSE_CPU_THREADS={os.environ.get('MOSE_CPU_THREADS', 'unset (torch default)')})\n")
-    print(f"| {'measure'.ljust(width)} | value | notes |")
-    print(f"|{'-' * (width + 2)}|---|---|")
-    for name, value, note in rows:
-        print(f"| {name.ljust(width)} | {value} | {note} |")
+    print_table(f"experts benchmark ({os.cpu_count()} CPUs, {args.new_tokens} new tokens per request, "
+                f"MOSE_CPU_THREADS={os.environ.get('MOSE_CPU_THREADS', 'unset (torch default)')})", rows)
 
 
 if __name__ == "__main__":

@@ -217,14 +217,11 @@ def main() -> None:
     if args.json:
         print(json.dumps({"pools": pools, "full_4bit": full, "random_base": bool(args.random_base)}))
         return
-    rows = report(pools, full)
-    width = max(len(r[0]) for r in rows)
+    from benchmarks._report import print_table
+
     weights = "random weights, SmolLM2-135M architecture" if args.random_base else "SmolLM2-135M"
-    print(f"\nGPU benchmark: {pools[0]['device']}, {weights}, {args.new_tokens} new tokens per request\n")
-    print(f"| {'measure'.ljust(width)} | value | notes |")
-    print(f"|{'-' * (width + 2)}|---|---|")
-    for name, value, note in rows:
-        print(f"| {name.ljust(width)} | {value} | {note} |")
+    print_table(f"GPU benchmark: {pools[0]['device']}, {weights}, {args.new_tokens} new tokens per request",
+                report(pools, full))
 
 
 if __name__ == "__main__":

@@ -30,9 +30,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
-import psutil
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._report import tree_rss_mib  # noqa: E402
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 REJECTED = {429, 503}
 MAX_GROWTH_PCT = 10.0
@@ -133,21 +136,9 @@ async def client_loop(url: str, tally: Tally, start: int, step: int, deadline: f
                 await asyncio.sleep(min(wait, max(0.0, deadline - time.monotonic())))
 
 
-def tree_rss_mb(pid: int) -> float:
-    """RSS of a process and all its descendants (the mose server with its Ray workers), MiB."""
-    root = psutil.Process(pid)
-    total = 0
-    for proc in [root, *root.children(recursive=True)]:
-        try:
-            total += proc.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 async def sample_rss(pid: int, mark_s: float, marks: dict[str, float]) -> None:
     await asyncio.sleep(mark_s)
-    marks["rss_mark_mb"] = tree_rss_mb(pid)
+    marks["rss_mark_mb"] = tree_rss_mib(pid)
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -169,7 +160,7 @@ async def run_load_async(url: str, clients: int, seconds: float, experts: list[s
                                        timeout_s) for c in range(clients)))
     if sampler is not None:
         sampler.cancel()
-        marks["rss_end_mb"] = tree_rss_mb(server_pid)
+        marks["rss_end_mb"] = tree_rss_mib(server_pid)
     return summarize(tally, clients, time.monotonic() - started, marks)
 
 
@@ -300,7 +291,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO_ROOT))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -34,6 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from benchmarks._report import tree_rss_mib  # noqa: E402
 from tests._fixtures.serve import free_port, start_server, stop_server  # noqa: E402
 
 PROMPTS = [
@@ -103,17 +104,6 @@ def time_to_first_answer(home: Path, log: Path) -> tuple[float, subprocess.Popen
             time.sleep(0.5)
 
 
-def app_rss_mb(proc: subprocess.Popen) -> float:
-    root = psutil.Process(proc.pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total / 2**20
-
-
 def batch_stats(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics").text
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
@@ -166,7 +156,7 @@ def main() -> None:
         del direct_pool
         single = throughput(url, 1, args.requests, experts)
         many = throughput(url, args.clients, max(args.requests, 2 * args.clients), experts)
-        rss = app_rss_mb(proc)
+        rss = tree_rss_mib(proc.pid)
     finally:
         stop_server(proc)
     warm, proc, _ = time_to_first_answer(home.root, log)

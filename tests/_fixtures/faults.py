@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +20,14 @@ import httpx
 import psutil
 import pytest
 
-from tests._fixtures.serve import ADMIN_TOKEN, free_port, start_server, stop_server, wait_until_healthy
+from tests._fixtures.serve import (
+    ADMIN_TOKEN,
+    free_port,
+    home_with_lora_experts,
+    start_server,
+    stop_server,
+    wait_until_healthy,
+)
 
 FAULT_EXPERTS = (("med-expert", "medicine"), ("math-expert", "math"))
 
@@ -120,15 +126,4 @@ def wait_for(predicate, timeout_s: float, what: str, every_s: float = 0.5):
 @pytest.fixture(scope="module")
 def fault_home(trained_router_home, base_models, tmp_path_factory) -> Path:
     """A private data directory: the session's trained router and two active LoRA experts."""
-    from registry import Registry
-    from registry.home import MoseHome
-    from tests._fixtures.experts import write_lora_expert
-
-    root = tmp_path_factory.mktemp("fault") / "home"
-    shutil.copytree(trained_router_home.root, root)
-    folder = tmp_path_factory.mktemp("fault-experts")
-    with Registry.open(MoseHome.from_env(root)) as reg:
-        for seed, (name, domain) in enumerate(FAULT_EXPERTS):
-            reg.add(write_lora_expert(folder, name, seed=seed + 10, domain=domain))
-            reg.activate(name)
-    return root
+    return home_with_lora_experts(trained_router_home.root, tmp_path_factory, "fault", list(FAULT_EXPERTS))

@@ -87,20 +87,28 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-@pytest.fixture(scope="session")
-def serve_home(trained_router_home, base_models, tmp_path_factory) -> Path:
+def home_with_lora_experts(router_home: Path, tmp_path_factory, label: str,
+                           experts: list[tuple[str, str]]) -> Path:
+    """A copy of ``router_home`` with ``experts`` ((name, domain) pairs) registered and active:
+    real LoRA adapters with random weights on SmolLM2."""
     from registry import Registry
     from registry.home import MoseHome
     from tests._fixtures.experts import write_lora_expert
 
-    root = tmp_path_factory.mktemp("serve") / "home"
-    shutil.copytree(trained_router_home.root, root)
-    folder = tmp_path_factory.mktemp("serve-experts")
+    root = tmp_path_factory.mktemp(label) / "home"
+    shutil.copytree(router_home, root)
+    folder = tmp_path_factory.mktemp(f"{label}-experts")
     with Registry.open(MoseHome.from_env(root)) as reg:
-        for seed, (name, domain) in enumerate([("med-expert", "medicine"), ("math-expert", "math")]):
+        for seed, (name, domain) in enumerate(experts):
             reg.add(write_lora_expert(folder, name, seed=seed + 10, domain=domain))
             reg.activate(name)
     return root
+
+
+@pytest.fixture(scope="session")
+def serve_home(trained_router_home, base_models, tmp_path_factory) -> Path:
+    return home_with_lora_experts(trained_router_home.root, tmp_path_factory, "serve",
+                                  [("med-expert", "medicine"), ("math-expert", "math")])
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,27 @@
+"""What the benchmarks share: the markdown table they print and the memory of a process tree."""
+
+from __future__ import annotations
+
+
+def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    """``title``, then (measure, value, notes) rows as a markdown table (pasted into docs/benchmarks.md)."""
+    width = max(len(row[0]) for row in rows)
+    print(f"\n{title}\n")
+    print(f"| {'measure'.ljust(width)} | value | notes |")
+    print(f"|{'-' * (width + 2)}|---|---|")
+    for name, value, note in rows:
+        print(f"| {name.ljust(width)} | {value} | {note} |")
+
+
+def tree_rss_mib(pid: int) -> float:
+    """RSS of a process and all its descendants (a server with its Ray workers), MiB."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            total += proc.memory_info().rss
+        except psutil.Error:  # a worker that exited while we looked
+            pass
+    return total / 2**20
