@@ -30,10 +30,15 @@ class RowState:
         return self.finish_reason is not None
 
 
+GREEDY_BELOW_TEMPERATURE = 1e-3
+"""Temperatures below this decode greedily: ``softmax(logits / 1e-300)`` overflows to NaN, and a
+NaN row would fail every request decoded in the same batch."""
+
+
 def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:
     import torch
 
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW_TEMPERATURE:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
     if params.top_p < 1.0:

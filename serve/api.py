@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from experts.decoding import GREEDY_BELOW_TEMPERATURE
 from experts.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, SamplingParams
 from experts.types import ChatMessage as PoolMessage
@@ -60,9 +61,8 @@ logger = logging.getLogger("mose.api")
 AUTO = "auto"
 UPSTREAM_PREFIX = "upstream:"
 ADMIN_PREFIX = "/v1/experts"
-MIN_TEMPERATURE = 1e-3
-"""Temperatures below this decode greedily: dividing logits by a tinier one overflows float32
-to inf/NaN and would fail the whole batch the request shares (same answer up to exact ties)."""
+MIN_TEMPERATURE = GREEDY_BELOW_TEMPERATURE
+"""Temperatures below this are sent as 0 (greedy), as the decoder would treat them anyway."""
 
 ERROR_DESCRIPTIONS = {
     400: "The request is malformed or over a limit; the message names the field.",

@@ -37,3 +37,15 @@ def test_messages_are_required():
 def test_defaults_are_greedy_and_bounded():
     params = SamplingParams()
     assert (params.temperature, params.top_p, params.max_new_tokens, params.stop, params.seed) == (0.0, 1.0, 64, [], None)
+
+
+def test_a_vanishing_temperature_decodes_greedily_instead_of_sampling_nan():
+    import torch
+
+    from experts.decoding import _generator, _sample
+    from experts.types import SamplingParams
+
+    logits = torch.tensor([0.5, 3.0, -1.0, 2.9])
+    assert torch.isnan(torch.softmax(logits / 1e-300, dim=-1)).any()  # what the guard avoids
+    for temperature in (1e-300, 1e-4):
+        assert _sample(logits, SamplingParams(temperature=temperature), _generator(0)) == 1
