@@ -173,12 +173,17 @@ class ExpertPool:
             added.append(record.name)
         return added
 
-    def add_registered(self, registry: Any, record: Any) -> None:
-        """Add one registered expert; its files are verified (tampering quarantines it)."""
+    def add_registered(self, registry: Any, record: Any, load_now: bool = False) -> None:
+        """Add one registered expert; its files are verified (tampering quarantines it).
+
+        A full-weight expert's weights are loaded at its first request, or here with ``load_now``
+        (from the files just verified, so they are read once)."""
         if record.kind == "full":
-            read_verified(registry, record)  # fail now, not on the first request
+            verified = read_verified(registry, record)  # fail now, not on the first request
             with self._lock:
                 self._full_sources[record.name] = (registry, record)
+                if load_now:
+                    self._load_full(record, verified)
             return
         self._require_base(record.name)
         if record.base_model != self.config.base_model:
@@ -241,16 +246,9 @@ class ExpertPool:
             self._peft.delete_adapter(key)
 
     def _require_base(self, name: str) -> None:
-        if self._base is None and self._peft is None:
+        if self._shared_model() is None:
             raise MoseError(f"{name}: this pool holds full-weight experts only (PoolConfig.load_base=False); "
                             "LoRA experts need a pool with the base model loaded")
-
-    def preload(self, name: str) -> None:
-        """Load a registered full-weight expert's weights now instead of at its first request."""
-        if self._resolve(name)[0] != "full":
-            raise MoseError(f"{name!r} is not a full-weight expert: only those are loaded on demand")
-        with self._lock:
-            self._full_model(name)
 
     def _check_name(self, name: str) -> None:
         if name in (BASE_EXPERT, self.config.base_model):
@@ -260,7 +258,7 @@ class ExpertPool:
 
     def experts(self) -> dict[str, str]:
         """Expert name -> kind ('base', 'lora', 'full') of everything this pool can serve."""
-        names = {BASE_EXPERT: "base"} if self._base is not None or self._peft is not None else {}
+        names = {BASE_EXPERT: "base"} if self._shared_model() is not None else {}
         names.update({n: "lora" for n in self._adapters})
         names.update({n: "full" for n in self._full_sources})
         return names
@@ -313,14 +311,17 @@ class ExpertPool:
         if entry is not None:
             return entry
         registry, record = self._full_sources[name]
-        verified = read_verified(registry, record)
+        return self._load_full(record, read_verified(registry, record))
+
+    def _load_full(self, record: Any, verified: Any) -> _FullEntry:
+        """Build a full expert from its verified files into the LRU (evicting to make room)."""
         size = sum(len(b) for p, b in verified.files.items() if p.endswith(".safetensors"))
         self._full.make_room(size)
         plan = self.config.policy.plan(record.manifest.quantization)
         model = full_model_from_verified(verified, plan)
         tokenizer = tokenizer_from_verified(verified) or self.tokenizer
         entry = _FullEntry(model=model, tokenizer=tokenizer, nbytes=model_bytes(model))
-        self._full.put(name, entry)
+        self._full.put(record.name, entry)
         return entry
 
     def _groups(self, names: Sequence[str]) -> list[tuple[str, list[int]]]:

@@ -322,17 +322,13 @@ class FullExpertDeployment:
         if record is None or record.kind != "full":
             raise NotFoundError(f"unknown model {name!r}: no active full-weight expert of that name")
         try:
-            await asyncio.to_thread(self._add_and_load, record)
+            await asyncio.to_thread(self.pool.add_registered, self.registry, record, True)
         except MoseError as exc:
             self.load_errors[name] = str(exc)
             logger.error("full expert %s refused: %s", name, exc)
             raise
         self.load_errors.pop(name, None)
         return _LoadedFullExpert(self.pool, name)
-
-    def _add_and_load(self, record: Any) -> None:
-        self.pool.add_registered(self.registry, record)
-        self.pool.preload(record.name)
 
     async def _expert(self) -> str:
         name = serve.get_multiplexed_model_id()
