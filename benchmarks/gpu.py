@@ -69,16 +69,6 @@ def build_random_base(source: Path, seed: int = 0) -> Path:
     return out
 
 
-def _cpu_bench():
-    """benchmarks/experts.py, for its demo-shaped adapters and questions (one definition of each)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_experts", REPO / "benchmarks" / "experts.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def progress(message: str) -> None:
     print(f"[gpu bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
@@ -87,11 +77,9 @@ def child_pool(quantization: str, new_tokens: int, adapters: int) -> dict:
     """Base, base + adapters, batch peak and throughput for one base precision."""
     import torch
 
+    from benchmarks.experts import QUESTIONS, demo_shaped_lora
     from experts.policy import DevicePolicy
     from experts.pool import ExpertPool, PoolConfig
-
-    bench = _cpu_bench()
-    QUESTIONS, demo_shaped_lora = bench.QUESTIONS, bench.demo_shaped_lora
 
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
