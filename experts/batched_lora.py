@@ -15,10 +15,11 @@ from typing import Any, Sequence
 from experts.chat import BASE_ADAPTER
 
 
-def _lora_layers(peft_model: Any) -> list[Any]:
+def lora_layers(module: Any) -> list[Any]:
+    """The peft LoRA layers inside ``module``."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    return [m for m in module.modules() if isinstance(m, LoraLayer)]
 
 
 def supported(peft_model: Any, keys: Sequence[str]) -> bool:
@@ -29,7 +30,7 @@ def supported(peft_model: Any, keys: Sequence[str]) -> bool:
         if config is None or getattr(config, "use_dora", False) or getattr(config, "peft_type", None) is None \
                 or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
             return False
-    for layer in _lora_layers(peft_model):
+    for layer in lora_layers(peft_model):
         if any(key in getattr(layer, "lora_embedding_A", {}) for key in wanted):
             return False
         if any(key in layer.lora_A and getattr(layer, "lora_variant", {}).get(key) is not None for key in wanted):
@@ -70,7 +71,7 @@ class BatchedLoRA:
     def __enter__(self) -> "BatchedLoRA":
         import torch
 
-        for layer in _lora_layers(self.peft_model):
+        for layer in lora_layers(self.peft_model):
             stacks = self._stacks(layer)
             if stacks is None:
                 continue

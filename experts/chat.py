@@ -76,19 +76,25 @@ def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
     ``max(answer_len)`` logits are computed (the LM head is a large part of the cost).
     Differentiable: fine-tuning uses it for its loss.
     """
-    import torch
-
     ids, mask, positions = left_pad([p.input_ids for p in pairs], pad_id)
     device = next(model.parameters()).device
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     keep = max(p.answer_len for p in pairs)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
                 logits_to_keep=keep + 1, **forward_kwargs(adapter_names))
-    logits = out.logits[:, :-1, :].float()  # position t predicts token t+1
-    targets = ids[:, -keep:]
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    lengths = torch.tensor([p.answer_len for p in pairs], device=device)
-    cols = torch.arange(keep, device=device).unsqueeze(0)
+    return answer_token_logprobs(out.logits, ids, pairs)
+
+
+def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):
+    """(sum of answer-token log-probs, answer-token count) per row from the last ``keep + 1``
+    positions' logits of left-padded rows (``keep`` = the longest answer)."""
+    import torch
+
+    keep = max(p.answer_len for p in pairs)
+    logp = torch.log_softmax(logits[:, :-1, :].float(), dim=-1)  # position t predicts token t+1
+    logp = logp.gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)
+    lengths = torch.tensor([p.answer_len for p in pairs], device=ids.device)
+    cols = torch.arange(keep, device=ids.device).unsqueeze(0)
     answer_mask = cols >= (keep - lengths).unsqueeze(1)
     return (logp * answer_mask).sum(-1), lengths
 

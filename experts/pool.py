@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts import batched_lora
+from experts import batched_lora, shared_trunk
 from experts.base_models import SMOLLM2_ID, ensure_base_model
 from experts.chat import BASE_ADAPTER, answer_logprobs, encode_pair, prompt_ids
 from experts.decoding import decode
@@ -54,6 +54,9 @@ class PoolConfig(BaseModel):
                             "that ship none); it serves no LoRA experts and no 'base'.")
     batched_lora: bool = Field(default=True, description="Decode mixed-adapter batches with stacked per-row "
                                "LoRA matmuls (experts.batched_lora) instead of peft's per-adapter loop.")
+    shared_trunk: bool = Field(default=True, description="Score a text under several LoRA experts with the "
+                               "layers none of them adapts run once (experts.shared_trunk); False: one "
+                               "full forward pass per expert.")
     policy: DevicePolicy = Field(default_factory=DevicePolicy, description="Device and precision policy.")
 
 
@@ -422,9 +425,10 @@ class ExpertPool:
     def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[list[ExpertScore]]:
         """:meth:`score` for several (question, answer, experts) items at once.
 
-        Every (item, expert, with/without question) row of a model is length-sorted and packed
-        into forward passes of about ``score_batch_tokens`` padded tokens, each row with its own
-        adapter, so short answers from many items share passes instead of padding each other.
+        Every (item, with/without question) text of a model is length-sorted and packed into
+        forward passes of about ``score_batch_tokens`` padded tokens, one row per (text, expert)
+        with its own adapter, so short answers from many items share passes instead of padding
+        each other; the layers no expert of a pass adapts run once per text (``shared_trunk``).
         """
         items = [(q, a, list(e) or [BASE_EXPERT]) for q, a, e in items]
         for _, answer, experts in items:
@@ -435,20 +439,15 @@ class ExpertPool:
         means: dict[tuple[int, int, bool], float] = {}
         answer_lens: dict[int, int] = {}
         with self._lock:
-            for group, rows in self._score_rows(items).items():
+            for group, texts in self._score_texts(items).items():
                 model, tokenizer = self._model_for(group)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                for batch in self._score_batches(rows):
-                    keys = [key for _, key, _ in batch]
-                    context, adapters = self._adapter_context(self._adapter_names(keys) if group == "" else None)
-                    import torch
-
-                    with context, torch.inference_mode():
-                        sums, counts = answer_logprobs(model, [pair for _, _, pair in batch], pad, adapters)
-                    for (where, _, pair), total, count in zip(batch, sums.tolist(), counts.tolist()):
-                        means[where] = total / count
-                        if where[2]:
-                            answer_lens[where[0]] = pair.answer_len
+                for batch in self._score_batches(texts):
+                    for ((i, with_q), pair, jurors), results in zip(batch, self._score_batch(group, model, pad, batch)):
+                        for (j, _), (total, count) in zip(jurors, results):
+                            means[(i, j, with_q)] = total / count
+                        if with_q:
+                            answer_lens[i] = pair.answer_len
         return [
             [ExpertScore(expert=name, logp_given_question=means[(i, j, True)],
                          logp_without_question=means[(i, j, False)],
@@ -457,31 +456,54 @@ class ExpertPool:
             for i, (_, _, experts) in enumerate(items)
         ]
 
-    def _score_rows(self, items: Sequence[tuple[str, str, list[str]]]) -> dict[str, list[tuple]]:
-        """Model group -> rows ((item, expert index, with question?), adapter key, encoded pair)."""
-        rows: dict[str, list[tuple]] = {}
+    def _score_texts(self, items: Sequence[tuple[str, str, list[str]]]) -> dict[str, list[tuple]]:
+        """Model group -> texts ((item, with question?), encoded pair, [(expert index, adapter key)]).
+
+        Each item gives two texts per model (with and without the question), each scored by all
+        of the item's experts on that model.
+        """
+        texts: dict[str, list[tuple]] = {}
         for i, (question, answer, experts) in enumerate(items):
             for group, indices in self._groups(experts):
                 tokenizer = self._model_for(group)[1]
-                with_q = encode_pair(tokenizer, question, answer, self.config.score_max_tokens)
-                without_q = encode_pair(tokenizer, None, answer, self.config.score_max_tokens)
-                for j in indices:
-                    key = self._resolve(experts[j])[1]
-                    rows.setdefault(group, []).extend([((i, j, True), key, with_q), ((i, j, False), key, without_q)])
-        return rows
+                jurors = [(j, self._resolve(experts[j])[1]) for j in indices]
+                for with_q in (True, False):
+                    pair = encode_pair(tokenizer, question if with_q else None, answer, self.config.score_max_tokens)
+                    texts.setdefault(group, []).append(((i, with_q), pair, jurors))
+        return texts
 
-    def _score_batches(self, rows: list[tuple]) -> Iterator[list[tuple]]:
-        """Length-sorted rows packed so that rows x longest row stays within the token budget."""
-        rows = sorted(rows, key=lambda row: len(row[2].input_ids))
+    def _score_batches(self, texts: list[tuple]) -> Iterator[list[tuple]]:
+        """Length-sorted texts packed so that scored rows (texts x experts) x longest text stays
+        within the token budget."""
+        texts = sorted(texts, key=lambda text: len(text[1].input_ids))
         batch: list[tuple] = []
-        for row in rows:
-            width = len(row[2].input_ids)  # sorted: the newest row is the longest
-            if batch and (len(batch) + 1) * width > self.config.score_batch_tokens:
+        rows = 0
+        for text in texts:
+            width = len(text[1].input_ids)  # sorted: the newest text is the longest
+            if batch and (rows + len(text[2])) * width > self.config.score_batch_tokens:
                 yield batch
-                batch = []
-            batch.append(row)
+                batch, rows = [], 0
+            batch.append(text)
+            rows += len(text[2])
         if batch:
             yield batch
+
+    def _score_batch(self, group: str, model: Any, pad: int, batch: list[tuple]) -> list[list[tuple[float, int]]]:
+        """Per text of ``batch``, per expert: (sum of answer-token log-probs, answer-token count)."""
+        import torch
+
+        pairs = [pair for _, pair, _ in batch]
+        keys = [[key for _, key in jurors] for _, _, jurors in batch]
+        flat_keys = [key for row in keys for key in row]
+        with torch.inference_mode():
+            if group == "" and self.config.shared_trunk and shared_trunk.supported(self._peft, flat_keys):
+                return shared_trunk.score_shared(self._peft, pairs, keys, pad)
+            rows = [pair for pair, row in zip(pairs, keys) for _ in row]
+            context, adapters = self._adapter_context(self._adapter_names(flat_keys) if group == "" else None)
+            with context:
+                sums, counts = answer_logprobs(model, rows, pad, adapters)
+        flat = iter(zip(sums.tolist(), counts.tolist()))
+        return [[next(flat) for _ in row] for row in keys]
 
 
 def _as_list(value: Any) -> list:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from experts import shared_trunk
 from experts.pool import ExpertPool, PoolConfig
 from registry.errors import ArtifactError, MoseError, NotFoundError
 from tests._fixtures.experts import FRANCE, random_lora, write_full_expert, write_lora_expert
@@ -87,6 +88,28 @@ def test_scoring_many_items_together_equals_each_alone_and_peft_path(two_adapter
             assert m.logp_given_question == pytest.approx(o.logp_given_question, abs=1e-4)
             assert m.logp_without_question == pytest.approx(o.logp_without_question, abs=1e-4)
             assert m.answer_tokens == o.answer_tokens
+
+
+def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
+    """beta adapts layers 10-29 only: layers 0-9 run once per text, and nothing changes."""
+    pool = two_adapters
+    keys = [pool._resolve(name)[1] for name in ("base", "beta")]
+    assert shared_trunk.supported(pool._peft, keys) and shared_trunk.first_adapted_layer(pool._peft, keys) == 10
+    items = [("What is the capital of France?", "Paris.", ["base", "beta"]),
+             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
+              ["beta", "base"])]
+    shared = pool.score_many(items)
+    pool.config.shared_trunk, pool.config.batched_lora = False, False
+    try:
+        full = pool.score_many(items)
+    finally:
+        pool.config.shared_trunk, pool.config.batched_lora = True, True
+    for row_shared, row_full in zip(shared, full):
+        for s, f in zip(row_shared, row_full):
+            assert s.expert == f.expert
+            assert s.logp_given_question == pytest.approx(f.logp_given_question, abs=1e-4)
+            assert s.logp_without_question == pytest.approx(f.logp_without_question, abs=1e-4)
+    assert shared[0][0].logp_given_question != pytest.approx(shared[0][1].logp_given_question, abs=1e-3)
 
 
 def test_adapters_cost_only_their_own_size(expert_pool):
