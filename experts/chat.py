@@ -30,6 +30,17 @@ def prompt_ids(tokenizer: Any, messages: Sequence[dict]) -> list[int]:
     return list(out)
 
 
+def template_prefix(tokenizer: Any) -> list[int]:
+    """The token ids every single-turn chat prompt starts with (SmolLM2: the default system block
+    and the user header): the part of a scored text that is the same for every question."""
+    a = prompt_ids(tokenizer, [{"role": "user", "content": ""}])
+    b = prompt_ids(tokenizer, [{"role": "user", "content": "?"}])
+    length = 0
+    while length < min(len(a), len(b)) and a[length] == b[length]:
+        length += 1
+    return a[:length]
+
+
 def end_of_turn(tokenizer: Any) -> str:
     return tokenizer.eos_token or "<|im_end|>"
 

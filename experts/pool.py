@@ -22,13 +22,14 @@ from typing import Any, Iterable, Iterator, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts import batched_lora, shared_trunk
+from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.chat import BASE_ADAPTER, answer_logprobs, encode_pair, prompt_ids
+from experts.chat import BASE_ADAPTER, answer_logprobs, encode_pair, prompt_ids, template_prefix
 from experts.decoding import decode
 from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
                             tokenizer_from_verified)
 from experts.policy import DevicePolicy
+from experts.shared_trunk import TrunkScorer
 from experts.types import (BASE_EXPERT, ExpertScore, GenerationRequest, GenerationResult,
                            SamplingParams, validate)
 from registry.errors import ArtifactError, MoseError, NotFoundError
@@ -140,6 +141,7 @@ class ExpertPool:
                 base = base.to(plan.device)
             self._base = base.eval()
         self._peft: Any = None                      # PeftModel once the first adapter is added
+        self._trunk: TrunkScorer | None = None      # scoring state of the current adapter set
         self._adapters: dict[str, str] = {}         # expert name -> peft adapter key
         self._adapter_bytes: dict[str, int] = {}
         self._full_sources: dict[str, tuple[Any, Any]] = {}  # expert name -> (registry, record)
@@ -223,6 +225,7 @@ class ExpertPool:
                 raise MoseError(f"{name}: adapter weights do not fit its adapter_config.json / the base model "
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
             self._peft.eval()
+            self._trunk = None
             self._adapters[name] = key
             self._adapter_bytes[name] = sum(t.numel() * t.element_size() for t in state_dict.values())
 
@@ -239,6 +242,7 @@ class ExpertPool:
                 raise self._unknown(name)
 
     def _drop_adapter(self, key: str) -> None:
+        self._trunk = None
         if len(self._peft.peft_config) == 1:
             # peft cannot run with zero adapters: go back to the plain base model.
             self._base = self._peft.unload()
@@ -296,6 +300,11 @@ class ExpertPool:
 
     def _shared_model(self) -> Any:
         return self._peft if self._peft is not None else self._base
+
+    def _trunk_scorer(self) -> TrunkScorer:
+        if self._trunk is None or self._trunk.peft_model is not self._peft:
+            self._trunk = TrunkScorer(self._peft, template_prefix(self.tokenizer))
+        return self._trunk
 
     def _adapter_names(self, keys: Sequence[str]) -> list[str] | None:
         # Without adapters the plain base model runs; with them every row must name its adapter,
@@ -474,17 +483,18 @@ class ExpertPool:
 
     def _score_batches(self, texts: list[tuple]) -> Iterator[list[tuple]]:
         """Length-sorted texts packed so that scored rows (texts x experts) x longest text stays
-        within the token budget."""
+        within the token budget, and padding stays under a quarter of the batch."""
         texts = sorted(texts, key=lambda text: len(text[1].input_ids))
         batch: list[tuple] = []
-        rows = 0
+        rows = tokens = 0
         for text in texts:
-            width = len(text[1].input_ids)  # sorted: the newest text is the longest
-            if batch and (rows + len(text[2])) * width > self.config.score_batch_tokens:
+            width, fan_out = len(text[1].input_ids), len(text[2])  # sorted: the newest text is the longest
+            padded = (rows + fan_out) * width
+            if batch and (padded > self.config.score_batch_tokens or padded > 1.25 * (tokens + fan_out * width)):
                 yield batch
-                batch, rows = [], 0
+                batch, rows, tokens = [], 0, 0
             batch.append(text)
-            rows += len(text[2])
+            rows, tokens = rows + fan_out, tokens + fan_out * width
         if batch:
             yield batch
 
@@ -496,8 +506,8 @@ class ExpertPool:
         keys = [[key for _, key in jurors] for _, _, jurors in batch]
         flat_keys = [key for row in keys for key in row]
         with torch.inference_mode():
-            if group == "" and self.config.shared_trunk and shared_trunk.supported(self._peft, flat_keys):
-                return shared_trunk.score_shared(self._peft, pairs, keys, pad)
+            if group == "" and self.config.shared_trunk and TrunkScorer.supports(self._peft, flat_keys):
+                return self._trunk_scorer().score(pairs, keys, pad)
             rows = [pair for pair, row in zip(pairs, keys) for _ in row]
             context, adapters = self._adapter_context(self._adapter_names(flat_keys) if group == "" else None)
             with context:
