@@ -9,6 +9,7 @@ validation. Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pic
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -20,20 +21,35 @@ from registry.artifacts import atomic_write
 from registry.errors import MoseError
 from router_model.calibration import choose_threshold, expected_calibration_error
 
-FEATURES: tuple[str, ...] = (
+EVIDENCE_FEATURES: tuple[str, ...] = (
     "jury_pmi",
     "jury_logp_given",
+    "jury_logp_without",
     "jury_pmi_spread",
     "base_pmi",
     "base_logp_given",
     "base_logp_without",
-    "log_answer_tokens",
-    "log_question_chars",
-    "long_answer",
-    "jury_pmi_x_long",
+    "contrast_logp_given",
+    "contrast_pmi",
+    "contrast_logp_without",
+    "contrast_logp_given_max",
     "agreement",
 )
-"""Evidence features, in the order the calibrator sees them (see :func:`experts.jury.features`)."""
+"""What the jurors say: reputation-weighted means over the experts, the base model's own
+evidence, and the experts-minus-base contrast (does the specialist find the answer likelier
+than the generalist does?)."""
+
+FORMAT_FEATURES: tuple[str, ...] = ("log_answer_tokens", "log_question_chars", "long_answer")
+"""The shape of the item: how much an evidence value means depends on it (a mean log-prob over
+5 tokens is not one over 200)."""
+
+FEATURES: tuple[str, ...] = (
+    EVIDENCE_FEATURES + FORMAT_FEATURES
+    + tuple(f"{name}_x_long" for name in EVIDENCE_FEATURES)
+    + tuple(f"{name}_x_log_answer_tokens" for name in EVIDENCE_FEATURES)
+)
+"""Columns the calibrator sees, in order (see :func:`experts.jury.features`); the interactions let
+a linear model weigh evidence differently for short answers and long responses."""
 
 CURRENT_FILE = "current"
 
@@ -51,6 +67,10 @@ class CalibratorConfig(BaseModel):
 
     max_flag_probability: float = Field(0.5, gt=0.0, le=1.0)
     """Never flag an answer whose P(correct) is above this."""
+
+    regularisation: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
+    """Inverse L2 strengths (scikit-learn's ``C``) tried for the logistic model; the best on
+    validation log loss is kept."""
 
     seed: int = 0
     """Seed of the train/validation split."""
@@ -71,8 +91,6 @@ class Calibrator(BaseModel):
     iso_y: list[float] = Field(default_factory=list)
     threshold: float = 0.5
     """Flag when P(correct) is below this."""
-    vote_threshold: float = 0.0
-    """A juror 'votes correct' when its PMI is above this (median PMI seen in training)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
@@ -89,8 +107,7 @@ class Calibrator(BaseModel):
         return np.interp(score, np.asarray(self.iso_x), np.asarray(self.iso_y))
 
 
-def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
-                   config: CalibratorConfig | None = None) -> Calibrator:
+def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None) -> Calibrator:
     """Fit both candidates on a split of (x, labels), keep the better one on validation."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss, roc_auc_score
@@ -106,25 +123,26 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, jury_pmi: np.ndarray,
 
     mean, scale = x[train].mean(axis=0), x[train].std(axis=0)
     scale[scale < 1e-9] = 1.0
-    logistic = LogisticRegression(C=1.0, max_iter=2000).fit((x[train] - mean) / scale, labels[train])
-    candidates = {
-        "logistic": Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(),
-                               coef=logistic.coef_[0].tolist(), intercept=float(logistic.intercept_[0])),
-    }
-    candidates["isotonic"] = fit_isotonic(x[train, 0], labels[train])
+    candidates = {}
+    for strength in config.regularisation:
+        logistic = LogisticRegression(C=strength, max_iter=5000).fit((x[train] - mean) / scale, labels[train])
+        candidates[f"logistic C={strength:g}"] = Calibrator(
+            method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=logistic.coef_[0].tolist(),
+            intercept=float(logistic.intercept_[0]))
+    candidates["isotonic"] = fit_isotonic(x[train, FEATURES.index("jury_pmi")], labels[train])
     losses = {name: log_loss(labels[val], np.clip(c.predict(x[val]), 1e-6, 1 - 1e-6), labels=[0, 1])
               for name, c in candidates.items()}
-    best = candidates[min(losses, key=losses.get)]
+    chosen = min(losses, key=losses.get)
+    best = candidates[chosen]
 
     p_val = best.predict(x[val])
     flag_conf = 1.0 - p_val
     flag_cut = choose_threshold(flag_conf, labels[val] == 0, config.target_flag_precision,
                                 1.0 - config.max_flag_probability)
     best.threshold = float(1.0 - flag_cut)
-    best.vote_threshold = float(np.median(jury_pmi[train]))
     best.metrics = {
-        "validation_log_loss": float(losses[best.method]),
-        "validation_log_loss_other": float(max(losses.values())),
+        "validation_log_loss": float(losses[chosen]),
+        "validation_log_loss_isotonic": float(losses["isotonic"]),
         "validation_auroc": float(roc_auc_score(labels[val], p_val)) if len(set(labels[val])) > 1 else 0.5,
         "validation_ece": expected_calibration_error(p_val, labels[val]),
         "train_rows": float(len(train)),
@@ -163,10 +181,11 @@ def load_calibrator(directory: Path) -> Calibrator:
                         "`mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl`")
     path = directory / f"{pointer.read_text().strip()}.json"
     try:
-        calibrator = Calibrator.model_validate_json(path.read_text())
+        payload = json.loads(path.read_text())
+        if isinstance(payload, dict) and payload.get("features") != list(FEATURES):
+            raise MoseError(f"cross-check calibrator {path} was trained on other features (an older mose?): "
+                            "retrain it with `mose crosscheck train`")
+        return Calibrator.model_validate(payload)
     except (OSError, ValueError) as exc:
         raise MoseError(f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
                         "retrain with `mose crosscheck train`") from None
-    if calibrator.features != list(FEATURES):
-        raise MoseError(f"cross-check calibrator {path} was trained on other features: retrain it")
-    return calibrator

@@ -60,6 +60,8 @@ class RowEvidence(BaseModel):
     jurors: list[JurorEvidence]
     values: dict[str, float]
     seconds: float
+    jury_size: int | None = None
+    """The first ``jury_size`` jurors formed the jury; the rest observed (baselines). None: all."""
 
 
 def load_rows(path: str | Path) -> list[CheckRow]:
@@ -121,7 +123,7 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
         for row, jurors, found in zip(part, juries, evidence):
             in_jury = found[: len(jurors)]  # observers' evidence is kept for the baselines only
             out.append(RowEvidence(row=row, jurors=found, values=features(in_jury, row.question, None),
-                                   seconds=seconds))
+                                   seconds=seconds, jury_size=len(jurors)))
         bar.update(len(part))
     bar.close()
     return out
@@ -151,16 +153,53 @@ def best_single_expert(evidence: Sequence[RowEvidence], min_rows: int = 20) -> s
     return max(scored, key=scored.get) if scored else None
 
 
+def save_evidence(evidence: Sequence[RowEvidence], path: str | Path) -> None:
+    """Write collected evidence as JSONL, to refit a calibrator later without scoring again."""
+    Path(path).write_text("".join(e.model_dump_json() + "\n" for e in evidence), encoding="utf-8")
+
+
+def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str]) -> list[RowEvidence]:
+    """Evidence collected earlier (:func:`save_evidence`) for ``rows``, first file winning.
+
+    Refused when a juror is not an expert this pool serves (the evidence came from other experts)
+    or when a row of ``rows`` has no evidence. Features are recomputed from the jurors' evidence,
+    so files written before a feature change stay usable.
+    """
+    wanted = {row.digest(): row for row in rows}
+    found: dict[str, RowEvidence] = {}
+    for path in paths:
+        for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                item = RowEvidence.model_validate_json(line)
+            except ValidationError:
+                raise MoseError(f"{path}:{number}: not a line of saved jury evidence") from None
+            unknown = {j.expert for j in item.jurors} - servable
+            if unknown:
+                raise MoseError(f"{path}:{number}: evidence from experts this pool does not serve "
+                                f"({', '.join(sorted(unknown))}): collect it again")
+            digest = item.row.digest()
+            if digest in wanted and digest not in found:
+                item.values = features(item.jurors[: item.jury_size or len(item.jurors)], item.row.question, None)
+                found[digest] = item
+    missing = len(wanted) - len(found)
+    if missing:
+        raise MoseError(f"{missing} of {len(wanted)} rows have no saved evidence: drop --evidence or collect them")
+    return [found[digest] for digest in wanted]
+
+
 def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None = None, k: int | None = None,
-          progress: bool = True) -> Calibrator:
-    """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped)."""
+          progress: bool = True, evidence: Sequence[RowEvidence] | None = None) -> Calibrator:
+    """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped); ``evidence``:
+    already collected for exactly those rows (:func:`load_evidence`), else it is collected here."""
     rows = [r for r in rows if not r.is_test()]
     if not rows:
         raise MoseError("no training rows left after holding out the test bucket")
-    evidence = collect(jury, rows, k, progress=progress)
+    if evidence is None:
+        evidence = collect(jury, rows, k, progress=progress)
     x = matrix(evidence)
-    calibrator = fit_calibrator(x, np.array([e.row.label for e in evidence]), x[:, FEATURES.index("jury_pmi")],
-                                config)
+    calibrator = fit_calibrator(x, np.array([e.row.label for e in evidence]), config)
     calibrator.trained_on = {
         "rows": len(rows),
         "sources": sorted({r.source for r in rows}),

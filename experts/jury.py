@@ -66,7 +66,7 @@ class JurorEvidence(BaseModel):
     own_answer: str | None = None
     similarity: float | None = None
     vote: bool | None = None
-    """Whether this juror's evidence says 'correct' (its PMI above the calibrator's vote threshold)."""
+    """Whether this juror's evidence alone says 'correct' (see :meth:`Jury.cast_votes`)."""
 
 
 class Verdict(BaseModel):
@@ -91,7 +91,8 @@ def reliability_weight(alpha: float, beta: float, sharpness: float) -> float:
 
 
 def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | None) -> dict[str, float]:
-    """Composition-independent evidence: weighted means over the experts, the base model's own."""
+    """Composition-independent evidence (reputation-weighted means over the experts, the base
+    model's own, their contrast), the item's format, and their interactions (:data:`FEATURES`)."""
     base = next((j for j in jurors if j.expert == BASE_EXPERT), None)
     experts = [j for j in jurors if j.expert != BASE_EXPERT] or ([base] if base else [])
     if base is None or not experts:
@@ -99,21 +100,32 @@ def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | N
     weights = np.array([max(j.weight, 1e-6) for j in experts])
     weights = weights / weights.sum()
     pmi = np.array([j.pmi for j in experts])
-    jury_pmi = float(weights @ pmi)
-    long_answer = float(base.answer_tokens > 40)
-    values = {
+    given = np.array([j.logp_given_question for j in experts])
+    without = np.array([j.logp_without_question for j in experts])
+    jury_pmi, jury_given, jury_without = float(weights @ pmi), float(weights @ given), float(weights @ without)
+    evidence = {
         "jury_pmi": jury_pmi,
-        "jury_logp_given": float(weights @ np.array([j.logp_given_question for j in experts])),
+        "jury_logp_given": jury_given,
+        "jury_logp_without": jury_without,
         "jury_pmi_spread": float(np.sqrt(weights @ (pmi - jury_pmi) ** 2)),
         "base_pmi": base.pmi,
         "base_logp_given": base.logp_given_question,
         "base_logp_without": base.logp_without_question,
-        "log_answer_tokens": math.log1p(base.answer_tokens),
-        "log_question_chars": math.log1p(len(question)),
-        "long_answer": long_answer,
-        "jury_pmi_x_long": jury_pmi * long_answer,
+        "contrast_logp_given": jury_given - base.logp_given_question,
+        "contrast_pmi": jury_pmi - base.pmi,
+        "contrast_logp_without": jury_without - base.logp_without_question,
+        "contrast_logp_given_max": float(given.max()) - base.logp_given_question,
         "agreement": 0.0 if agreement is None else (1.0 if agreement else -1.0),
     }
+    shape = {
+        "log_answer_tokens": math.log1p(base.answer_tokens),
+        "log_question_chars": math.log1p(len(question)),
+        "long_answer": float(base.answer_tokens > 40),
+    }
+    values = {**evidence, **shape}
+    for name, value in evidence.items():
+        values[f"{name}_x_long"] = value * shape["long_answer"]
+        values[f"{name}_x_log_answer_tokens"] = value * shape["log_answer_tokens"]
     return {name: values[name] for name in FEATURES}
 
 
@@ -187,14 +199,25 @@ class Jury:
         return [self.weigh(jurors, item_scores) for (_, _, jurors), item_scores in zip(items, scores)]
 
     def weigh(self, jurors: Sequence[tuple[str, str | None]], scores: Sequence[ExpertScore]) -> list[JurorEvidence]:
-        """Scores (same order as ``jurors``) -> evidence with reputation weights and votes."""
-        cut = self.calibrator.vote_threshold if self.calibrator is not None else 0.0
+        """Scores (same order as ``jurors``) -> evidence with reputation weights."""
         return [
             JurorEvidence(expert=s.expert, domain=domain, weight=self.weight(s.expert),
                           logp_given_question=s.logp_given_question, logp_without_question=s.logp_without_question,
-                          pmi=s.pmi, answer_tokens=s.answer_tokens, vote=s.pmi > cut)
+                          pmi=s.pmi, answer_tokens=s.answer_tokens)
             for s, (_, domain) in zip(scores, jurors)
         ]
+
+    def cast_votes(self, question: str, jurors: Sequence[JurorEvidence], agreement: bool | None) -> None:
+        """Each juror's vote: what the calibrator concludes from that juror's evidence alone (with
+        the base model as reference), so a vote points the way the calibrator reads evidence.
+        Feedback then credits the jurors whose vote matched the truth. Without a calibrator: PMI > 0."""
+        base = next(j for j in jurors if j.expert == BASE_EXPERT)
+        for juror in jurors:
+            if self.calibrator is None:
+                juror.vote = juror.pmi > 0
+                continue
+            alone = [juror.model_copy(update={"weight": 1.0})] + ([base] if juror is not base else [])
+            juror.vote = self.probability(features(alone, question, agreement)) > 0.5
 
     def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
         """Jurors answer too; True when the candidate sits in the largest agreement cluster."""
@@ -244,6 +267,7 @@ class Jury:
         """Aggregate the jurors' evidence into a calibrated verdict."""
         values = features(jurors, question, agreement)
         p_correct = self.probability(values)
+        self.cast_votes(question, jurors, agreement)
         return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,
                        flagged=p_correct < self._threshold(), threshold=self._threshold(), jurors=jurors,
                        agreement=agreement, calibrator=self.calibrator_version, evidence=values)

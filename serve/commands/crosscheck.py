@@ -19,6 +19,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _data_flags(train)
     train.add_argument("--target-flag-precision", type=float, default=0.7,
                        help="wanted share of flagged answers that are really wrong (default 0.7)")
+    train.add_argument("--evidence", action="append", default=[], metavar="FILE",
+                       help="reuse jury evidence saved earlier with --save-evidence instead of scoring the "
+                            "rows again (scoring is the slow part; repeatable)")
+    train.add_argument("--save-evidence", metavar="FILE", default=None,
+                       help="also write the jury evidence used, as JSONL, for a later --evidence")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
@@ -54,13 +59,20 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from experts.calibrator import CalibratorConfig, save_calibrator
-    from experts.crosscheck import load_rows, open_jury, stratified_sample, train
+    from experts.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
+                                    stratified_sample, train)
 
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
     jury = open_jury(home)
+    rows = [r for r in rows if not r.is_test()]
+    evidence = load_evidence(args.evidence, rows, set(jury.pool.experts())) if args.evidence else None
+    if evidence is None and args.save_evidence:
+        evidence = collect(jury, rows, args.k)
+    if args.save_evidence:
+        save_evidence(evidence, args.save_evidence)
     calibrator = train(jury, rows, CalibratorConfig(target_flag_precision=args.target_flag_precision,
-                                                    seed=args.seed), k=args.k)
+                                                    seed=args.seed), k=args.k, evidence=evidence)
     path = save_calibrator(calibrator, home.crosscheck_dir)
     summary = {"version": calibrator.version, "path": str(path), "method": calibrator.method,
                "threshold": calibrator.threshold, "metrics": calibrator.metrics,

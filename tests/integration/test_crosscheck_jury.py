@@ -136,6 +136,20 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert all({"n", "auroc"} <= v.keys() for v in report["per_source"].values())
     assert report["n"] <= 2 * len(report["per_source"])  # --limit 2 per source
 
+    # evidence saved by one training run refits the same calibrator without scoring again
+    saved = tmp_path / "evidence.jsonl"
+    first = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                            "--limit", "5", "--seed", "3", "--json", "--save-evidence", str(saved), *env_home],
+                           capture_output=True, text=True, timeout=900)
+    again = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                            "--limit", "5", "--seed", "3", "--json", "--evidence", str(saved), *env_home],
+                           capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
+    fits = [json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
+            for out in (first, again)]
+    assert fits[0]["coef"] == fits[1]["coef"] and fits[0]["trained_on"] == fits[1]["trained_on"]
+    assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
+
     from experts.calibrator import load_calibrator
     from experts.crosscheck import evaluate, load_rows
 
@@ -162,3 +176,49 @@ def test_own_answers_fill_each_juror_and_the_agreement_evidence(jury):
         assert juror.own_answer and -1.0 <= juror.similarity <= 1.0001
     with pytest.raises(MoseError, match="own answers need a sentence embedder"):
         jury.crosscheck("What is the capital of France?", "Paris", own_answers=True)
+
+
+def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, shared_data):
+    """An adapter fine-tuned on shuffled question/answer pairs sits on every jury; feedback on
+    24 verdicts cuts its weight, and the jury's AUROC on other pairs is back within 0.02 of the
+    jury without it. (benchmarks/jury.py reputation runs the same on crosscheck_dev rows.)"""
+    import random
+
+    from sklearn.metrics import roc_auc_score
+
+    from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
+    from experts.jury import features
+
+    pairs = load_pairs(shared_data / "sft" / "general_knowledge.jsonl")
+    random.Random(0).shuffle(pairs)
+    train, probe = pairs[:200], pairs[200:236]
+    answers = [p.answer for p in train]
+    random.Random(1).shuffle(answers)
+    model, tokenizer = load_base_for_training()
+    config = FinetuneConfig(steps=20, batch_size=8, learning_rate=3e-3, top_layers=10, max_tokens=48)
+    _, adapter = train_lora(model, tokenizer, [QAPair(p.question, a) for p, a in zip(train, answers)], config,
+                            progress=False)
+    jury.pool.add_adapter("shuffled-juror", adapter.lora_config, adapter.state_dict)
+    try:
+        # right answers and answers of other questions, alternating
+        items = [(p.question, p.answer if i % 2 == 0 else probe[(i + 7) % len(probe)].answer, i % 2 == 0)
+                 for i, p in enumerate(probe)]
+        feedback, heldout = items[:24], items[24:]
+        for question, answer, correct in feedback:
+            verdict = jury.record(jury.crosscheck(question, answer))
+            assert "shuffled-juror" in {j.expert for j in verdict.jurors}
+            jury.feedback(verdict.id, correct=correct)
+        weights = {name: jury.weight(name) for name in ("law-juror", "med-juror", "shuffled-juror", BASE_EXPERT)}
+        # law-juror is a random adapter, itself a poor judge; base and med-juror judge well
+        assert weights["shuffled-juror"] < min(weights[BASE_EXPERT], weights["med-juror"]) / 3, weights
+
+        evidence = [(q, jury.evidence(q, a, jury.select(q)), ok) for q, a, ok in heldout]
+
+        def auroc(seat_bad: bool) -> float:
+            scores = [jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q,
+                                                None)) for q, jurors, _ in evidence]
+            return roc_auc_score([ok for *_, ok in evidence], scores)
+
+        assert auroc(seat_bad=True) >= auroc(seat_bad=False) - 0.02
+    finally:
+        jury.pool.remove("shuffled-juror")

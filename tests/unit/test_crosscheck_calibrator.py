@@ -21,7 +21,7 @@ def _evidence(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 def test_calibrated_probabilities_beat_the_raw_squash_on_unseen_rows():
     x, labels = _evidence(1200, seed=1)
-    calibrator = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(seed=0))
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0))
     test_x, test_labels = _evidence(600, seed=2)
     p = calibrator.predict(test_x)
     assert np.all((p >= 0) & (p <= 1))
@@ -29,12 +29,12 @@ def test_calibrated_probabilities_beat_the_raw_squash_on_unseen_rows():
     assert expected_calibration_error(p, test_labels) < 0.06
     assert expected_calibration_error(p, test_labels) < expected_calibration_error(raw, test_labels) - 0.1
     assert calibrator.method in ("logistic", "isotonic")
-    assert calibrator.metrics["validation_log_loss"] <= calibrator.metrics["validation_log_loss_other"]
+    assert calibrator.metrics["validation_log_loss"] <= calibrator.metrics["validation_log_loss_isotonic"]
 
 
 def test_flag_threshold_reaches_target_precision_on_validation_like_rows():
     x, labels = _evidence(1500, seed=3)
-    calibrator = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(target_flag_precision=0.85))
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(target_flag_precision=0.85))
     test_x, test_labels = _evidence(1500, seed=4)
     flagged = calibrator.predict(test_x) < calibrator.threshold
     assert flagged.any()
@@ -46,17 +46,17 @@ def test_flag_threshold_reaches_target_precision_on_validation_like_rows():
 def test_too_few_or_one_class_rows_are_refused():
     x, labels = _evidence(10, seed=5)
     with pytest.raises(MoseError, match="at least 20 labelled rows with both correct and wrong"):
-        fit_calibrator(x, labels, x[:, 0])
+        fit_calibrator(x, labels)
     x, _ = _evidence(100, seed=6)
     with pytest.raises(MoseError, match="both correct and wrong"):
-        fit_calibrator(x, np.ones(100, dtype=int), x[:, 0])
+        fit_calibrator(x, np.ones(100, dtype=int))
 
 
 def test_versions_round_trip_and_damage_is_reported(tmp_path):
     x, labels = _evidence(300, seed=7)
-    first = fit_calibrator(x, labels, x[:, 0])
+    first = fit_calibrator(x, labels)
     save_calibrator(first, tmp_path)
-    second = fit_calibrator(x, labels, x[:, 0], CalibratorConfig(seed=1))
+    second = fit_calibrator(x, labels, CalibratorConfig(seed=1))
     save_calibrator(second, tmp_path)
     loaded = load_calibrator(tmp_path)
     assert (first.version, loaded.version) == ("v0001", "v0002")
@@ -66,6 +66,9 @@ def test_versions_round_trip_and_damage_is_reported(tmp_path):
         load_calibrator(tmp_path)
     with pytest.raises(MoseError, match="no cross-check calibrator in .* train one with `mose crosscheck train"):
         load_calibrator(tmp_path / "empty")
+    (tmp_path / "v0002.json").write_text(second.model_copy(update={"features": ["jury_pmi"]}).model_dump_json())
+    with pytest.raises(MoseError, match="v0002.json was trained on other features .* `mose crosscheck train`"):
+        load_calibrator(tmp_path)
 
 
 def test_isotonic_candidate_follows_a_decreasing_relation():
@@ -82,3 +85,36 @@ def test_isotonic_candidate_follows_a_decreasing_relation():
     p = calibrator.predict(test_x)
     assert p.std() > 0.1  # not flat
     assert roc_auc_score(test_labels, p) > 0.75
+
+
+def _saved_evidence(tmp_path, experts=("demo-law", "base")):
+    """Two rows of jury evidence written with save_evidence (values deliberately stale)."""
+    from experts.crosscheck import CheckRow, RowEvidence, save_evidence
+    from experts.jury import JurorEvidence
+
+    rows = [CheckRow(question=f"Question {i}?", answer=f"Answer {i}.", label=i % 2, source="s", id=f"r{i}")
+            for i in range(2)]
+    evidence = [RowEvidence(row=row, seconds=0.1, values={"stale": 1.0}, jury_size=len(experts), jurors=[
+        JurorEvidence(expert=name, logp_given_question=-1.0 - i, logp_without_question=-2.0, pmi=1.0 - i,
+                      answer_tokens=4) for name in experts]) for i, row in enumerate(rows)]
+    path = tmp_path / "evidence.jsonl"
+    save_evidence(evidence, path)
+    return rows, path
+
+
+def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fit(tmp_path):
+    from experts.crosscheck import CheckRow, load_evidence
+
+    rows, path = _saved_evidence(tmp_path)
+    loaded = load_evidence([path], rows, {"demo-law", "base"})
+    assert [e.row.id for e in loaded] == ["r0", "r1"]
+    assert list(loaded[0].values) == list(FEATURES)  # recomputed, not the stale values on file
+    assert loaded[1].values["contrast_pmi"] == 0.0 and loaded[1].values["jury_pmi"] == 0.0
+    with pytest.raises(MoseError, match="evidence from experts this pool does not serve \\(demo-law\\)"):
+        load_evidence([path], rows, {"base"})
+    other = CheckRow(question="Unscored?", answer="Yes.", label=1, id="r9")
+    with pytest.raises(MoseError, match="1 of 3 rows have no saved evidence"):
+        load_evidence([path], rows + [other], {"demo-law", "base"})
+    path.write_text(path.read_text() + "{ not evidence\n")
+    with pytest.raises(MoseError, match="evidence.jsonl:3: not a line of saved jury evidence"):
+        load_evidence([path], rows, {"demo-law", "base"})

@@ -1,0 +1,192 @@
+"""Cross-check jury benchmark: scoring speed, and a deliberately bad juror against reputation.
+
+    .venv/bin/python benchmarks/jury.py speed [--home DIR] [--items 48]
+    .venv/bin/python benchmarks/jury.py reputation [--home DIR] [--feedback 30] [--heldout 40]
+
+``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
+model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
+pass per juror and text) and ours (shared trunk + cached template prefix), one item per call and
+16 items packed per call.
+
+``reputation``: fine-tunes an adapter on *shuffled* question/answer pairs (it learns that any
+answer goes with any question) and seats it on every jury beside the router's k=3 experts. Then
+``--feedback`` rows per source (train bucket) get a verdict and feedback with their true label,
+through ``Jury.feedback`` into a scratch registry, so reputations move as in production. Prints
+each juror's weight before and after, and the calibrated jury's AUROC on ``--heldout`` rows per
+source of the test bucket: without the bad juror, with it at its prior weight, and with it at
+the weight feedback gave it. The pool and router come from ``--home``; nothing there changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._report import print_table  # noqa: E402
+
+DATA = REPO_ROOT.parent / "shared" / "data"
+SHORT_SOURCES = ("mmlu_mc", "truthfulqa", "halueval_qa")
+BAD_JUROR = "shuffled-juror"
+
+
+def open_home_jury(home: str | None, registry_dir: Path | None = None):
+    """The home's jury; with ``registry_dir``, reputations and verdicts go to a scratch registry."""
+    from experts.crosscheck import open_jury
+    from registry import Registry
+    from registry.home import MoseHome
+
+    jury = open_jury(MoseHome.from_env(home), require_calibrator=True)
+    if registry_dir is not None:
+        jury.registry = Registry.open(MoseHome.from_env(registry_dir))
+    return jury
+
+
+def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: int):
+    from experts.crosscheck import load_rows, stratified_sample
+
+    rows = [r for r in load_rows(DATA / "crosscheck_dev.jsonl")
+            if r.is_test() == test and (sources is None or r.source in sources)]
+    return stratified_sample(rows, per_source, seed)
+
+
+# ---------------------------------------------------------------------------------------- speed
+
+def speed(args: argparse.Namespace) -> None:
+    from experts.crosscheck import collect
+
+    jury = open_home_jury(args.home)
+    rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
+    collect(jury, rows[:4], progress=False)  # warm-up: prefix caches, allocator
+    results = {}
+    for _ in range(2):  # alternate, so drift on the machine hits both paths alike
+        for shared in (False, True):
+            jury.pool.config.shared_trunk = shared
+            for chunk in (1, 16):
+                started = time.perf_counter()
+                collect(jury, rows, progress=False, chunk=chunk)
+                results.setdefault((shared, chunk), []).append(len(rows) / (time.perf_counter() - started))
+    best = {key: max(values) for key, values in results.items()}
+    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2)", [
+        ("plain, one item per call", f"{best[(False, 1)]:.2f}", "a full forward pass per juror and text"),
+        ("plain, 16 items per call", f"{best[(False, 16)]:.2f}", ""),
+        ("ours, one item per call", f"{best[(True, 1)]:.2f}",
+         f"{best[(True, 1)] / best[(False, 1)]:.2f}x plain; shared trunk + cached template prefix"),
+        ("ours, 16 items per call", f"{best[(True, 16)]:.2f}", f"{best[(True, 16)] / best[(False, 16)]:.2f}x plain"),
+    ])
+
+
+# ----------------------------------------------------------------------------------- reputation
+
+def train_bad_juror(jury, steps: int, seed: int) -> float:
+    """Fine-tune a LoRA on shuffled general-knowledge pairs and add it to the jury's pool."""
+    from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
+
+    pairs = load_pairs(DATA / "sft" / "general_knowledge.jsonl")
+    answers = [p.answer for p in pairs]
+    random.Random(seed).shuffle(answers)
+    shuffled = [QAPair(p.question, a) for p, a in zip(pairs, answers)]
+    config = FinetuneConfig(steps=steps, batch_size=8, learning_rate=2e-3, top_layers=10, max_tokens=64, seed=seed)
+    model, tokenizer = load_base_for_training()
+    _, adapter = train_lora(model, tokenizer, shuffled, config, progress=True, label=BAD_JUROR)
+    jury.pool.add_adapter(BAD_JUROR, adapter.lora_config, adapter.state_dict)
+    return adapter.seconds
+
+
+def panel(item, with_bad: bool, weights: dict[str, float] | None = None):
+    """The row's jury (router's experts + base), with the bad juror seated or not, reweighted."""
+    from experts.types import BASE_EXPERT
+
+    found = {j.expert: j for j in item.jurors}
+    routed = [j for j in item.jurors if j.expert not in (BASE_EXPERT, BAD_JUROR)]
+    chosen = routed + ([found[BAD_JUROR]] if with_bad else []) + [found[BASE_EXPERT]]
+    return [j.model_copy(update={"weight": weights.get(j.expert, 1.0)}) if weights is not None else j.model_copy()
+            for j in chosen]
+
+
+def jury_auroc(jury, evidence, with_bad: bool, weights: dict[str, float]) -> dict[str, float]:
+    from experts.crosscheck import auroc
+    from experts.jury import features
+
+    p = np.array([jury.probability(features(panel(e, with_bad, weights), e.row.question, None)) for e in evidence])
+    labels = np.array([e.row.label for e in evidence])
+    sources = np.array([e.row.source for e in evidence])
+    out = {"all": auroc(labels, p)}
+    out.update({s: auroc(labels[sources == s], p[sources == s]) for s in sorted(set(sources))})
+    return out
+
+
+def reputation(args: argparse.Namespace) -> None:
+    from experts.crosscheck import collect
+
+    with tempfile.TemporaryDirectory(prefix="mose-reputation-") as scratch:
+        jury = open_home_jury(args.home, Path(scratch))
+        seconds = train_bad_juror(jury, args.steps, args.seed)
+        feedback_rows = rows_of(None, args.feedback, test=False, seed=args.seed)
+        heldout_rows = rows_of(None, args.heldout, test=True, seed=args.seed)
+        evidence = collect(jury, feedback_rows + heldout_rows, extra=[BAD_JUROR])
+        feedback_ev, heldout_ev = evidence[: len(feedback_rows)], evidence[len(feedback_rows):]
+        names = sorted({j.expert for e in evidence for j in e.jurors})
+        before = {name: jury.weight(name) for name in names}
+
+        order = list(range(len(feedback_ev)))
+        random.Random(args.seed).shuffle(order)  # feedback arrives in no particular source order
+        for index in order:
+            item = feedback_ev[index]
+            weights = {name: jury.weight(name) for name in names}
+            verdict = jury.record(jury.verdict(item.row.question, item.row.answer, panel(item, True, weights), None))
+            jury.feedback(verdict.id, bool(item.row.label), actor="benchmark")
+        after = {name: jury.weight(name) for name in names}
+        prior = {name: 1.0 for name in names}
+
+        scores = {
+            "jury without the bad juror": jury_auroc(jury, heldout_ev, False, prior),
+            "jury with it, before feedback": jury_auroc(jury, heldout_ev, True, prior),
+            f"jury with it, after {len(order)} feedback events": jury_auroc(jury, heldout_ev, True, after),
+            "jury without it, after feedback": jury_auroc(jury, heldout_ev, False, after),
+        }
+        print_table(f"Juror weights (reputation), {len(order)} feedback events; bad juror fine-tuned "
+                    f"{args.steps} steps on shuffled pairs ({seconds:.0f} s)",
+                    [(name, f"{before[name]:.2f} -> {after[name]:.2f}",
+                      "deliberately bad" if name == BAD_JUROR else "") for name in names])
+        sources = sorted(next(iter(scores.values())))
+        print(f"\nCalibrated jury AUROC on {len(heldout_ev)} held-out rows (test bucket)\n")
+        print("| jury | " + " | ".join(sources) + " |")
+        print("|---|" + "---|" * len(sources))
+        for label, per in scores.items():
+            print(f"| {label} | " + " | ".join(f"{per[s]:.3f}" for s in sources) + " |")
+        gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
+        print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
+        if args.json:
+            print(json.dumps({"weights_before": before, "weights_after": after, "auroc": scores, "gap": gap}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    fast = sub.add_parser("speed", help="evidence items/s, plain vs shared trunk")
+    fast.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
+    fast.add_argument("--items", type=int, default=48, help="short-answer rows (split over 3 sources)")
+    bad = sub.add_parser("reputation", help="a bad juror, feedback, and the jury's AUROC")
+    bad.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
+    bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")
+    bad.add_argument("--heldout", type=int, default=40, help="held-out rows per source (test bucket)")
+    bad.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the bad juror")
+    bad.add_argument("--seed", type=int, default=0)
+    bad.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    args = parser.parse_args()
+    speed(args) if args.what == "speed" else reputation(args)
+
+
+if __name__ == "__main__":
+    main()
