@@ -1,10 +1,10 @@
 """Turn a jury's evidence into P(correct), and choose the flag threshold.
 
-Two candidates are fitted on the training rows and the one with the lower log loss on a
-validation split is kept: logistic regression on the evidence features (standardised), or
-isotonic regression on the uncalibrated jury score alone. The flag threshold is the largest
-P(correct) below which flagged answers are wrong with at least ``target_flag_precision`` on
-validation. Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pickles).
+Candidates: logistic regression on the evidence features (standardised; several L2 strengths),
+or isotonic regression on the uncalibrated jury score alone. The one with the lowest
+cross-validated log loss is refitted on every row. The flag threshold is the largest P(correct)
+below which flagged answers are wrong with at least ``target_flag_precision``, on out-of-fold
+predictions (validation metrics are out-of-fold too). Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pickles).
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ class CalibratorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    validation_fraction: float = Field(0.25, gt=0.0, lt=0.9)
-    """Share of the labelled rows held out to choose the method and the flag threshold."""
+    folds: int = Field(5, ge=2, le=20)
+    """Cross-validation folds: the method and the flag threshold are chosen on out-of-fold predictions."""
 
     target_flag_precision: float = Field(0.7, gt=0.0, le=1.0)
     """Wanted share of flagged answers that are really wrong."""
@@ -107,47 +107,53 @@ class Calibrator(BaseModel):
         return np.interp(score, np.asarray(self.iso_x), np.asarray(self.iso_y))
 
 
-def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None) -> Calibrator:
-    """Fit both candidates on a split of (x, labels), keep the better one on validation."""
+def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrator:
+    """L2-regularised logistic regression on standardised features."""
     from sklearn.linear_model import LogisticRegression
+
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    scale[scale < 1e-9] = 1.0
+    model = LogisticRegression(C=strength, max_iter=5000).fit((x - mean) / scale, labels)
+    return Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=model.coef_[0].tolist(),
+                      intercept=float(model.intercept_[0]))
+
+
+def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None) -> Calibrator:
+    """Choose the candidate (logistic at each strength, isotonic) by cross-validated log loss,
+    refit it on every row, and set the flag threshold on its out-of-fold predictions."""
     from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
 
     config = config or CalibratorConfig()
     x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels, dtype=np.int64)
-    if len(labels) < 20 or len(set(labels.tolist())) < 2:
+    if len(labels) < 20 or min(np.bincount(labels, minlength=2)) < 2:
         raise MoseError("calibration needs at least 20 labelled rows with both correct and wrong answers")
-    rng = np.random.default_rng(config.seed)
-    order = rng.permutation(len(labels))
-    n_val = max(10, int(len(labels) * config.validation_fraction))
-    val, train = order[:n_val], order[n_val:]
-
-    mean, scale = x[train].mean(axis=0), x[train].std(axis=0)
-    scale[scale < 1e-9] = 1.0
-    candidates = {}
-    for strength in config.regularisation:
-        logistic = LogisticRegression(C=strength, max_iter=5000).fit((x[train] - mean) / scale, labels[train])
-        candidates[f"logistic C={strength:g}"] = Calibrator(
-            method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=logistic.coef_[0].tolist(),
-            intercept=float(logistic.intercept_[0]))
-    candidates["isotonic"] = fit_isotonic(x[train, FEATURES.index("jury_pmi")], labels[train])
-    losses = {name: log_loss(labels[val], np.clip(c.predict(x[val]), 1e-6, 1 - 1e-6), labels=[0, 1])
-              for name, c in candidates.items()}
+    pmi = FEATURES.index("jury_pmi")
+    candidates = {f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation}
+    candidates["isotonic"] = lambda xs, ys: fit_isotonic(xs[:, pmi], ys)
+    folds = StratifiedKFold(n_splits=min(config.folds, int(min(np.bincount(labels)))), shuffle=True,
+                            random_state=config.seed)
+    out_of_fold = {name: np.zeros(len(labels)) for name in candidates}
+    for train, val in folds.split(x, labels):
+        for name, fit in candidates.items():
+            out_of_fold[name][val] = fit(x[train], labels[train]).predict(x[val])
+    losses = {name: log_loss(labels, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]) for name, p in out_of_fold.items()}
     chosen = min(losses, key=losses.get)
-    best = candidates[chosen]
+    best = candidates[chosen](x, labels)
 
-    p_val = best.predict(x[val])
-    flag_conf = 1.0 - p_val
-    flag_cut = choose_threshold(flag_conf, labels[val] == 0, config.target_flag_precision,
+    p_oof = out_of_fold[chosen]
+    flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,
                                 1.0 - config.max_flag_probability)
     best.threshold = float(1.0 - flag_cut)
     best.metrics = {
         "validation_log_loss": float(losses[chosen]),
         "validation_log_loss_isotonic": float(losses["isotonic"]),
-        "validation_auroc": float(roc_auc_score(labels[val], p_val)) if len(set(labels[val])) > 1 else 0.5,
-        "validation_ece": expected_calibration_error(p_val, labels[val]),
-        "train_rows": float(len(train)),
-        "validation_rows": float(len(val)),
+        "validation_auroc": float(roc_auc_score(labels, p_oof)),
+        "validation_ece": expected_calibration_error(p_oof, labels),
+        "train_rows": float(len(labels)),
+        "validation_rows": float(len(labels)),
     }
+    best.trained_on = {"candidate": chosen}
     return best
 
 

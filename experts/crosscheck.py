@@ -201,6 +201,7 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
     x = matrix(evidence)
     calibrator = fit_calibrator(x, np.array([e.row.label for e in evidence]), config)
     calibrator.trained_on = {
+        **calibrator.trained_on,
         "rows": len(rows),
         "sources": sorted({r.source for r in rows}),
         "row_digests": sorted(r.digest() for r in rows),
