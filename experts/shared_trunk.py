@@ -5,9 +5,10 @@ adapters touches layers ``0..L-1`` (the demo experts adapt only the top layers),
 computes the same hidden states up to layer ``L``: this runs that *trunk* once per distinct text,
 then copies its output to one row per juror and runs only the adapted *branch* layers per row
 (stacked per-row LoRA, :mod:`experts.batched_lora`). The system block every chat-formatted text
-starts with (:func:`experts.chat.template_prefix`) is computed once per adapter and attended to as a key/value cache (prefix caching,
-as in vLLM). For four jurors on short answers, with adapters on the top third of the layers,
-that is about a fifth of the plain forward passes' work, and the result is the same.
+starts with (:func:`experts.chat.template_prefix`) is computed once per adapter and attended to
+as a key/value cache (prefix caching, as in vLLM). For four jurors on short answers, with
+adapters on the top third of the layers, that is less than half the plain forward passes' work,
+and the result is the same.
 
 Needs a Llama-style decoder (``model.model.{embed_tokens, layers, rotary_emb, norm}`` and
 ``lm_head``); :meth:`TrunkScorer.supports` says when, and the pool uses its plain path otherwise.
@@ -17,10 +18,9 @@ removed (adapter keys are never reused, so cached prefixes cannot go stale).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
-
-from collections import OrderedDict
 
 from experts import batched_lora
 from experts.chat import BASE_ADAPTER, EncodedPair, left_pad
@@ -62,8 +62,7 @@ class TrunkScorer:
 
     def __init__(self, peft_model: Any, prefix: Sequence[int] = ()) -> None:
         self.peft_model = peft_model
-        self.prefix = tuple(prefix)
-        """Tokens cached as keys and values (the chat template's fixed start, :func:`template_prefix`)."""
+        self.prefix = tuple(prefix)  # cached as keys/values: the chat template's fixed start
         self.lm = peft_model.base_model.model
         self.decoder = self.lm.model
         self.lora = batched_lora.lora_layers(peft_model)

@@ -20,8 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--target-flag-precision", type=float, default=0.7,
                        help="wanted share of flagged answers that are really wrong (default 0.7)")
     train.add_argument("--evidence", action="append", default=[], metavar="FILE",
-                       help="reuse jury evidence saved earlier with --save-evidence instead of scoring the "
-                            "rows again (scoring is the slow part; repeatable)")
+                       help="reuse jury evidence saved earlier with --save-evidence (same experts and --k) "
+                            "instead of scoring the rows again; scoring is the slow part (repeatable)")
     train.add_argument("--save-evidence", metavar="FILE", default=None,
                        help="also write the jury evidence used, as JSONL, for a later --evidence")
     train.set_defaults(func=run_train)
@@ -65,7 +65,6 @@ def run_train(args: argparse.Namespace) -> int:
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
     jury = open_jury(home)
-    rows = [r for r in rows if not r.is_test()]
     evidence = load_evidence(args.evidence, rows, set(jury.pool.experts())) if args.evidence else None
     if evidence is None and args.save_evidence:
         evidence = collect(jury, rows, args.k)
