@@ -22,15 +22,16 @@ def lora_layers(module: Any) -> list[Any]:
     return [m for m in module.modules() if isinstance(m, LoraLayer)]
 
 
-def supported(peft_model: Any, keys: Sequence[str]) -> bool:
-    """True when every adapter in ``keys`` is plain LoRA on linear layers (no DoRA, no embeddings)."""
+def supported(peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None) -> bool:
+    """True when every adapter in ``keys`` is plain LoRA on linear layers (no DoRA, no embeddings).
+    ``layers``: the model's LoRA layers when the caller has them (saves a walk over the model)."""
     wanted = {k for k in keys if k != BASE_ADAPTER}
     for key in wanted:
         config = peft_model.peft_config.get(key)
         if config is None or getattr(config, "use_dora", False) or getattr(config, "peft_type", None) is None \
                 or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
             return False
-    for layer in lora_layers(peft_model):
+    for layer in layers if layers is not None else lora_layers(peft_model):
         if any(key in getattr(layer, "lora_embedding_A", {}) for key in wanted):
             return False
         if any(key in layer.lora_A and getattr(layer, "lora_variant", {}).get(key) is not None for key in wanted):

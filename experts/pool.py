@@ -301,10 +301,14 @@ class ExpertPool:
     def _shared_model(self) -> Any:
         return self._peft if self._peft is not None else self._base
 
-    def _trunk_scorer(self) -> TrunkScorer:
-        if self._trunk is None or self._trunk.peft_model is not self._peft:
+    def _trunk_scorer(self, keys: Sequence[str]) -> TrunkScorer | None:
+        """The shared-trunk scorer of the loaded adapters when it can score ``keys`` (built once
+        per adapter set: add_adapter and _drop_adapter reset it)."""
+        if not self.config.shared_trunk or self._peft is None:
+            return None
+        if self._trunk is None:
             self._trunk = TrunkScorer(self._peft, template_prefix(self.tokenizer))
-        return self._trunk
+        return self._trunk if self._trunk.supports(keys) else None
 
     def _adapter_names(self, keys: Sequence[str]) -> list[str] | None:
         # Without adapters the plain base model runs; with them every row must name its adapter,
@@ -506,8 +510,9 @@ class ExpertPool:
         keys = [[key for _, key in jurors] for _, _, jurors in batch]
         flat_keys = [key for row in keys for key in row]
         with torch.inference_mode():
-            if group == "" and self.config.shared_trunk and TrunkScorer.supports(self._peft, flat_keys):
-                return self._trunk_scorer().score(pairs, keys, pad)
+            scorer = self._trunk_scorer(flat_keys) if group == "" else None
+            if scorer is not None:
+                return scorer.score(pairs, keys, pad)
             rows = [pair for pair, row in zip(pairs, keys) for _ in row]
             context, adapters = self._adapter_context(self._adapter_names(flat_keys) if group == "" else None)
             with context:

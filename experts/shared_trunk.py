@@ -12,8 +12,8 @@ and the result is the same.
 
 Needs a Llama-style decoder (``model.model.{embed_tokens, layers, rotary_emb, norm}`` and
 ``lm_head``); :meth:`TrunkScorer.supports` says when, and the pool uses its plain path otherwise.
-A scorer belongs to one set of loaded adapters: the pool drops it when an adapter is added or
-removed (adapter keys are never reused, so cached prefixes cannot go stale).
+A scorer belongs to one set of loaded adapters (it keeps their LoRA layers and prefix caches):
+the pool drops it when an adapter is added or removed.
 """
 
 from __future__ import annotations
@@ -64,18 +64,15 @@ class TrunkScorer:
         self.peft_model = peft_model
         self.prefix = tuple(prefix)  # cached as keys/values: the chat template's fixed start
         self.lm = peft_model.base_model.model
-        self.decoder = self.lm.model
+        self.decoder = getattr(self.lm, "model", None)
         self.lora = batched_lora.lora_layers(peft_model)
+        self.llama_style = hasattr(self.lm, "lm_head") and all(hasattr(self.decoder, part) for part in _PARTS)
         self._first_layer: dict[str, int] = {}
         self._prefixes: OrderedDict[tuple, list[tuple[Any, Any]]] = OrderedDict()
 
-    @staticmethod
-    def supports(peft_model: Any, keys: Sequence[str]) -> bool:
+    def supports(self, keys: Sequence[str]) -> bool:
         """True when the model is a Llama-style decoder and the adapters allow stacked LoRA."""
-        if peft_model is None or not batched_lora.supported(peft_model, keys):
-            return False
-        lm = peft_model.base_model.model
-        return hasattr(lm, "lm_head") and all(hasattr(getattr(lm, "model", None), part) for part in _PARTS)
+        return self.llama_style and batched_lora.supported(self.peft_model, keys, self.lora)
 
     def first_adapted_layer(self, keys: Sequence[str]) -> int:
         """Index of the lowest decoder layer any adapter in ``keys`` changes (layer count if none)."""

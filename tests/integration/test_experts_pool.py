@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from experts.shared_trunk import TrunkScorer
 from experts.pool import ExpertPool, PoolConfig
 from registry.errors import ArtifactError, MoseError, NotFoundError
 from tests._fixtures.experts import FRANCE, random_lora, write_full_expert, write_lora_expert
@@ -94,7 +93,8 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
     """beta adapts layers 10-29 only: layers 0-9 run once per text, and nothing changes."""
     pool = two_adapters
     keys = [pool._resolve(name)[1] for name in ("base", "beta")]
-    assert TrunkScorer.supports(pool._peft, keys) and TrunkScorer(pool._peft).first_adapted_layer(keys) == 10
+    scorer = pool._trunk_scorer(keys)
+    assert scorer is not None and scorer.first_adapted_layer(keys) == 10
     items = [("What is the capital of France?", "Paris.", ["base", "beta"]),
              ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
               ["beta", "base"])]
@@ -111,9 +111,9 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
             assert s.logp_without_question == pytest.approx(f.logp_without_question, abs=1e-4)
     assert shared[0][0].logp_given_question != pytest.approx(shared[0][1].logp_given_question, abs=1e-3)
     # the cached prefix is the chat template's fixed start, and both texts used it
-    prefix = pool._trunk_scorer().prefix
+    prefix = scorer.prefix
     assert pool.tokenizer.decode(prefix).startswith("<|im_start|>system") and len(prefix) > 20
-    assert {len(prefix)} == {key[0].__len__() for key in pool._trunk_scorer()._prefixes}
+    assert {len(prefix)} == {len(key[0]) for key in scorer._prefixes}
 
 
 def test_adapters_cost_only_their_own_size(expert_pool):
