@@ -4,7 +4,8 @@ Candidates: logistic regression on the evidence features (standardised; several 
 or isotonic regression on the uncalibrated jury score alone. The one with the lowest
 cross-validated log loss is refitted on every row. The flag threshold is the largest P(correct)
 below which flagged answers are wrong with at least ``target_flag_precision``, on out-of-fold
-predictions (validation metrics are out-of-fold too). Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pickles).
+predictions (validation metrics are out-of-fold too). Artifacts are versioned JSON under
+``MOSE_HOME/crosscheck/`` (no pickles).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ class CalibratorConfig(BaseModel):
     """Never flag an answer whose P(correct) is above this."""
 
     regularisation: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3, 1.0)
-    """Inverse L2 strengths (scikit-learn's ``C``) tried for the logistic model; the best on
-    validation log loss is kept."""
+    """Inverse L2 strengths (scikit-learn's ``C``) tried for the logistic model; the best by
+    cross-validated log loss is kept."""
 
     seed: int = 0
     """Seed of the train/validation split."""

@@ -64,17 +64,20 @@ class RowEvidence(BaseModel):
     """The first ``jury_size`` jurors formed the jury; the rest observed (baselines). None: all."""
 
 
-def load_rows(path: str | Path) -> list[CheckRow]:
-    """Read labelled rows; a bad line is reported with its number."""
-    rows = []
+def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
+    """(line number, line) of each non-blank line; a file that cannot be read is a MoseError."""
     try:
         # split on "\n" only: splitlines() would also cut at U+2028 inside JSON strings.
         lines = Path(path).read_text(encoding="utf-8").split("\n")
     except OSError as exc:
         raise MoseError(f"cannot read {path}: {exc.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
+
+
+def load_rows(path: str | Path) -> list[CheckRow]:
+    """Read labelled rows; a bad line is reported with its number."""
+    rows = []
+    for number, line in _jsonl_lines(path):
         try:
             row = CheckRow.model_validate_json(line)
         except ValidationError as exc:
@@ -168,9 +171,7 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
     wanted = {row.digest(): row for row in rows}
     found: dict[str, RowEvidence] = {}
     for path in paths:
-        for number, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
-            if not line.strip():
-                continue
+        for number, line in _jsonl_lines(path):
             try:
                 item = RowEvidence.model_validate_json(line)
             except ValidationError:
