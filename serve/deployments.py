@@ -280,7 +280,7 @@ class ExpertPoolDeployment:
 
         return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
                 "node_id": ray.get_runtime_context().get_node_id(),
-                "refused": self.load_errors, "memory": self.pool.memory()}
+                "refused": self.load_errors}
 
 
 class _LoadedFullExpert:
@@ -352,7 +352,7 @@ class FullExpertDeployment:
 
     def status(self) -> dict[str, Any]:
         return {"loaded": [n for n, kind in self.pool.experts().items() if kind == "full"],
-                "memory": self.pool.memory(), "refused": self.load_errors}
+                "refused": self.load_errors}
 
 
 def full_expert_deployment(max_models_per_replica: int) -> type:
@@ -543,8 +543,7 @@ class Ingress(Backend):
         router, pool, full, checker = await asyncio.gather(
             _call(self.router.status), _call(self.pool.status), _call(self.full_experts.status),
             _call(self.checker.status))
-        return {"router": router, "expert_pool": {k: v for k, v in pool.items() if k != "memory"},
-                "full_experts": {k: v for k, v in full.items() if k != "memory"}, "crosscheck": checker}
+        return {"router": router, "expert_pool": pool, "full_experts": full, "crosscheck": checker}
 
 
 def _record_json(record: Any) -> dict[str, Any]:
