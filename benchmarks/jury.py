@@ -102,15 +102,14 @@ def train_bad_juror(jury, steps: int, seed: int) -> float:
     return adapter.seconds
 
 
-def panel(item, with_bad: bool, weights: dict[str, float] | None = None):
-    """The row's jury (router's experts + base), with the bad juror seated or not, reweighted."""
+def panel(item, with_bad: bool, weights: dict[str, float]):
+    """The row's jury (router's experts + base), with the bad juror seated or not, at ``weights``."""
     from experts.types import BASE_EXPERT
 
     found = {j.expert: j for j in item.jurors}
     routed = [j for j in item.jurors if j.expert not in (BASE_EXPERT, BAD_JUROR)]
     chosen = routed + ([found[BAD_JUROR]] if with_bad else []) + [found[BASE_EXPERT]]
-    return [j.model_copy(update={"weight": weights.get(j.expert, 1.0)}) if weights is not None else j.model_copy()
-            for j in chosen]
+    return [j.model_copy(update={"weight": weights.get(j.expert, 1.0)}) for j in chosen]
 
 
 def jury_auroc(jury, evidence, with_bad: bool, weights: dict[str, float]) -> dict[str, float]:
