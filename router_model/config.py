@@ -58,6 +58,19 @@ class RouterConfig(BaseModel):
     bag_lr: float = Field(default=1e-2, gt=0)
     """Learning rate of the lexical bag (head-only phase; a tenth when fine-tuning)."""
 
+    neighbours: int = Field(default=10, ge=0)
+    """Nearest training queries (cosine similarity of the router's own embeddings) whose labels
+    are mixed into the classifier's probabilities; 0 turns the memory off. Measured on held-out
+    rows: 0.894 -> 0.907 accuracy (fp32), mostly on MMLU, whose subjects the ten domain labels
+    lump together."""
+
+    neighbour_temperature: float = Field(default=0.02, gt=0)
+    """tau of ``softmax(similarity / tau)`` over the neighbours: small, so the closest few decide."""
+
+    neighbour_weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    """Mixing weights tried for the memory; the one with the lowest validation log loss is kept
+    (0 keeps the classifier alone)."""
+
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay."""
 

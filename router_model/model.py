@@ -1,4 +1,5 @@
-"""The router network: MiniLM (first N layers) -> mean pooling -> linear head -> softmax(z / T).
+"""The router network: MiniLM (first N layers) -> mean pooling -> linear head -> softmax(z / T),
+mixed with the labels of the query's nearest training queries.
 
 The whole path, token ids to calibrated probabilities, is one ``torch.nn.Module`` so that it
 exports to one ONNX graph with the temperature folded in.
@@ -22,22 +23,60 @@ ENCODER_CONFIG_FILE = "encoder_config.json"
 
 
 class RouterNet(nn.Module):
-    """Encoder + head + temperature + label centroids.
+    """Encoder + head + temperature + label centroids + a memory of training embeddings.
 
     ``forward`` returns ``(probs, support)``: calibrated probabilities, and the largest cosine
     similarity between the query's embedding and any label's centroid of training embeddings.
     A softmax is confident even on text unlike anything it was trained on; a low ``support``
     catches that (the runtime abstains below the artifact's ``min_support``).
+
+    With a memory, ``probs`` is ``(1 - w) * softmax(z / T) + w * knn``, where ``knn`` spreads
+    the labels of the ``k`` most similar training queries by ``softmax(similarity / tau)``
+    (kNN-augmented classification, as in kNN-LM): a query close to a few remembered ones of its
+    subject is decided by them, not only by a linear boundary drawn across ten broad domains.
     """
 
-    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+    def __init__(self, encoder: nn.Module, num_labels: int, memory_size: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, num_labels)
         self.bag = nn.Embedding(encoder.config.vocab_size, num_labels)
         nn.init.zeros_(self.bag.weight)
         self.register_buffer("temperature", torch.ones(()))
-        self.register_buffer("centroids", torch.zeros(num_labels, encoder.config.hidden_size))
+        self.register_buffer("centroids", torch.zeros(num_labels, hidden))
+        # The memory: unit-length training embeddings, their one-hot labels, the mixing weight w
+        # and tau; ``neighbours`` (k) is saved as a buffer and mirrored in ``k`` (a Python int,
+        # so the exported graph has a fixed TopK).
+        self.register_buffer("memory", torch.zeros(memory_size, hidden))
+        self.register_buffer("memory_labels", torch.zeros(memory_size, num_labels))
+        self.register_buffer("memory_weight", torch.zeros(()))
+        self.register_buffer("memory_temperature", torch.ones(()))
+        self.register_buffer("neighbours", torch.zeros((), dtype=torch.long))
+        self.k = 0
+
+    def set_memory(self, embeddings: torch.Tensor, labels: torch.Tensor, neighbours: int, temperature: float,
+                   weight: float = 0.0) -> None:
+        """Remember ``embeddings`` (normalised here) with one-hot ``labels`` [rows, num_labels]."""
+        self.memory = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+        self.memory_labels = labels.to(self.memory.dtype)
+        self.k = min(neighbours, len(embeddings))
+        self.neighbours.fill_(self.k)
+        self.memory_temperature.fill_(temperature)
+        self.memory_weight.fill_(weight)
+
+    def neighbour_probs(self, embedding: torch.Tensor) -> torch.Tensor:
+        """Label distribution of the nearest memory rows, weighted by softmax(similarity / tau)."""
+        unit = embedding / embedding.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+        top = (unit @ self.memory.T).topk(self.k, dim=-1)
+        weights = torch.softmax(top.values / self.memory_temperature, dim=-1)
+        return (weights.unsqueeze(-1) * self.memory_labels[top.indices]).sum(dim=1)
+
+    def mix(self, probs: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """The classifier's calibrated ``probs`` mixed with the memory's (unchanged without one)."""
+        if self.k == 0:
+            return probs
+        return (1 - self.memory_weight) * probs + self.memory_weight * self.neighbour_probs(embedding)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Mean of the last hidden states over real (unpadded) tokens."""
@@ -68,7 +107,7 @@ class RouterNet(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.embed(input_ids, attention_mask)
         logits = self.head(embedding) + self.bag_logits(input_ids, attention_mask)
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        probs = self.mix(torch.softmax(logits / self.temperature, dim=-1), embedding)
         return probs, self.support(embedding)
 
     def support(self, embedding: torch.Tensor) -> torch.Tensor:
@@ -136,8 +175,10 @@ def load(directory: Path) -> RouterNet:
     config = BertConfig.from_dict(json.loads((directory / ENCODER_CONFIG_FILE).read_text()))
     config._attn_implementation = "eager"
     state = load_file(str(directory / WEIGHTS_FILE))
-    net = RouterNet(BertModel(config, add_pooling_layer=False), state["head.weight"].shape[0])
-    net.load_state_dict(state)
+    memory_size = state["memory"].shape[0] if "memory" in state else 0
+    net = RouterNet(BertModel(config, add_pooling_layer=False), state["head.weight"].shape[0], memory_size)
+    net.load_state_dict({**net.state_dict(), **state})  # versions before the memory: none
+    net.k = int(net.neighbours)
     return net.eval()
 
 

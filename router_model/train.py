@@ -98,11 +98,15 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
     val_logits = val.logits(net).numpy()
     temperature = fit_temperature(val_logits, y_val)
     net.temperature.fill_(temperature)
-    raw, calibrated = softmax(val_logits), softmax(val_logits, temperature)
+    raw = softmax(val_logits)
+    train_emb, val_emb = train.embeddings(net), val.embeddings(net)
+    min_support, val_support = set_centroids(net, train_emb, y_train, val_emb, len(labels), config)
+    log(f"out-of-distribution guard: min support {min_support:.3f}")
+    calibrated, memory_metrics = set_memory(net, train_emb, y_train, val_emb, softmax(val_logits, temperature),
+                                            y_val, config)
+    metrics.update(memory_metrics)
     correct = calibrated.argmax(1) == y_val
     threshold = choose_threshold(calibrated.max(1), correct, config.target_precision, config.min_threshold)
-    min_support, val_support = set_centroids(net, train, y_train, val, len(labels), config)
-    log(f"out-of-distribution guard: min support {min_support:.3f}")
     answered = (calibrated.max(1) >= threshold) & (val_support >= min_support)
     metrics.update(
         {
@@ -127,14 +131,37 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
 
 
 @torch.no_grad()
-def set_centroids(net, train: "Cached", y_train, val: "Cached", num_labels, config) -> tuple[float, np.ndarray]:
+def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, num_labels, config) -> tuple[float, np.ndarray]:
     """Store each label's normalised mean training embedding; return the support threshold
     (``support_quantile`` of the validation rows' support) and those supports."""
-    train_emb = train.embeddings(net)
     centroids = torch.stack([train_emb[y_train == k].mean(0) for k in range(num_labels)])
     net.centroids.copy_(centroids / centroids.norm(dim=1, keepdim=True).clamp(min=1e-9))
-    support = net.support(val.embeddings(net)).numpy()
+    support = net.support(val_emb).numpy()
     return float(np.quantile(support, config.support_quantile)), support
+
+
+@torch.no_grad()
+def set_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: torch.Tensor, val_probs: np.ndarray,
+               y_val: np.ndarray, config: RouterConfig) -> tuple[np.ndarray, dict]:
+    """Remember the training embeddings and keep the mixing weight with the lowest validation log
+    loss; returns the validation probabilities with the memory mixed in, and what was measured."""
+    if config.neighbours == 0:
+        return val_probs, {}
+    num_labels = val_probs.shape[1]
+    net.set_memory(train_emb, torch.nn.functional.one_hot(y_train, num_labels), config.neighbours,
+                   config.neighbour_temperature)
+    neighbour = net.neighbour_probs(val_emb).numpy()
+    losses = {}
+    for weight in config.neighbour_weights:
+        mixed = (1 - weight) * val_probs + weight * neighbour
+        losses[weight] = float(-np.log(np.clip(mixed[np.arange(len(y_val)), y_val], 1e-12, 1)).mean())
+    best = min(losses, key=losses.get)
+    net.memory_weight.fill_(best)
+    mixed = (1 - best) * val_probs + best * neighbour
+    log(f"memory of {len(train_emb)} queries, k={net.k}: weight {best} (validation log loss "
+        f"{losses[0.0] if 0.0 in losses else float('nan'):.4f} alone -> {losses[best]:.4f}), validation accuracy "
+        f"{accuracy(val_probs, y_val):.4f} -> {accuracy(mixed, y_val):.4f}")
+    return mixed, {"memory_weight": best, "val_accuracy_without_memory": accuracy(val_probs, y_val)}
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

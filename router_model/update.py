@@ -2,7 +2,8 @@
 
 For every active expert whose primary domain is not yet a router label, a head row is added
 and fitted on frozen embeddings: the new expert's example queries against a sample of the
-existing labels' training rows (class-balanced loss). The old rows and the encoder are kept
+existing labels' training rows (class-balanced loss); the example queries join the router's
+memory of labelled embeddings. The old rows and the encoder are kept
 exactly, so existing routing only changes where the new domain now wins. The result is
 exported and published as a new version; a later ``mose router train`` folds the new domains
 into a full training (their example queries come from the registry).
@@ -79,8 +80,10 @@ def fit_new_rows(
 
 
 @torch.no_grad()
-def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor) -> None:
-    """Append output rows to the head, zero columns to the lexical bag, rows to the centroids."""
+def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor,
+         memory_rows: torch.Tensor, memory_targets: torch.Tensor) -> None:
+    """Append output rows to the head, zero columns to the lexical bag, rows to the centroids,
+    and the new example queries (embeddings, label indexes) to the memory."""
     old = net.head
     net.head = torch.nn.Linear(old.in_features, old.out_features + len(weight))
     net.head.weight.copy_(torch.cat([old.weight, weight]))
@@ -89,6 +92,11 @@ def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor)
     bag.weight.copy_(torch.cat([net.bag.weight, torch.zeros(net.bag.num_embeddings, len(weight))], dim=1))
     net.bag = bag
     net.centroids = torch.cat([net.centroids, centroids])
+    if net.k:
+        labels = torch.nn.functional.one_hot(memory_targets, net.head.out_features).to(net.memory_labels.dtype)
+        old_labels = torch.nn.functional.pad(net.memory_labels, (0, len(weight)))
+        net.set_memory(torch.cat([net.memory, memory_rows]), torch.cat([old_labels, labels]), int(net.neighbours),
+                       float(net.memory_temperature), float(net.memory_weight))
 
 
 def update_router(home, registry, progress: bool = True) -> UpdateResult:
@@ -119,7 +127,8 @@ def update_router(home, registry, progress: bool = True) -> UpdateResult:
     centroids = torch.stack([embeddings[targets == index[d]].mean(0) for d in new])
     centroids = centroids / centroids.norm(dim=1, keepdim=True)
     weight, bias = fit_new_rows(old_logits, embeddings, targets, centroids, net.head.bias.mean(), config)
-    grow(net, weight, bias, centroids)
+    fresh = slice(len(old_sample), None)
+    grow(net, weight, bias, centroids, embeddings[fresh], targets[fresh])
     net.eval()
 
     experts = sorted({*metadata.experts, *registry_rows(registry)[1]})

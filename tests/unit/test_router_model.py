@@ -49,6 +49,40 @@ def test_onnx_equals_torch_probabilities(router):
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)
 
 
+def test_memory_of_training_queries_is_mixed_in_and_older_artifacts_load_without_one(router, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from router_model.artifact import TRAIN_ROWS
+    from router_model.model import ENCODER_CONFIG_FILE, WEIGHTS_FILE
+    from router_model.model import load as load_net
+
+    net = load_net(router.directory)
+    meta = router.metadata
+    assert net.k == meta.config["neighbours"] == 10
+    assert len(net.memory) == len(load_jsonl(router.directory / TRAIN_ROWS))
+    assert 0.0 <= float(net.memory_weight) == meta.metrics["memory_weight"] <= 0.7
+    with torch.no_grad():
+        # A remembered query's nearest row is itself (similarity 1, tau 0.02): its own label wins.
+        own = net.neighbour_probs(net.memory[:20]).argmax(1)
+        assert torch.equal(own, net.memory_labels[:20].argmax(1))
+        probs = torch.softmax(torch.randn(20, len(meta.labels)), dim=1)
+        net.memory_weight.fill_(0.0)
+        assert torch.equal(net.mix(probs, net.memory[:20]), probs)
+        net.memory_weight.fill_(1.0)
+        assert torch.allclose(net.mix(probs, net.memory[:20]), net.neighbour_probs(net.memory[:20]))
+
+    old = tmp_path / "old"
+    old.mkdir()
+    shutil.copy(router.directory / ENCODER_CONFIG_FILE, old / ENCODER_CONFIG_FILE)
+    state = {k: v for k, v in load_file(str(router.directory / WEIGHTS_FILE)).items()
+             if not k.startswith(("memory", "neighbours"))}
+    save_file(state, str(old / WEIGHTS_FILE))
+    assert load_net(old).k == 0  # a version written before the memory: the classifier alone
+
+
 def test_calibration_lowers_validation_ece(router):
     metrics = router.metadata.metrics
     assert metrics["val_ece"] < metrics["val_ece_uncalibrated"]
