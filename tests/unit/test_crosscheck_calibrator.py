@@ -28,7 +28,7 @@ def test_calibrated_probabilities_beat_the_raw_squash_on_unseen_rows():
     raw = 1 / (1 + np.exp(-test_x[:, 0]))  # the uncalibrated fallback
     assert expected_calibration_error(p, test_labels) < 0.06
     assert expected_calibration_error(p, test_labels) < expected_calibration_error(raw, test_labels) - 0.1
-    assert calibrator.method in ("logistic", "isotonic")
+    assert calibrator.method in ("logistic", "boosted", "isotonic")
     assert calibrator.metrics["validation_log_loss"] <= calibrator.metrics["validation_log_loss_isotonic"]
 
 
@@ -85,6 +85,41 @@ def test_isotonic_candidate_follows_a_decreasing_relation():
     p = calibrator.predict(test_x)
     assert p.std() > 0.1  # not flat
     assert roc_auc_score(test_labels, p) > 0.75
+
+
+def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_json():
+    """The same evidence pointing opposite ways for short and long answers (as PMI did on
+    HaluEval QA and GSM8K): one linear weight cannot express that; two-level trees can. The JSON
+    artifact predicts exactly what scikit-learn's model does."""
+    from sklearn.ensemble import GradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    from experts.calibrator import TREE_FEATURES, Calibrator, fit_boosted, fit_logistic
+
+    def sign_flip(n, seed):
+        rng = np.random.default_rng(seed)
+        labels = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, len(FEATURES)))
+        long = (rng.random(n) < 0.3).astype(float)  # a minority of long responses
+        x[:, FEATURES.index("long_answer")] = long
+        x[:, FEATURES.index("contrast_pmi")] = np.where(long == 1, -1.0, 1.0) * (2 * labels - 1) + rng.normal(0, 1, n)
+        return x, labels
+
+    x, labels = sign_flip(1000, seed=10)
+    test_x, test_labels = sign_flip(1000, seed=11)
+    config = CalibratorConfig()
+    boosted = roc_auc_score(test_labels, fit_boosted(x, labels, config).predict(test_x))
+    linear = roc_auc_score(test_labels, fit_logistic(x, labels, 1.0).predict(test_x))
+    assert boosted > 0.8 and linear < 0.7, (boosted, linear)  # linear: the majority's direction only
+
+    columns = [FEATURES.index(name) for name in TREE_FEATURES]
+    reference = GradientBoostingClassifier(n_estimators=config.boosted_trees, max_depth=config.boosted_depth,
+                                           learning_rate=config.boosted_learning_rate,
+                                           min_samples_leaf=config.boosted_min_leaf, random_state=config.seed)
+    expected = reference.fit(x[:, columns], labels).predict_proba(test_x[:, columns])[:, 1]
+    reloaded = Calibrator.model_validate_json(fit_boosted(x, labels, config).model_dump_json())
+    assert np.allclose(reloaded.predict(test_x), expected, atol=1e-9)
+    assert fit_calibrator(x, labels).method == "boosted"  # chosen by cross-validated log loss
 
 
 def _saved_evidence(tmp_path, experts=("demo-law", "base")):
