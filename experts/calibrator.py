@@ -77,8 +77,8 @@ class CalibratorConfig(BaseModel):
 
     boosted_trees: int = Field(100, ge=0)
     """Trees of the gradient-boosted candidate (0 leaves it out). Measured on 500 held-out rows
-    (797 training rows): 100 trees of depth 2 at rate 0.05 reached AUROC 0.66 where the logistic
-    model reached 0.63; 300 trees overfitted."""
+    (797 training rows): 100 trees of depth 2 at rate 0.05 reached AUROC 0.656 where the logistic
+    model reached 0.630 (but with a higher log loss); 300 trees overfitted."""
 
     boosted_depth: int = Field(2, ge=1, le=5)
     """Depth of each boosted tree (2 = interactions of two features at most)."""
@@ -107,6 +107,7 @@ class Tree(BaseModel):
     value: list[float]
 
     def leaf_values(self, x: np.ndarray) -> np.ndarray:
+        """The value of the leaf each row of ``x`` ends in (all rows walk down together)."""
         node = np.zeros(len(x), dtype=np.int64)
         left, right = np.asarray(self.left), np.asarray(self.right)
         feature, threshold = np.asarray(self.feature), np.asarray(self.threshold)
@@ -152,9 +153,10 @@ class Calibrator(BaseModel):
             logits = z @ np.asarray(self.coef) + self.intercept
             return _sigmoid(logits)
         if self.method == "boosted":
-            inputs = x[:, self.columns]
-            logits = self.intercept + self.learning_rate * sum(tree.leaf_values(inputs) for tree in self.trees)
-            return _sigmoid(np.asarray(logits, dtype=np.float64) * np.ones(len(x)))
+            inputs, logits = x[:, self.columns], np.full(len(x), self.intercept)
+            for tree in self.trees:
+                logits += self.learning_rate * tree.leaf_values(inputs)
+            return _sigmoid(logits)
         score = x[:, self.features.index("jury_pmi")]
         return np.interp(score, np.asarray(self.iso_x), np.asarray(self.iso_y))
 
