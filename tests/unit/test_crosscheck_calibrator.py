@@ -153,3 +153,31 @@ def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fi
     path.write_text(path.read_text() + "{ not evidence\n")
     with pytest.raises(MoseError, match="evidence.jsonl:3: not a line of saved jury evidence"):
         load_evidence([path], rows, {"demo-law", "base"})
+
+
+def test_stratified_sample_keeps_each_sources_share_of_correct_answers():
+    from experts.crosscheck import CheckRow, stratified_sample
+
+    rows = [CheckRow(question=f"q{i}", answer="a", label=int(i % 3 != 0), source="two_thirds", id=f"t{i}")
+            for i in range(300)]
+    rows += [CheckRow(question=f"p{i}", answer="a", label=i % 2, source="half", id=f"h{i}") for i in range(40)]
+    sample = stratified_sample(rows, 60, seed=3)
+    by_source = {s: [r.label for r in sample if r.source == s] for s in ("two_thirds", "half")}
+    assert (len(by_source["two_thirds"]), sum(by_source["two_thirds"])) == (60, 40)
+    assert (len(by_source["half"]), sum(by_source["half"])) == (40, 20)  # fewer rows than asked: all
+    assert len({r.id for r in sample}) == len(sample)
+    assert [r.id for r in stratified_sample(rows, 60, seed=3)] == [r.id for r in sample]
+    assert [r.id for r in stratified_sample(rows, 60, seed=4)] != [r.id for r in sample]
+    assert stratified_sample(rows, None, seed=0) == rows
+
+
+def test_ece_if_calibrated_separates_sampling_noise_from_miscalibration():
+    from experts.crosscheck import ece_if_calibrated
+
+    rng = np.random.default_rng(12)
+    p = rng.uniform(0.3, 0.8, 300)
+    floor = ece_if_calibrated(p)
+    honest = expected_calibration_error(p, (rng.random(300) < p).astype(int))
+    shifted = expected_calibration_error(p, (rng.random(300) < p - 0.15).astype(int))
+    assert 0.02 < floor["mean"] < floor["p95"] < 0.12  # 300 rows: several points from binning alone
+    assert honest < floor["p95"] < shifted
