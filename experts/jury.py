@@ -208,16 +208,24 @@ class Jury:
         ]
 
     def cast_votes(self, question: str, jurors: Sequence[JurorEvidence], agreement: bool | None) -> None:
-        """Each juror's vote: what the calibrator concludes from that juror's evidence alone (with
-        the base model as reference), so a vote points the way the calibrator reads evidence.
-        Feedback then credits the jurors whose vote matched the truth. Without a calibrator: PMI > 0."""
+        """Each expert's vote: does its evidence, beside the base model's, make the calibrator's
+        P(correct) higher than the base model's evidence alone does? So a vote is the juror's
+        own contribution; what every juror shares (the answer's length, the base model) moves
+        both sides alike and cancels. An expert that changes nothing sides with the reference;
+        the base model votes P(correct) > 0.5. Feedback credits the jurors whose vote matched
+        the truth. Without a calibrator: PMI > 0."""
         base = next(j for j in jurors if j.expert == BASE_EXPERT)
-        for juror in jurors:
-            if self.calibrator is None:
+        if self.calibrator is None:
+            for juror in jurors:
                 juror.vote = juror.pmi > 0
+            return
+        reference = self.probability(features([base], question, agreement))
+        for juror in jurors:
+            if juror is base:
+                juror.vote = reference > 0.5
                 continue
-            alone = [juror.model_copy(update={"weight": 1.0})] + ([base] if juror is not base else [])
-            juror.vote = self.probability(features(alone, question, agreement)) > 0.5
+            alone = self.probability(features([juror.model_copy(update={"weight": 1.0}), base], question, agreement))
+            juror.vote = alone > reference if alone != reference else reference > 0.5
 
     def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
         """Jurors answer too; True when the candidate sits in the largest agreement cluster."""

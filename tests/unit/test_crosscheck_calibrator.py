@@ -181,3 +181,26 @@ def test_ece_if_calibrated_separates_sampling_noise_from_miscalibration():
     shifted = expected_calibration_error(p, (rng.random(300) < p - 0.15).astype(int))
     assert 0.02 < floor["mean"] < floor["p95"] < 0.12  # 300 rows: several points from binning alone
     assert honest < floor["p95"] < shifted
+
+
+def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
+    """A vote says whether the juror's evidence raises P(correct) above the base model's alone,
+    so what every juror shares (here: the answer's length) cancels."""
+    from experts.calibrator import Calibrator
+    from experts.jury import Jury, JurorEvidence
+
+    def calibrator(weights: dict[str, float], intercept: float) -> Calibrator:
+        return Calibrator(method="logistic", mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
+                          coef=[weights.get(name, 0.0) for name in FEATURES], intercept=intercept)
+
+    def juror(name: str, pmi: float) -> JurorEvidence:
+        return JurorEvidence(expert=name, logp_given_question=-1.0, logp_without_question=-1.0 - pmi, pmi=pmi,
+                             answer_tokens=12)
+
+    jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
+    Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", jurors, None)
+    assert [j.vote for j in jurors] == [True, False, True]  # base: sigmoid(0.2) > 0.5
+
+    jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
+    Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes("Q?", jurors, None)
+    assert [j.vote for j in jurors] == [False, False, False]  # length alone: all side with the base
