@@ -108,14 +108,21 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
     for source in sorted(by_source):
         group = by_source[source]
         by_label = {label: [row for row in group if row.label == label] for label in (0, 1)}
-        wanted = min(per_source, len(group))
-        quota = {label: wanted * len(members) / len(group) for label, members in by_label.items()}
-        counts = {label: int(q) for label, q in quota.items()}
-        for label in sorted(quota, key=lambda lab: quota[lab] - counts[lab], reverse=True)[: wanted - sum(counts.values())]:
-            counts[label] += 1
+        counts = proportional_counts({label: len(members) for label, members in by_label.items()},
+                                     min(per_source, len(group)))
         for label in (0, 1):
             sample.extend(rng.sample(by_label[label], counts[label]))
     return sample
+
+
+def proportional_counts(sizes: dict[int, int], total: int) -> dict[int, int]:
+    """``total`` split across groups in proportion to ``sizes`` (largest remainder method)."""
+    quota = {key: total * size / sum(sizes.values()) for key, size in sizes.items()}
+    counts = {key: int(share) for key, share in quota.items()}
+    by_remainder = sorted(quota, key=lambda key: quota[key] - counts[key], reverse=True)
+    for key in by_remainder[: total - sum(counts.values())]:
+        counts[key] += 1
+    return counts
 
 
 def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: Sequence[str] = (),

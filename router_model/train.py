@@ -151,17 +151,17 @@ def set_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: tor
     net.set_memory(train_emb, torch.nn.functional.one_hot(y_train, num_labels), config.neighbours,
                    config.neighbour_temperature)
     neighbour = net.neighbour_probs(val_emb).numpy()
-    losses = {}
-    for weight in config.neighbour_weights:
-        mixed = (1 - weight) * val_probs + weight * neighbour
-        losses[weight] = float(-np.log(np.clip(mixed[np.arange(len(y_val)), y_val], 1e-12, 1)).mean())
-    best = min(losses, key=losses.get)
+    mixes = {weight: (1 - weight) * val_probs + weight * neighbour for weight in config.neighbour_weights}
+    best = min(mixes, key=lambda weight: log_loss(mixes[weight], y_val))
     net.memory_weight.fill_(best)
-    mixed = (1 - best) * val_probs + best * neighbour
-    log(f"memory of {len(train_emb)} queries, k={net.k}: weight {best} (validation log loss "
-        f"{losses[0.0] if 0.0 in losses else float('nan'):.4f} alone -> {losses[best]:.4f}), validation accuracy "
-        f"{accuracy(val_probs, y_val):.4f} -> {accuracy(mixed, y_val):.4f}")
-    return mixed, {"memory_weight": best, "val_accuracy_without_memory": accuracy(val_probs, y_val)}
+    log(f"memory of {len(train_emb)} queries, k={net.k}: weight {best}; validation log loss "
+        f"{log_loss(val_probs, y_val):.4f} -> {log_loss(mixes[best], y_val):.4f}, accuracy "
+        f"{accuracy(val_probs, y_val):.4f} -> {accuracy(mixes[best], y_val):.4f}")
+    return mixes[best], {"memory_weight": best, "val_accuracy_without_memory": accuracy(val_probs, y_val)}
+
+
+def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1)).mean())
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
