@@ -102,7 +102,7 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
     train_emb, val_emb = train.embeddings(net), val.embeddings(net)
     min_support, val_support = set_centroids(net, train_emb, y_train, val_emb, len(labels), config)
     log(f"out-of-distribution guard: min support {min_support:.3f}")
-    calibrated, memory_metrics = set_memory(net, train_emb, y_train, val_emb, softmax(val_logits, temperature),
+    calibrated, memory_metrics = fit_memory(net, train_emb, y_train, val_emb, softmax(val_logits, temperature),
                                             y_val, config)
     metrics.update(memory_metrics)
     correct = calibrated.argmax(1) == y_val
@@ -141,7 +141,7 @@ def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, 
 
 
 @torch.no_grad()
-def set_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: torch.Tensor, val_probs: np.ndarray,
+def fit_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: torch.Tensor, val_probs: np.ndarray,
                y_val: np.ndarray, config: RouterConfig) -> tuple[np.ndarray, dict]:
     """Remember the training embeddings and keep the mixing weight with the lowest validation log
     loss; returns the validation probabilities with the memory mixed in, and what was measured."""

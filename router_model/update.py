@@ -95,7 +95,7 @@ def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor,
     if net.k:
         labels = torch.nn.functional.one_hot(memory_targets, net.head.out_features).to(net.memory_labels.dtype)
         old_labels = torch.nn.functional.pad(net.memory_labels, (0, len(weight)))
-        net.set_memory(torch.cat([net.memory, memory_rows]), torch.cat([old_labels, labels]), int(net.neighbours),
+        net.set_memory(torch.cat([net.memory, memory_rows]), torch.cat([old_labels, labels]), net.k,
                        float(net.memory_temperature), float(net.memory_weight))
 
 
