@@ -6,8 +6,8 @@ log-prob of the answer given the question, without it, and their difference, PMI
 one batched pass through the expert pool. Optionally each juror also answers the question
 itself, and the candidate's place in the agreement graph (``networkx``; an edge where MiniLM
 similarity passes a threshold) is one more piece of evidence. Jurors are weighted by reputation
-(a Beta posterior on how often their evidence pointed the right way), and a calibrator turns the
-weighted evidence into P(correct).
+(Beta posteriors on how often their vote was right, on right and on wrong answers apart: a
+balanced accuracy), and a calibrator turns the weighted evidence into P(correct).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from experts.calibrator import FEATURES, Calibrator
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
 from registry.errors import MoseError
+from registry.service import Reputation
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
 """Texts -> L2-normalised embeddings (MiniLM in production)."""
@@ -38,10 +39,12 @@ class JuryConfig(BaseModel):
     """Experts on the jury besides the base model."""
 
     reputation_sharpness: float = Field(12.0, ge=0.0)
-    """Weight = exp(sharpness * (reliability - 0.5)): a juror right half the time weighs 1."""
+    """Weight = exp(sharpness * (balanced accuracy - 0.5)): a juror no better than a coin, or
+    one that always votes the same way, weighs 1."""
 
     reputation_prior: tuple[float, float] = (2.0, 2.0)
-    """Beta prior (successes, failures) of a juror with no feedback yet."""
+    """Beta prior (successes, failures) of a juror with no feedback yet, for each half of its
+    reputation (votes on answers that were correct, and on answers that were wrong)."""
 
     similarity_threshold: float = Field(0.6, ge=-1.0, le=1.0)
     """MiniLM cosine similarity above which two answers agree (an edge in the agreement graph)."""
@@ -85,9 +88,10 @@ class Verdict(BaseModel):
     """The aggregated features the calibrator saw."""
 
 
-def reliability_weight(alpha: float, beta: float, sharpness: float) -> float:
-    mean = alpha / (alpha + beta)
-    return math.exp(sharpness * (mean - 0.5))
+def reliability_weight(reputation: Reputation, sharpness: float) -> float:
+    """exp(sharpness * (balanced accuracy - 0.5)): balanced, so that a juror that always votes
+    "wrong" does not gain weight from feedback on a stream of mostly wrong answers."""
+    return math.exp(sharpness * (reputation.mean - 0.5))
 
 
 def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | None) -> dict[str, float]:
@@ -185,7 +189,7 @@ class Jury:
 
     def weight(self, expert: str) -> float:
         reputation = self.registry.reputation(expert, prior=self.config.reputation_prior)
-        return reliability_weight(reputation.alpha, reputation.beta, self.config.reputation_sharpness)
+        return reliability_weight(reputation, self.config.reputation_sharpness)
 
     # ------------------------------------------------------------ evidence
 
@@ -312,8 +316,7 @@ class Jury:
                    for j in verdict.jurors if j.vote is not None}
         reputations = self.registry.record_feedback(verdict_id, correct, updates, actor,
                                                     prior=self.config.reputation_prior)
-        return {name: reliability_weight(r.alpha, r.beta, self.config.reputation_sharpness)
-                for name, r in reputations.items()}
+        return {name: reliability_weight(r, self.config.reputation_sharpness) for name, r in reputations.items()}
 
 
 def new_verdict_id(question: str, answer: str) -> str:

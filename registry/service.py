@@ -96,21 +96,38 @@ class FileCheck(BaseModel):
 
 
 class Reputation(BaseModel):
-    """Beta(alpha, beta) belief that an expert's verdicts/answers are right."""
+    """Two-coin belief in an expert's votes (Dawid & Skene): how often it said "correct" about
+    answers that were correct, Beta(``alpha``, ``beta``), and "wrong" about answers that were
+    wrong, Beta(``alpha_wrong``, ``beta_wrong``). Kept apart so that a juror who always says the
+    same thing scores 0.5 however many of the answers it sees are right."""
 
     expert: str
     """Expert name."""
     alpha: float
-    """Prior + observed successes."""
+    """Prior + successes on answers that turned out correct."""
     beta: float
-    """Prior + observed failures."""
+    """Prior + failures on answers that turned out correct."""
+    alpha_wrong: float
+    """Prior + successes on answers that turned out wrong."""
+    beta_wrong: float
+    """Prior + failures on answers that turned out wrong."""
     updated_at: str | None = None
     """Last update (UTC), None while only the prior is known."""
 
     @property
-    def mean(self) -> float:
-        """Expected success rate."""
+    def sensitivity(self) -> float:
+        """Expected share of correct answers it calls correct."""
         return self.alpha / (self.alpha + self.beta)
+
+    @property
+    def specificity(self) -> float:
+        """Expected share of wrong answers it calls wrong."""
+        return self.alpha_wrong / (self.alpha_wrong + self.beta_wrong)
+
+    @property
+    def mean(self) -> float:
+        """Expected balanced accuracy: 0.5 for a coin or a constant, 1 for a perfect judge."""
+        return (self.sensitivity + self.specificity) / 2
 
 
 def version_key(version: str) -> tuple:
@@ -380,11 +397,13 @@ class Registry:
 
     # --------------------------------------------------------------- reputation
     def reputation(self, name: str, prior: tuple[float, float] = (1.0, 1.0)) -> Reputation:
-        """The expert's reputation (``prior`` until feedback arrives)."""
+        """The expert's reputation (``prior`` for each half until feedback reaches it)."""
         row = self.store.get_reputation(name)
         if row is None:
-            return Reputation(expert=name, alpha=prior[0], beta=prior[1])
-        return Reputation(expert=row.expert, alpha=row.alpha, beta=row.beta, updated_at=row.updated_at)
+            return Reputation(expert=name, alpha=prior[0], beta=prior[1], alpha_wrong=prior[0], beta_wrong=prior[1])
+        wrong = (row.alpha_wrong, row.beta_wrong) if row.alpha_wrong is not None else prior
+        return Reputation(expert=row.expert, alpha=row.alpha, beta=row.beta, alpha_wrong=wrong[0],
+                          beta_wrong=wrong[1], updated_at=row.updated_at)
 
     # --------------------------------------------------------------- verdicts
     def record_verdict(self, verdict_id: str, payload: dict[str, Any]) -> None:
@@ -401,32 +420,41 @@ class Registry:
 
     def record_feedback(self, verdict_id: str, correct: bool, updates: dict[str, tuple[float, float]],
                         actor: str = "feedback", prior: tuple[float, float] = (1.0, 1.0)) -> dict[str, "Reputation"]:
-        """Mark a verdict's outcome once and add each juror's (successes, failures), in one transaction."""
+        """Mark a verdict's outcome once and add each juror's (successes, failures) to the half of
+        its reputation for answers like this one (correct or wrong), in one transaction."""
         with self.store.transaction():
             _, given = self.verdict(verdict_id)
             if given is not None:
                 raise ConflictError(f"feedback for verdict {verdict_id!r} was already recorded "
                                     f"(correct={str(given).lower()}); each verdict counts once")
             self.store.set_verdict_feedback(verdict_id, correct, utc_now())
-            reputations = {name: self.update_reputation(name, s, f, actor=actor, prior=prior)
+            reputations = {name: self.update_reputation(name, s, f, actor=actor, prior=prior, answer_correct=correct)
                            for name, (s, f) in updates.items()}
             append_entry(self.store, "feedback", verdict_id, {"correct": correct}, actor)
         return reputations
 
     def update_reputation(
         self, name: str, successes: float = 0.0, failures: float = 0.0, actor: str = "feedback",
-        prior: tuple[float, float] = (1.0, 1.0), audit: bool = True,
+        prior: tuple[float, float] = (1.0, 1.0), audit: bool = True, answer_correct: bool = True,
     ) -> Reputation:
-        """Add observed successes/failures atomically (safe against concurrent updaters)."""
+        """Add observed successes/failures atomically (safe against concurrent updaters) to the
+        half of the reputation for correct answers (``answer_correct``) or for wrong ones."""
         if successes < 0 or failures < 0:
             raise ValueError("successes and failures must be >= 0")
         with self.store.transaction():
             current = self.reputation(name, prior)
-            row = ReputationRow(name, current.alpha + successes, current.beta + failures, utc_now())
+            if answer_correct:
+                current = current.model_copy(update={"alpha": current.alpha + successes, "beta": current.beta + failures})
+            else:
+                current = current.model_copy(update={"alpha_wrong": current.alpha_wrong + successes,
+                                                     "beta_wrong": current.beta_wrong + failures})
+            row = ReputationRow(name, current.alpha, current.beta, utc_now(), current.alpha_wrong, current.beta_wrong)
             self.store.put_reputation(row)
             if audit:
                 append_entry(
                     self.store, "reputation", name,
-                    {"successes": successes, "failures": failures, "alpha": row.alpha, "beta": row.beta}, actor,
+                    {"successes": successes, "failures": failures, "answer_correct": answer_correct,
+                     "alpha": row.alpha, "beta": row.beta, "alpha_wrong": row.alpha_wrong,
+                     "beta_wrong": row.beta_wrong}, actor,
                 )
-        return Reputation(expert=name, alpha=row.alpha, beta=row.beta, updated_at=row.updated_at)
+        return current.model_copy(update={"updated_at": row.updated_at})

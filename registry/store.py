@@ -22,7 +22,7 @@ from pathlib import Path
 
 from registry.errors import MoseError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def utc_now() -> str:
@@ -69,12 +69,16 @@ class AuditRow:
 
 @dataclass(frozen=True)
 class ReputationRow:
-    """Beta-distribution reputation of an expert (name): successes ``alpha``, failures ``beta``."""
+    """Two Beta distributions per expert (name): its successes and failures on answers that
+    turned out correct (``alpha``, ``beta``) and on answers that turned out wrong
+    (``alpha_wrong``, ``beta_wrong``; None until the first such feedback)."""
 
     expert: str
     alpha: float
     beta: float
     updated_at: str
+    alpha_wrong: float | None = None
+    beta_wrong: float | None = None
 
 
 class RegistryStore(ABC):
@@ -190,7 +194,9 @@ CREATE TABLE IF NOT EXISTS reputation (
     expert TEXT PRIMARY KEY,
     alpha REAL NOT NULL,
     beta REAL NOT NULL,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    alpha_wrong REAL,
+    beta_wrong REAL
 );
 CREATE TABLE IF NOT EXISTS verdicts (
     id TEXT PRIMARY KEY,
@@ -200,6 +206,18 @@ CREATE TABLE IF NOT EXISTS verdicts (
     feedback_at TEXT
 );
 """
+
+
+_ADDED_COLUMNS = {"reputation": ("alpha_wrong REAL", "beta_wrong REAL")}
+"""Columns added since schema 1: a file made by an older version gets them on open."""
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, columns in _ADDED_COLUMNS.items():
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 class SQLiteStore(RegistryStore):
@@ -231,6 +249,7 @@ class SQLiteStore(RegistryStore):
                 if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
                     for statement in filter(str.strip, _SCHEMA.split(";")):
                         conn.execute(statement)
+                    _add_missing_columns(conn)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextmanager
@@ -352,10 +371,11 @@ class SQLiteStore(RegistryStore):
 
     def put_reputation(self, row: ReputationRow) -> None:
         self._write(
-            "INSERT INTO reputation (expert, alpha, beta, updated_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(expert) DO UPDATE SET alpha = excluded.alpha, beta = excluded.beta,"
-            " updated_at = excluded.updated_at",
-            (row.expert, row.alpha, row.beta, row.updated_at),
+            "INSERT INTO reputation (expert, alpha, beta, updated_at, alpha_wrong, beta_wrong)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(expert) DO UPDATE SET alpha = excluded.alpha,"
+            " beta = excluded.beta, updated_at = excluded.updated_at, alpha_wrong = excluded.alpha_wrong,"
+            " beta_wrong = excluded.beta_wrong",
+            (row.expert, row.alpha, row.beta, row.updated_at, row.alpha_wrong, row.beta_wrong),
         )
 
     def insert_verdict(self, verdict_id: str, payload_json: str, created_at: str) -> None:

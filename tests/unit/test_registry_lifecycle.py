@@ -124,10 +124,56 @@ def test_reputation_accumulates_and_persists(mose_home):
         assert reg.reputation("demo-law").mean == 0.5
         reg.update_reputation("demo-law", successes=3)
         rep = reg.update_reputation("demo-law", failures=1)
-        assert (rep.alpha, rep.beta) == (4.0, 2.0)
+        assert (rep.alpha, rep.beta, rep.alpha_wrong, rep.beta_wrong) == (4.0, 2.0, 1.0, 1.0)
+        rep = reg.update_reputation("demo-law", successes=1, answer_correct=False)
+        assert (rep.alpha_wrong, rep.beta_wrong) == (2.0, 1.0)
     with Registry.open(mose_home) as reg:
-        assert reg.reputation("demo-law").mean == pytest.approx(4 / 6)
-        assert [e.action for e in reg.audit_entries()] == ["reputation", "reputation"]
+        rep = reg.reputation("demo-law")
+        assert (rep.sensitivity, rep.specificity) == (pytest.approx(4 / 6), pytest.approx(2 / 3))
+        assert rep.mean == pytest.approx(2 / 3)
+        assert [e.action for e in reg.audit_entries()] == ["reputation"] * 3
+        assert reg.audit_entries()[-1].details["answer_correct"] is False
+
+
+def test_a_juror_that_always_votes_the_same_way_stays_at_one_half(mose_home):
+    """The base rate must not pay: always voting "wrong" on a stream of 80 % wrong answers is
+    right 80 % of the time, but its balanced accuracy stays 0.5."""
+    with Registry.open(mose_home) as reg:
+        for answer_correct in [False] * 80 + [True] * 20:
+            hit = not answer_correct  # it always says "wrong"
+            reg.update_reputation("always-wrong", float(hit), float(not hit), answer_correct=answer_correct,
+                                  audit=False)
+        rep = reg.reputation("always-wrong")
+    pooled_accuracy = (rep.alpha + rep.alpha_wrong) / (rep.alpha + rep.beta + rep.alpha_wrong + rep.beta_wrong)
+    assert pooled_accuracy > 0.75 and rep.specificity > 0.95 and rep.sensitivity < 0.05
+    assert rep.mean == pytest.approx(0.5, abs=0.02)  # the Beta(1, 1) priors pull each half a little
+
+
+def test_a_schema_1_registry_file_gains_the_new_columns_and_keeps_its_rows(mose_home):
+    """A registry file written before reputations had two halves opens, migrates in place, and
+    its stored reputation reads as the half for correct answers."""
+    import sqlite3
+
+    from registry.store import SCHEMA_VERSION
+
+    path = mose_home.db_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE reputation (expert TEXT PRIMARY KEY, alpha REAL NOT NULL, "
+                     "beta REAL NOT NULL, updated_at TEXT NOT NULL)")
+        conn.execute("INSERT INTO reputation VALUES ('demo-law', 5.0, 3.0, '2026-01-01T00:00:00+00:00')")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    with Registry.open(mose_home) as reg:
+        rep = reg.reputation("demo-law", prior=(2.0, 2.0))
+        assert (rep.alpha, rep.beta, rep.alpha_wrong, rep.beta_wrong) == (5.0, 3.0, 2.0, 2.0)
+        assert rep.updated_at == "2026-01-01T00:00:00+00:00"
+        reg.update_reputation("demo-law", failures=1, answer_correct=False, prior=(2.0, 2.0))
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert conn.execute("SELECT alpha, beta, alpha_wrong, beta_wrong FROM reputation").fetchall() == [
+            (5.0, 3.0, 2.0, 3.0)]
+    conn.close()
 
 
 def test_json_manifest_and_schema(registry, tmp_path):
