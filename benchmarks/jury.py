@@ -125,7 +125,7 @@ def jury_auroc(jury, evidence, with_bad: bool, weights: dict[str, float]) -> dic
 
 
 def reputation(args: argparse.Namespace) -> None:
-    from experts.crosscheck import collect
+    from experts.crosscheck import collect, save_evidence
 
     with tempfile.TemporaryDirectory(prefix="mose-reputation-") as scratch:
         jury = open_home_jury(args.home, Path(scratch))
@@ -133,6 +133,8 @@ def reputation(args: argparse.Namespace) -> None:
         feedback_rows = rows_of(None, args.feedback, test=False, seed=args.seed)
         heldout_rows = rows_of(None, args.heldout, test=True, seed=args.seed)
         evidence = collect(jury, feedback_rows + heldout_rows, extra=[BAD_JUROR])
+        if args.save_evidence:
+            save_evidence(evidence, args.save_evidence)
         feedback_ev, heldout_ev = evidence[: len(feedback_rows)], evidence[len(feedback_rows):]
         names = sorted({j.expert for e in evidence for j in e.jurors})
         before = {name: jury.weight(name) for name in names}
@@ -163,10 +165,14 @@ def reputation(args: argparse.Namespace) -> None:
         print("|---|" + "---|" * len(sources))
         for label, per in scores.items():
             print(f"| {label} | " + " | ".join(f"{per[s]:.3f}" for s in sources) + " |")
+        def relative(weights):  # the bad juror's weight over the median real expert's
+            return weights[BAD_JUROR] / np.median([w for n, w in weights.items() if n not in (BAD_JUROR, "base")])
+        print(f"\nbad juror's weight / the median expert's: {relative(before):.2f} -> {relative(after):.2f}")
         gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
         print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
         if args.json:
-            print(json.dumps({"weights_before": before, "weights_after": after, "auroc": scores, "gap": gap}))
+            print(json.dumps({"weights_before": before, "weights_after": after, "auroc": scores, "gap": gap,
+                              "bad_over_median_after": relative(after)}))
 
 
 def main() -> None:
@@ -183,6 +189,8 @@ def main() -> None:
     bad.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the bad juror")
     bad.add_argument("--seed", type=int, default=0)
     bad.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    bad.add_argument("--save-evidence", default=None, metavar="FILE",
+                     help="also write the jurors' evidence (bad juror included) as JSONL")
     args = parser.parse_args()
     speed(args) if args.what == "speed" else reputation(args)
 
