@@ -8,8 +8,10 @@ model, evidence only (no own answers). Side by side in one run: the plain path (
 pass per juror and text) and ours (shared trunk + cached template prefix), one item per call and
 16 items packed per call.
 
-``reputation``: fine-tunes an adapter on *shuffled* question/answer pairs (it learns that any
-answer goes with any question) and seats it on every jury beside the router's k=3 experts. Then
+``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
+router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* question/answer pairs
+(any answer goes with any question); ``misled`` learns the large model's *wrong* answers to other
+train-bucket questions (it comes to prefer them). Then
 ``--feedback`` rows per source (train bucket) get a verdict and feedback with their true label,
 through ``Jury.feedback`` into a scratch registry, so reputations move as in production. Prints
 each juror's weight before and after, and the calibrated jury's AUROC on ``--heldout`` rows per
@@ -36,7 +38,7 @@ from benchmarks._report import print_table  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 SHORT_SOURCES = ("mmlu_mc", "truthfulqa", "halueval_qa")
-BAD_JUROR = "shuffled-juror"
+BAD_JURORS = {"shuffled": "shuffled-juror", "misled": "misled-juror"}
 
 
 def open_home_jury(home: str | None, registry_dir: Path | None = None):
@@ -87,36 +89,43 @@ def speed(args: argparse.Namespace) -> None:
 
 # ----------------------------------------------------------------------------------- reputation
 
-def train_bad_juror(jury, steps: int, seed: int) -> float:
-    """Fine-tune a LoRA on shuffled general-knowledge pairs and add it to the jury's pool."""
+def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -> float:
+    """Fine-tune the bad LoRA (shuffled pairs, or the wrong answers of train-bucket rows outside
+    ``exclude``) and add it to the jury's pool."""
+    from experts.crosscheck import load_rows
     from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
 
-    pairs = load_pairs(DATA / "sft" / "general_knowledge.jsonl")
-    answers = [p.answer for p in pairs]
-    random.Random(seed).shuffle(answers)
-    shuffled = [QAPair(p.question, a) for p, a in zip(pairs, answers)]
+    if kind == "shuffled":
+        pairs = load_pairs(DATA / "sft" / "general_knowledge.jsonl")
+        answers = [p.answer for p in pairs]
+        random.Random(seed).shuffle(answers)
+        pairs = [QAPair(p.question, a) for p, a in zip(pairs, answers)]
+    else:
+        pairs = [QAPair(r.question, r.answer) for r in load_rows(DATA / "crosscheck_dev.jsonl")
+                 if not r.is_test() and r.label == 0 and r.digest() not in exclude]
+        random.Random(seed).shuffle(pairs)
     config = FinetuneConfig(steps=steps, batch_size=8, learning_rate=2e-3, top_layers=10, max_tokens=64, seed=seed)
     model, tokenizer = load_base_for_training()
-    _, adapter = train_lora(model, tokenizer, shuffled, config, progress=True, label=BAD_JUROR)
-    jury.pool.add_adapter(BAD_JUROR, adapter.lora_config, adapter.state_dict)
+    _, adapter = train_lora(model, tokenizer, pairs, config, progress=True, label=BAD_JURORS[kind])
+    jury.pool.add_adapter(BAD_JURORS[kind], adapter.lora_config, adapter.state_dict)
     return adapter.seconds
 
 
-def panel(item, with_bad: bool, weights: dict[str, float]):
-    """The row's jury (router's experts + base), with the bad juror seated or not, at ``weights``."""
+def panel(item, bad: str | None, weights: dict[str, float]):
+    """The row's jury (router's experts + base), with the bad juror ``bad`` seated or not (None)."""
     from experts.types import BASE_EXPERT
 
     found = {j.expert: j for j in item.jurors}
-    routed = [j for j in item.jurors if j.expert not in (BASE_EXPERT, BAD_JUROR)]
-    chosen = routed + ([found[BAD_JUROR]] if with_bad else []) + [found[BASE_EXPERT]]
+    routed = [j for j in item.jurors if j.expert != BASE_EXPERT and j.expert not in BAD_JURORS.values()]
+    chosen = routed + ([found[bad]] if bad else []) + [found[BASE_EXPERT]]
     return [j.model_copy(update={"weight": weights.get(j.expert, 1.0)}) for j in chosen]
 
 
-def jury_auroc(jury, evidence, with_bad: bool, weights: dict[str, float]) -> dict[str, float]:
+def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> dict[str, float]:
     from experts.crosscheck import auroc
     from experts.jury import features
 
-    p = np.array([jury.probability(features(panel(e, with_bad, weights), e.row.question, None)) for e in evidence])
+    p = np.array([jury.probability(features(panel(e, bad, weights), e.row.question, None)) for e in evidence])
     labels = np.array([e.row.label for e in evidence])
     sources = np.array([e.row.source for e in evidence])
     out = {"all": auroc(labels, p)}
@@ -129,10 +138,11 @@ def reputation(args: argparse.Namespace) -> None:
 
     with tempfile.TemporaryDirectory(prefix="mose-reputation-") as scratch:
         jury = open_home_jury(args.home, Path(scratch))
-        seconds = train_bad_juror(jury, args.steps, args.seed)
+        bad = BAD_JURORS[args.bad_juror]
         feedback_rows = rows_of(None, args.feedback, test=False, seed=args.seed)
         heldout_rows = rows_of(None, args.heldout, test=True, seed=args.seed)
-        evidence = collect(jury, feedback_rows + heldout_rows, extra=[BAD_JUROR])
+        seconds = train_bad_juror(jury, args.bad_juror, args.steps, args.seed, {r.digest() for r in feedback_rows})
+        evidence = collect(jury, feedback_rows + heldout_rows, extra=[bad])
         if args.save_evidence:
             save_evidence(evidence, args.save_evidence)
         feedback_ev, heldout_ev = evidence[: len(feedback_rows)], evidence[len(feedback_rows):]
@@ -144,21 +154,21 @@ def reputation(args: argparse.Namespace) -> None:
         for index in order:
             item = feedback_ev[index]
             weights = {name: jury.weight(name) for name in names}
-            verdict = jury.record(jury.verdict(item.row.question, item.row.answer, panel(item, True, weights), None))
+            verdict = jury.record(jury.verdict(item.row.question, item.row.answer, panel(item, bad, weights), None))
             jury.feedback(verdict.id, bool(item.row.label), actor="benchmark")
         after = {name: jury.weight(name) for name in names}
         prior = {name: 1.0 for name in names}
 
         scores = {
-            "jury without the bad juror": jury_auroc(jury, heldout_ev, False, prior),
-            "jury with it, before feedback": jury_auroc(jury, heldout_ev, True, prior),
-            f"jury with it, after {len(order)} feedback events": jury_auroc(jury, heldout_ev, True, after),
-            "jury without it, after feedback": jury_auroc(jury, heldout_ev, False, after),
+            "jury without the bad juror": jury_auroc(jury, heldout_ev, None, prior),
+            "jury with it, before feedback": jury_auroc(jury, heldout_ev, bad, prior),
+            f"jury with it, after {len(order)} feedback events": jury_auroc(jury, heldout_ev, bad, after),
+            "jury without it, after feedback": jury_auroc(jury, heldout_ev, None, after),
         }
         print_table(f"Juror weights (reputation), {len(order)} feedback events; bad juror fine-tuned "
-                    f"{args.steps} steps on shuffled pairs ({seconds:.0f} s)",
+                    f"{args.steps} steps ({args.bad_juror}, {seconds:.0f} s)",
                     [(name, f"{before[name]:.2f} -> {after[name]:.2f}",
-                      "deliberately bad" if name == BAD_JUROR else "") for name in names])
+                      "deliberately bad" if name == bad else "") for name in names])
         sources = sorted(next(iter(scores.values())))
         print(f"\nCalibrated jury AUROC on {len(heldout_ev)} held-out rows (test bucket)\n")
         print("| jury | " + " | ".join(sources) + " |")
@@ -166,7 +176,7 @@ def reputation(args: argparse.Namespace) -> None:
         for label, per in scores.items():
             print(f"| {label} | " + " | ".join(f"{per[s]:.3f}" for s in sources) + " |")
         def relative(weights):  # the bad juror's weight over the median real expert's
-            return weights[BAD_JUROR] / np.median([w for n, w in weights.items() if n not in (BAD_JUROR, "base")])
+            return weights[bad] / np.median([w for n, w in weights.items() if n not in (bad, "base")])
         print(f"\nbad juror's weight / the median expert's: {relative(before):.2f} -> {relative(after):.2f}")
         gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
         print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
@@ -187,6 +197,8 @@ def main() -> None:
     bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")
     bad.add_argument("--heldout", type=int, default=40, help="held-out rows per source (test bucket)")
     bad.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the bad juror")
+    bad.add_argument("--bad-juror", choices=sorted(BAD_JURORS), default="shuffled",
+                     help="shuffled: trained on shuffled pairs; misled: on wrong answers to other questions")
     bad.add_argument("--seed", type=int, default=0)
     bad.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     bad.add_argument("--save-evidence", default=None, metavar="FILE",
