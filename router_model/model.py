@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from router_model.tokens import length_sorted_batches, minilm_dir, pad
 
@@ -58,7 +59,7 @@ class RouterNet(nn.Module):
     def set_memory(self, embeddings: torch.Tensor, labels: torch.Tensor, neighbours: int, temperature: float,
                    weight: float = 0.0) -> None:
         """Remember ``embeddings`` (normalised here) with one-hot ``labels`` [rows, num_labels]."""
-        self.memory = embeddings / embeddings.norm(dim=-1, keepdim=True).clamp(min=1e-9)
+        self.memory = F.normalize(embeddings, dim=-1, eps=1e-9)
         self.memory_labels = labels.to(self.memory.dtype)
         self.k = min(neighbours, len(embeddings))
         self.neighbours.fill_(self.k)
@@ -67,8 +68,7 @@ class RouterNet(nn.Module):
 
     def neighbour_probs(self, embedding: torch.Tensor) -> torch.Tensor:
         """Label distribution of the nearest memory rows, weighted by softmax(similarity / tau)."""
-        unit = embedding / embedding.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-        top = (unit @ self.memory.T).topk(self.k, dim=-1)
+        top = (F.normalize(embedding, dim=-1, eps=1e-9) @ self.memory.T).topk(self.k, dim=-1)
         weights = torch.softmax(top.values / self.memory_temperature, dim=-1)
         return (weights.unsqueeze(-1) * self.memory_labels[top.indices]).sum(dim=1)
 
@@ -112,8 +112,7 @@ class RouterNet(nn.Module):
 
     def support(self, embedding: torch.Tensor) -> torch.Tensor:
         """Max cosine similarity to the label centroids (which are stored normalised)."""
-        unit = embedding / embedding.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-        return (unit @ self.centroids.T).max(dim=-1).values
+        return (F.normalize(embedding, dim=-1, eps=1e-9) @ self.centroids.T).max(dim=-1).values
 
     def probabilities(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self(input_ids, attention_mask)[0]

@@ -135,7 +135,7 @@ def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, 
     """Store each label's normalised mean training embedding; return the support threshold
     (``support_quantile`` of the validation rows' support) and those supports."""
     centroids = torch.stack([train_emb[y_train == k].mean(0) for k in range(num_labels)])
-    net.centroids.copy_(centroids / centroids.norm(dim=1, keepdim=True).clamp(min=1e-9))
+    net.centroids.copy_(torch.nn.functional.normalize(centroids, dim=1, eps=1e-9))
     support = net.support(val_emb).numpy()
     return float(np.quantile(support, config.support_quantile)), support
 

@@ -125,7 +125,7 @@ def update_router(home, registry, progress: bool = True) -> UpdateResult:
         old_logits = torch.from_numpy(run_batched(net.logits, token_ids))
     targets = torch.tensor([index[r.domain] for r in fit_rows])
     centroids = torch.stack([embeddings[targets == index[d]].mean(0) for d in new])
-    centroids = centroids / centroids.norm(dim=1, keepdim=True)
+    centroids = torch.nn.functional.normalize(centroids, dim=1)
     weight, bias = fit_new_rows(old_logits, embeddings, targets, centroids, net.head.bias.mean(), config)
     fresh = slice(len(old_sample), None)
     grow(net, weight, bias, centroids, embeddings[fresh], targets[fresh])
