@@ -131,7 +131,8 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
 
 
 @torch.no_grad()
-def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, num_labels, config) -> tuple[float, np.ndarray]:
+def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, num_labels,
+                  config) -> tuple[float, np.ndarray]:
     """Store each label's normalised mean training embedding; return the support threshold
     (``support_quantile`` of the validation rows' support) and those supports."""
     centroids = torch.stack([train_emb[y_train == k].mean(0) for k in range(num_labels)])
@@ -152,12 +153,14 @@ def fit_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: tor
                    config.neighbour_temperature)
     neighbour = net.neighbour_probs(val_emb).numpy()
     mixes = {weight: (1 - weight) * val_probs + weight * neighbour for weight in config.neighbour_weights}
-    best = min(mixes, key=lambda weight: log_loss(mixes[weight], y_val))
+    losses = {weight: log_loss(mixed, y_val) for weight, mixed in mixes.items()}
+    best = min(losses, key=losses.get)
     net.memory_weight.fill_(best)
+    without = accuracy(val_probs, y_val)
     log(f"memory of {len(train_emb)} queries, k={net.k}: weight {best}; validation log loss "
-        f"{log_loss(val_probs, y_val):.4f} -> {log_loss(mixes[best], y_val):.4f}, accuracy "
-        f"{accuracy(val_probs, y_val):.4f} -> {accuracy(mixes[best], y_val):.4f}")
-    return mixes[best], {"memory_weight": best, "val_accuracy_without_memory": accuracy(val_probs, y_val)}
+        f"{log_loss(val_probs, y_val):.4f} -> {losses[best]:.4f}, accuracy {without:.4f} -> "
+        f"{accuracy(mixes[best], y_val):.4f}")
+    return mixes[best], {"memory_weight": best, "val_accuracy_without_memory": without}
 
 
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
