@@ -133,6 +133,13 @@ def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> di
     return out
 
 
+def relative_weight(weights: dict[str, float], bad: str) -> float:
+    """The bad juror's weight over the median real expert's (the base model left out)."""
+    from experts.types import BASE_EXPERT
+
+    return weights[bad] / float(np.median([w for name, w in weights.items() if name not in (bad, BASE_EXPERT)]))
+
+
 def reputation(args: argparse.Namespace) -> None:
     from experts.crosscheck import collect, save_evidence
 
@@ -175,14 +182,13 @@ def reputation(args: argparse.Namespace) -> None:
         print("|---|" + "---|" * len(sources))
         for label, per in scores.items():
             print(f"| {label} | " + " | ".join(f"{per[s]:.3f}" for s in sources) + " |")
-        def relative(weights):  # the bad juror's weight over the median real expert's
-            return weights[bad] / np.median([w for n, w in weights.items() if n not in (bad, "base")])
-        print(f"\nbad juror's weight / the median expert's: {relative(before):.2f} -> {relative(after):.2f}")
+        print(f"\nbad juror's weight / the median expert's: {relative_weight(before, bad):.2f} -> "
+              f"{relative_weight(after, bad):.2f}")
         gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
         print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
         if args.json:
             print(json.dumps({"weights_before": before, "weights_after": after, "auroc": scores, "gap": gap,
-                              "bad_over_median_after": relative(after)}))
+                              "bad_over_median_after": relative_weight(after, bad)}))
 
 
 def main() -> None:
