@@ -149,7 +149,8 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     fits = [json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
             for out in (first, again)]
     model = ("method", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "trained_on")
-    assert [{key: fit[key] for key in model} for fit in fits][0] == {key: fits[1][key] for key in model}
+    first, second = ({key: fit[key] for key in model} for fit in fits)
+    assert first == second
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
 
     from experts.calibrator import load_calibrator
