@@ -66,10 +66,14 @@ class BatchedLoRA:
     """Context: run ``peft_model`` with row ``i`` using adapter ``keys[i]`` (``__base__``: none).
 
     ``layers``: the model's LoRA layers when the caller has them (saves a walk over the model).
+    ``token_mask``: [rows, tokens] 0/1, where the adapters apply (None: everywhere); every forward
+    pass inside the context must then be over exactly those rows and tokens.
     """
 
-    def __init__(self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None) -> None:
+    def __init__(self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None,
+                 token_mask: Any = None) -> None:
         self.keys = list(keys)
+        self.token_mask = None if token_mask is None else token_mask.unsqueeze(-1)
         self.layers = list(layers) if layers is not None else lora_layers(peft_model)
         self._handles: list[Any] = []
         self._off = AdaptersOff(self.layers)
@@ -106,9 +110,11 @@ class BatchedLoRA:
                 continue
             a_rows, b_rows = stacks
 
-            def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows):
+            def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows, token_mask=self.token_mask):
                 x = args[0]
                 delta = torch.bmm(torch.bmm(x.to(a_rows.dtype), a_rows), b_rows)
+                if token_mask is not None:
+                    delta = delta * token_mask.to(delta.dtype)
                 return output + delta.to(output.dtype)
 
             self._handles.append(layer.register_forward_hook(add_delta))

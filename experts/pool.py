@@ -24,12 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.chat import BASE_ADAPTER, answer_logprobs, encode_pair, prompt_ids, template_prefix
+from experts.chat import BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids, template_prefix
 from experts.decoding import decode
 from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
                             tokenizer_from_verified)
 from experts.policy import DevicePolicy
-from experts.shared_trunk import TrunkScorer
+from experts.shared_trunk import TrunkScorer, answer_positions
 from experts.types import (BASE_EXPERT, ExpertScore, GenerationRequest, GenerationResult,
                            SamplingParams, validate)
 from registry.errors import ArtifactError, MoseError, NotFoundError
@@ -315,10 +315,26 @@ class ExpertPool:
         # otherwise peft would apply the active adapter to base-model rows.
         return list(keys) if self._peft is not None else None
 
-    def _adapter_context(self, adapters: list[str] | None) -> tuple[Any, list[str] | None]:
+    def _adapter_context(self, adapters: list[str] | None,
+                         answers_only: Sequence[EncodedPair] | None = None) -> tuple[Any, list[str] | None]:
         """(context, adapter_names): stacked per-row LoRA matmuls when every adapter allows it,
-        else peft's own per-adapter loop through ``adapter_names``."""
-        if adapters is not None and self.config.batched_lora and batched_lora.supported(self._peft, adapters):
+        else peft's own per-adapter loop through ``adapter_names``.
+
+        ``answers_only``: the scored rows, whose adapters then apply only where an answer token is
+        predicted (``adapt_question=False`` in :meth:`score`; needs the stacked matmuls)."""
+        import torch
+
+        stackable = adapters is not None and batched_lora.supported(self._peft, adapters)
+        if stackable and answers_only is not None:
+            width = max(len(pair.input_ids) for pair in answers_only)
+            lengths = torch.tensor([pair.answer_len + 1 for pair in answers_only])  # + the unscored last column
+            device = next(self._peft.parameters()).device
+            return batched_lora.BatchedLoRA(self._peft, adapters,
+                                            token_mask=answer_positions(lengths.to(device), width)), None
+        if adapters is not None and answers_only is not None:
+            warnings.warn(f"adapters {sorted(set(adapters) - {BASE_ADAPTER})} are not plain LoRA and cannot be "
+                          "limited to the answer tokens: they read the question too")
+        if stackable and self.config.batched_lora:
             return batched_lora.BatchedLoRA(self._peft, adapters), None
         return contextlib.nullcontext(), adapters
 
@@ -431,11 +447,18 @@ class ExpertPool:
                                 self._adapter_names(list(dict.fromkeys(keys.values()))), max_tokens, batch_size)
         return {name: losses.get(key, losses.get(BASE_ADAPTER)) for name, key in keys.items()}
 
-    def score(self, question: str, answer: str, experts: Sequence[str]) -> list[ExpertScore]:
-        """Per expert: mean log-prob of the answer tokens with and without the question, and PMI."""
-        return self.score_many([(question, answer, experts)])[0]
+    def score(self, question: str, answer: str, experts: Sequence[str],
+              adapt_question: bool = True) -> list[ExpertScore]:
+        """Per expert: mean log-prob of the answer tokens with and without the question, and PMI.
 
-    def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]]) -> list[list[ExpertScore]]:
+        ``adapt_question=False``: a LoRA expert's adapter applies only where an answer token is
+        predicted; the question is read by the base model, once for all experts (faster on short
+        answers; the scores differ, so evidence collected one way is not comparable to the other).
+        """
+        return self.score_many([(question, answer, experts)], adapt_question)[0]
+
+    def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]],
+                   adapt_question: bool = True) -> list[list[ExpertScore]]:
         """:meth:`score` for several (question, answer, experts) items at once.
 
         Every (item, with/without question) text of a model is length-sorted and packed into
@@ -456,8 +479,9 @@ class ExpertPool:
                 model, tokenizer = self._model_for(group)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
                 for batch in self._score_batches(texts):
-                    for ((i, with_q), pair, jurors), results in zip(batch, self._score_batch(group, model, pad, batch)):
-                        for (j, _), (total, count) in zip(jurors, results):
+                    results = self._score_batch(group, model, pad, batch, adapt_question)
+                    for ((i, with_q), pair, jurors), result in zip(batch, results):
+                        for (j, _), (total, count) in zip(jurors, result):
                             means[(i, j, with_q)] = total / count
                         if with_q:
                             answer_lens[i] = pair.answer_len
@@ -502,7 +526,8 @@ class ExpertPool:
         if batch:
             yield batch
 
-    def _score_batch(self, group: str, model: Any, pad: int, batch: list[tuple]) -> list[list[tuple[float, int]]]:
+    def _score_batch(self, group: str, model: Any, pad: int, batch: list[tuple],
+                     adapt_question: bool) -> list[list[tuple[float, int]]]:
         """Per text of ``batch``, per expert: (sum of answer-token log-probs, answer-token count)."""
         import torch
 
@@ -512,9 +537,10 @@ class ExpertPool:
         with torch.inference_mode():
             scorer = self._trunk_scorer(flat_keys) if group == "" else None
             if scorer is not None:
-                return scorer.score(pairs, keys, pad)
+                return scorer.score(pairs, keys, pad, adapt_question)
             rows = [pair for pair, row in zip(pairs, keys) for _ in row]
-            context, adapters = self._adapter_context(self._adapter_names(flat_keys) if group == "" else None)
+            adapters = self._adapter_names(flat_keys) if group == "" else None
+            context, adapters = self._adapter_context(adapters, None if adapt_question else rows)
             with context:
                 sums, counts = answer_logprobs(model, rows, pad, adapters)
         flat = iter(zip(sums.tolist(), counts.tolist()))

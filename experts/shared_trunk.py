@@ -10,6 +10,11 @@ as a key/value cache (prefix caching, as in vLLM). For four jurors on short answ
 adapters on the top third of the layers, that is less than half the plain forward passes' work,
 and the result is the same.
 
+Optionally (``adapt_question=False``) the adapters apply only at the positions that predict an
+answer token: the question then runs through the branch once, unadapted, and each juror's rows
+attend to its keys and values, so only the answer is scored per juror (about 1.2x faster again
+on short answers; other evidence than adapters on the whole text).
+
 Needs a Llama-style decoder (``model.model.{embed_tokens, layers, rotary_emb, norm}`` and
 ``lm_head``); :meth:`TrunkScorer.supports` says when, and the pool uses its plain path otherwise.
 A scorer belongs to one set of loaded adapters (it keeps their LoRA layers and prefix caches):
@@ -84,53 +89,77 @@ class TrunkScorer:
         return min((self._first_layer[key] for key in keys), default=len(layers))
 
     def score(self, texts: Sequence[EncodedPair], keys_per_text: Sequence[Sequence[str]],
-              pad_id: int) -> list[list[tuple[float, int]]]:
+              pad_id: int, adapt_question: bool = True) -> list[list[tuple[float, int]]]:
         """Per text, per adapter key: (sum of answer-token log-probs, answer-token count).
 
         Each text goes through the trunk once and through the branch once per key (``__base__``:
         no adapter), attending to the cached keys and values of the prefix all texts share.
+        ``adapt_question=False``: the adapters apply only at the positions that predict an answer
+        token; the rest of the text runs through the branch once, unadapted, and every key's rows
+        attend to its keys and values (equal to :func:`experts.chat.answer_logprobs` under
+        ``BatchedLoRA`` with :func:`answer_positions` as token mask).
         Call under ``torch.inference_mode()``.
         """
         import torch
 
         keys = [key for row in keys_per_text for key in row]
         split = self.first_adapted_layer(keys)
+        branch = range(split, len(self.decoder.layers))
         device = next(self.lm.parameters()).device
-        text_of_row = torch.tensor([i for i, row in enumerate(keys_per_text) for _ in row], device=device)
+        row_text = torch.tensor([i for i, row in enumerate(keys_per_text) for _ in row], device=device)
+        lengths = torch.tensor([t.answer_len for t in texts], device=device)
 
         shared = shared_prefix_length(texts, self.prefix)
         prefix = self.prefix[:shared]
-        suffixes = [EncodedPair(t.input_ids[shared:], t.answer_len) for t in texts]
-        ids, mask, positions = left_pad([t.input_ids for t in suffixes], pad_id)
+        ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
         mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)
+        # The last token predicts nothing that is scored: no layer needs to run on it.
+        inputs, mask, positions = ids[:, :-1], mask[:, :-1], positions[:, :-1]
 
         trunk_cache = self._cache(prefix, [BASE_ADAPTER] * len(texts), range(split))
-        branch_cache = self._cache(prefix, keys, range(split, len(self.decoder.layers)))
         with batched_lora.AdaptersOff(self.lora):
-            hidden = _run_layers(self.decoder, self.decoder.embed_tokens(ids), mask, positions,
+            hidden = _run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
                                  self.decoder.layers[:split], trunk_cache)
-        with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora):
-            hidden = _run_layers(self.decoder, hidden[text_of_row], mask[text_of_row], positions[text_of_row],
-                                 self.decoder.layers[split:], branch_cache)
-        lengths = torch.tensor([texts[i].answer_len for i in text_of_row.tolist()], device=device)
-        sums = self._answer_logprob_sums(hidden, ids[text_of_row], lengths)
-        flat = iter(zip(sums.tolist(), lengths.tolist()))
+        if adapt_question:
+            cache, token_mask = self._cache(prefix, keys, branch), None
+        else:
+            cache, hidden, positions = self._unadapted_context(prefix, hidden, mask, positions, lengths, branch)
+            cache = _select_rows(cache, row_text, branch, self.decoder.config)
+            token_mask = answer_positions(lengths[row_text], hidden.shape[1])
+        with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora, token_mask):
+            hidden = _run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
+                                 self.decoder.layers[split:], cache)
+        keep = int(lengths.max())
+        sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], lengths[row_text])
+        flat = iter(zip(sums.tolist(), lengths[row_text].tolist()))
         return [[next(flat) for _ in row] for row in keys_per_text]
 
-    def _answer_logprob_sums(self, hidden: Any, ids: Any, lengths: Any) -> Any:
-        """Sum of each row's answer-token log-probs, with the LM head (49k words wide) applied
-        only at the positions that predict an answer token."""
+    def _unadapted_context(self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any,
+                           branch: range) -> tuple[Any, Any, Any]:
+        """Run the columns before the answer positions through the branch unadapted, once per text:
+        (cache holding their keys and values after the prefix's, hidden and positions of the rest)."""
+        from transformers.cache_utils import DynamicCache
+
+        cache = self._cache(prefix, [BASE_ADAPTER] * len(hidden), branch) or DynamicCache(config=self.decoder.config)
+        width = int(lengths.max())  # the answer-predicting columns of the longest answer
+        if hidden.shape[1] > width:
+            with batched_lora.AdaptersOff(self.lora):
+                _run_layers(self.decoder, hidden[:, :-width], mask[:, :-width], positions[:, :-width],
+                            self.decoder.layers[branch.start:], cache)
+        return cache, hidden[:, -width:], positions[:, -width:]
+
+    def _answer_logprob_sums(self, hidden: Any, targets: Any, lengths: Any) -> Any:
+        """Sum of each row's answer-token log-probs from the hidden states of the last ``keep``
+        positions (each predicting the token of ``targets`` in the same column), with the LM head
+        (49k words wide) applied only where an answer token is predicted."""
         import torch
 
-        keep = int(lengths.max())
-        cols = torch.arange(keep, device=ids.device).unsqueeze(0)
-        in_answer = cols >= (keep - lengths).unsqueeze(1)  # [rows, keep]
-        before = hidden[:, -(keep + 1):-1, :][in_answer]  # position t predicts token t + 1
-        logp = torch.log_softmax(self.lm.lm_head(self.decoder.norm(before)).float(), dim=-1)
-        picked = logp.gather(-1, ids[:, -keep:][in_answer].unsqueeze(-1)).squeeze(-1)
-        row_of = torch.arange(len(ids), device=ids.device).unsqueeze(1).expand(-1, keep)[in_answer]
-        return torch.zeros(len(ids), dtype=picked.dtype, device=ids.device).index_add_(0, row_of, picked)
+        in_answer = answer_positions(lengths, targets.shape[1]).bool()
+        logp = torch.log_softmax(self.lm.lm_head(self.decoder.norm(hidden[in_answer])).float(), dim=-1)
+        picked = logp.gather(-1, targets[in_answer].unsqueeze(-1)).squeeze(-1)
+        row_of = torch.arange(len(targets), device=targets.device).unsqueeze(1).expand_as(in_answer)[in_answer]
+        return torch.zeros(len(targets), dtype=picked.dtype, device=targets.device).index_add_(0, row_of, picked)
 
     def _cache(self, prefix: tuple[int, ...], row_keys: Sequence[str], layers: Sequence[int]) -> Any:
         """A key/value cache holding ``prefix`` for each row under its adapter, in ``layers``."""
@@ -165,6 +194,29 @@ class TrunkScorer:
         while len(self._prefixes) > _PREFIX_CACHE_ENTRIES:
             self._prefixes.popitem(last=False)
         return self._prefixes[entry]
+
+
+def answer_positions(lengths: Any, width: int) -> Any:
+    """[rows, width] 0/1 mask of the right-aligned columns that predict one of a row's
+    ``lengths`` answer tokens (rows are left-padded, so every answer ends in the last column)."""
+    import torch
+
+    cols = torch.arange(width, device=lengths.device).unsqueeze(0)
+    return (cols >= (width - lengths).unsqueeze(1)).to(torch.float32)
+
+
+def _select_rows(cache: Any, rows: Any, layers: range, config: Any) -> Any:
+    """A new cache whose row ``i`` is row ``rows[i]`` of ``cache``, in ``layers`` (None when
+    ``cache`` holds nothing there)."""
+    from transformers.cache_utils import DynamicCache
+
+    if not layers or cache.get_seq_length(layers.start) == 0:
+        return None
+    out = DynamicCache(config=config)
+    for index in layers:
+        layer = cache.layers[index]
+        out.update(layer.keys[rows], layer.values[rows], index)
+    return out
 
 
 def _stack(tensors: Sequence[Any]) -> Any:
