@@ -62,6 +62,8 @@ class RowEvidence(BaseModel):
     seconds: float
     jury_size: int | None = None
     """The first ``jury_size`` jurors formed the jury; the rest observed (baselines). None: all."""
+    adapters_read_question: bool = True
+    """How the jurors scored (:attr:`experts.jury.JuryConfig.adapters_read_question`)."""
 
 
 def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
@@ -145,7 +147,8 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
         for row, jurors, found in zip(part, juries, evidence):
             in_jury = found[: len(jurors)]  # observers' evidence is kept for the baselines only
             out.append(RowEvidence(row=row, jurors=found, values=features(in_jury, row.question, None),
-                                   seconds=seconds, jury_size=len(jurors)))
+                                   seconds=seconds, jury_size=len(jurors),
+                                   adapters_read_question=jury.adapters_read_question))
         bar.update(len(part))
     bar.close()
     return out
@@ -180,11 +183,13 @@ def save_evidence(evidence: Sequence[RowEvidence], path: str | Path) -> None:
     Path(path).write_text("".join(e.model_dump_json() + "\n" for e in evidence), encoding="utf-8")
 
 
-def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str]) -> list[RowEvidence]:
+def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str],
+                  adapters_read_question: bool = True) -> list[RowEvidence]:
     """Evidence collected earlier (:func:`save_evidence`) for ``rows``, first file winning.
 
-    Refused when a juror is not an expert this pool serves (the evidence came from other experts)
-    or when a row of ``rows`` has no evidence. Features are recomputed from the jurors' evidence,
+    Refused when a juror is not an expert this pool serves (the evidence came from other experts),
+    when the jurors scored the other way (``adapters_read_question``) or when a row of ``rows``
+    has no evidence. Features are recomputed from the jurors' evidence,
     so files written before a feature change stay usable.
     """
     wanted = {row.digest(): row for row in rows}
@@ -199,6 +204,9 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
             if unknown:
                 raise MoseError(f"{path}:{number}: evidence from experts this pool does not serve "
                                 f"({', '.join(sorted(unknown))}): collect it again")
+            if item.adapters_read_question != adapters_read_question:
+                raise MoseError(f"{path}:{number}: evidence collected with adapters_read_question="
+                                f"{item.adapters_read_question}, this jury scores with {adapters_read_question}")
             digest = item.row.digest()
             if digest in wanted and digest not in found:
                 item.values = features(item.jurors[: item.jury_size or len(item.jurors)], item.row.question, None)
@@ -227,6 +235,7 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
         "row_digests": sorted(r.digest() for r in rows),
         "best_single_expert": best_single_expert(evidence),
         "k": jury.config.k if k is None else k,
+        "adapters_read_question": jury.adapters_read_question,
     }
     return calibrator
 

@@ -266,10 +266,10 @@ class ExpertPoolDeployment:
         async for piece in _stream_in_thread(self.pool.stream, request):
             yield piece
 
-    async def score(self, question: str, answer: str, experts: list[str]) -> list[Any]:
+    async def score(self, question: str, answer: str, experts: list[str], adapt_question: bool = True) -> list[Any]:
         """Likelihood evidence of each expert about one answer (one batched pass)."""
         self.sync_experts()
-        return await asyncio.to_thread(self.pool.score, question, answer, experts)
+        return await asyncio.to_thread(self.pool.score, question, answer, experts, adapt_question)
 
     def experts(self) -> list[str]:
         """Names this replica can serve ('base' included)."""
@@ -411,7 +411,8 @@ class CrossCheckDeployment:
         servable = set(await self.pool.experts.remote())
         top_k = (await self.router.route.remote(question)).top_k if k > 0 and len(servable) > 1 else []
         jurors_wanted = select_jurors(top_k, servable, k)
-        scores = await self.pool.score.remote(question, answer, [name for name, _ in jurors_wanted])
+        scores = await self.pool.score.remote(question, answer, [name for name, _ in jurors_wanted],
+                                              jury.adapters_read_question)
         jurors = await asyncio.to_thread(jury.weigh, jurors_wanted, scores)
         agreement = await self._agreement(question, answer, jurors) if own_answers else None
         return await asyncio.to_thread(lambda: jury.record(jury.verdict(question, answer, jurors, agreement)))

@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "instead of scoring the rows again; scoring is the slow part (repeatable)")
     train.add_argument("--save-evidence", metavar="FILE", default=None,
                        help="also write the jury evidence used, as JSONL, for a later --evidence")
+    train.add_argument("--answer-only-adapters", action="store_true",
+                       help="jurors' adapters apply only where answer tokens are predicted; the question is "
+                            "read once by the base model for all jurors (about 1.2x faster evidence). The "
+                            "calibrator remembers it: eval, check and the server then score the same way")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
@@ -61,11 +65,13 @@ def run_train(args: argparse.Namespace) -> int:
     from experts.calibrator import CalibratorConfig, save_calibrator
     from experts.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
                                     stratified_sample, train)
+    from experts.jury import JuryConfig
 
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
-    jury = open_jury(home)
-    evidence = load_evidence(args.evidence, rows, set(jury.pool.experts())) if args.evidence else None
+    jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
+    evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
+                if args.evidence else None)
     if evidence is None and args.save_evidence:
         evidence = collect(jury, rows, args.k)
     if args.save_evidence:

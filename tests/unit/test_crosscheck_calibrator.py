@@ -150,9 +150,32 @@ def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fi
     other = CheckRow(question="Unscored?", answer="Yes.", label=1, id="r9")
     with pytest.raises(MoseError, match="1 of 3 rows have no saved evidence"):
         load_evidence([path], rows + [other], {"demo-law", "base"})
+    with pytest.raises(MoseError, match="evidence.jsonl:1: evidence collected with adapters_read_question=True, "
+                       "this jury scores with False"):
+        load_evidence([path], rows, {"demo-law", "base"}, adapters_read_question=False)
     path.write_text(path.read_text() + "{ not evidence\n")
     with pytest.raises(MoseError, match="evidence.jsonl:3: not a line of saved jury evidence"):
         load_evidence([path], rows, {"demo-law", "base"})
+
+
+def test_a_calibrator_scores_with_the_jurors_reading_its_evidence_was_collected_with():
+    """Answer-only adapters give other evidence: a jury follows its calibrator, and refuses a
+    calibrator fitted the other way when the setting is forced."""
+    from experts.jury import Jury, JuryConfig
+
+    x, labels = _evidence(400, seed=5)
+    answer_only = fit_calibrator(x, labels, CalibratorConfig(seed=0))
+    answer_only.trained_on["adapters_read_question"] = False
+    older = fit_calibrator(x, labels, CalibratorConfig(seed=0))  # fitted before the setting existed
+    values = dict(zip(FEATURES, x[0]))
+    assert Jury(None, None, None, answer_only).adapters_read_question is False
+    assert Jury(None, None, None, older).adapters_read_question is True
+    assert Jury(None, None, None).adapters_read_question is True
+    assert 0.0 <= Jury(None, None, None, answer_only).probability(values) <= 1.0
+    forced = Jury(None, None, None, answer_only, JuryConfig(adapters_read_question=True))
+    with pytest.raises(MoseError, match="fitted on evidence with adapters_read_question=False, but this jury "
+                       "scores with True"):
+        forced.probability(values)
 
 
 def test_stratified_sample_keeps_each_sources_share_of_correct_answers():
