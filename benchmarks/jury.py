@@ -5,8 +5,9 @@
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
-pass per juror and text) and ours (shared trunk + cached template prefix), one item per call and
-16 items packed per call.
+pass per juror and text), ours (shared trunk + cached template prefix) and ours with answer-only
+adapters (the question read once, unadapted: other evidence), one item per call and 16 items
+packed per call.
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* question/answer pairs
@@ -63,6 +64,13 @@ def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: 
 
 # ---------------------------------------------------------------------------------------- speed
 
+SPEED_PATHS = {  # name -> (shared trunk, adapters read the question)
+    "plain": (False, True),
+    "ours": (True, True),
+    "ours, answer-only adapters": (True, False),
+}
+
+
 def speed(args: argparse.Namespace) -> None:
     from experts.crosscheck import collect
 
@@ -70,21 +78,25 @@ def speed(args: argparse.Namespace) -> None:
     rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
     collect(jury, rows[:4], progress=False)  # warm-up: prefix caches, allocator
     results = {}
-    for _ in range(2):  # alternate, so drift on the machine hits both paths alike
-        for shared in (False, True):
+    for _ in range(2):  # alternate, so drift on the machine hits every path alike
+        for path, (shared, reads_question) in SPEED_PATHS.items():
             jury.pool.config.shared_trunk = shared
+            jury.config.adapters_read_question = reads_question
             for chunk in (1, 16):
                 started = time.perf_counter()
                 collect(jury, rows, progress=False, chunk=chunk)
-                results.setdefault((shared, chunk), []).append(len(rows) / (time.perf_counter() - started))
+                results.setdefault((path, chunk), []).append(len(rows) / (time.perf_counter() - started))
     best = {key: max(values) for key, values in results.items()}
-    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2)", [
-        ("plain, one item per call", f"{best[(False, 1)]:.2f}", "a full forward pass per juror and text"),
-        ("plain, 16 items per call", f"{best[(False, 16)]:.2f}", ""),
-        ("ours, one item per call", f"{best[(True, 1)]:.2f}",
-         f"{best[(True, 1)] / best[(False, 1)]:.2f}x plain; shared trunk + cached template prefix"),
-        ("ours, 16 items per call", f"{best[(True, 16)]:.2f}", f"{best[(True, 16)] / best[(False, 16)]:.2f}x plain"),
-    ])
+    notes = {"plain": "a full forward pass per juror and text",
+             "ours": "shared trunk + cached template prefix",
+             "ours, answer-only adapters": "+ the question through the upper layers once (other evidence)"}
+    table = []
+    for path in SPEED_PATHS:
+        for chunk in (1, 16):
+            speedup = "" if path == "plain" else f"{best[(path, chunk)] / best[('plain', chunk)]:.2f}x plain"
+            table.append((f"{path}, {'one item' if chunk == 1 else f'{chunk} items'} per call",
+                          f"{best[(path, chunk)]:.2f}", "; ".join(x for x in (speedup, notes[path] if chunk == 1 else "") if x)))
+    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2)", table)
 
 
 # ----------------------------------------------------------------------------------- reputation
