@@ -41,6 +41,12 @@ def template_prefix(tokenizer: Any) -> list[int]:
     return a[:length]
 
 
+def unconditional_prefix(tokenizer: Any) -> list[int]:
+    """The prompt of a text scored without its question (:func:`encode_pair` with ``None``), less
+    its last token, which predicts the answer's first token: what all those texts start with."""
+    return prompt_ids(tokenizer, [{"role": "user", "content": ""}])[:-1]
+
+
 def end_of_turn(tokenizer: Any) -> str:
     return tokenizer.eos_token or "<|im_end|>"
 

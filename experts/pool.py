@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.chat import BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids, template_prefix
+from experts.chat import (BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids,
+                          template_prefix, unconditional_prefix)
 from experts.decoding import decode
 from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
                             tokenizer_from_verified)
@@ -307,7 +308,8 @@ class ExpertPool:
         if not self.config.shared_trunk or self._peft is None:
             return None
         if self._trunk is None:
-            self._trunk = TrunkScorer(self._peft, template_prefix(self.tokenizer))
+            prefixes = [template_prefix(self.tokenizer), unconditional_prefix(self.tokenizer)]
+            self._trunk = TrunkScorer(self._peft, prefixes)
         return self._trunk if self._trunk.supports(keys) else None
 
     def _adapter_names(self, keys: Sequence[str]) -> list[str] | None:
@@ -511,14 +513,16 @@ class ExpertPool:
 
     def _score_batches(self, texts: list[tuple]) -> Iterator[list[tuple]]:
         """Length-sorted texts packed so that scored rows (texts x experts) x longest text stays
-        within the token budget, and padding stays under a quarter of the batch."""
-        texts = sorted(texts, key=lambda text: len(text[1].input_ids))
+        within the token budget, and padding stays under a quarter of the batch. Texts without
+        their question go apart: they share their whole prompt, cached by the shared trunk."""
+        texts = sorted(texts, key=lambda text: (text[0][1], len(text[1].input_ids)))
         batch: list[tuple] = []
         rows = tokens = 0
         for text in texts:
             width, fan_out = len(text[1].input_ids), len(text[2])  # sorted: the newest text is the longest
             padded = (rows + fan_out) * width
-            if batch and (padded > self.config.score_batch_tokens or padded > 1.25 * (tokens + fan_out * width)):
+            if batch and (text[0][1] != batch[-1][0][1] or padded > self.config.score_batch_tokens
+                          or padded > 1.25 * (tokens + fan_out * width)):
                 yield batch
                 batch, rows, tokens = [], 0, 0
             batch.append(text)

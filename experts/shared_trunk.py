@@ -5,8 +5,9 @@ adapters touches layers ``0..L-1`` (the demo experts adapt only the top layers),
 computes the same hidden states up to layer ``L``: this runs that *trunk* once per distinct text,
 then copies its output to one row per juror and runs only the adapted *branch* layers per row
 (stacked per-row LoRA, :mod:`experts.batched_lora`). The system block every chat-formatted text
-starts with (:func:`experts.chat.template_prefix`) is computed once per adapter and attended to
-as a key/value cache (prefix caching, as in vLLM). For four jurors on short answers, with
+starts with (:func:`experts.chat.template_prefix`), or the whole prompt of texts scored without
+their question (:func:`experts.chat.unconditional_prefix`), is computed once per adapter and
+attended to as a key/value cache (prefix caching, as in vLLM). For four jurors on short answers, with
 adapters on the top third of the layers, that is less than half the plain forward passes' work,
 and the result is the same.
 
@@ -65,9 +66,10 @@ class TrunkScorer:
     """Answer log-likelihoods of texts under several adapters of one peft model, sharing the
     unadapted layers per text and the common prefix per adapter."""
 
-    def __init__(self, peft_model: Any, prefix: Sequence[int] = ()) -> None:
+    def __init__(self, peft_model: Any, prefixes: Sequence[Sequence[int]] = ()) -> None:
         self.peft_model = peft_model
-        self.prefix = tuple(prefix)  # cached as keys/values: the chat template's fixed start
+        # cached as keys/values, the longest one all texts of a pass start with
+        self.prefixes = sorted({tuple(p) for p in prefixes if p}, key=len, reverse=True)
         self.lm = peft_model.base_model.model
         self.decoder = getattr(self.lm, "model", None)
         self.lora = batched_lora.lora_layers(peft_model)
@@ -109,8 +111,8 @@ class TrunkScorer:
         row_text = torch.tensor([i for i, row in enumerate(keys_per_text) for _ in row], device=device)
         lengths = torch.tensor([t.answer_len for t in texts], device=device)
 
-        shared = shared_prefix_length(texts, self.prefix)
-        prefix = self.prefix[:shared]
+        prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
+        shared = len(prefix)
         ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
         ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
         mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)

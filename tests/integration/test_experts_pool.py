@@ -110,10 +110,13 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
             assert s.logp_given_question == pytest.approx(f.logp_given_question, abs=1e-4)
             assert s.logp_without_question == pytest.approx(f.logp_without_question, abs=1e-4)
     assert shared[0][0].logp_given_question != pytest.approx(shared[0][1].logp_given_question, abs=1e-3)
-    # the cached prefix is the chat template's fixed start, and both texts used it
-    prefix = scorer.prefix
-    assert pool.tokenizer.decode(prefix).startswith("<|im_start|>system") and len(prefix) > 20
-    assert {len(prefix)} == {len(key[0]) for key in scorer._prefixes}
+    # cached prefixes: the chat template's fixed start (texts with their question) and the whole
+    # prompt less its last token (texts without), each used
+    template, unconditional = sorted(scorer.prefixes, key=len)
+    assert pool.tokenizer.decode(template).startswith("<|im_start|>system") and len(template) > 20
+    assert unconditional[:len(template)] == template
+    assert pool.tokenizer.decode(unconditional[len(template):]).strip().startswith("<|im_end|>")
+    assert {len(template), len(unconditional)} == {len(key[0]) for key in scorer._prefixes}
 
 
 def _scores(pool, items, adapt_question=True, **config):
