@@ -514,15 +514,15 @@ class ExpertPool:
     def _score_batches(self, texts: list[tuple]) -> Iterator[list[tuple]]:
         """Length-sorted texts packed so that scored rows (texts x experts) x longest text stays
         within the token budget, and padding stays under a quarter of the batch. Texts without
-        their question go apart: they share their whole prompt, cached by the shared trunk."""
+        their question come first: packed together, they share their whole prompt, which the
+        shared trunk caches."""
         texts = sorted(texts, key=lambda text: (text[0][1], len(text[1].input_ids)))
         batch: list[tuple] = []
         rows = tokens = 0
         for text in texts:
             width, fan_out = len(text[1].input_ids), len(text[2])  # sorted: the newest text is the longest
             padded = (rows + fan_out) * width
-            if batch and (text[0][1] != batch[-1][0][1] or padded > self.config.score_batch_tokens
-                          or padded > 1.25 * (tokens + fan_out * width)):
+            if batch and (padded > self.config.score_batch_tokens or padded > 1.25 * (tokens + fan_out * width)):
                 yield batch
                 batch, rows, tokens = [], 0, 0
             batch.append(text)
