@@ -68,6 +68,10 @@ class BatchedLoRA:
     ``layers``: the model's LoRA layers when the caller has them (saves a walk over the model).
     ``token_mask``: [rows, tokens] 0/1, where the adapters apply (None: everywhere); every forward
     pass inside the context must then be over exactly those rows and tokens.
+
+    When each adapter's rows are contiguous (callers can sort rows by key), each adapter's rows get
+    two plain matmuls on their slice of the batch instead: no per-row copies of A and B, and no
+    work for rows without an adapter.
     """
 
     def __init__(self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None,
@@ -101,10 +105,48 @@ class BatchedLoRA:
         rows = torch.tensor([slots.get(key, 0) for key in self.keys], device=sample.device)
         return a_stack[rows], b_stack[rows]
 
+    def _segments(self) -> list[tuple[str, slice]] | None:
+        """(key, its rows) when every key's rows are one contiguous run, else None."""
+        runs: list[tuple[str, int, int]] = []
+        for row, key in enumerate(self.keys):
+            if runs and runs[-1][0] == key:
+                runs[-1] = (key, runs[-1][1], row + 1)
+            else:
+                runs.append((key, row, row + 1))
+        if len(runs) != len(set(self.keys)):
+            return None
+        return [(key, slice(start, end)) for key, start, end in runs if key != BASE_ADAPTER]
+
+    def _add_segments(self, layer: Any, segments: list[tuple[str, slice]]) -> None:
+        """Hook ``layer``: each adapter's rows get x @ A.T @ (scaling * B).T on their slice."""
+        parts = [(rows, layer.lora_A[key].weight, layer.lora_B[key].weight * layer.scaling[key])
+                 for key, rows in segments if key in layer.lora_A]
+        if not parts:
+            return
+
+        def add_delta(module, args, output, parts=parts, token_mask=self.token_mask):
+            import torch
+
+            x = args[0]
+            if torch.is_grad_enabled():
+                output = output.clone()  # autograd: no in-place change of the base layer's output
+            for rows, a, b in parts:
+                delta = x[rows].to(a.dtype) @ a.t() @ b.t()
+                if token_mask is not None:
+                    delta = delta * token_mask[rows].to(delta.dtype)
+                output[rows] += delta.to(output.dtype)
+            return output
+
+        self._handles.append(layer.register_forward_hook(add_delta))
+
     def __enter__(self) -> "BatchedLoRA":
         import torch
 
+        segments = self._segments()
         for layer in self.layers:
+            if segments is not None:
+                self._add_segments(layer, segments)
+                continue
             stacks = self._stacks(layer)
             if stacks is None:
                 continue

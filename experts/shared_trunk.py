@@ -104,11 +104,14 @@ class TrunkScorer:
         """
         import torch
 
-        keys = [key for row in keys_per_text for key in row]
+        # branch rows (text, key) sorted by key: each adapter's rows are one slice (BatchedLoRA)
+        rows = sorted(((key, i, j) for i, row in enumerate(keys_per_text) for j, key in enumerate(row)),
+                      key=lambda r: r[0])
+        keys = [key for key, _, _ in rows]
         split = self.first_adapted_layer(keys)
         branch = range(split, len(self.decoder.layers))
         device = next(self.lm.parameters()).device
-        row_text = torch.tensor([i for i, row in enumerate(keys_per_text) for _ in row], device=device)
+        row_text = torch.tensor([i for _, i, _ in rows], device=device)
         lengths = torch.tensor([t.answer_len for t in texts], device=device)
 
         prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
@@ -134,8 +137,10 @@ class TrunkScorer:
                                  self.decoder.layers[split:], cache)
         keep = int(lengths.max())
         sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], lengths[row_text])
-        flat = iter(zip(sums.tolist(), lengths[row_text].tolist()))
-        return [[next(flat) for _ in row] for row in keys_per_text]
+        results: list[list[Any]] = [[None] * len(row) for row in keys_per_text]
+        for (_, i, j), total, count in zip(rows, sums.tolist(), lengths[row_text].tolist()):
+            results[i][j] = (total, count)
+        return results
 
     def _unadapted_context(self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any,
                            branch: range) -> tuple[Any, Any, Any]:

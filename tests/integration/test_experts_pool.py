@@ -38,6 +38,9 @@ def test_mixed_adapter_batch_equals_each_request_alone(two_adapters):
     assert [r.completion_tokens for r in batched] == [r.completion_tokens for r in alone]
     # the adapters really differ from the base model and from each other
     assert len({batched[0].text, batched[1].text, batched[2].text}) == 3
+    # each adapter's rows contiguous: BatchedLoRA adds per-adapter slices instead of per-row stacks
+    grouped = [requests[0], requests[3], requests[1], requests[2]]
+    assert [r.text for r in pool.generate(grouped)] == [alone[i].text for i in (0, 3, 1, 2)]
     assert batched[3].completion_tokens == 4 and batched[3].finish_reason == "length"
 
 
