@@ -88,7 +88,7 @@ def speed(args: argparse.Namespace) -> None:
                 results.setdefault((path, chunk), []).append(len(rows) / (time.perf_counter() - started))
     best = {key: max(values) for key, values in results.items()}
     notes = {"plain": "a full forward pass per juror and text",
-             "ours": "shared trunk + cached template prefix",
+             "ours": "shared trunk + cached prefixes",
              "ours, answer-only adapters": "+ the question through the upper layers once (other evidence)"}
     table = []
     for path in SPEED_PATHS:
