@@ -302,9 +302,10 @@ class Jury:
         """Calibrated P(correct); without a calibrator, a logistic squash of the jury PMI."""
         if self.calibrator is None:
             return float(1.0 / (1.0 + math.exp(-values["jury_pmi"])))
-        if calibrated_reading(self.calibrator) != self.adapters_read_question:
+        fitted_with = calibrated_reading(self.calibrator)
+        if fitted_with != self.adapters_read_question:
             raise MoseError(f"calibrator {self.calibrator.version} was fitted on evidence with "
-                            f"adapters_read_question={calibrated_reading(self.calibrator)}, but this jury scores "
+                            f"adapters_read_question={fitted_with}, but this jury scores "
                             f"with {self.adapters_read_question}: drop the setting or train a calibrator with it")
         return float(self.calibrator.predict(np.array([[values[f] for f in FEATURES]]))[0])
 

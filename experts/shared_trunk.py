@@ -113,6 +113,7 @@ class TrunkScorer:
         device = next(self.lm.parameters()).device
         row_text = torch.tensor([i for _, i, _ in rows], device=device)
         lengths = torch.tensor([t.answer_len for t in texts], device=device)
+        row_lengths = lengths[row_text]
 
         prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
         shared = len(prefix)
@@ -131,14 +132,14 @@ class TrunkScorer:
         else:
             cache, hidden, positions = self._unadapted_context(prefix, hidden, mask, positions, lengths, branch)
             cache = _select_rows(cache, row_text, branch, self.decoder.config)
-            token_mask = answer_positions(lengths[row_text], hidden.shape[1])
+            token_mask = answer_positions(row_lengths, hidden.shape[1])
         with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora, token_mask):
             hidden = _run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
                                  self.decoder.layers[split:], cache)
         keep = int(lengths.max())
-        sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], lengths[row_text])
+        sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], row_lengths)
         results: list[list[Any]] = [[None] * len(row) for row in keys_per_text]
-        for (_, i, j), total, count in zip(rows, sums.tolist(), lengths[row_text].tolist()):
+        for (_, i, j), total, count in zip(rows, sums.tolist(), row_lengths.tolist()):
             results[i][j] = (total, count)
         return results
 
