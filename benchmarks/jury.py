@@ -5,7 +5,7 @@
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
-pass per juror and text), ours (shared trunk + cached template prefix) and ours with answer-only
+pass per juror and text), ours (shared trunk + cached prompt prefixes) and ours with answer-only
 adapters (the question read once, unadapted: other evidence), one item per call and 16 items
 packed per call.
 
@@ -93,9 +93,10 @@ def speed(args: argparse.Namespace) -> None:
     table = []
     for path in SPEED_PATHS:
         for chunk in (1, 16):
-            speedup = "" if path == "plain" else f"{best[(path, chunk)] / best[('plain', chunk)]:.2f}x plain"
-            table.append((f"{path}, {'one item' if chunk == 1 else f'{chunk} items'} per call",
-                          f"{best[(path, chunk)]:.2f}", "; ".join(x for x in (speedup, notes[path] if chunk == 1 else "") if x)))
+            speedup = None if path == "plain" else f"{best[(path, chunk)] / best[('plain', chunk)]:.2f}x plain"
+            note = notes[path] if chunk == 1 else None
+            calls = "one item per call" if chunk == 1 else f"{chunk} items per call"
+            table.append((f"{path}, {calls}", f"{best[(path, chunk)]:.2f}", "; ".join(filter(None, (speedup, note)))))
     print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2)", table)
 
 
