@@ -111,12 +111,37 @@ def child_pool(quantization: str, new_tokens: int, adapters: int) -> dict:
     torch.cuda.synchronize()
     seq_s = time.perf_counter() - started
     progress(f"{quantization}: {BATCH} requests one by one in {seq_s:.1f} s")
-    return {"quantization": quantization, "base_mib": base / MIB, "adapters_mib": (with_adapters - base) / MIB,
+    scoring = {f"score_items_s_{name}": jury_scoring_speed(pool, shared) for name, shared in (("plain", False),
+                                                                                          ("trunk", True))}
+    return {**scoring, "quantization": quantization, "base_mib": base / MIB, "adapters_mib": (with_adapters - base) / MIB,
             "adapters": adapters,
             "per_adapter_mib": (with_adapters - base) / MIB / adapters, "batch_peak_mib": peak / MIB,
             "mixed_tok_s": tokens / mixed_s, "sequential_tok_s": seq_tokens / seq_s,
             "total_mib": torch.cuda.get_device_properties(0).total_memory / MIB,
             "device": torch.cuda.get_device_name(0)}
+
+
+def jury_scoring_speed(pool, shared_trunk: bool, items: int = 512, jurors: int = 3) -> float:
+    """Items/s of the jury's evidence (base + ``jurors`` experts, each answer with and without its
+    question, in one ``score_many`` call): shared trunk or one full pass per expert."""
+    import torch
+
+    from benchmarks.experts import QUESTIONS
+
+    answers = ["Paris.", "An infection.", "Multiply by (1 + r) each year.", "391", "return xs[::-1]",
+               "Rayleigh scattering of sunlight.", "Shakespeare.", "Rising prices."]
+    batch = [(QUESTIONS[i % len(QUESTIONS)], answers[i % len(answers)],
+              ["base", *(f"expert-{(i + j) % 10}" for j in range(jurors))]) for i in range(items)]
+    pool.config.shared_trunk = pool.config.batched_lora = shared_trunk
+    try:
+        pool.score_many(batch[:4])  # warm-up
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        pool.score_many(batch)
+        torch.cuda.synchronize()
+        return items / (time.perf_counter() - started)
+    finally:
+        pool.config.shared_trunk = pool.config.batched_lora = True
 
 
 def child_full_copies(count: int) -> dict:
@@ -166,6 +191,9 @@ def report(pools: list[dict], full: dict) -> list[tuple[str, str, str]]:
         rows.append((f"{q} {BATCH} requests / {BATCH} experts, one mixed batch", f"{res['mixed_tok_s']:.0f} tok/s",
                      (f"{res['mixed_tok_s'] / res['sequential_tok_s']:.1f}x one by one "
                      f"({res['sequential_tok_s']:.0f} tok/s); batch peak {res['batch_peak_mib']:.0f} MiB")))
+        rows.append((f"{q} jury evidence, 512 items, base + 3 experts, shared trunk", f"{res['score_items_s_trunk']:.0f} items/s",
+                     (f"{res['score_items_s_trunk'] / res['score_items_s_plain']:.1f}x one full pass per expert "
+                      f"({res['score_items_s_plain']:.0f} items/s)")))
     four = next(r for r in pools if r["quantization"] == "4bit")
     lora = experts_per_gpu(four["total_mib"], four["base_mib"], four["batch_peak_mib"], four["per_adapter_mib"])
     whole = experts_per_gpu(four["total_mib"], 0.0, four["batch_peak_mib"], full["per_copy_mib"])

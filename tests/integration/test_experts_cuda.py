@@ -64,3 +64,46 @@ def test_greedy_streaming_matches_generate_on_cuda(cuda_base):
     pool = _pool("4bit")
     request = {"expert": "alpha", "messages": FRANCE, "params": {"max_new_tokens": 8}}
     assert "".join(pool.stream(request)) == pool.generate([request])[0].text
+
+
+def _jury_scores(pool, items, adapt_question=True, shared_trunk=True):
+    """Per item, the flat list [with question, without question] of each expert in turn."""
+    pool.config.shared_trunk = pool.config.batched_lora = shared_trunk
+    try:
+        return [[v for s in row for v in (s.logp_given_question, s.logp_without_question)]
+                for row in pool.score_many(items, adapt_question)]
+    finally:
+        pool.config.shared_trunk = pool.config.batched_lora = True
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("adapt_question", [True, False])
+def test_shared_trunk_scoring_runs_on_cuda_and_matches_full_passes(cuda_base, quantization, adapt_question):
+    """The jury's scorer on the GPU: the trunk layers run once per text, the prefixes are cached
+    on the device, and the scores agree with one full pass per expert to bf16 precision, while
+    an adapter still moves them by several times more than that. (The adapters are moderate: on
+    the random-weight base, a scale-1.5 adapter limited to the answer is chaotic, 1e-3 noise on
+    the weights moving its scores by 0.16 on CPU too, so no two kernels would agree on it.)"""
+    import torch
+
+    from experts.policy import DevicePolicy
+    from experts.pool import ExpertPool, PoolConfig
+
+    pool = ExpertPool(PoolConfig(policy=DevicePolicy(device="cuda", base_quantization=quantization)))
+    pool.add_adapter("strong", *random_lora(3, scale=0.9, layers=range(10, 30)))
+    pool.add_adapter("mild", *random_lora(4, scale=0.5, layers=range(20, 30)))
+    items = [("What is the capital of France?", "Paris.", ["base", "strong", "mild"]),
+             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
+              ["mild", "base"]),
+             ("2 + 2 = ?", "4", ["strong"])]
+    trunk = _jury_scores(pool, items, adapt_question)
+    full = _jury_scores(pool, items, adapt_question, shared_trunk=False)
+    keys = [pool._resolve(name)[1] for name in ("base", "strong", "mild")]
+    scorer = pool._trunk_scorer(keys)
+    assert scorer is not None and scorer.first_adapted_layer(keys) == 10
+    assert all(kv[0][0].device.type == "cuda" for kv in scorer._prefixes.values())
+    gaps = [abs(t - f) for row_t, row_f in zip(trunk, full) for t, f in zip(row_t, row_f)]
+    effect = max(abs(trunk[0][2] - trunk[0][0]), abs(trunk[0][3] - trunk[0][1]))  # "strong" against the base
+    print(f"{quantization} adapt_question={adapt_question}: largest gap {max(gaps):.4f}, adapter effect {effect:.3f}")
+    assert max(gaps) < 0.02 and effect > 3 * max(gaps)
+    assert all(torch.isfinite(torch.tensor(row)).all() for row in trunk)
