@@ -131,10 +131,10 @@ class BatchedLoRA:
             if torch.is_grad_enabled():
                 output = output.clone()  # autograd: no in-place change of the base layer's output
             for rows, a, b in parts:
-                delta = x[rows].to(a.dtype) @ a.t() @ b.t()
-                if token_mask is not None:
-                    delta = delta * token_mask[rows].to(delta.dtype)
-                output[rows] += delta.to(output.dtype)
+                low_rank = x[rows].to(a.dtype) @ a.t()
+                if token_mask is not None:  # masked at rank r, not at the layer's output width
+                    low_rank = low_rank * token_mask[rows].to(low_rank.dtype)
+                output[rows] += (low_rank @ b.t()).to(output.dtype)
             return output
 
         self._handles.append(layer.register_forward_hook(add_delta))
@@ -154,10 +154,10 @@ class BatchedLoRA:
 
             def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows, token_mask=self.token_mask):
                 x = args[0]
-                delta = torch.bmm(torch.bmm(x.to(a_rows.dtype), a_rows), b_rows)
+                low_rank = torch.bmm(x.to(a_rows.dtype), a_rows)
                 if token_mask is not None:
-                    delta = delta * token_mask.to(delta.dtype)
-                return output + delta.to(output.dtype)
+                    low_rank = low_rank * token_mask.to(low_rank.dtype)
+                return output + torch.bmm(low_rank, b_rows).to(output.dtype)
 
             self._handles.append(layer.register_forward_hook(add_delta))
         self._off.__enter__()
