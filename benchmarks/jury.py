@@ -5,9 +5,9 @@
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
-pass per juror and text), ours (shared trunk + cached prompt prefixes) and ours with answer-only
-adapters (the question read once, unadapted: other evidence), one item per call and 16 items
-packed per call.
+pass per juror and text), ours with adapters reading the question (shared trunk + cached prompt
+prefixes) and ours as by default, with answer-only adapters (the question read once, unadapted:
+other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call.
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* question/answer pairs
@@ -66,9 +66,10 @@ def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: 
 
 SPEED_PATHS = {  # name -> (shared trunk, adapters read the question)
     "plain": (False, True),
-    "ours": (True, True),
-    "ours, answer-only adapters": (True, False),
+    "ours, adapters read the question": (True, True),
+    "ours (default: answer-only adapters)": (True, False),
 }
+CHUNKS = (1, 16, 48)  # items per call
 
 
 def speed(args: argparse.Namespace) -> None:
@@ -82,17 +83,17 @@ def speed(args: argparse.Namespace) -> None:
         for path, (shared, reads_question) in SPEED_PATHS.items():
             jury.pool.config.shared_trunk = shared
             jury.config.adapters_read_question = reads_question
-            for chunk in (1, 16):
+            for chunk in CHUNKS:
                 started = time.perf_counter()
                 collect(jury, rows, progress=False, chunk=chunk)
                 results.setdefault((path, chunk), []).append(len(rows) / (time.perf_counter() - started))
     best = {key: max(values) for key, values in results.items()}
     notes = {"plain": "a full forward pass per juror and text",
-             "ours": "shared trunk + cached prefixes",
-             "ours, answer-only adapters": "+ the question through the upper layers once (other evidence)"}
+             "ours, adapters read the question": "shared trunk + cached prefixes",
+             "ours (default: answer-only adapters)": "+ the question through the upper layers once"}
     table = []
     for path in SPEED_PATHS:
-        for chunk in (1, 16):
+        for chunk in CHUNKS:
             speedup = None if path == "plain" else f"{best[(path, chunk)] / best[('plain', chunk)]:.2f}x plain"
             note = notes[path] if chunk == 1 else None
             calls = "one item per call" if chunk == 1 else f"{chunk} items per call"
