@@ -58,8 +58,9 @@ class JuryConfig(BaseModel):
     adapters_read_question: bool | None = None
     """Whether a LoRA juror's adapter reads the question too (True), or applies only where answer
     tokens are predicted, the question being read once by the base model for all jurors (False:
-    about 1.2x faster on short answers). None: as the calibrator's evidence was collected (True
-    without a calibrator). Evidence differs between the two, so a calibrator refuses the other."""
+    about 1.2x faster on short answers, and as good a judge on crosscheck_dev when paired on the
+    same rows). None: as the calibrator's evidence was collected (False without a calibrator).
+    Evidence differs between the two, so a calibrator refuses the other."""
 
 
 class JurorEvidence(BaseModel):
@@ -184,7 +185,7 @@ class Jury:
         """How jurors score (:attr:`JuryConfig.adapters_read_question`, resolved)."""
         if self.config.adapters_read_question is not None:
             return self.config.adapters_read_question
-        return calibrated_reading(self.calibrator) if self.calibrator is not None else True
+        return calibrated_reading(self.calibrator) if self.calibrator is not None else False
 
     # ------------------------------------------------------------ forming the jury
 

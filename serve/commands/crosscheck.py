@@ -24,10 +24,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "instead of scoring the rows again; scoring is the slow part (repeatable)")
     train.add_argument("--save-evidence", metavar="FILE", default=None,
                        help="also write the jury evidence used, as JSONL, for a later --evidence")
-    train.add_argument("--answer-only-adapters", action="store_true",
+    train.add_argument("--answer-only-adapters", action=argparse.BooleanOptionalAction, default=True,
                        help="jurors' adapters apply only where answer tokens are predicted; the question is "
-                            "read once by the base model for all jurors (about 1.2x faster evidence). The "
-                            "calibrator remembers it: eval, check and the server then score the same way")
+                            "read once by the base model for all jurors (about 1.2x faster evidence, as good "
+                            "on crosscheck_dev). --no-answer-only-adapters: adapters read the question too. "
+                            "The calibrator remembers it: eval, check and the server then score the same way "
+                            "(default: answer only)")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",

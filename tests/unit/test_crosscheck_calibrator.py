@@ -170,7 +170,7 @@ def test_a_calibrator_scores_with_the_jurors_reading_its_evidence_was_collected_
     values = dict(zip(FEATURES, x[0]))
     assert Jury(None, None, None, answer_only).adapters_read_question is False
     assert Jury(None, None, None, older).adapters_read_question is True
-    assert Jury(None, None, None).adapters_read_question is True
+    assert Jury(None, None, None).adapters_read_question is False  # no calibrator: the faster default
     assert 0.0 <= Jury(None, None, None, answer_only).probability(values) <= 1.0
     forced = Jury(None, None, None, answer_only, JuryConfig(adapters_read_question=True))
     with pytest.raises(MoseError, match="fitted on evidence with adapters_read_question=False, but this jury "
