@@ -130,8 +130,9 @@ def jury_scoring_speed(pool, shared_trunk: bool, items: int = 512, jurors: int =
 
     answers = ["Paris.", "An infection.", "Multiply by (1 + r) each year.", "391", "return xs[::-1]",
                "Rayleigh scattering of sunlight.", "Shakespeare.", "Rising prices."]
+    loras = [name for name, kind in pool.experts().items() if kind == "lora"][:10]
     batch = [(QUESTIONS[i % len(QUESTIONS)], answers[i % len(answers)],
-              ["base", *(f"expert-{(i + j) % 10}" for j in range(jurors))]) for i in range(items)]
+              ["base", *dict.fromkeys(loras[(i + j) % len(loras)] for j in range(jurors))]) for i in range(items)]
     pool.config.shared_trunk = pool.config.batched_lora = shared_trunk
     try:
         pool.score_many(batch[:4])  # warm-up
