@@ -37,8 +37,9 @@ from registry.errors import ArtifactError, MoseError, NotFoundError
 from registry.home import MoseHome
 
 _SCORE_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
-"""Default padded tokens per scoring pass: on CUDA, 8x the CPU's budget scores the jury's evidence
-2-5x faster (benchmarks/gpu.py); on CPU larger passes gain nothing."""
+"""Default padded tokens per scoring pass: on an H100, 8x the CPU's budget scored 512 items of
+jury evidence 3-5x faster (docs/benchmarks.md, GPU); on this CPU 8192 was slower than 4096."""
+
 
 class PoolConfig(BaseModel):
     """Limits and placement of one expert pool."""
@@ -521,7 +522,7 @@ class ExpertPool:
         their question come first: packed together, they share their whole prompt, which the
         shared trunk caches."""
         texts = sorted(texts, key=lambda text: (text[0][1], len(text[1].input_ids)))
-        budget = self.config.score_batch_tokens or _SCORE_BATCH_TOKENS[self.device]
+        budget = self.config.score_batch_tokens or _SCORE_BATCH_TOKENS.get(self.device, _SCORE_BATCH_TOKENS["cpu"])
         batch: list[tuple] = []
         rows = tokens = 0
         for text in texts:
