@@ -38,6 +38,20 @@ def random_lora(seed: int, rank: int = 4, scale: float = 0.3, layers: range = ra
     return config, state
 
 
+def flat_scores(pool, items, adapt_question=True, **config):
+    """``pool.score_many`` with some pool settings changed for the call (restored after): per
+    item, the flat list [with question, without question] of each expert in turn."""
+    before = {name: getattr(pool.config, name) for name in config}
+    for name, value in config.items():
+        setattr(pool.config, name, value)
+    try:
+        return [[value for s in row for value in (s.logp_given_question, s.logp_without_question)]
+                for row in pool.score_many(items, adapt_question)]
+    finally:
+        for name, value in before.items():
+            setattr(pool.config, name, value)
+
+
 def write_lora_expert(folder: Path, name: str, seed: int = 0, domain: str = "law", version: str = "0.1.0") -> Path:
     """A registrable LoRA expert folder (adapter files + manifest.yaml); returns the manifest path."""
     from experts.finetune import FinetuneConfig, QAPair, TrainedAdapter, write_expert

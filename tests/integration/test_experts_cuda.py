@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests._fixtures.experts import FRANCE, random_lora
+from tests._fixtures.experts import FRANCE, flat_scores, random_lora
 
 pytestmark = pytest.mark.cuda
 
@@ -66,16 +66,6 @@ def test_greedy_streaming_matches_generate_on_cuda(cuda_base):
     assert "".join(pool.stream(request)) == pool.generate([request])[0].text
 
 
-def _jury_scores(pool, items, adapt_question=True, shared_trunk=True):
-    """Per item, the flat list [with question, without question] of each expert in turn."""
-    pool.config.shared_trunk = pool.config.batched_lora = shared_trunk
-    try:
-        return [[v for s in row for v in (s.logp_given_question, s.logp_without_question)]
-                for row in pool.score_many(items, adapt_question)]
-    finally:
-        pool.config.shared_trunk = pool.config.batched_lora = True
-
-
 @pytest.mark.parametrize("quantization", ["none", "4bit"])
 @pytest.mark.parametrize("adapt_question", [True, False])
 def test_shared_trunk_scoring_runs_on_cuda_and_matches_full_passes(cuda_base, quantization, adapt_question):
@@ -96,8 +86,8 @@ def test_shared_trunk_scoring_runs_on_cuda_and_matches_full_passes(cuda_base, qu
              ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
               ["mild", "base"]),
              ("2 + 2 = ?", "4", ["strong"])]
-    trunk = _jury_scores(pool, items, adapt_question)
-    full = _jury_scores(pool, items, adapt_question, shared_trunk=False)
+    trunk = flat_scores(pool, items, adapt_question)
+    full = flat_scores(pool, items, adapt_question, shared_trunk=False, batched_lora=False)
     keys = [pool._resolve(name)[1] for name in ("base", "strong", "mild")]
     scorer = pool._trunk_scorer(keys)
     assert scorer is not None and scorer.first_adapted_layer(keys) == 10

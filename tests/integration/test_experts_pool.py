@@ -6,7 +6,7 @@ import pytest
 
 from experts.pool import ExpertPool, PoolConfig
 from registry.errors import ArtifactError, MoseError, NotFoundError
-from tests._fixtures.experts import FRANCE, random_lora, write_full_expert, write_lora_expert
+from tests._fixtures.experts import FRANCE, flat_scores, random_lora, write_full_expert, write_lora_expert
 
 
 def _req(expert="base", **params):
@@ -122,20 +122,6 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
     assert {len(template), len(unconditional)} == {len(key[0]) for key in scorer._prefixes}
 
 
-def _scores(pool, items, adapt_question=True, **config):
-    """score_many with some pool settings changed for the call: per item, the flat list
-    [with question, without question] of each expert in turn."""
-    before = {name: getattr(pool.config, name) for name in config}
-    for name, value in config.items():
-        setattr(pool.config, name, value)
-    try:
-        return [[value for s in row for value in (s.logp_given_question, s.logp_without_question)]
-                for row in pool.score_many(items, adapt_question)]
-    finally:
-        for name, value in before.items():
-            setattr(pool.config, name, value)
-
-
 def test_adapters_on_the_answer_only_give_the_same_scores_on_every_path(two_adapters):
     """adapt_question=False: the shared trunk (context through the upper layers once) and a
     full masked pass per expert agree; the scores differ from adapters on the whole text, and the
@@ -145,10 +131,10 @@ def test_adapters_on_the_answer_only_give_the_same_scores_on_every_path(two_adap
              ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
               ["beta", "base"]),
              ("2 + 2 = ?", "4", ["alpha"])]
-    trunk = _scores(pool, items, adapt_question=False)
-    plain = _scores(pool, items, adapt_question=False, shared_trunk=False)
-    alone = [_scores(pool, [item], adapt_question=False)[0] for item in items]
-    whole = _scores(pool, items)
+    trunk = flat_scores(pool, items, adapt_question=False)
+    plain = flat_scores(pool, items, adapt_question=False, shared_trunk=False)
+    alone = [flat_scores(pool, [item], adapt_question=False)[0] for item in items]
+    whole = flat_scores(pool, items)
     for row_trunk, row_plain, row_alone in zip(trunk, plain, alone):
         assert row_trunk == pytest.approx(row_plain, abs=1e-4) and row_trunk == pytest.approx(row_alone, abs=1e-4)
     base, alpha = slice(0, 2), 2
