@@ -39,6 +39,15 @@ def supported(peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None
     return True
 
 
+def lora_delta(x: Any, a_t: Any, b_t: Any, token_mask: Any = None) -> Any:
+    """``x @ a_t @ b_t``: one adapter's [in, r] / [r, out] or per-row [rows, in, r] / [rows, r, out]
+    factors; with ``token_mask`` ([rows, tokens, 1]) applied at rank r, not at the output width."""
+    low_rank = x.to(a_t.dtype) @ a_t
+    if token_mask is not None:
+        low_rank = low_rank * token_mask.to(low_rank.dtype)
+    return low_rank @ b_t
+
+
 class AdaptersOff:
     """Context: the LoRA layers compute their base layer only.
 
@@ -131,17 +140,13 @@ class BatchedLoRA:
             if torch.is_grad_enabled():
                 output = output.clone()  # autograd: no in-place change of the base layer's output
             for rows, a, b in parts:
-                low_rank = x[rows].to(a.dtype) @ a.t()
-                if token_mask is not None:  # masked at rank r, not at the layer's output width
-                    low_rank = low_rank * token_mask[rows].to(low_rank.dtype)
-                output[rows] += (low_rank @ b.t()).to(output.dtype)
+                mask = None if token_mask is None else token_mask[rows]
+                output[rows] += lora_delta(x[rows], a.t(), b.t(), mask).to(output.dtype)
             return output
 
         self._handles.append(layer.register_forward_hook(add_delta))
 
     def __enter__(self) -> "BatchedLoRA":
-        import torch
-
         segments = self._segments()
         for layer in self.layers:
             if segments is not None:
@@ -153,11 +158,7 @@ class BatchedLoRA:
             a_rows, b_rows = stacks
 
             def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows, token_mask=self.token_mask):
-                x = args[0]
-                low_rank = torch.bmm(x.to(a_rows.dtype), a_rows)
-                if token_mask is not None:
-                    low_rank = low_rank * token_mask.to(low_rank.dtype)
-                return output + torch.bmm(low_rank, b_rows).to(output.dtype)
+                return output + lora_delta(args[0], a_rows, b_rows, token_mask).to(output.dtype)
 
             self._handles.append(layer.register_forward_hook(add_delta))
         self._off.__enter__()
