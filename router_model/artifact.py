@@ -35,6 +35,8 @@ METADATA_FILE = "metadata.json"
 TRAIN_ROWS = "train.jsonl"
 VALIDATION_ROWS = "validation.jsonl"
 HELDOUT_ROWS = "heldout.jsonl"
+ONNX_FP32 = "model.onnx"
+ONNX_INT8 = "model.int8.onnx"
 VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 FORMAT_VERSION = 1
 

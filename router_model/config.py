@@ -145,4 +145,6 @@ class RouterConfig(BaseModel):
     """How long the domain -> expert mapping read from the registry is reused."""
 
     use_cuda: bool = True
-    """Ask ONNX Runtime for the CUDA provider when it is listed (it falls back to CPU)."""
+    """Run the router on ONNX Runtime's CUDA provider when it is listed and a GPU is present (it
+    falls back to CPU if the provider cannot load). On the GPU the artifact's fp32 graph is used:
+    int8 dynamic quantisation runs slower there than fp32."""

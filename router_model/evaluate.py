@@ -166,7 +166,7 @@ def evaluate(
         "baselines": {},
         "router_version": router.version,
         "provider": router.provider,
-        "onnx_file": router.metadata.onnx_file,
+        "onnx_file": router.graph_file,
         "load_average_1m": load,
         "cpu_count": os.cpu_count(),
     }

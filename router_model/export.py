@@ -18,6 +18,8 @@ import torch
 from registry.errors import MoseError
 from router_model.artifact import (
     HELDOUT_ROWS,
+    ONNX_FP32,
+    ONNX_INT8,
     TRAIN_ROWS,
     VALIDATION_ROWS,
     RouterMetadata,
@@ -30,8 +32,6 @@ from router_model.model import RouterNet, run_batched, save
 from router_model.tokens import encode, length_sorted_batches, load_tokenizer, minilm_dir, pad
 from router_model.train import TrainedRouter, log
 
-ONNX_FP32 = "model.onnx"
-ONNX_INT8 = "model.int8.onnx"
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "probs"
 SUPPORT_NAME = "support"

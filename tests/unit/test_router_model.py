@@ -118,6 +118,29 @@ def test_route_batch_matches_single_routes_and_reports_provider(router):
     assert router.provider in router.session.get_providers()
 
 
+def test_graph_choice_fp32_on_cuda_else_the_artifacts_choice(router):
+    from router_model.artifact import ONNX_FP32, ONNX_INT8
+    from router_model.runtime import choose_graph
+
+    both = router.metadata.model_copy(update={"onnx_file": ONNX_INT8,
+                                              "files": {ONNX_FP32: "x", ONNX_INT8: "y"}})
+    assert choose_graph(both, on_cuda=True) == ONNX_FP32  # int8 runs slower on GPUs
+    assert choose_graph(both, on_cuda=False) == ONNX_INT8
+    int8_only = both.model_copy(update={"files": {ONNX_INT8: "y"}})
+    assert choose_graph(int8_only, on_cuda=True) == ONNX_INT8
+
+
+def test_without_a_gpu_the_cpu_provider_and_the_artifacts_graph_are_used(router):
+    """onnxruntime-gpu lists its CUDA provider on a machine without a GPU; it is not asked for."""
+    from router_model.runtime import choose_providers, cuda_device_present
+
+    if cuda_device_present():
+        pytest.skip("a GPU is present (tests/integration/test_router_cuda.py covers it)")
+    assert choose_providers(True) == ["CPUExecutionProvider"]
+    assert router.graph_file == router.metadata.onnx_file
+    assert router.provider == "CPUExecutionProvider"
+
+
 def test_empty_query_is_refused(router):
     with pytest.raises(MoseError, match="non-empty text query"):
         router.route("   ")
