@@ -278,8 +278,11 @@ class ExpertPoolDeployment:
     def status(self) -> dict[str, Any]:
         import ray
 
+        context = ray.get_runtime_context()
         return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
-                "node_id": ray.get_runtime_context().get_node_id(),
+                "node_id": context.get_node_id(), "device": self.pool.device,
+                # the GPUs Ray gave this replica (a fraction of one, with num_gpus < 1)
+                "gpu_ids": context.get_accelerator_ids().get("GPU", []),
                 "refused": self.load_errors}
 
 

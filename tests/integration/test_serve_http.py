@@ -77,6 +77,16 @@ def test_route_and_models_endpoints(served):
     assert models["object"] == "list" and models["data"][0]["id"] == "auto"
 
 
+def test_health_says_where_each_part_runs(served):
+    with served.client() as client:
+        health = client.get("/healthz").json()
+    assert health["status"] == "ok"
+    assert health["router"]["provider"] == "CPUExecutionProvider" and not health["router"]["fallback_only"]
+    # no GPU here: the pool runs on CPU and Ray gave its replica none (tests/integration/test_serve_cuda.py)
+    assert health["expert_pool"]["device"] == "cpu" and health["expert_pool"]["gpu_ids"] == []
+    assert {"base", "math-expert", "med-expert"} <= set(health["expert_pool"]["experts"])
+
+
 def test_crosscheck_returns_a_verdict_and_feedback_moves_weights(served):
     with served.client() as client:
         verdict = client.post("/v1/crosscheck", json={"question": "What is 12 * 3?", "answer": "36", "k": 2}).json()
