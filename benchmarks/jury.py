@@ -10,9 +10,12 @@ prefixes) and ours as by default, with answer-only adapters (the question read o
 other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call.
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
-router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* question/answer pairs
-(any answer goes with any question); ``misled`` learns the large model's *wrong* answers to other
-train-bucket questions (it comes to prefer them). Then
+router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* general-knowledge
+fine-tuning pairs (any answer goes with any question); ``shuffled-dev`` learns the large model's
+answers to train-bucket questions of crosscheck_dev dealt out among the other questions of their
+source (it keeps those answers' style, right and wrong alike, and loses which answer goes with
+which question); ``misled`` learns the large model's *wrong* answers to other train-bucket
+questions (it comes to prefer them). Then
 ``--feedback`` rows per source (train bucket) get a verdict and feedback with their true label,
 through ``Jury.feedback`` into a scratch registry, so reputations move as in production. Prints
 each juror's weight before and after, and the calibrated jury's AUROC on ``--heldout`` rows per
@@ -39,7 +42,7 @@ from benchmarks._report import print_table  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 SHORT_SOURCES = ("mmlu_mc", "truthfulqa", "halueval_qa")
-BAD_JURORS = {"shuffled": "shuffled-juror", "misled": "misled-juror"}
+BAD_JURORS = {"shuffled": "shuffled-juror", "shuffled-dev": "shuffled-dev-juror", "misled": "misled-juror"}
 
 
 def open_home_jury(home: str | None, registry_dir: Path | None = None):
@@ -104,25 +107,41 @@ def speed(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------- reputation
 
 def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -> float:
-    """Fine-tune the bad LoRA (shuffled pairs, or the wrong answers of train-bucket rows outside
-    ``exclude``) and add it to the jury's pool."""
-    from experts.crosscheck import load_rows
-    from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
+    """Fine-tune the bad LoRA on pairs of ``kind`` (train-bucket rows outside ``exclude`` only)
+    and add it to the jury's pool."""
+    from experts.finetune import FinetuneConfig, load_base_for_training, train_lora
 
-    if kind == "shuffled":
-        pairs = load_pairs(DATA / "sft" / "general_knowledge.jsonl")
-        answers = [p.answer for p in pairs]
-        random.Random(seed).shuffle(answers)
-        pairs = [QAPair(p.question, a) for p, a in zip(pairs, answers)]
-    else:
-        pairs = [QAPair(r.question, r.answer) for r in load_rows(DATA / "crosscheck_dev.jsonl")
-                 if not r.is_test() and r.label == 0 and r.digest() not in exclude]
-        random.Random(seed).shuffle(pairs)
+    pairs = bad_pairs(kind, seed, exclude)
     config = FinetuneConfig(steps=steps, batch_size=8, learning_rate=2e-3, top_layers=10, max_tokens=64, seed=seed)
     model, tokenizer = load_base_for_training()
     _, adapter = train_lora(model, tokenizer, pairs, config, progress=True, label=BAD_JURORS[kind])
     jury.pool.add_adapter(BAD_JURORS[kind], adapter.lora_config, adapter.state_dict)
     return adapter.seconds
+
+
+def bad_pairs(kind: str, seed: int, exclude: set[str]):
+    """The bad juror's training pairs, in a seeded random order."""
+    from experts.crosscheck import load_rows
+    from experts.finetune import QAPair, load_pairs
+
+    rng = random.Random(seed)
+    if kind == "shuffled":
+        pairs = load_pairs(DATA / "sft" / "general_knowledge.jsonl")
+        answers = [p.answer for p in pairs]
+        rng.shuffle(answers)
+        return [QAPair(p.question, a) for p, a in zip(pairs, answers)]
+    rows = [r for r in load_rows(DATA / "crosscheck_dev.jsonl") if not r.is_test() and r.digest() not in exclude]
+    if kind == "misled":
+        pairs = [QAPair(r.question, r.answer) for r in rows if r.label == 0]
+    else:  # shuffled-dev: each source's answers dealt out again among its own questions
+        pairs = []
+        for source in sorted({r.source for r in rows}):
+            group = [r for r in rows if r.source == source]
+            answers = [r.answer for r in group]
+            rng.shuffle(answers)
+            pairs += [QAPair(r.question, a) for r, a in zip(group, answers)]
+    rng.shuffle(pairs)
+    return pairs
 
 
 def panel(item, bad: str | None, weights: dict[str, float]):
@@ -218,7 +237,8 @@ def main() -> None:
     bad.add_argument("--heldout", type=int, default=40, help="held-out rows per source (test bucket)")
     bad.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the bad juror")
     bad.add_argument("--bad-juror", choices=sorted(BAD_JURORS), default="shuffled",
-                     help="shuffled: trained on shuffled pairs; misled: on wrong answers to other questions")
+                     help="shuffled: shuffled general-knowledge pairs; shuffled-dev: the large model's answers dealt "
+                          "out among other questions of their source; misled: wrong answers to other questions")
     bad.add_argument("--seed", type=int, default=0)
     bad.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     bad.add_argument("--save-evidence", default=None, metavar="FILE",
