@@ -18,8 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests._fixtures.serve import Served, free_port, home_with_lora_experts, start_server, stop_server, \
-    wait_until_healthy
+from tests._fixtures.serve import (
+    Served,
+    free_port,
+    home_with_lora_experts,
+    start_server,
+    stop_server,
+    wait_until_healthy,
+)
 
 pytestmark = pytest.mark.cuda
 
@@ -48,7 +54,9 @@ def _gpus_total_and_free(ray_dir: Path) -> tuple[float, float]:
     code = ("import ray; ray.init(address='auto', log_to_driver=False); "
             "print(ray.cluster_resources().get('GPU', 0), ray.available_resources().get('GPU', 0))")
     env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
+                         env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
     total, free = out.stdout.split()[-2:]
     return float(total), float(free)
 
