@@ -323,12 +323,7 @@ def open_jury(home: Any, config: Any = None, require_calibrator: bool = False, p
         if require_calibrator:
             raise
         calibrator = None
+    from router_model.evaluate import MiniLMEmbedder
+
     router = load_router(home, registry, strict=False)
-    return Jury(pool, router, registry, calibrator, config, embedder=minilm_embedder)
-
-
-def minilm_embedder(texts: Sequence[str]) -> np.ndarray:
-    """MiniLM sentence embeddings for the agreement graph (own answers)."""
-    from router_model.evaluate import minilm_embeddings
-
-    return minilm_embeddings(list(texts), None)
+    return Jury(pool, router, registry, calibrator, config, embedder=MiniLMEmbedder())

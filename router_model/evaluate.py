@@ -61,27 +61,42 @@ def measure_batch(router: OnnxRouter, queries: Sequence[str]):
     return decisions, len(queries) / seconds
 
 
-def minilm_embeddings(queries: Sequence[str], cache_dir: Path | None, max_length: int = 128) -> np.ndarray:
-    """Normalised mean-pooled all-MiniLM-L6-v2 embeddings (cached on disk by content hash)."""
-    digest = hashlib.sha256("\n".join(queries).encode() + f"|{max_length}".encode()).hexdigest()[:24]
-    cache = cache_dir / f"minilm-{digest}.npy" if cache_dir else None
-    if cache is not None and cache.is_file():
-        return np.load(cache)
-    import torch
+class MiniLMEmbedder:
+    """Normalised mean-pooled all-MiniLM-L6-v2 sentence embeddings, ``embedder(texts) -> array``.
 
-    from router_model.model import load_encoder, run_batched
-    from router_model.tokens import encode, load_tokenizer, minilm_dir
+    The encoder loads on the first call and stays loaded: a verdict with own answers embeds five
+    short texts, which takes less time than loading MiniLM again would."""
 
-    encoder = load_encoder(6).eval()
-    token_ids = encode(load_tokenizer(minilm_dir(), max_length), list(queries))
+    def __init__(self, max_length: int = 128, progress: str | None = None) -> None:
+        self.max_length = max_length
+        self.progress = progress
+        self._encoder = self._tokenizer = None
 
-    def embed(input_ids, mask):
-        hidden = encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        from router_model.model import load_encoder, run_batched
+        from router_model.tokens import encode, load_tokenizer, minilm_dir
+
+        if self._encoder is None:
+            self._encoder = load_encoder(6).eval()
+            self._tokenizer = load_tokenizer(minilm_dir(), self.max_length)
+        return run_batched(self._embed, encode(self._tokenizer, list(texts)), progress=self.progress)
+
+    def _embed(self, input_ids, mask):  # run_batched runs it without gradients
+        import torch
+
+        hidden = self._encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
         return torch.nn.functional.normalize(pooled, dim=-1)
 
-    vectors = run_batched(embed, token_ids, progress="MiniLM embeddings (baselines)")
+
+def minilm_embeddings(queries: Sequence[str], cache_dir: Path | None, max_length: int = 128) -> np.ndarray:
+    """:class:`MiniLMEmbedder`'s embeddings of ``queries``, cached on disk by content hash."""
+    digest = hashlib.sha256("\n".join(queries).encode() + f"|{max_length}".encode()).hexdigest()[:24]
+    cache = cache_dir / f"minilm-{digest}.npy" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return np.load(cache)
+    vectors = MiniLMEmbedder(max_length, progress="MiniLM embeddings (baselines)")(queries)
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         np.save(cache, vectors)

@@ -383,7 +383,10 @@ class CrossCheckDeployment:
         self.home = MoseHome.from_env(home_root)
         self.registry = _open_registry(home_root)
         self.router, self.pool = router, pool
+        from router_model.evaluate import MiniLMEmbedder
+
         self.jury = Jury(None, None, self.registry, self._load_calibrator())
+        self.embedder = MiniLMEmbedder()  # loaded on the first verdict with own answers
         self._checked_at = time.monotonic()
 
     def _load_calibrator(self):
@@ -421,12 +424,10 @@ class CrossCheckDeployment:
         return await asyncio.to_thread(lambda: jury.record(jury.verdict(question, answer, jurors, agreement)))
 
     async def _agreement(self, question: str, answer: str, jurors: list[Any]) -> bool:
-        from experts.crosscheck import minilm_embedder
-
         requests = self.jury.own_answer_requests(question, jurors)
         results = await asyncio.gather(*(self.pool.generate.remote(r) for r in requests))
         texts = [result.text for result, _ in results]
-        vectors = await asyncio.to_thread(minilm_embedder, [answer] + texts)
+        vectors = await asyncio.to_thread(self.embedder, [answer] + texts)
         return self.jury.agreement(jurors, texts, vectors)
 
     def feedback(self, verdict_id: str, correct: bool, actor: str) -> dict[str, float]:

@@ -166,13 +166,16 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
 
 
 def test_own_answers_fill_each_juror_and_the_agreement_evidence(jury):
-    from experts.crosscheck import minilm_embedder
+    from router_model.evaluate import MiniLMEmbedder
 
-    jury.embedder = minilm_embedder
+    jury.embedder = embedder = MiniLMEmbedder()
     try:
         verdict = jury.crosscheck("What is the capital of France?", "Paris", k=2, own_answers=True)
+        encoder = embedder._encoder
+        jury.crosscheck("What is the capital of Spain?", "Madrid", k=2, own_answers=True)
     finally:
         jury.embedder = None
+    assert encoder is not None and embedder._encoder is encoder  # MiniLM loads once, not per verdict
     assert isinstance(verdict.agreement, bool)
     assert verdict.evidence["agreement"] == (1.0 if verdict.agreement else -1.0)
     for juror in verdict.jurors:
