@@ -9,10 +9,13 @@ import pytest
 
 from tests._fixtures.experts import write_lora_expert
 
+# Clear to the session's small test router too: "Solve for x: 3x + 5 = 20." sat 0.001-0.005
+# above its out-of-distribution cut (support 0.628-0.631 against 0.627, moved by int8 batching)
+# and was sometimes answered by the fallback; this phrasing has support 0.73.
 CLEAR = [
     ("What are the symptoms of type 2 diabetes?", "medicine", "med-expert"),
     ("What causes high blood pressure ?", "medicine", "med-expert"),
-    ("Solve for x: 3x + 5 = 20.", "math", "math-expert"),
+    ("If 3x + 5 = 20, what is the value of x?", "math", "math-expert"),
     ("What is the derivative of x^2 + 3x?", "math", "math-expert"),
 ]
 
