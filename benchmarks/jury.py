@@ -120,7 +120,7 @@ def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -
 
 
 def bad_pairs(kind: str, seed: int, exclude: set[str]):
-    """The bad juror's training pairs, in a seeded random order."""
+    """The bad juror's training pairs, drawn and ordered with ``seed``."""
     from experts.crosscheck import load_rows
     from experts.finetune import QAPair, load_pairs
 
