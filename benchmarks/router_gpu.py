@@ -66,11 +66,11 @@ def timed(session, inputs: dict[str, np.ndarray], calls: int) -> list[float]:
 def measure(graphs: dict[str, Path], vocab: int, batch: int, calls: int) -> list[dict]:
     from router_model.runtime import choose_providers, open_session
 
-    providers = [True, False] if choose_providers(True)[0] == "CUDAExecutionProvider" else [False]
+    cuda, cpu = choose_providers(use_cuda=True), choose_providers(use_cuda=False)
     results = []
     for graph, path in graphs.items():
-        for use_cuda in providers:
-            session = open_session(path, use_cuda)
+        for providers in ([cuda, cpu] if cuda != cpu else [cpu]):
+            session = open_session(path, providers)
             one = timed(session, feed(1, vocab, 0), calls)
             many = timed(session, feed(batch, vocab, 1), max(10, calls // 4))
             results.append({"graph": graph, "provider": session.get_providers()[0],

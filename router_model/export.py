@@ -29,6 +29,7 @@ from router_model.artifact import (
 from router_model.config import RouterConfig
 from router_model.data import LabelledQuery, TrainingData, rows_sha256, write_jsonl
 from router_model.model import RouterNet, run_batched, save
+from router_model.runtime import choose_providers, open_session
 from router_model.tokens import encode, length_sorted_batches, load_tokenizer, minilm_dir, pad
 from router_model.train import TrainedRouter, log
 
@@ -78,16 +79,6 @@ def quantize_int8(source: Path, target: Path) -> None:
     quantize_dynamic(model, str(target), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"], per_channel=True)
 
 
-def cpu_session(path: Path, threads: int = 0):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def onnx_probs(session, token_ids: Sequence[Sequence[int]], batch_size: int = 64) -> np.ndarray:
     """Probabilities for every row (input order) from an ONNX Runtime session."""
     rows = []
@@ -121,7 +112,7 @@ def check_and_quantize(
     token_ids = encode(tokenizer, [row.query for row in validation])
     gold = np.array([labels.index(row.domain) if row.domain in labels else -1 for row in validation])
     torch_probs = run_batched(net.probabilities, token_ids)
-    fp32 = cpu_session(staging / ONNX_FP32, config.threads)
+    fp32 = open_session(staging / ONNX_FP32, choose_providers(use_cuda=False), config.threads)
     fp32_probs, fp32_seconds = timed_probs(fp32, token_ids)
     max_diff = float(np.abs(fp32_probs - torch_probs).max())
     if max_diff > 1e-4:
@@ -133,7 +124,8 @@ def check_and_quantize(
     }
     if config.quantize:
         quantize_int8(staging / ONNX_FP32, staging / ONNX_INT8)
-        int8_probs, int8_seconds = timed_probs(cpu_session(staging / ONNX_INT8, config.threads), token_ids)
+        int8_probs, int8_seconds = timed_probs(
+            open_session(staging / ONNX_INT8, choose_providers(use_cuda=False), config.threads), token_ids)
         metrics["val_accuracy_int8"] = float((int8_probs.argmax(1) == gold).mean())
         metrics["int8_speedup"] = round(fp32_seconds / max(int8_seconds, 1e-9), 2)
         keep = (

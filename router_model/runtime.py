@@ -142,22 +142,20 @@ def choose_graph(metadata: RouterMetadata, on_cuda: bool) -> str:
     return ONNX_FP32 if on_cuda and ONNX_FP32 in metadata.files else metadata.onnx_file
 
 
-def open_session(path: Path, use_cuda: bool, threads: int = 0):
-    """An ONNX Runtime session on the CUDA provider when asked and available, else the CPU's
-    (``threads``: intra-op threads, 0 = ONNX Runtime's default). A graph that cannot load is a
-    MoseError."""
+def open_session(path: Path, providers: Sequence[str], threads: int = 0):
+    """An ONNX Runtime session on ``providers`` (from :func:`choose_providers`; ``threads``:
+    intra-op threads, 0 = ONNX Runtime's default). A graph that cannot load is a MoseError."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    providers = choose_providers(use_cuda)
     try:
         # A CUDA provider that cannot load logs an error and falls back to CPU; callers report
         # the provider actually used (``session.get_providers()[0]``) instead of that log.
         ort.set_default_logger_severity(4 if len(providers) > 1 else 2)
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
         raise MoseError(f"router graph {path} cannot be loaded ({exc}); retrain with `mose router train`") from None
     finally:
@@ -179,10 +177,10 @@ class OnnxRouter(BaseRouter):
         self.threshold = self.metadata.threshold
         self.tokenizer = load_tokenizer(self.directory, trained.max_length)
         threads = self.config.threads if threads is None else threads
-        on_cuda = choose_providers(self.config.use_cuda)[0] == "CUDAExecutionProvider"
-        self.graph_file = choose_graph(self.metadata, on_cuda)
+        providers = choose_providers(self.config.use_cuda)
+        self.graph_file = choose_graph(self.metadata, on_cuda=providers[0] == "CUDAExecutionProvider")
         """The graph loaded (see :func:`choose_graph`)."""
-        self.session = open_session(self.directory / self.graph_file, self.config.use_cuda, threads or 0)
+        self.session = open_session(self.directory / self.graph_file, providers, threads or 0)
         self.experts = ExpertDirectory(registry, self.config.fallback_expert, self.config.expert_refresh_s)
 
     @classmethod

@@ -49,8 +49,8 @@ def test_router_graph_runs_on_the_cuda_provider_and_agrees_with_cpu(router_graph
 
     assert choose_providers(True)[0] == "CUDAExecutionProvider", (
         "ONNX Runtime lists no CUDA provider on a CUDA machine: install onnxruntime-gpu, not onnxruntime")
-    cuda = open_session(router_graphs[graph], use_cuda=True)
-    cpu = open_session(router_graphs[graph], use_cuda=False)
+    cuda = open_session(router_graphs[graph], choose_providers(use_cuda=True))
+    cpu = open_session(router_graphs[graph], choose_providers(use_cuda=False))
     assert cuda.get_providers()[0] == "CUDAExecutionProvider"  # not the silent CPU fallback
     assert cpu.get_providers() == ["CPUExecutionProvider"]
     for rows, length, seed in ((1, 5, 0), (64, 24, 1), (3, 128, 2)):  # 128: every position embedding

@@ -41,9 +41,11 @@ def test_onnx_equals_torch_probabilities(router):
     input_ids, mask = pad(ids)
     with torch.no_grad():
         expected, expected_support = (t.numpy() for t in net(torch.from_numpy(input_ids), torch.from_numpy(mask)))
-    from router_model.export import ONNX_FP32, cpu_session
+    from router_model.export import ONNX_FP32
+    from router_model.runtime import choose_providers, open_session
 
-    got, support = cpu_session(router.directory / ONNX_FP32).run(None, {"input_ids": input_ids, "attention_mask": mask})
+    session = open_session(router.directory / ONNX_FP32, choose_providers(use_cuda=False))
+    got, support = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
     assert np.abs(got - expected).max() < 1e-4
     assert np.abs(support - expected_support).max() < 1e-4
     assert np.allclose(got.sum(1), 1.0, atol=1e-5)
