@@ -31,15 +31,14 @@ QUERY_TOKENS = 24  # a routed question is ~10-40 tokens
 
 def export_graphs(encoder_config: Path, layers: int, directory: Path) -> dict[str, Path]:
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
 
     from router_model.export import ONNX_FP32, ONNX_INT8, export_onnx, quantize_int8
-    from router_model.model import RouterNet
+    from router_model.model import net_from_config
 
     config = BertConfig.from_dict({**json.loads(encoder_config.read_text()), "num_hidden_layers": layers})
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
-    net = RouterNet(BertModel(config, add_pooling_layer=False), num_labels=10).eval()
+    net = net_from_config(config, num_labels=10).eval()
     export_onnx(net, directory / ONNX_FP32)
     quantize_int8(directory / ONNX_FP32, directory / ONNX_INT8)
     return {"fp32": directory / ONNX_FP32, "int8": directory / ONNX_INT8}

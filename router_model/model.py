@@ -11,6 +11,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from router_model.tokens import length_sorted_batches, minilm_dir, pad
+
+if TYPE_CHECKING:
+    from transformers import BertConfig
 
 WEIGHTS_FILE = "weights.safetensors"
 ENCODER_CONFIG_FILE = "encoder_config.json"
@@ -151,6 +155,15 @@ def load_encoder(layers: int, source: str | os.PathLike | None = None) -> nn.Mod
     return model
 
 
+def net_from_config(config: BertConfig, num_labels: int, memory_size: int = 0) -> RouterNet:
+    """A router net over a BERT encoder built from ``config`` (weights as initialised), with eager
+    attention and no pooler, as :func:`load_encoder` gives."""
+    from transformers import BertModel
+
+    config._attn_implementation = "eager"
+    return RouterNet(BertModel(config, add_pooling_layer=False), num_labels, memory_size)
+
+
 def build(num_labels: int, layers: int, seed: int) -> RouterNet:
     """A fresh router net over the packaged encoder (head initialised from ``seed``)."""
     torch.manual_seed(seed)
@@ -169,13 +182,12 @@ def save(net: RouterNet, directory: Path) -> None:
 def load(directory: Path) -> RouterNet:
     """Rebuild a saved router net (for incremental updates)."""
     from safetensors.torch import load_file
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
 
     config = BertConfig.from_dict(json.loads((directory / ENCODER_CONFIG_FILE).read_text()))
-    config._attn_implementation = "eager"
     state = load_file(str(directory / WEIGHTS_FILE))
     memory_size = state["memory"].shape[0] if "memory" in state else 0
-    net = RouterNet(BertModel(config, add_pooling_layer=False), state["head.weight"].shape[0], memory_size)
+    net = net_from_config(config, state["head.weight"].shape[0], memory_size)
     net.load_state_dict({**net.state_dict(), **state})  # versions before the memory: none
     net.k = int(net.neighbours)
     return net.eval()

@@ -18,16 +18,15 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture(scope="module")
 def router_graphs(tmp_path_factory):
     import torch
-    from transformers import BertConfig, BertModel
+    from transformers import BertConfig
 
     from router_model.export import ONNX_FP32, ONNX_INT8, export_onnx, quantize_int8
-    from router_model.model import RouterNet
+    from router_model.model import net_from_config
 
     config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=128)
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
-    net = RouterNet(BertModel(config, add_pooling_layer=False), num_labels=6).eval()
+    net = net_from_config(config, num_labels=6).eval()
     directory = tmp_path_factory.mktemp("router-graph")
     export_onnx(net, directory / ONNX_FP32)
     quantize_int8(directory / ONNX_FP32, directory / ONNX_INT8)
