@@ -379,14 +379,13 @@ class CrossCheckDeployment:
 
     def __init__(self, home_root: str, router: Any, pool: Any) -> None:
         from experts.jury import Jury
+        from router_model.evaluate import MiniLMEmbedder
 
         self.home = MoseHome.from_env(home_root)
         self.registry = _open_registry(home_root)
         self.router, self.pool = router, pool
-        from router_model.evaluate import MiniLMEmbedder
-
-        self.jury = Jury(None, None, self.registry, self._load_calibrator())
-        self.embedder = MiniLMEmbedder()  # loaded on the first verdict with own answers
+        # MiniLM loads on the first verdict with own answers
+        self.jury = Jury(None, None, self.registry, self._load_calibrator(), embedder=MiniLMEmbedder())
         self._checked_at = time.monotonic()
 
     def _load_calibrator(self):
@@ -427,7 +426,7 @@ class CrossCheckDeployment:
         requests = self.jury.own_answer_requests(question, jurors)
         results = await asyncio.gather(*(self.pool.generate.remote(r) for r in requests))
         texts = [result.text for result, _ in results]
-        vectors = await asyncio.to_thread(self.embedder, [answer] + texts)
+        vectors = await asyncio.to_thread(self.jury.embedder, [answer] + texts)
         return self.jury.agreement(jurors, texts, vectors)
 
     def feedback(self, verdict_id: str, correct: bool, actor: str) -> dict[str, float]:
