@@ -137,8 +137,8 @@ def choose_providers(use_cuda: bool) -> list[str]:
 def choose_graph(metadata: RouterMetadata, on_cuda: bool) -> str:
     """The graph file to load. On CPU, the artifact's choice (int8 when it kept accuracy and ran
     faster at training time). On the CUDA provider the fp32 graph, which every artifact keeps:
-    ONNX Runtime runs int8 dynamic quantisation on a GPU far slower than fp32 (H100: 2.3 against
-    0.85 ms per query, 5.0k against 74.5k queries/s in batches of 64; benchmarks/router_gpu.py)."""
+    ONNX Runtime runs int8 dynamic quantisation on a GPU far slower than fp32 (H100, three runs:
+    ~2x per query, 11-15x per batch of 64; docs/benchmarks.md, benchmarks/router_gpu.py)."""
     return ONNX_FP32 if on_cuda and ONNX_FP32 in metadata.files else metadata.onnx_file
 
 
