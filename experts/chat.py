@@ -86,20 +86,28 @@ def forward_kwargs(adapter_names: Sequence[str] | None) -> dict:
 
 
 def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
-                    adapter_names: Sequence[str] | None = None):
+                    adapter_names: Sequence[str] | None = None, state_layer: int | None = None):
     """Per-row (sum of answer-token log-probs, answer-token count), one forward pass.
 
     Rows are left-padded so every answer ends at the last position; only the last
     ``max(answer_len)`` logits are computed (the LM head is a large part of the cost).
-    Differentiable: fine-tuning uses it for its loss.
+    Differentiable: fine-tuning uses it for its loss. ``state_layer``: a third value, each row's
+    mean hidden state after that many decoder layers over the positions that predict its answer
+    tokens (the answer as the model has read it; the jury's truthfulness probe reads it).
     """
     ids, mask, positions = left_pad([p.input_ids for p in pairs], pad_id)
     device = next(model.parameters()).device
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     keep = max(p.answer_len for p in pairs)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                logits_to_keep=keep + 1, **forward_kwargs(adapter_names))
-    return answer_token_logprobs(out.logits, ids, pairs)
+                logits_to_keep=keep + 1, output_hidden_states=state_layer is not None,
+                **forward_kwargs(adapter_names))
+    sums, counts = answer_token_logprobs(out.logits, ids, pairs)
+    if state_layer is None:
+        return sums, counts
+    hidden = out.hidden_states[state_layer][:, :-1]  # the last position predicts nothing scored
+    states = [hidden[i, hidden.shape[1] - p.answer_len:].float().mean(dim=0) for i, p in enumerate(pairs)]
+    return sums, counts, states
 
 
 def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):

@@ -455,17 +455,19 @@ class ExpertPool:
         return {name: losses.get(key, losses.get(BASE_ADAPTER)) for name, key in keys.items()}
 
     def score(self, question: str, answer: str, experts: Sequence[str],
-              adapt_question: bool = True) -> list[ExpertScore]:
+              adapt_question: bool = True, state_layer: int | None = None) -> list[ExpertScore]:
         """Per expert: mean log-prob of the answer tokens with and without the question, and PMI.
 
         ``adapt_question=False``: a LoRA expert's adapter applies only where an answer token is
         predicted; the question is read by the base model, once for all experts (faster on short
         answers; the scores differ, so evidence collected one way is not comparable to the other).
+        ``state_layer``: the base model's score also carries its ``answer_state`` at that layer
+        (free when the layer is in the shared trunk).
         """
-        return self.score_many([(question, answer, experts)], adapt_question)[0]
+        return self.score_many([(question, answer, experts)], adapt_question, state_layer)[0]
 
     def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]],
-                   adapt_question: bool = True) -> list[list[ExpertScore]]:
+                   adapt_question: bool = True, state_layer: int | None = None) -> list[list[ExpertScore]]:
         """:meth:`score` for several (question, answer, experts) items at once.
 
         Every (item, with/without question) text of a model is length-sorted and packed into
@@ -480,22 +482,27 @@ class ExpertPool:
             for name in experts:
                 self._resolve(name)
         means: dict[tuple[int, int, bool], float] = {}
+        states: dict[tuple[int, int], list[float]] = {}
         answer_lens: dict[int, int] = {}
         with self._lock:
             for group, texts in self._score_texts(items).items():
                 model, tokenizer = self._model_for(group)
                 pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+                layer = state_layer if group == "" else None  # the base model lives in the shared group
                 for batch in self._score_batches(texts):
-                    results = self._score_batch(group, model, pad, batch, adapt_question)
+                    results = self._score_batch(group, model, pad, batch, adapt_question, layer)
                     for ((i, with_q), pair, jurors), result in zip(batch, results):
-                        for (j, _), (total, count) in zip(jurors, result):
+                        for (j, _), (total, count, state) in zip(jurors, result):
                             means[(i, j, with_q)] = total / count
+                            if with_q and state is not None:
+                                states[(i, j)] = state.tolist()
                         if with_q:
                             answer_lens[i] = pair.answer_len
         return [
             [ExpertScore(expert=name, logp_given_question=means[(i, j, True)],
                          logp_without_question=means[(i, j, False)],
-                         pmi=means[(i, j, True)] - means[(i, j, False)], answer_tokens=answer_lens[i])
+                         pmi=means[(i, j, True)] - means[(i, j, False)], answer_tokens=answer_lens[i],
+                         answer_state=states.get((i, j)) if name == BASE_EXPERT else None)
              for j, name in enumerate(experts)]
             for i, (_, _, experts) in enumerate(items)
         ]
@@ -537,8 +544,9 @@ class ExpertPool:
             yield batch
 
     def _score_batch(self, group: str, model: Any, pad: int, batch: list[tuple],
-                     adapt_question: bool) -> list[list[tuple[float, int]]]:
-        """Per text of ``batch``, per expert: (sum of answer-token log-probs, answer-token count)."""
+                     adapt_question: bool, state_layer: int | None = None) -> list[list[tuple[float, int, Any]]]:
+        """Per text of ``batch``, per expert: (sum of answer-token log-probs, answer-token count,
+        the base model's answer state at ``state_layer`` or None)."""
         import torch
 
         pairs = [pair for _, pair, _ in batch]
@@ -547,14 +555,16 @@ class ExpertPool:
         with torch.inference_mode():
             scorer = self._trunk_scorer(flat_keys) if group == "" else None
             if scorer is not None:
-                return scorer.score(pairs, keys, pad, adapt_question)
+                return scorer.score(pairs, keys, pad, adapt_question, state_layer)
             rows = [pair for pair, row in zip(pairs, keys) for _ in row]
             adapters = self._adapter_names(flat_keys) if group == "" else None
             context, adapters = self._adapter_context(adapters, None if adapt_question else rows)
             with context:
-                sums, counts = answer_logprobs(model, rows, pad, adapters)
-        flat = iter(zip(sums.tolist(), counts.tolist()))
-        return [[next(flat) for _ in row] for row in keys]
+                sums, counts, *states = answer_logprobs(model, rows, pad, adapters, state_layer)
+        row_states = states[0] if states else [None] * len(rows)
+        flat = iter(zip(sums.tolist(), counts.tolist(), row_states, flat_keys))
+        return [[(total, count, state if key == BASE_ADAPTER else None) for total, count, state, key in
+                 (next(flat) for _ in row)] for row in keys]
 
 
 def _as_list(value: Any) -> list:

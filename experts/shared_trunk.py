@@ -37,21 +37,31 @@ _PREFIX_CACHE_ENTRIES = 256
 
 
 def _run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Sequence[Any],
-                cache: Any = None) -> Any:
+                cache: Any = None, capture: int | None = None) -> tuple[Any, Any]:
     """``layers`` of ``decoder`` on ``hidden`` (left-padded rows; the 2-D ``mask`` also covers the
-    tokens already in ``cache``, whose layers then gain this call's keys and values)."""
+    tokens already in ``cache``, whose layers then gain this call's keys and values): (output,
+    the hidden states after the first ``capture`` of them, or None)."""
     from transformers.masking_utils import create_causal_mask
 
+    captured = hidden if capture == 0 else None
     if not layers:
-        return hidden
+        return hidden, captured
     causal_mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
                                      past_key_values=cache, position_ids=positions,
                                      layer_idx=layers[0].self_attn.layer_idx)
     position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
-    for layer in layers:
+    for done, layer in enumerate(layers, start=1):
         hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
                        position_ids=positions, past_key_values=cache, use_cache=cache is not None)
-    return hidden
+        if done == capture:
+            captured = hidden
+    return hidden, captured
+
+
+def _answer_mean(state: Any, count: int) -> Any:
+    """Mean of the last ``count`` columns of one row's [width, hidden] states: the positions that
+    predict its answer tokens (rows are left-padded and end where their answer ends)."""
+    return state[-count:].float().mean(dim=0)
 
 
 def shared_prefix_length(texts: Sequence[EncodedPair], prefix: Sequence[int]) -> int:
@@ -91,8 +101,14 @@ class TrunkScorer:
         return min((self._first_layer[key] for key in keys), default=len(layers))
 
     def score(self, texts: Sequence[EncodedPair], keys_per_text: Sequence[Sequence[str]],
-              pad_id: int, adapt_question: bool = True) -> list[list[tuple[float, int]]]:
-        """Per text, per adapter key: (sum of answer-token log-probs, answer-token count).
+              pad_id: int, adapt_question: bool = True,
+              state_layer: int | None = None) -> list[list[tuple[float, int, Any]]]:
+        """Per text, per adapter key: (sum of answer-token log-probs, answer-token count, state).
+
+        ``state_layer``: the state of each text's ``__base__`` row is its mean hidden state after
+        that many decoder layers over the positions that predict an answer token (what
+        :func:`experts.chat.answer_logprobs` returns with ``state_layer``); else, and for the
+        other keys, None.
 
         Each text goes through the trunk once and through the branch once per key (``__base__``:
         no adapter), attending to the cached keys and values of the prefix all texts share.
@@ -124,9 +140,12 @@ class TrunkScorer:
         inputs, mask, positions = ids[:, :-1], mask[:, :-1], positions[:, :-1]
 
         trunk_cache = self._cache(prefix, [BASE_ADAPTER] * len(texts), range(split))
+        # state_layer within the trunk: every text's state is there, before any adapter
+        trunk_state = state_layer if state_layer is not None and state_layer <= split else None
+        branch_state = state_layer - split if state_layer is not None and trunk_state is None else None
         with batched_lora.AdaptersOff(self.lora):
-            hidden = _run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
-                                 self.decoder.layers[:split], trunk_cache)
+            hidden, states = _run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
+                                         self.decoder.layers[:split], trunk_cache, trunk_state)
         if adapt_question:
             cache, token_mask = self._cache(prefix, keys, branch), None
         else:
@@ -134,13 +153,19 @@ class TrunkScorer:
             cache = _select_rows(cache, row_text, branch, self.decoder.config)
             token_mask = answer_positions(row_lengths, hidden.shape[1])
         with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora, token_mask):
-            hidden = _run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
-                                 self.decoder.layers[split:], cache)
+            hidden, branch_states = _run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
+                                                self.decoder.layers[split:], cache, branch_state)
         keep = int(lengths.max())
         sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], row_lengths)
+        if branch_states is not None:
+            states = [None] * len(texts)
+            for r, (key, i, _) in enumerate(rows):
+                if key == BASE_ADAPTER:
+                    states[i] = branch_states[r]
         results: list[list[Any]] = [[None] * len(row) for row in keys_per_text]
-        for (_, i, j), total, count in zip(rows, sums.tolist(), row_lengths.tolist()):
-            results[i][j] = (total, count)
+        for r, ((key, i, j), total, count) in enumerate(zip(rows, sums.tolist(), row_lengths.tolist())):
+            state = states[i] if states is not None and key == BASE_ADAPTER else None
+            results[i][j] = (total, count, _answer_mean(state, count) if state is not None else None)
         return results
 
     def _unadapted_context(self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any,

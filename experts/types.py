@@ -69,6 +69,9 @@ class ExpertScore(BaseModel):
     logp_without_question: float = Field(description="Mean log-prob of the answer tokens without it.")
     pmi: float = Field(description="logp_given_question - logp_without_question.")
     answer_tokens: int = Field(description="Answer tokens scored (after truncation).")
+    answer_state: list[float] | None = Field(None, repr=False, description=(
+        "Base model only, when asked (``state_layer``): its mean hidden state over the positions "
+        "that predict the answer, given the question; the jury's truthfulness probe reads it."))
 
 
 def validate(model: type[BaseModel], data: object, what: str) -> BaseModel:

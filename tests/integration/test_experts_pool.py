@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from experts.pool import ExpertPool, PoolConfig
@@ -270,3 +271,31 @@ def test_batched_lora_decoding_matches_peft_generate(two_adapters):
                                       do_sample=False)
         reference = pool.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
         assert pool.generate([_req(name)])[0].text == reference
+
+
+@pytest.mark.parametrize("adapt_question", [True, False])
+@pytest.mark.parametrize("layer", [8, 20])
+def test_base_answer_state_is_the_same_from_trunk_branch_and_full_pass(two_adapters, layer, adapt_question):
+    """The probe's input, the base model's mean hidden state over the answer: beta adapts layers
+    10-29, so layer 8 is read in the shared trunk and layer 20 in the base row of the branch; both
+    equal a plain forward pass with output_hidden_states, and only the base model carries one."""
+    pool = two_adapters
+    items = [("What is the capital of France?", "Paris.", ["beta", "base"]),
+             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
+              ["base", "beta"])]
+    shared = pool.score_many(items, adapt_question, state_layer=layer)
+    pool.config.shared_trunk, pool.config.batched_lora = False, False
+    try:
+        full = pool.score_many(items, adapt_question, state_layer=layer)
+    finally:
+        pool.config.shared_trunk, pool.config.batched_lora = True, True
+    for row_shared, row_full in zip(shared, full):
+        for s, f in zip(row_shared, row_full):
+            if s.expert != "base":
+                assert s.answer_state is None and f.answer_state is None
+                continue
+            assert len(s.answer_state) == pool._base.config.hidden_size
+            assert np.allclose(s.answer_state, f.answer_state, atol=2e-4)
+    base_states = [next(s.answer_state for s in row if s.expert == "base") for row in shared]
+    assert not np.allclose(base_states[0], base_states[1], atol=1e-2)
+    assert all(s.answer_state is None for row in pool.score_many(items, adapt_question) for s in row)
