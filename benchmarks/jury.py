@@ -156,9 +156,9 @@ def panel(item, bad: str | None, weights: dict[str, float]):
 
 def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> dict[str, float]:
     from experts.crosscheck import auroc
-    from experts.jury import features
 
-    p = np.array([jury.probability(features(panel(e, bad, weights), e.row.question, None)) for e in evidence])
+    p = np.array([jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, None))
+                  for e in evidence])
     labels = np.array([e.row.label for e in evidence])
     sources = np.array([e.row.source for e in evidence])
     out = {"all": auroc(labels, p)}

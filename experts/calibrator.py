@@ -13,6 +13,7 @@ predictions (validation metrics are out-of-fold too). Artifacts are versioned JS
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -20,6 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from experts.probe import Probe, fit_probe
 from registry.artifacts import atomic_write
 from registry.errors import MoseError
 from router_model.calibration import choose_threshold, expected_calibration_error
@@ -53,6 +55,10 @@ FEATURES: tuple[str, ...] = (
 )
 """Columns the calibrator sees, in order (see :func:`experts.jury.features`); the interactions let
 a linear model weigh evidence differently for short answers and long responses."""
+
+PROBE_FEATURE = "base_probe"
+"""The column a calibrator with a truthfulness probe (:mod:`experts.probe`) has after
+:data:`FEATURES`: the probe's logit on the base model's answer state."""
 
 CURRENT_FILE = "current"
 
@@ -91,6 +97,15 @@ class CalibratorConfig(BaseModel):
 
     seed: int = 0
     """Seed of the train/validation split."""
+
+    probe_layer: int | None = Field(20, ge=0)
+    """Layer of the base model whose hidden states, averaged over the answer, the truthfulness
+    probe reads (:mod:`experts.probe`); None: no probe. On SmolLM2-135M layers 18-22 read best on
+    the training rows' cross-validation; 20 is where the demo experts' adapters begin (free)."""
+
+    probe_strengths: tuple[float, ...] = (0.001, 0.003, 0.01)
+    """Inverse L2 strengths tried for the probe's logistic regression on its 576 standardised
+    inputs (strong regularisation: a few thousand rows); the best by cross-validated log loss is kept."""
 
 
 class Tree(BaseModel):
@@ -140,13 +155,15 @@ class Calibrator(BaseModel):
     learning_rate: float = 0.0
     threshold: float = 0.5
     """Flag when P(correct) is below this."""
+    probe: Probe | None = None
+    """The truthfulness probe whose logit is the ``base_probe`` column (None: no such column)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
     created_at: str = ""
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        """P(correct) for each row of the feature matrix ``x`` (columns in :data:`FEATURES` order)."""
+        """P(correct) for each row of the feature matrix ``x`` (columns in :attr:`features` order)."""
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         if self.method == "logistic":
             z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
@@ -169,11 +186,13 @@ TREE_FEATURES: tuple[str, ...] = EVIDENCE_FEATURES + FORMAT_FEATURES
 """What the boosted trees see: the interactions of :data:`FEATURES` are theirs to find."""
 
 
-def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig) -> Calibrator:
-    """Gradient-boosted trees (scikit-learn, log loss), stored as plain arrays."""
+def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
+                names: Sequence[str] = FEATURES) -> Calibrator:
+    """Gradient-boosted trees (scikit-learn, log loss) on :data:`TREE_FEATURES` (and the probe's
+    column when ``names``, the columns of ``x``, have it), stored as plain arrays."""
     from sklearn.ensemble import GradientBoostingClassifier
 
-    columns = [FEATURES.index(name) for name in TREE_FEATURES]
+    columns = [list(names).index(name) for name in TREE_FEATURES + (PROBE_FEATURE,) if name in names]
     model = GradientBoostingClassifier(n_estimators=config.boosted_trees, max_depth=config.boosted_depth,
                                        learning_rate=config.boosted_learning_rate,
                                        min_samples_leaf=config.boosted_min_leaf, random_state=config.seed)
@@ -199,9 +218,16 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrat
                       intercept=float(model.intercept_[0]))
 
 
-def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None) -> Calibrator:
-    """Choose the candidate (logistic at each strength, isotonic) by cross-validated log loss,
-    refit it on every row, and set the flag threshold on its out-of-fold predictions."""
+def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None,
+                   states: np.ndarray | None = None) -> Calibrator:
+    """Choose the candidate (logistic at each strength, boosted trees, isotonic) by
+    cross-validated log loss, refit it on every row, and set the flag threshold on its
+    out-of-fold predictions.
+
+    ``x``: the :data:`FEATURES` columns. ``states`` (the base model's answer states at
+    ``config.probe_layer``, one row each): a truthfulness probe is fitted first, and its
+    out-of-fold logits join the features as :data:`PROBE_FEATURE`.
+    """
     from sklearn.metrics import log_loss, roc_auc_score
     from sklearn.model_selection import StratifiedKFold
 
@@ -209,20 +235,27 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels, dtype=np.int64)
     if len(labels) < 20 or min(np.bincount(labels, minlength=2)) < 2:
         raise MoseError("calibration needs at least 20 labelled rows with both correct and wrong answers")
+    folds = min(config.folds, int(min(np.bincount(labels))))
+    names, probe = list(FEATURES), None
+    if states is not None:
+        if config.probe_layer is None:
+            raise MoseError("answer states were given but probe_layer is None")
+        probe, probe_logits = fit_probe(states, labels, config.probe_layer, config.probe_strengths, folds, config.seed)
+        x, names = np.column_stack([x, probe_logits]), names + [PROBE_FEATURE]
     pmi = FEATURES.index("jury_pmi")
     candidates = {f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation}
     if config.boosted_trees:
-        candidates["boosted"] = lambda xs, ys: fit_boosted(xs, ys, config)
+        candidates["boosted"] = lambda xs, ys: fit_boosted(xs, ys, config, names)
     candidates["isotonic"] = lambda xs, ys: fit_isotonic(xs[:, pmi], ys)
-    folds = StratifiedKFold(n_splits=min(config.folds, int(min(np.bincount(labels)))), shuffle=True,
-                            random_state=config.seed)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
     out_of_fold = {name: np.zeros(len(labels)) for name in candidates}
-    for train, val in folds.split(x, labels):
+    for train, val in split.split(x, labels):
         for name, fit in candidates.items():
             out_of_fold[name][val] = fit(x[train], labels[train]).predict(x[val])
     losses = {name: log_loss(labels, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]) for name, p in out_of_fold.items()}
     chosen = min(losses, key=losses.get)
     best = candidates[chosen](x, labels)
+    best.features, best.probe = names, probe
 
     p_oof = out_of_fold[chosen]
     flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,
@@ -237,6 +270,8 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
         "validation_rows": float(len(labels)),
         **{f"cv_log_loss {name}": float(loss) for name, loss in losses.items()},
     }
+    if probe is not None:
+        best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
     best.trained_on = {"candidate": chosen}
     return best
 
@@ -272,7 +307,8 @@ def load_calibrator(directory: Path) -> Calibrator:
     path = directory / f"{pointer.read_text().strip()}.json"
     try:
         payload = json.loads(path.read_text())
-        if isinstance(payload, dict) and payload.get("features") != list(FEATURES):
+        probe_columns = [PROBE_FEATURE] if isinstance(payload, dict) and payload.get("probe") else []
+        if isinstance(payload, dict) and payload.get("features") != list(FEATURES) + probe_columns:
             raise MoseError(f"cross-check calibrator {path} was trained on other features (an older mose?): "
                             "retrain it with `mose crosscheck train`")
         return Calibrator.model_validate(payload)

@@ -64,6 +64,10 @@ class RowEvidence(BaseModel):
     """The first ``jury_size`` jurors formed the jury; the rest observed (baselines). None: all."""
     adapters_read_question: bool = True
     """How the jurors scored (:attr:`experts.jury.JuryConfig.adapters_read_question`)."""
+    state_layer: int | None = None
+    """The base model's layer ``answer_state`` was read at (None: not kept)."""
+    answer_state: list[float] | None = None
+    """The base model's mean hidden state over the answer, for the truthfulness probe."""
 
 
 def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
@@ -128,12 +132,14 @@ def proportional_counts(sizes: dict[int, int], total: int) -> dict[int, int]:
 
 
 def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: Sequence[str] = (),
-            progress: bool = True, chunk: int = 48) -> list[RowEvidence]:
-    """Jury evidence for every row (``extra`` experts are scored too, outside the jury).
+            progress: bool = True, chunk: int = 48, state_layer: int | None = None) -> list[RowEvidence]:
+    """Jury evidence for every row (``extra`` experts are scored too, outside the jury), with the
+    base model's answer state at ``state_layer`` (default: the layer the jury's probe reads).
 
     Rows go through in chunks: one batched routing call and packed scoring passes per chunk
     (48 rows pack short answers ~5 % faster than 16; the passes stay within the pool's budget).
     """
+    layer = jury.state_layer if state_layer is None else state_layer
     out: list[RowEvidence] = []
     bar = tqdm(total=len(rows), desc="cross-check evidence", unit="row", disable=not progress, file=sys.stderr)
     for start in range(0, len(rows), chunk):
@@ -143,13 +149,16 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
         panels = [jurors + [(name, None) for name in extra if name not in {n for n, _ in jurors}]
                   for jurors in juries]
         evidence = jury.evidence_many([(row.question, row.answer[: jury.config.max_answer_chars], panel)
-                                       for row, panel in zip(part, panels)])
+                                       for row, panel in zip(part, panels)], layer)
         seconds = (time.perf_counter() - started) / len(part)
         for row, jurors, found in zip(part, juries, evidence):
             in_jury = found[: len(jurors)]  # observers' evidence is kept for the baselines only
+            state = next(j.answer_state for j in found if j.expert == BASE_EXPERT)
             out.append(RowEvidence(row=row, jurors=found, values=features(in_jury, row.question, None),
                                    seconds=seconds, jury_size=len(jurors),
-                                   adapters_read_question=jury.adapters_read_question))
+                                   adapters_read_question=jury.adapters_read_question,
+                                   state_layer=layer if state is not None else None,
+                                   answer_state=state))
         bar.update(len(part))
     bar.close()
     return out
@@ -157,6 +166,45 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
 
 def matrix(evidence: Sequence[RowEvidence]) -> np.ndarray:
     return np.array([[e.values[f] for f in FEATURES] for e in evidence], dtype=np.float64)
+
+
+def answer_states(evidence: Sequence[RowEvidence], layer: int) -> np.ndarray:
+    """The base model's answer states at ``layer``, one row per item; a clear error when some
+    evidence was collected without them (or at another layer)."""
+    missing = sum(e.answer_state is None or e.state_layer != layer for e in evidence)
+    if missing:
+        raise MoseError(f"{missing} of {len(evidence)} rows of evidence have no base-model answer state at layer "
+                        f"{layer} (collected without one, or at another layer): collect them again, or train "
+                        "without the probe (--no-probe)")
+    return np.array([e.answer_state for e in evidence], dtype=np.float64)
+
+
+def fill_answer_states(jury: Jury, evidence: Sequence[RowEvidence], layer: int, progress: bool = True,
+                       chunk: int = 48) -> int:
+    """Give evidence saved without the base model's answer state at ``layer`` (before the probe
+    existed, or at another layer) that state, in place: the base model alone scores each such
+    row (on crosscheck_dev's long answers about two thirds of the time of scoring the jury again:
+    the vocabulary-wide log-softmax over every answer token is most of it). Returns the rows filled."""
+    todo = [e for e in evidence if e.answer_state is None or e.state_layer != layer]
+    bar = tqdm(total=len(todo), desc=f"answer states (layer {layer})", unit="row",
+               disable=not progress or not todo, file=sys.stderr)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        scores = jury.pool.score_many([(e.row.question, e.row.answer[: jury.config.max_answer_chars], [BASE_EXPERT])
+                                       for e in part], jury.adapters_read_question, layer)
+        for item, (base,) in zip(part, scores):
+            item.answer_state, item.state_layer = base.answer_state, layer
+        bar.update(len(part))
+    bar.close()
+    return len(todo)
+
+
+def calibrator_inputs(calibrator: Calibrator, evidence: Sequence[RowEvidence]) -> np.ndarray:
+    """The columns ``calibrator`` reads: :data:`FEATURES`, then its probe's logit if it has one."""
+    x = matrix(evidence)
+    if calibrator.probe is None:
+        return x
+    return np.column_stack([x, calibrator.probe.logits(answer_states(evidence, calibrator.probe.layer))])
 
 
 def auroc(labels: Sequence[int], scores: Sequence[float]) -> float:
@@ -190,8 +238,8 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
 
     Refused when a juror is not an expert this pool serves (the evidence came from other experts),
     when the jurors scored the other way (``adapters_read_question``) or when a row of ``rows``
-    has no evidence. Features are recomputed from the jurors' evidence,
-    so files written before a feature change stay usable.
+    has no evidence (:func:`answer_states` refuses rows without the probe's state). Features are
+    recomputed from the jurors' evidence, so files written before a feature change stay usable.
     """
     wanted = {row.digest(): row for row in rows}
     found: dict[str, RowEvidence] = {}
@@ -221,14 +269,20 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
 def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None = None, k: int | None = None,
           progress: bool = True, evidence: Sequence[RowEvidence] | None = None) -> Calibrator:
     """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped); ``evidence``:
-    already collected for exactly those rows (:func:`load_evidence`), else it is collected here."""
+    already collected for exactly those rows (:func:`load_evidence`), else it is collected here.
+    With a probe (``config.probe_layer``), rows of ``evidence`` without the base model's answer
+    state get it (:func:`fill_answer_states`)."""
     rows = [r for r in rows if not r.is_test()]
     if not rows:
         raise MoseError("no training rows left after holding out the test bucket")
+    config = config or CalibratorConfig()
     if evidence is None:
-        evidence = collect(jury, rows, k, progress=progress)
-    x = matrix(evidence)
-    calibrator = fit_calibrator(x, np.array([e.row.label for e in evidence]), config)
+        evidence = collect(jury, rows, k, progress=progress, state_layer=config.probe_layer)
+    states = None
+    if config.probe_layer is not None:
+        fill_answer_states(jury, evidence, config.probe_layer, progress)
+        states = answer_states(evidence, config.probe_layer)
+    calibrator = fit_calibrator(matrix(evidence), np.array([e.row.label for e in evidence]), config, states)
     calibrator.trained_on = {
         **calibrator.trained_on,
         "rows": len(rows),
@@ -253,7 +307,7 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
     evidence = collect(jury, rows, k, extra=[best] if best else [], progress=progress)
     labels = np.array([e.row.label for e in evidence])
     x = matrix(evidence)
-    p = jury.calibrator.predict(x)
+    p = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
     flagged = p < jury.calibrator.threshold
     wrong = labels == 0
     per_source: dict[str, dict[str, Any]] = {}

@@ -7,7 +7,9 @@ one batched pass through the expert pool. Optionally each juror also answers the
 itself, and the candidate's place in the agreement graph (``networkx``; an edge where MiniLM
 similarity passes a threshold) is one more piece of evidence. Jurors are weighted by reputation
 (Beta posteriors on how often their vote was right, on right and on wrong answers apart: a
-balanced accuracy), and a calibrator turns the weighted evidence into P(correct).
+balanced accuracy), and a calibrator turns the weighted evidence into P(correct). A calibrator
+may also carry a truthfulness probe (:mod:`experts.probe`): a linear read-out of the base
+model's hidden states over the answer, taken from the same scoring pass.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.calibrator import FEATURES, Calibrator
+from experts.calibrator import FEATURES, PROBE_FEATURE, Calibrator
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
 from registry.errors import MoseError
 from registry.service import Reputation
@@ -77,6 +79,9 @@ class JurorEvidence(BaseModel):
     similarity: float | None = None
     vote: bool | None = None
     """Whether this juror's evidence alone says 'correct' (see :meth:`Jury.cast_votes`)."""
+    answer_state: list[float] | None = Field(None, exclude=True, repr=False)
+    """The base model's mean hidden state over the answer (:attr:`ExpertScore.answer_state`),
+    when the calibrator's truthfulness probe reads one; not part of the verdict."""
 
 
 class Verdict(BaseModel):
@@ -181,6 +186,12 @@ class Jury:
         self.embedder = embedder
 
     @property
+    def state_layer(self) -> int | None:
+        """The base model's layer the calibrator's truthfulness probe reads (None: no probe)."""
+        probe = self.calibrator.probe if self.calibrator is not None else None
+        return probe.layer if probe is not None else None
+
+    @property
     def adapters_read_question(self) -> bool:
         """How jurors score (:attr:`JuryConfig.adapters_read_question`, resolved)."""
         if self.config.adapters_read_question is not None:
@@ -210,11 +221,13 @@ class Jury:
     def evidence(self, question: str, answer: str, jurors: Sequence[tuple[str, str | None]]) -> list[JurorEvidence]:
         return self.evidence_many([(question, answer, jurors)])[0]
 
-    def evidence_many(self, items: Sequence[tuple[str, str, Sequence[tuple[str, str | None]]]]
-                      ) -> list[list[JurorEvidence]]:
-        """Evidence for several (question, answer, jurors) items, scored in shared passes."""
+    def evidence_many(self, items: Sequence[tuple[str, str, Sequence[tuple[str, str | None]]]],
+                      state_layer: int | None = None) -> list[list[JurorEvidence]]:
+        """Evidence for several (question, answer, jurors) items, scored in shared passes, with
+        the base model's answer state at ``state_layer`` (default: the layer the probe reads)."""
         scores = self.pool.score_many([(q, a, [name for name, _ in jurors]) for q, a, jurors in items],
-                                      self.adapters_read_question)
+                                      self.adapters_read_question,
+                                      self.state_layer if state_layer is None else state_layer)
         return [self.weigh(jurors, item_scores) for (_, _, jurors), item_scores in zip(items, scores)]
 
     def weigh(self, jurors: Sequence[tuple[str, str | None]], scores: Sequence[ExpertScore]) -> list[JurorEvidence]:
@@ -222,7 +235,7 @@ class Jury:
         return [
             JurorEvidence(expert=s.expert, domain=domain, weight=self.weight(s.expert),
                           logp_given_question=s.logp_given_question, logp_without_question=s.logp_without_question,
-                          pmi=s.pmi, answer_tokens=s.answer_tokens)
+                          pmi=s.pmi, answer_tokens=s.answer_tokens, answer_state=s.answer_state)
             for s, (_, domain) in zip(scores, jurors)
         ]
 
@@ -238,12 +251,13 @@ class Jury:
             for juror in jurors:
                 juror.vote = juror.pmi > 0
             return
-        reference = self.probability(features([base], question, agreement))
+        reference = self.probability(self.evidence_values([base], question, agreement))
         for juror in jurors:
             if juror is base:
                 juror.vote = reference > 0.5
                 continue
-            alone = self.probability(features([juror.model_copy(update={"weight": 1.0}), base], question, agreement))
+            alone = self.probability(self.evidence_values([juror.model_copy(update={"weight": 1.0}), base],
+                                                          question, agreement))
             juror.vote = alone > reference if alone != reference else reference > 0.5
 
     def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
@@ -292,12 +306,25 @@ class Jury:
 
     def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
         """Aggregate the jurors' evidence into a calibrated verdict."""
-        values = features(jurors, question, agreement)
+        values = self.evidence_values(jurors, question, agreement)
         p_correct = self.probability(values)
         self.cast_votes(question, jurors, agreement)
         return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,
                        flagged=p_correct < self._threshold(), threshold=self._threshold(), jurors=jurors,
                        agreement=agreement, calibrator=self.calibrator_version, evidence=values)
+
+    def evidence_values(self, jurors: Sequence[JurorEvidence], question: str, agreement: bool | None
+                        ) -> dict[str, float]:
+        """:func:`features`, plus the truthfulness probe's logit when the calibrator has a probe."""
+        values = features(jurors, question, agreement)
+        probe = self.calibrator.probe if self.calibrator is not None else None
+        if probe is not None:
+            state = next(j.answer_state for j in jurors if j.expert == BASE_EXPERT)
+            if state is None:
+                raise MoseError(f"calibrator {self.calibrator.version} reads the base model's answer state at "
+                                f"layer {probe.layer}, and the evidence has none: score with state_layer={probe.layer}")
+            values[PROBE_FEATURE] = float(probe.logits(np.asarray(state))[0])
+        return values
 
     def probability(self, values: dict[str, float]) -> float:
         """Calibrated P(correct); without a calibrator, a logistic squash of the jury PMI."""
@@ -308,7 +335,7 @@ class Jury:
             raise MoseError(f"calibrator {self.calibrator.version} was fitted on evidence with "
                             f"adapters_read_question={fitted_with}, but this jury scores "
                             f"with {self.adapters_read_question}: drop the setting or train a calibrator with it")
-        return float(self.calibrator.predict(np.array([[values[f] for f in FEATURES]]))[0])
+        return float(self.calibrator.predict(np.array([[values[f] for f in self.calibrator.features]]))[0])
 
     def _threshold(self) -> float:
         return self.calibrator.threshold if self.calibrator is not None else 0.5

@@ -266,10 +266,12 @@ class ExpertPoolDeployment:
         async for piece in _stream_in_thread(self.pool.stream, request):
             yield piece
 
-    async def score(self, question: str, answer: str, experts: list[str], adapt_question: bool = True) -> list[Any]:
-        """Likelihood evidence of each expert about one answer (one batched pass)."""
+    async def score(self, question: str, answer: str, experts: list[str], adapt_question: bool = True,
+                    state_layer: int | None = None) -> list[Any]:
+        """Likelihood evidence of each expert about one answer (one batched pass); ``state_layer``:
+        with the base model's answer state, for the jury's truthfulness probe."""
         self.sync_experts()
-        return await asyncio.to_thread(self.pool.score, question, answer, experts, adapt_question)
+        return await asyncio.to_thread(self.pool.score, question, answer, experts, adapt_question, state_layer)
 
     def experts(self) -> list[str]:
         """Names this replica can serve ('base' included)."""
@@ -417,7 +419,7 @@ class CrossCheckDeployment:
         top_k = (await self.router.route.remote(question)).top_k if k > 0 and len(servable) > 1 else []
         jurors_wanted = select_jurors(top_k, servable, k)
         scores = await self.pool.score.remote(question, answer, [name for name, _ in jurors_wanted],
-                                              jury.adapters_read_question)
+                                              jury.adapters_read_question, jury.state_layer)
         jurors = await asyncio.to_thread(jury.weigh, jurors_wanted, scores)
         agreement = await self._agreement(question, answer, jurors) if own_answers else None
         return await asyncio.to_thread(lambda: jury.record(jury.verdict(question, answer, jurors, agreement)))

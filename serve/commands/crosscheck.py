@@ -30,6 +30,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "on crosscheck_dev). --no-answer-only-adapters: adapters read the question too. "
                             "The calibrator remembers it: eval, check and the server then score the same way "
                             "(default: answer only)")
+    train.add_argument("--probe-layer", type=int, default=20, metavar="N",
+                       help="the truthfulness probe reads the base model's hidden states after N layers, "
+                            "averaged over the answer; its logit joins the jury's evidence (default 20: "
+                            "where the demo experts' adapters begin, so it costs nothing)")
+    train.add_argument("--no-probe", dest="probe_layer", action="store_const", const=None,
+                       help="no truthfulness probe: the calibrator reads the jurors' likelihoods only")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
@@ -74,12 +80,13 @@ def run_train(args: argparse.Namespace) -> int:
     jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
     evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
                 if args.evidence else None)
+    config = CalibratorConfig(target_flag_precision=args.target_flag_precision, seed=args.seed,
+                              probe_layer=args.probe_layer)
     if evidence is None and args.save_evidence:
-        evidence = collect(jury, rows, args.k)
+        evidence = collect(jury, rows, args.k, state_layer=config.probe_layer)
+    calibrator = train(jury, rows, config, k=args.k, evidence=evidence)  # fills in missing answer states
     if args.save_evidence:
         save_evidence(evidence, args.save_evidence)
-    calibrator = train(jury, rows, CalibratorConfig(target_flag_precision=args.target_flag_precision,
-                                                    seed=args.seed), k=args.k, evidence=evidence)
     path = save_calibrator(calibrator, home.crosscheck_dir)
     summary = {"version": calibrator.version, "path": str(path), "method": calibrator.method,
                "threshold": calibrator.threshold, "metrics": calibrator.metrics,

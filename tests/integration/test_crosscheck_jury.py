@@ -136,6 +136,12 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert 0 <= report["ece_if_calibrated"]["mean"] <= report["ece_if_calibrated"]["p95"] <= 1
     assert all({"n", "auroc"} <= v.keys() for v in report["per_source"].values())
     assert report["n"] <= 2 * len(report["per_source"])  # --limit 2 per source
+    check = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "check", "What is 2 + 2?", "4",
+                            "--json", *env_home], capture_output=True, text=True, timeout=900)
+    assert check.returncode == 0, check.stderr[-2000:]
+    verdict = json.loads(check.stdout)
+    assert "base_probe" in verdict["evidence"]  # the calibrator's probe read the base model's state
+    assert all("answer_state" not in juror for juror in verdict["jurors"])
 
     # evidence saved by one training run refits the same calibrator without scoring again
     saved = tmp_path / "evidence.jsonl"
@@ -148,10 +154,32 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
     fits = [json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
             for out in (first, again)]
-    model = ("method", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "trained_on")
+    model = ("method", "features", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "probe", "trained_on")
     first, second = ({key: fit[key] for key in model} for fit in fits)
     assert first == second
+    assert first["features"][-1] == "base_probe" and first["probe"]["layer"] == 20  # the default probe
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
+
+    # evidence saved before the probe existed (no answer states) is completed, not refused
+    import numpy as np
+
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    stripped, refilled = tmp_path / "no-states.jsonl", tmp_path / "refilled.jsonl"
+    stripped.write_text("".join(json.dumps({**e, "answer_state": None, "state_layer": None}) + "\n" for e in lines))
+    fill = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                           "--limit", "5", "--seed", "3", "--json", "--evidence", str(stripped),
+                           "--save-evidence", str(refilled), *env_home], capture_output=True, text=True, timeout=900)
+    assert fill.returncode == 0, fill.stderr[-2000:]
+    assert "answer states (layer 20)" in fill.stderr
+    again_states = [json.loads(line) for line in refilled.read_text().splitlines()]
+    assert [e["state_layer"] for e in again_states] == [20] * len(lines)
+    assert np.allclose([e["answer_state"] for e in again_states], [e["answer_state"] for e in lines], atol=1e-3)
+    without = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                              "--limit", "5", "--seed", "3", "--json", "--evidence", str(stripped), "--no-probe",
+                              *env_home], capture_output=True, text=True, timeout=900)
+    assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
+    plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
+    assert plain["probe"] is None and "base_probe" not in plain["features"]
 
     from experts.calibrator import load_calibrator
     from experts.crosscheck import evaluate, load_rows

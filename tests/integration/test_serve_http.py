@@ -211,3 +211,36 @@ def test_metrics_count_what_was_sent(served):
     count = float(text.split('mose_requests_total{endpoint="chat",expert="med-expert",status="200"} ')[1].split()[0])
     assert count >= 3
     assert "mose_route_confidence_bucket" in text and "mose_expert_batch_size_count" in text
+
+
+def test_a_calibrator_with_a_truthfulness_probe_gets_the_base_models_state_through_ray(served):
+    """A calibrator trained while the server runs is picked up by the CrossCheck replica; its
+    probe then needs the base model's answer state, which the pool replica returns through the
+    Ray handle with the likelihoods (a calibrator fitted on random numbers: the plumbing is tested
+    here, its quality in the benchmarks)."""
+    import time
+
+    import numpy as np
+
+    from experts.calibrator import FEATURES, CalibratorConfig, fit_calibrator, save_calibrator
+    from registry.home import MoseHome
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 60)
+    calibrator = fit_calibrator(rng.normal(size=(60, len(FEATURES))), labels, CalibratorConfig(probe_layer=20),
+                                rng.normal(size=(60, 576)))  # SmolLM2-135M's hidden width
+    calibrator.trained_on["adapters_read_question"] = False
+    save_calibrator(calibrator, MoseHome.from_env(served.home).crosscheck_dir)
+    body = {"question": "What is the boiling point of water at sea level?", "answer": "100 degrees Celsius.", "k": 1}
+    deadline = time.monotonic() + 60
+    with served.client() as client:
+        while True:  # the replica looks for a new calibrator every few seconds, on a verdict
+            response = client.post("/v1/crosscheck", json=body)
+            assert response.status_code == 200, response.text
+            verdict = response.json()
+            if verdict["calibrator"] == calibrator.version or time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+    assert verdict["calibrator"] == calibrator.version
+    assert "base_probe" in verdict["evidence"] and 0.0 <= verdict["p_correct"] <= 1.0
+    assert all("answer_state" not in juror for juror in verdict["jurors"])

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experts.calibrator import FEATURES, CalibratorConfig, fit_calibrator, load_calibrator, save_calibrator
+from experts.calibrator import (
+    FEATURES,
+    CalibratorConfig,
+    fit_calibrator,
+    load_calibrator,
+    save_calibrator,
+)
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
 
@@ -210,7 +216,7 @@ def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
     """A vote says whether the juror's evidence raises P(correct) above the base model's alone,
     so what every juror shares (here: the answer's length) cancels."""
     from experts.calibrator import Calibrator
-    from experts.jury import Jury, JurorEvidence
+    from experts.jury import JurorEvidence, Jury
 
     def calibrator(weights: dict[str, float], intercept: float) -> Calibrator:
         return Calibrator(method="logistic", mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
@@ -227,3 +233,78 @@ def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
     Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes("Q?", jurors, None)
     assert [j.vote for j in jurors] == [False, False, False]  # length alone: all side with the base
+
+
+def _states(labels: np.ndarray, seed: int, width: int = 64) -> np.ndarray:
+    """Hidden states with a weak 'truth direction': a real but noisy signal among noisy dimensions."""
+    rng = np.random.default_rng(seed)
+    direction = np.random.default_rng(99).normal(size=width)
+    return rng.normal(size=(len(labels), width)) * 3.0 + np.outer(2 * labels - 1, direction) * 0.5
+
+
+def test_a_truthfulness_probe_adds_what_the_jurors_miss_and_survives_json(tmp_path):
+    """Jury features that carry nothing, states that carry the label: the probe's out-of-fold
+    logit becomes the calibrator's last column and separates unseen rows; the saved calibrator
+    predicts the same after reloading."""
+    from sklearn.metrics import roc_auc_score
+
+    from experts.calibrator import PROBE_FEATURE
+
+    rng = np.random.default_rng(0)
+    labels, test_labels = rng.integers(0, 2, 800), rng.integers(0, 2, 400)
+    x, test_x = rng.normal(size=(800, len(FEATURES))), rng.normal(size=(400, len(FEATURES)))
+    states, test_states = _states(labels, 1), _states(test_labels, 2)
+    without = fit_calibrator(x, labels)
+    with_probe = fit_calibrator(x, labels, CalibratorConfig(probe_layer=7), states)
+    assert without.probe is None and without.features == list(FEATURES)
+    assert with_probe.features == [*FEATURES, PROBE_FEATURE] and with_probe.probe.layer == 7
+    assert with_probe.probe.strength in CalibratorConfig().probe_strengths
+    inputs = np.column_stack([test_x, with_probe.probe.logits(test_states)])
+    p = with_probe.predict(inputs)
+    assert roc_auc_score(test_labels, p) > 0.8
+    assert roc_auc_score(test_labels, without.predict(test_x)) < 0.6
+    assert with_probe.metrics["probe_validation_auroc"] > 0.8
+
+    save_calibrator(with_probe, tmp_path)
+    assert np.allclose(load_calibrator(tmp_path).predict(inputs), p)
+    with pytest.raises(MoseError, match="the truthfulness probe reads 64-wide states, got 32"):
+        with_probe.probe.logits(test_states[:, :32])
+
+
+def test_evidence_without_answer_states_cannot_train_a_probe(tmp_path):
+    from experts.crosscheck import answer_states, load_evidence
+
+    rows, path = _saved_evidence(tmp_path)
+    evidence = load_evidence([path], rows, {"demo-law", "base"})
+    with pytest.raises(MoseError, match="2 of 2 rows of evidence have no base-model answer state at layer 20 "
+                       ".* collect them again, or train without the probe \\(--no-probe\\)"):
+        answer_states(evidence, 20)
+    for item in evidence:
+        item.answer_state, item.state_layer = [0.0, 1.0], 18
+    with pytest.raises(MoseError, match="2 of 2 rows .* at layer 20"):
+        answer_states(evidence, 20)
+    assert answer_states(evidence, 18).shape == (2, 2)
+
+
+def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_it():
+    from experts.calibrator import PROBE_FEATURE
+    from experts.jury import JurorEvidence, Jury
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 2, 200)
+    calibrator = fit_calibrator(rng.normal(size=(200, len(FEATURES))), labels, CalibratorConfig(probe_layer=20),
+                                _states(labels, 4))
+    jury = Jury(None, None, None, calibrator)
+    assert jury.state_layer == 20 and Jury(None, None, None).state_layer is None
+    state = _states(np.array([1]), 5)[0].tolist()
+    jurors = [JurorEvidence(expert=name, logp_given_question=-1.0, logp_without_question=-2.0, pmi=1.0,
+                            answer_tokens=3, answer_state=state if name == "base" else None)
+              for name in ("demo-law", "base")]
+    values = jury.evidence_values(jurors, "Question?", None)
+    assert values[PROBE_FEATURE] == pytest.approx(float(calibrator.probe.logits(np.array(state))[0]))
+    assert 0.0 <= jury.probability(values) <= 1.0
+    assert "answer_state" not in jurors[1].model_dump()  # verdicts do not carry the 576 numbers
+    jurors[1].answer_state = None
+    with pytest.raises(MoseError, match="reads the base model's answer state at layer 20, and the evidence has none"):
+        jury.evidence_values(jurors, "Question?", None)
+
