@@ -103,7 +103,7 @@ class CalibratorConfig(BaseModel):
     probe reads (:mod:`experts.probe`); None: no probe. On SmolLM2-135M layers 18-22 read best on
     the training rows' cross-validation; 20 is where the demo experts' adapters begin (free)."""
 
-    probe_strengths: tuple[float, ...] = (0.001, 0.003, 0.01)
+    probe_strengths: tuple[float, ...] = Field((0.001, 0.003, 0.01), min_length=1)
     """Inverse L2 strengths tried for the probe's logistic regression on its 576 standardised
     inputs (strong regularisation: a few thousand rows); the best by cross-validated log loss is kept."""
 

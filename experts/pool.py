@@ -476,6 +476,9 @@ class ExpertPool:
         each other; the layers no expert of a pass adapts run once per text (``shared_trunk``).
         """
         items = [(q, a, list(e) or [BASE_EXPERT]) for q, a, e in items]
+        depth = self._base.config.num_hidden_layers if self._base is not None else None
+        if state_layer is not None and depth is not None and not 0 <= state_layer <= depth:
+            raise MoseError(f"state_layer {state_layer} is outside the base model's layers (0-{depth})")
         for _, answer, experts in items:
             if not answer:
                 raise MoseError("cannot score an empty answer")

@@ -163,7 +163,7 @@ class TrunkScorer:
                 if key == BASE_ADAPTER:
                     states[i] = branch_states[r]
         results: list[list[Any]] = [[None] * len(row) for row in keys_per_text]
-        for r, ((key, i, j), total, count) in enumerate(zip(rows, sums.tolist(), row_lengths.tolist())):
+        for (key, i, j), total, count in zip(rows, sums.tolist(), row_lengths.tolist()):
             state = states[i] if states is not None and key == BASE_ADAPTER else None
             results[i][j] = (total, count, _answer_mean(state, count) if state is not None else None)
         return results

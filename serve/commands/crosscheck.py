@@ -74,14 +74,15 @@ def run_train(args: argparse.Namespace) -> int:
     from experts.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
                                     stratified_sample, train)
     from experts.jury import JuryConfig
+    from experts.types import validate
 
+    config = validate(CalibratorConfig, {"target_flag_precision": args.target_flag_precision, "seed": args.seed,
+                                         "probe_layer": args.probe_layer}, "calibrator settings")  # before any loading
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
     jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
     evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
                 if args.evidence else None)
-    config = CalibratorConfig(target_flag_precision=args.target_flag_precision, seed=args.seed,
-                              probe_layer=args.probe_layer)
     if evidence is None and args.save_evidence:
         evidence = collect(jury, rows, args.k, state_layer=config.probe_layer)
     calibrator = train(jury, rows, config, k=args.k, evidence=evidence)  # fills in missing answer states

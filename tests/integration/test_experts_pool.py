@@ -299,3 +299,5 @@ def test_base_answer_state_is_the_same_from_trunk_branch_and_full_pass(two_adapt
     base_states = [next(s.answer_state for s in row if s.expert == "base") for row in shared]
     assert not np.allclose(base_states[0], base_states[1], atol=1e-2)
     assert all(s.answer_state is None for row in pool.score_many(items, adapt_question) for s in row)
+    with pytest.raises(MoseError, match="state_layer 31 is outside the base model's layers \\(0-30\\)"):
+        pool.score_many(items, adapt_question, state_layer=31)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from registry.errors import MoseError
 from registry.home import MoseHome
 from serve import cli
@@ -77,3 +79,15 @@ def _with_handler(parser, handler):
         for sub in action.choices.values():
             sub.set_defaults(func=handler)
     return parser
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--probe-layer", "-1"], "probe_layer: Input should be greater than or equal to 0 (got -1)"),
+    (["--target-flag-precision", "2"], "target_flag_precision: Input should be less than or equal to 1 (got 2.0)"),
+])
+def test_bad_calibrator_settings_fail_before_anything_loads(tmp_path, capsys, flags, message):
+    home = tmp_path / "home"
+    code = cli.main(["crosscheck", "train", "--data", str(tmp_path / "missing.jsonl"), "--home", str(home), *flags])
+    assert code == 2
+    assert capsys.readouterr().err == f"error: invalid calibrator settings: {message}\n"
+    assert not home.exists()  # nothing was created or loaded
