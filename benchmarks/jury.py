@@ -7,7 +7,9 @@
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
 pass per juror and text), ours with adapters reading the question (shared trunk + cached prompt
 prefixes) and ours as by default, with answer-only adapters (the question read once, unadapted:
-other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call.
+other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call; every path keeps the
+base model's answer state for the calibrator's truthfulness probe, and the default path runs once
+more without it.
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* general-knowledge
@@ -67,10 +69,11 @@ def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: 
 
 # ---------------------------------------------------------------------------------------- speed
 
-SPEED_PATHS = {  # name -> (shared trunk, adapters read the question)
-    "plain": (False, True),
-    "ours, adapters read the question": (True, True),
-    "ours (default: answer-only adapters)": (True, False),
+SPEED_PATHS = {  # name -> (shared trunk, adapters read the question, the probe's answer state kept)
+    "plain": (False, True, True),
+    "ours, adapters read the question": (True, True, True),
+    "ours (default: answer-only adapters)": (True, False, True),
+    "ours, default, without the probe's state": (True, False, False),
 }
 CHUNKS = (1, 16, 48)  # items per call
 
@@ -81,11 +84,13 @@ def speed(args: argparse.Namespace) -> None:
     jury = open_home_jury(args.home)
     rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
     collect(jury, rows[:4], progress=False)  # warm-up: prefix caches, allocator
-    results = {}
+    results, calibrator = {}, jury.calibrator
     for _ in range(2):  # alternate, so drift on the machine hits every path alike
-        for path, (shared, reads_question) in SPEED_PATHS.items():
+        for path, (shared, reads_question, probe_state) in SPEED_PATHS.items():
             jury.pool.config.shared_trunk = shared
             jury.config.adapters_read_question = reads_question
+            # without a calibrator the jury asks for no answer state (what a probe-less calibrator does)
+            jury.calibrator = calibrator if probe_state else None
             for chunk in CHUNKS:
                 started = time.perf_counter()
                 collect(jury, rows, progress=False, chunk=chunk)
@@ -93,7 +98,8 @@ def speed(args: argparse.Namespace) -> None:
     best = {key: max(values) for key, values in results.items()}
     notes = {"plain": "a full forward pass per juror and text",
              "ours, adapters read the question": "shared trunk + cached prefixes",
-             "ours (default: answer-only adapters)": "+ the question through the upper layers once"}
+             "ours (default: answer-only adapters)": "+ the question through the upper layers once",
+             "ours, default, without the probe's state": "what the probe's layer-20 state costs"}
     table = []
     for path in SPEED_PATHS:
         for chunk in CHUNKS:
