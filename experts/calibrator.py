@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.probe import Probe, fit_probe
+from experts.probe import Probe, fit_probe, standardised_logistic
 from registry.artifacts import atomic_write
 from registry.errors import MoseError
 from router_model.calibration import choose_threshold, expected_calibration_error
@@ -101,7 +101,8 @@ class CalibratorConfig(BaseModel):
     probe_layer: int | None = Field(20, ge=0)
     """Layer of the base model whose hidden states, averaged over the answer, the truthfulness
     probe reads (:mod:`experts.probe`); None: no probe. On SmolLM2-135M layers 18-22 read best on
-    the training rows' cross-validation; 20 is where the demo experts' adapters begin (free)."""
+    the training rows' cross-validation; 20 is where the demo experts' adapters begin (the
+    shared trunk's output: no layer runs for it)."""
 
     probe_strengths: tuple[float, ...] = Field((0.001, 0.003, 0.01), min_length=1)
     """Inverse L2 strengths tried for the probe's logistic regression on its 576 standardised
@@ -209,13 +210,7 @@ def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
 
 def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrator:
     """L2-regularised logistic regression on standardised features."""
-    from sklearn.linear_model import LogisticRegression
-
-    mean, scale = x.mean(axis=0), x.std(axis=0)
-    scale[scale < 1e-9] = 1.0
-    model = LogisticRegression(C=strength, max_iter=5000).fit((x - mean) / scale, labels)
-    return Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=model.coef_[0].tolist(),
-                      intercept=float(model.intercept_[0]))
+    return Calibrator(method="logistic", **standardised_logistic(x, labels, strength))
 
 
 def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None,

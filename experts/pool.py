@@ -462,7 +462,7 @@ class ExpertPool:
         predicted; the question is read by the base model, once for all experts (faster on short
         answers; the scores differ, so evidence collected one way is not comparable to the other).
         ``state_layer``: the base model's score also carries its ``answer_state`` at that layer
-        (free when the layer is in the shared trunk).
+        (no layer runs for it when the layer is in the shared trunk).
         """
         return self.score_many([(question, answer, experts)], adapt_question, state_layer)[0]
 

@@ -10,7 +10,7 @@ of evidence for the calibrator (``base_probe``).
 
 On SmolLM2-135M, crosscheck_dev, the middle layers read best (layers 18-22 of 30 in a scan of
 6-30 on the training rows' cross-validation); layer 20 is where the demo experts' adapters begin,
-so the state comes out of the shared trunk at no extra cost.
+so the state is the shared trunk's own output: no layer runs for it.
 """
 
 from __future__ import annotations
@@ -46,14 +46,20 @@ class Probe(BaseModel):
         return ((states - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.coef) + self.intercept
 
 
-def _fit(states: np.ndarray, labels: np.ndarray, strength: float, layer: int) -> Probe:
+def standardised_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> dict[str, object]:
+    """L2-regularised logistic regression on standardised columns, as plain numbers: ``mean``,
+    ``scale``, ``coef``, ``intercept`` (the calibrator's logistic candidate fits the same way)."""
     from sklearn.linear_model import LogisticRegression
 
-    mean, scale = states.mean(axis=0), states.std(axis=0)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-9] = 1.0
-    model = LogisticRegression(C=strength, max_iter=5000).fit((states - mean) / scale, labels)
-    return Probe(layer=layer, mean=mean.tolist(), scale=scale.tolist(), coef=model.coef_[0].tolist(),
-                 intercept=float(model.intercept_[0]), strength=strength)
+    model = LogisticRegression(C=strength, max_iter=5000).fit((x - mean) / scale, labels)
+    return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": model.coef_[0].tolist(),
+            "intercept": float(model.intercept_[0])}
+
+
+def _fit(states: np.ndarray, labels: np.ndarray, strength: float, layer: int) -> Probe:
+    return Probe(layer=layer, strength=strength, **standardised_logistic(states, labels, strength))
 
 
 def fit_probe(states: np.ndarray, labels: np.ndarray, layer: int, strengths: Sequence[float],

@@ -33,7 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--probe-layer", type=int, default=20, metavar="N",
                        help="the truthfulness probe reads the base model's hidden states after N layers, "
                             "averaged over the answer; its logit joins the jury's evidence (default 20: "
-                            "where the demo experts' adapters begin, so it costs nothing)")
+                            "where the demo experts' adapters begin, so no layer runs for it)")
     train.add_argument("--no-probe", dest="probe_layer", action="store_const", const=None,
                        help="no truthfulness probe: the calibrator reads the jurors' likelihoods only")
     train.set_defaults(func=run_train)
