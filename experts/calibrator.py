@@ -158,6 +158,11 @@ class Calibrator(BaseModel):
     """Flag when P(correct) is below this."""
     probe: Probe | None = None
     """The truthfulness probe whose logit is the ``base_probe`` column (None: no such column)."""
+    voter: Calibrator | None = None
+    """With a probe: a calibrator without it, fitted on the same rows, for the jurors' votes. The
+    probe is the base model's and moves every juror's P(correct) alike, so beside it an expert's
+    own evidence barely moves P(correct) and votes would be close to coins (session 9: the
+    reputation benchmark's shuffled juror gained weight)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
@@ -177,6 +182,9 @@ class Calibrator(BaseModel):
             return _sigmoid(logits)
         score = x[:, self.features.index("jury_pmi")]
         return np.interp(score, np.asarray(self.iso_x), np.asarray(self.iso_y))
+
+
+Calibrator.model_rebuild()
 
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -251,6 +259,8 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     chosen = min(losses, key=losses.get)
     best = candidates[chosen](x, labels)
     best.features, best.probe = names, probe
+    if probe is not None:
+        best.voter = fit_calibrator(x[:, : len(FEATURES)], labels, config)
 
     p_oof = out_of_fold[chosen]
     flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,

@@ -245,19 +245,22 @@ class Jury:
         own contribution; what every juror shares (the answer's length, the base model) moves
         both sides alike and cancels. An expert that changes nothing sides with the reference;
         the base model votes P(correct) > 0.5. Feedback credits the jurors whose vote matched
-        the truth. Without a calibrator: PMI > 0."""
+        the truth. Without a calibrator: PMI > 0. With a truthfulness probe, the experts' votes
+        are read by the calibrator's probe-less ``voter``, fitted on the same rows."""
         base = next(j for j in jurors if j.expert == BASE_EXPERT)
         if self.calibrator is None:
             for juror in jurors:
                 juror.vote = juror.pmi > 0
             return
-        reference = self.probability(self.evidence_values([base], question, agreement))
+        voter = self.calibrator.voter or self.calibrator  # without the probe every juror shares
+        base_values = self.evidence_values([base], question, agreement)
+        reference = self.probability(base_values, voter)
         for juror in jurors:
             if juror is base:
-                juror.vote = reference > 0.5
+                juror.vote = self.probability(base_values) > 0.5  # the probe is the base model's own
                 continue
             alone = self.probability(self.evidence_values([juror.model_copy(update={"weight": 1.0}), base],
-                                                          question, agreement))
+                                                          question, agreement), voter)
             juror.vote = alone > reference if alone != reference else reference > 0.5
 
     def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
@@ -326,16 +329,18 @@ class Jury:
             values[PROBE_FEATURE] = float(probe.logits(np.asarray(state))[0])
         return values
 
-    def probability(self, values: dict[str, float]) -> float:
-        """Calibrated P(correct); without a calibrator, a logistic squash of the jury PMI."""
+    def probability(self, values: dict[str, float], model: Calibrator | None = None) -> float:
+        """Calibrated P(correct) (by ``model``, default the calibrator); without a calibrator, a
+        logistic squash of the jury PMI."""
         if self.calibrator is None:
             return float(1.0 / (1.0 + math.exp(-values["jury_pmi"])))
+        model = model or self.calibrator
         fitted_with = calibrated_reading(self.calibrator)
         if fitted_with != self.adapters_read_question:
             raise MoseError(f"calibrator {self.calibrator.version} was fitted on evidence with "
                             f"adapters_read_question={fitted_with}, but this jury scores "
                             f"with {self.adapters_read_question}: drop the setting or train a calibrator with it")
-        return float(self.calibrator.predict(np.array([[values[f] for f in self.calibrator.features]]))[0])
+        return float(model.predict(np.array([[values[f] for f in model.features]]))[0])
 
     def _threshold(self) -> float:
         return self.calibrator.threshold if self.calibrator is not None else 0.5

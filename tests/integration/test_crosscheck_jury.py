@@ -154,10 +154,12 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
     fits = [json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
             for out in (first, again)]
-    model = ("method", "features", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "probe", "trained_on")
+    model = ("method", "features", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "probe", "voter",
+             "trained_on")
     first, second = ({key: fit[key] for key in model} for fit in fits)
     assert first == second
     assert first["features"][-1] == "base_probe" and first["probe"]["layer"] == 20  # the default probe
+    assert first["voter"]["probe"] is None  # the experts' votes are read without it
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
 
     # evidence saved before the probe existed (no answer states) is completed, not refused

@@ -287,7 +287,7 @@ def test_evidence_without_answer_states_cannot_train_a_probe(tmp_path):
 
 
 def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_it():
-    from experts.calibrator import PROBE_FEATURE
+    from experts.calibrator import PROBE_FEATURE, Calibrator
     from experts.jury import JurorEvidence, Jury
 
     rng = np.random.default_rng(3)
@@ -304,6 +304,15 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
     assert values[PROBE_FEATURE] == pytest.approx(float(calibrator.probe.logits(np.array(state))[0]))
     assert 0.0 <= jury.probability(values) <= 1.0
     assert "answer_state" not in jurors[1].model_dump()  # verdicts do not carry the 576 numbers
+    # votes: the experts' by the probe-less voter fitted on the same rows, the base model's with its probe
+    assert calibrator.voter.probe is None and calibrator.voter.features == list(FEATURES)
+    assert Calibrator.model_validate_json(calibrator.model_dump_json()).voter == calibrator.voter
+    jury.cast_votes("Question?", jurors, None)
+    alone = jury.probability(jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]],
+                                                  "Question?", None), calibrator.voter)
+    reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", None), calibrator.voter)
+    assert jurors[0].vote == (alone > reference if alone != reference else reference > 0.5)
+    assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", None)) > 0.5)
     jurors[1].answer_state = None
     with pytest.raises(MoseError, match="reads the base model's answer state at layer 20, and the evidence has none"):
         jury.evidence_values(jurors, "Question?", None)
