@@ -259,8 +259,6 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     chosen = min(losses, key=losses.get)
     best = candidates[chosen](x, labels)
     best.features, best.probe = names, probe
-    if probe is not None:
-        best.voter = fit_calibrator(x[:, : len(FEATURES)], labels, config)
 
     p_oof = out_of_fold[chosen]
     flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,
@@ -277,6 +275,7 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     }
     if probe is not None:
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
+        best.voter = fit_calibrator(x[:, : len(FEATURES)], labels, config)
     best.trained_on = {"candidate": chosen}
     return best
 

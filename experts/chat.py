@@ -106,8 +106,14 @@ def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
     if state_layer is None:
         return sums, counts
     hidden = out.hidden_states[state_layer][:, :-1]  # the last position predicts nothing scored
-    states = [hidden[i, hidden.shape[1] - p.answer_len:].float().mean(dim=0) for i, p in enumerate(pairs)]
-    return sums, counts, states
+    return sums, counts, [answer_mean(hidden[i], p.answer_len) for i, p in enumerate(pairs)]
+
+
+def answer_mean(state: Any, count: int) -> Any:
+    """Mean of the last ``count`` columns of one row's [width, hidden] states: the positions that
+    predict its answer tokens (rows are left-padded and end where their answer ends). The one
+    pooling of the answer state, on every scoring path."""
+    return state[-count:].float().mean(dim=0)
 
 
 def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):

@@ -69,6 +69,9 @@ class RowEvidence(BaseModel):
     answer_state: list[float] | None = None
     """The base model's mean hidden state over the answer, for the truthfulness probe."""
 
+    def has_state(self, layer: int) -> bool:
+        return self.answer_state is not None and self.state_layer == layer
+
 
 def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
     """(line number, line) of each non-blank line; a file that cannot be read is a MoseError."""
@@ -171,7 +174,7 @@ def matrix(evidence: Sequence[RowEvidence]) -> np.ndarray:
 def answer_states(evidence: Sequence[RowEvidence], layer: int) -> np.ndarray:
     """The base model's answer states at ``layer``, one row per item; a clear error when some
     evidence was collected without them (or at another layer)."""
-    missing = sum(e.answer_state is None or e.state_layer != layer for e in evidence)
+    missing = sum(not e.has_state(layer) for e in evidence)
     if missing:
         raise MoseError(f"{missing} of {len(evidence)} rows of evidence have no base-model answer state at layer "
                         f"{layer} (collected without one, or at another layer): collect them again, or train "
@@ -185,7 +188,7 @@ def fill_answer_states(jury: Jury, evidence: Sequence[RowEvidence], layer: int, 
     existed, or at another layer) that state, in place: the base model alone scores each such
     row (on crosscheck_dev's long answers about two thirds of the time of scoring the jury again:
     the vocabulary-wide log-softmax over every answer token is most of it). Returns the rows filled."""
-    todo = [e for e in evidence if e.answer_state is None or e.state_layer != layer]
+    todo = [e for e in evidence if not e.has_state(layer)]
     bar = tqdm(total=len(todo), desc=f"answer states (layer {layer})", unit="row",
                disable=not progress or not todo, file=sys.stderr)
     for start in range(0, len(todo), chunk):

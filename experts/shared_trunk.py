@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experts import batched_lora
-from experts.chat import BASE_ADAPTER, EncodedPair, left_pad
+from experts.chat import BASE_ADAPTER, EncodedPair, answer_mean, left_pad
 
 _PARTS = ("embed_tokens", "layers", "rotary_emb", "norm")
 _PREFIX_CACHE_ENTRIES = 256
@@ -56,12 +56,6 @@ def _run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Se
         if done == capture:
             captured = hidden
     return hidden, captured
-
-
-def _answer_mean(state: Any, count: int) -> Any:
-    """Mean of the last ``count`` columns of one row's [width, hidden] states: the positions that
-    predict its answer tokens (rows are left-padded and end where their answer ends)."""
-    return state[-count:].float().mean(dim=0)
 
 
 def shared_prefix_length(texts: Sequence[EncodedPair], prefix: Sequence[int]) -> int:
@@ -165,7 +159,7 @@ class TrunkScorer:
         results: list[list[Any]] = [[None] * len(row) for row in keys_per_text]
         for (key, i, j), total, count in zip(rows, sums.tolist(), row_lengths.tolist()):
             state = states[i] if states is not None and key == BASE_ADAPTER else None
-            results[i][j] = (total, count, _answer_mean(state, count) if state is not None else None)
+            results[i][j] = (total, count, answer_mean(state, count) if state is not None else None)
         return results
 
     def _unadapted_context(self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any,
