@@ -111,8 +111,9 @@ def child_pool(quantization: str, new_tokens: int, adapters: int) -> dict:
     torch.cuda.synchronize()
     seq_s = time.perf_counter() - started
     progress(f"{quantization}: {BATCH} requests one by one in {seq_s:.1f} s")
-    scoring = {f"score_items_s_{name}": jury_scoring_speed(pool, shared) for name, shared in (("plain", False),
-                                                                                          ("trunk", True))}
+    scoring = {f"score_items_s_{name}": jury_scoring_speed(pool, shared, **kwargs)
+               for name, shared, kwargs in (("plain", False, {}), ("trunk", True, {}),
+                                            ("default", True, {"adapt_question": False, "state_layer": 20}))}
     return {**scoring, "quantization": quantization, "base_mib": base / MIB, "adapters_mib": (with_adapters - base) / MIB,
             "adapters": adapters,
             "per_adapter_mib": (with_adapters - base) / MIB / adapters, "batch_peak_mib": peak / MIB,
@@ -121,9 +122,11 @@ def child_pool(quantization: str, new_tokens: int, adapters: int) -> dict:
             "device": torch.cuda.get_device_name(0)}
 
 
-def jury_scoring_speed(pool, shared_trunk: bool, items: int = 512, jurors: int = 3) -> float:
+def jury_scoring_speed(pool, shared_trunk: bool, items: int = 512, jurors: int = 3, adapt_question: bool = True,
+                       state_layer: int | None = None) -> float:
     """Items/s of the jury's evidence (base + ``jurors`` experts, each answer with and without its
-    question, in one ``score_many`` call): shared trunk or one full pass per expert."""
+    question, in one ``score_many`` call): shared trunk or one full pass per expert; the jury's
+    default reads answer-only adapters and keeps the probe's answer state (``state_layer``)."""
     import torch
 
     from benchmarks.experts import QUESTIONS
@@ -135,10 +138,10 @@ def jury_scoring_speed(pool, shared_trunk: bool, items: int = 512, jurors: int =
               ["base", *dict.fromkeys(loras[(i + j) % len(loras)] for j in range(jurors))]) for i in range(items)]
     pool.config.shared_trunk = pool.config.batched_lora = shared_trunk
     try:
-        pool.score_many(batch[:4])  # warm-up
+        pool.score_many(batch[:4], adapt_question, state_layer)  # warm-up
         torch.cuda.synchronize()
         started = time.perf_counter()
-        pool.score_many(batch)
+        pool.score_many(batch, adapt_question, state_layer)
         torch.cuda.synchronize()
         return items / (time.perf_counter() - started)
     finally:
@@ -195,6 +198,9 @@ def report(pools: list[dict], full: dict) -> list[tuple[str, str, str]]:
         rows.append((f"{q} jury evidence, 512 items, base + 3 experts, shared trunk", f"{res['score_items_s_trunk']:.0f} items/s",
                      (f"{res['score_items_s_trunk'] / res['score_items_s_plain']:.1f}x one full pass per expert "
                       f"({res['score_items_s_plain']:.0f} items/s)")))
+        rows.append((f"{q} jury evidence, same, answer-only adapters + probe state (the jury's default)",
+                     f"{res['score_items_s_default']:.0f} items/s",
+                     f"{res['score_items_s_default'] / res['score_items_s_plain']:.1f}x one full pass per expert"))
     four = next(r for r in pools if r["quantization"] == "4bit")
     lora = experts_per_gpu(four["total_mib"], four["base_mib"], four["batch_peak_mib"], four["per_adapter_mib"])
     whole = experts_per_gpu(four["total_mib"], 0.0, four["batch_peak_mib"], full["per_copy_mib"])

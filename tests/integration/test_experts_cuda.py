@@ -97,3 +97,36 @@ def test_shared_trunk_scoring_runs_on_cuda_and_matches_full_passes(cuda_base, qu
     print(f"{quantization} adapt_question={adapt_question}: largest gap {max(gaps):.4f}, adapter effect {effect:.3f}")
     assert max(gaps) < 0.02 and effect > 3 * max(gaps)
     assert all(torch.isfinite(torch.tensor(row)).all() for row in trunk)
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit"])
+@pytest.mark.parametrize("layer", [8, 20])
+def test_base_answer_state_on_cuda_matches_full_pass(cuda_base, quantization, layer):
+    """The truthfulness probe's input on the GPU: the base model's mean hidden state over the
+    answer, read in the shared trunk (layer 8, below the adapters' first layer 10) or in the base
+    row of the branch (layer 20), agrees with a plain pass with output_hidden_states to bf16
+    precision, comes back as finite floats, and differs between answers by far more than that."""
+    import numpy as np
+
+    from experts.policy import DevicePolicy
+    from experts.pool import ExpertPool, PoolConfig
+
+    pool = ExpertPool(PoolConfig(policy=DevicePolicy(device="cuda", base_quantization=quantization)))
+    pool.add_adapter("strong", *random_lora(3, scale=0.9, layers=range(10, 30)))
+    items = [("What is the capital of France?", "Paris.", ["strong", "base"]),
+             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
+              ["base", "strong"])]
+    shared = pool.score_many(items, False, state_layer=layer)
+    pool.config.shared_trunk, pool.config.batched_lora = False, False
+    full = pool.score_many(items, False, state_layer=layer)
+    states, gaps = [], []
+    for row_shared, row_full in zip(shared, full):
+        base_shared = np.asarray(next(s.answer_state for s in row_shared if s.expert == "base"))
+        base_full = np.asarray(next(s.answer_state for s in row_full if s.expert == "base"))
+        assert all(s.answer_state is None for s in row_shared if s.expert != "base")
+        assert base_shared.shape == (pool._base.config.hidden_size,) and np.isfinite(base_shared).all()
+        gaps.append(np.linalg.norm(base_shared - base_full) / np.linalg.norm(base_full))
+        states.append(base_shared)
+    between = np.linalg.norm(states[0] - states[1]) / np.linalg.norm(states[0])
+    print(f"{quantization} layer {layer}: relative gap {max(gaps):.4f}, between answers {between:.3f}")
+    assert max(gaps) < 0.03 and between > 5 * max(gaps)
