@@ -534,15 +534,17 @@ class ExpertPool:
         texts = sorted(texts, key=lambda text: (text[0][1], len(text[1].input_ids)))
         budget = self.config.score_batch_tokens or _SCORE_BATCH_TOKENS.get(self.device, _SCORE_BATCH_TOKENS["cpu"])
         batch: list[tuple] = []
-        rows = tokens = 0
+        rows = tokens = widest = 0
         for text in texts:
-            width, fan_out = len(text[1].input_ids), len(text[2])  # sorted: the newest text is the longest
-            padded = (rows + fan_out) * width
+            width, fan_out = len(text[1].input_ids), len(text[2])
+            # sorted by length within each kind: the first texts with their question can be
+            # shorter than the last ones without
+            padded = (rows + fan_out) * max(widest, width)
             if batch and (padded > budget or padded > 1.25 * (tokens + fan_out * width)):
                 yield batch
-                batch, rows, tokens = [], 0, 0
+                batch, rows, tokens, widest = [], 0, 0, 0
             batch.append(text)
-            rows, tokens = rows + fan_out, tokens + fan_out * width
+            rows, tokens, widest = rows + fan_out, tokens + fan_out * width, max(widest, width)
         if batch:
             yield batch
 
