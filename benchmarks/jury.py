@@ -9,7 +9,8 @@ pass per juror and text), ours with adapters reading the question (shared trunk 
 prefixes) and ours as by default, with answer-only adapters (the question read once, unadapted:
 other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call; every path keeps the
 base model's answer state for the calibrator's truthfulness probe, and the default path runs once
-more without it.
+more without it. The pool reuses freed memory (``experts.policy.reuse_freed_memory``);
+``--glibc-allocator`` runs every path without it.
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* general-knowledge
@@ -79,8 +80,11 @@ CHUNKS = (1, 16, 48)  # items per call
 
 
 def speed(args: argparse.Namespace) -> None:
+    from experts import policy
     from experts.crosscheck import collect
 
+    if args.glibc_allocator:  # the baseline of policy.reuse_freed_memory, which acts process-wide
+        policy.reuse_freed_memory = lambda: False
     jury = open_home_jury(args.home)
     rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
     collect(jury, rows[:4], progress=False)  # warm-up: prefix caches, allocator
@@ -107,7 +111,8 @@ def speed(args: argparse.Namespace) -> None:
             note = notes[path] if chunk == 1 else None
             calls = "one item per call" if chunk == 1 else f"{chunk} items per call"
             table.append((f"{path}, {calls}", f"{best[(path, chunk)]:.2f}", "; ".join(filter(None, (speedup, note)))))
-    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2)", table)
+    allocator = "glibc's default allocator" if args.glibc_allocator else "freed memory reused (the default)"
+    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}", table)
 
 
 # ----------------------------------------------------------------------------------- reputation
@@ -237,6 +242,9 @@ def main() -> None:
     fast = sub.add_parser("speed", help="evidence items/s, plain vs shared trunk")
     fast.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     fast.add_argument("--items", type=int, default=48, help="short-answer rows (split over 3 sources)")
+    fast.add_argument("--glibc-allocator", action="store_true",
+                      help="leave glibc's allocator as it is instead of reusing freed memory (the pool's default): "
+                           "the baseline, which one process cannot run beside it")
     bad = sub.add_parser("reputation", help="a bad juror, feedback, and the jury's AUROC")
     bad.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 THREADS_ENV = "MOSE_CPU_THREADS"
 Quantization = Literal["none", "8bit", "4bit"]
+REUSE_LIMIT_BYTES = 32 << 20
+"""Freed blocks up to this size are kept for reuse (glibc's largest mmap threshold)."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's malloc.h
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,13 @@ class DevicePolicy(BaseModel):
         description="torch intra-op threads on CPU (default $MOSE_CPU_THREADS, else torch's default). "
                     "On a CPU shared with other busy processes, 1 thread can be several times faster "
                     "than 2: parallel regions wait for the slowest thread.")
+    cpu_reuse_freed_memory: bool = Field(
+        default=True,
+        description="On CPU with glibc: keep freed blocks up to 32 MB in the process for reuse instead of "
+                    "handing them back to the OS at once. Scoring allocates and frees tens of MB per layer, "
+                    "and memory fresh from the OS is paid for again page by page (measured on 2 cores: the "
+                    "jury's evidence 7-13 % faster at 16-48 items per call). The process's RSS then stays "
+                    "near its peak.")
 
     def resolve_device(self) -> str:
         import torch
@@ -71,6 +81,8 @@ class DevicePolicy(BaseModel):
         if device == "cpu":
             if self.cpu_threads:
                 torch.set_num_threads(self.cpu_threads)
+            if self.cpu_reuse_freed_memory:
+                reuse_freed_memory()
             return LoadPlan(device="cpu", dtype=torch.float32, quantization="none")
         compute = getattr(torch, self.cuda_dtype)
         if quantization == "none":
@@ -80,6 +92,24 @@ class DevicePolicy(BaseModel):
 
     def base_plan(self) -> LoadPlan:
         return self.plan(self.base_quantization)
+
+
+def reuse_freed_memory(limit_bytes: int = REUSE_LIMIT_BYTES) -> bool:
+    """Ask glibc's allocator (process-wide) to serve blocks up to ``limit_bytes`` from its heap and
+    to keep freed memory instead of trimming it; True when it took both settings, False where
+    the C library is not glibc. By default glibc maps large blocks fresh from the OS and unmaps
+    them when freed, so a forward pass that frees and re-allocates its activations takes a page
+    fault for every 4 KiB of them, every time."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, limit_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def bnb_config(quantization: Quantization, compute_dtype: Any):

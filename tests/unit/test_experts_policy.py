@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -30,6 +35,47 @@ def test_threads_come_from_the_environment(monkeypatch):
     assert DevicePolicy().cpu_threads == 1
     monkeypatch.delenv("MOSE_CPU_THREADS")
     assert DevicePolicy().cpu_threads is None
+
+
+_MAPPED_BY_A_16MB_BLOCK = """
+import ctypes, sys
+from experts.policy import reuse_freed_memory
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype, libc.malloc.restype = MallInfo2, ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_size_t], [ctypes.c_void_p]
+if sys.argv[1] == "reuse":
+    assert reuse_freed_memory()
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(16 << 20)
+print(libc.mallinfo2().hblkhd - before)
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's allocator")
+def test_reuse_freed_memory_serves_large_blocks_from_the_heap():
+    """By default glibc maps a 16 MB block fresh from the OS (paid for again page by page each
+    time); after reuse_freed_memory it comes from the heap, where freed memory is kept."""
+    def mapped(mode: str) -> int:
+        run = subprocess.run([sys.executable, "-c", _MAPPED_BY_A_16MB_BLOCK, mode], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[2], check=True)
+        return int(run.stdout)
+
+    assert mapped("default") >= 16 << 20
+    assert mapped("reuse") == 0
+
+
+def test_cpu_plan_reuses_freed_memory_unless_told_not_to(monkeypatch):
+    import experts.policy
+
+    calls = []
+    monkeypatch.setattr(experts.policy, "reuse_freed_memory", lambda: calls.append(True) or True)
+    DevicePolicy(device="cpu").plan()
+    DevicePolicy(device="cpu", cpu_reuse_freed_memory=False).plan()
+    assert calls == [True]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
