@@ -117,15 +117,9 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
     # cached prefixes: the chat template's fixed start (texts with their question) and the whole
     # prompt less its last token (texts without: used when they have a pass to themselves, here
     # a pass of 64 tokens holds one text), each used, and the scores unchanged
-    pool.config.score_batch_tokens = 64
-    try:
-        alone = pool.score_many(items)
-    finally:
-        pool.config.score_batch_tokens = None
-    for row_alone, row_full in zip(alone, full):
-        for a, f in zip(row_alone, row_full):
-            assert (a.logp_given_question, a.logp_without_question) == \
-                pytest.approx((f.logp_given_question, f.logp_without_question), abs=1e-4)
+    alone = flat_scores(pool, items, score_batch_tokens=64)
+    assert alone == [pytest.approx([v for s in row for v in (s.logp_given_question, s.logp_without_question)],
+                                   abs=1e-4) for row in full]
     template, unconditional = sorted(scorer.prefixes, key=len)
     assert pool.tokenizer.decode(template).startswith("<|im_start|>system") and len(template) > 20
     assert unconditional[:len(template)] == template
