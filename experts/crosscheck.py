@@ -298,8 +298,10 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
     return calibrator
 
 
-def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """The contract JSON of ``mose crosscheck eval`` on rows the calibrator never saw."""
+def evaluation_evidence(jury: Jury, rows: Sequence[CheckRow], k: int | None = None,
+                        progress: bool = True) -> list[RowEvidence]:
+    """The jury's evidence on the rows of ``rows`` the calibrator never saw, with the calibrator's
+    best single expert scoring beside the jury (a baseline of :func:`evaluate`)."""
     if jury.calibrator is None:
         raise MoseError("evaluation needs a trained calibrator: run `mose crosscheck train` first")
     seen = set(jury.calibrator.trained_on.get("row_digests", []))
@@ -307,7 +309,28 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
     if not rows:
         raise MoseError("every row given was used to train the calibrator: evaluate on other rows")
     best = jury.calibrator.trained_on.get("best_single_expert")
-    evidence = collect(jury, rows, k, extra=[best] if best else [], progress=progress)
+    return collect(jury, rows, k, extra=[best] if best else [], progress=progress)
+
+
+def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True,
+             evidence: Sequence[RowEvidence] | None = None) -> dict[str, Any]:
+    """The contract JSON of ``mose crosscheck eval`` on rows the calibrator never saw.
+
+    ``evidence``: :func:`evaluation_evidence` of ``rows``, collected earlier (saved and loaded
+    again, to evaluate another calibrator on the same draw); else it is collected here.
+    """
+    if evidence is None:
+        evidence = evaluation_evidence(jury, rows, k, progress)
+    elif jury.calibrator is None:
+        raise MoseError("evaluation needs a trained calibrator: run `mose crosscheck train` first")
+    seen = set(jury.calibrator.trained_on.get("row_digests", []))
+    evidence = [e for e in evidence if e.row.digest() not in seen]
+    if not evidence:
+        raise MoseError("every row of the saved evidence was used to train the calibrator: evaluate on other rows")
+    best = jury.calibrator.trained_on.get("best_single_expert")
+    if best and any(all(j.expert != best for j in e.jurors) for e in evidence):
+        raise MoseError(f"the saved evidence has no scores from {best}, this calibrator's best single expert "
+                        "(saved by `train`, or under another calibrator): evaluate without --evidence")
     labels = np.array([e.row.label for e in evidence])
     x = matrix(evidence)
     p = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))

@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                   description="Evaluate the jury on rows the calibrator never saw; prints one "
                                   "JSON object with --json.")
     _data_flags(evaluate)
+    evaluate.add_argument("--evidence", action="append", default=[], metavar="FILE",
+                          help="reuse jury evidence saved earlier by eval --save-evidence (same rows, experts "
+                               "and --k) instead of scoring again, e.g. to evaluate a newly trained calibrator "
+                               "on the same draw; seconds_per_item is then the saved run's (repeatable)")
+    evaluate.add_argument("--save-evidence", metavar="FILE", default=None,
+                          help="also write the jury evidence of the rows evaluated, as JSONL, for a later --evidence")
     evaluate.set_defaults(func=run_eval)
 
     check = actions.add_parser("check", help="the jury's verdict on one question/answer pair")
@@ -99,13 +105,18 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from experts.crosscheck import dumps, evaluate, load_rows, open_jury, stratified_sample
+    from experts.crosscheck import (dumps, evaluate, evaluation_evidence, load_evidence, load_rows, open_jury,
+                                    save_evidence, stratified_sample)
 
     home = home_of(args)
     jury = open_jury(home, require_calibrator=True)
     seen = set(jury.calibrator.trained_on.get("row_digests", []))
-    unseen = [r for r in load_rows(args.data) if r.digest() not in seen]
-    report = evaluate(jury, stratified_sample(unseen, args.limit, args.seed), k=args.k, progress=not args.json)
+    rows = stratified_sample([r for r in load_rows(args.data) if r.digest() not in seen], args.limit, args.seed)
+    evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
+                if args.evidence else evaluation_evidence(jury, rows, args.k, progress=not args.json))
+    report = evaluate(jury, rows, evidence=evidence)
+    if args.save_evidence:
+        save_evidence(evidence, args.save_evidence)
     if args.json:
         print(dumps(report))
     else:

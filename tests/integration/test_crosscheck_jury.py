@@ -126,10 +126,18 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
                             "--limit", "5", "--json", *env_home], capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads(train.stdout)["version"].startswith("v")
+    eval_evidence = tmp_path / "eval-evidence.jsonl"
     run = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
-                          "--limit", "2", "--json", *env_home], capture_output=True, text=True, timeout=900)
+                          "--limit", "2", "--json", "--save-evidence", str(eval_evidence), *env_home],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # exactly one JSON object on stdout
+    reused = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
+                             "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
+                            capture_output=True, text=True, timeout=900)
+    assert reused.returncode == 0, reused.stderr[-2000:]
+    assert json.loads(reused.stdout) == report  # the same draw, figures and saved timings, without scoring
+    assert "cross-check evidence" not in reused.stderr
     assert {"n", "auroc", "auprc", "ece", "flag_precision", "flag_recall", "per_source", "baselines",
             "seconds_per_item"} <= report.keys()
     assert {"base_model_pmi", "best_single_expert", "jury_uncalibrated"} <= report["baselines"].keys()
@@ -182,6 +190,13 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
+
+    # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
+    stale = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
+                            "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
+                           capture_output=True, text=True, timeout=900)
+    assert stale.returncode != 0 and "have no saved evidence" in stale.stderr, stale.stderr[-2000:]
+    assert stale.stdout == "" and len(eval_evidence.read_text().splitlines()) == report["n"]
 
     from experts.calibrator import load_calibrator
     from experts.crosscheck import evaluate, load_rows
