@@ -108,6 +108,17 @@ class CalibratorConfig(BaseModel):
     """Inverse L2 strengths tried for the probe's logistic regression on its 576 standardised
     inputs (strong regularisation: a few thousand rows); the best by cross-validated log loss is kept."""
 
+    probe_average_folds: bool = False
+    """The probe kept is the mean of its cross-validation folds' probes (whose out-of-fold logits
+    the calibrator learnt from) instead of a refit on every row, which reads new rows more sharply
+    than the calibrator expects."""
+
+    recalibrate: bool = False
+    """Platt scaling after the chosen candidate: a logistic fit of the labels on its out-of-fold
+    log-odds (slope, offset), applied to the refitted candidate, as scikit-learn's
+    ``CalibratedClassifierCV(method="sigmoid", ensemble=False)``. Corrects a fitting procedure that
+    is systematically over- or under-confident on rows it did not see."""
+
 
 class Tree(BaseModel):
     """One regression tree in flat arrays (scikit-learn's layout): node ``i`` splits on
@@ -156,6 +167,8 @@ class Calibrator(BaseModel):
     learning_rate: float = 0.0
     threshold: float = 0.5
     """Flag when P(correct) is below this."""
+    recalibration: tuple[float, float] | None = None
+    """Platt scaling (slope, offset) applied to the candidate's log-odds (None: none)."""
     probe: Probe | None = None
     """The truthfulness probe whose logit is the ``base_probe`` column (None: no such column)."""
     voter: Calibrator | None = None
@@ -170,7 +183,13 @@ class Calibrator(BaseModel):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """P(correct) for each row of the feature matrix ``x`` (columns in :attr:`features` order)."""
-        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        p = self._candidate_predict(np.atleast_2d(np.asarray(x, dtype=np.float64)))
+        if self.recalibration is None:
+            return p
+        slope, offset = self.recalibration
+        return _sigmoid(slope * _logit(p) + offset)
+
+    def _candidate_predict(self, x: np.ndarray) -> np.ndarray:
         if self.method == "logistic":
             z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
             logits = z @ np.asarray(self.coef) + self.intercept
@@ -189,6 +208,20 @@ Calibrator.model_rebuild()
 
 def _sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(logits, -40, 40)))
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-12, 1 - 1e-12)
+    return np.log(p / (1 - p))
+
+
+def fit_platt(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(slope, offset) of Platt scaling: unregularised logistic regression of ``labels`` on the
+    log-odds of ``p``."""
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(_logit(p)[:, None], labels)
+    return float(model.coef_[0, 0]), float(model.intercept_[0])
 
 
 TREE_FEATURES: tuple[str, ...] = EVIDENCE_FEATURES + FORMAT_FEATURES
@@ -243,7 +276,8 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     if states is not None:
         if config.probe_layer is None:
             raise MoseError("answer states were given but probe_layer is None")
-        probe, probe_logits = fit_probe(states, labels, config.probe_layer, config.probe_strengths, folds, config.seed)
+        probe, probe_logits = fit_probe(states, labels, config.probe_layer, config.probe_strengths, folds,
+                                        config.seed, config.probe_average_folds)
         x, names = np.column_stack([x, probe_logits]), names + [PROBE_FEATURE]
     pmi = FEATURES.index("jury_pmi")
     candidates = {f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation}
@@ -261,6 +295,11 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     best.features, best.probe = names, probe
 
     p_oof = out_of_fold[chosen]
+    recalibrated_loss = None
+    if config.recalibrate:
+        best.recalibration = fit_platt(p_oof, labels)
+        p_oof = _cross_fitted_platt(p_oof, labels, split)  # the metrics stay out-of-fold
+        recalibrated_loss = log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])
     flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,
                                 1.0 - config.max_flag_probability)
     best.threshold = float(1.0 - flag_cut)
@@ -273,11 +312,22 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
         "validation_rows": float(len(labels)),
         **{f"cv_log_loss {name}": float(loss) for name, loss in losses.items()},
     }
+    if recalibrated_loss is not None:
+        best.metrics["validation_log_loss_recalibrated"] = float(recalibrated_loss)
     if probe is not None:
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
         best.voter = fit_calibrator(x[:, : len(FEATURES)], labels, config)
     best.trained_on = {"candidate": chosen}
     return best
+
+
+def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:
+    """Platt-scaled ``p``, each fold scaled by a fit on the other folds."""
+    scaled = np.zeros(len(p))
+    for train, val in split.split(p[:, None], labels):
+        slope, offset = fit_platt(p[train], labels[train])
+        scaled[val] = _sigmoid(slope * _logit(p[val]) + offset)
+    return scaled
 
 
 def fit_isotonic(jury_pmi: np.ndarray, labels: np.ndarray) -> Calibrator:

@@ -317,3 +317,43 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
     with pytest.raises(MoseError, match="reads the base model's answer state at layer 20, and the evidence has none"):
         jury.evidence_values(jurors, "Question?", None)
 
+
+
+def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_path):
+    """45 features, one informative, a weakly regularised logistic fit on 400 rows: its
+    probabilities on unseen rows are too sure. Platt scaling on its out-of-fold log-odds shrinks
+    them (slope < 1) and lowers the unseen rows' log loss; the scaling is saved with the calibrator."""
+    from sklearn.metrics import log_loss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2400, len(FEATURES)))
+    labels = (x[:, 1] + rng.normal(size=2400) > 0).astype(int)
+    config = {"regularisation": (100.0,), "boosted_trees": 0}
+    raw = fit_calibrator(x[:400], labels[:400], CalibratorConfig(**config))
+    scaled = fit_calibrator(x[:400], labels[:400], CalibratorConfig(recalibrate=True, **config))
+    assert raw.recalibration is None and scaled.trained_on["candidate"] == raw.trained_on["candidate"]
+    slope, _ = scaled.recalibration
+    assert 0.0 < slope < 0.8
+    assert log_loss(labels[400:], scaled.predict(x[400:])) < log_loss(labels[400:], raw.predict(x[400:])) - 0.01
+    assert scaled.metrics["validation_ece"] < raw.metrics["validation_ece"]  # out-of-fold, both
+    assert "validation_log_loss_recalibrated" in scaled.metrics
+    save_calibrator(scaled, tmp_path)
+    assert np.allclose(load_calibrator(tmp_path).predict(x[400:]), scaled.predict(x[400:]))
+
+
+def test_an_averaged_probe_reads_as_the_mean_of_its_fold_probes():
+    """average_probes folds each probe's standardisation into raw-state weights: its logit is
+    exactly the mean of theirs; fit_probe(average_folds=True) keeps the same out-of-fold logits."""
+    from experts.probe import _fit, average_probes, fit_probe
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    states, test_states = _states(labels, 1), _states(rng.integers(0, 2, 50), 2)
+    probes = [_fit(states[part], labels[part], 0.01, 7) for part in (slice(0, 200), slice(100, 300))]
+    averaged = average_probes(probes)
+    expected = np.mean([probe.logits(test_states) for probe in probes], axis=0)
+    assert averaged.layer == 7 and np.allclose(averaged.logits(test_states), expected)
+    refit, refit_logits = fit_probe(states, labels, 7, (0.01, 0.1))
+    mean, mean_logits = fit_probe(states, labels, 7, (0.01, 0.1), average_folds=True)
+    assert np.allclose(refit_logits, mean_logits) and mean.strength == refit.strength
+    assert not np.allclose(refit.logits(test_states), mean.logits(test_states))
