@@ -132,6 +132,7 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # exactly one JSON object on stdout
+    assert "cross-check evidence" in run.stderr  # the long part shows progress, beside the JSON
     reused = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
                              "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
                             capture_output=True, text=True, timeout=900)
@@ -165,7 +166,7 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     model = ("method", "features", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "probe", "voter",
              "trained_on")
     first, second = ({key: fit[key] for key in model} for fit in fits)
-    assert first == second
+    assert first == second and fits[0]["recalibration"] is None  # no Platt scaling by default
     assert first["features"][-1] == "base_probe" and first["probe"]["layer"] == 20  # the default probe
     assert first["voter"]["probe"] is None  # the experts' votes are read without it
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
@@ -190,6 +191,13 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
+    tuned = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
+                            "--limit", "5", "--seed", "3", "--json", "--evidence", str(saved), "--recalibrate",
+                            "--average-probe-folds", *env_home], capture_output=True, text=True, timeout=900)
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    tuned_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(tuned.stdout)['version']}.json").read_text())
+    assert len(tuned_fit["recalibration"]) == 2 and len(tuned_fit["voter"]["recalibration"]) == 2
+    assert set(tuned_fit["probe"]["mean"]) == {0.0} and tuned_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
 
     # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
     stale = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
