@@ -318,7 +318,6 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
         jury.evidence_values(jurors, "Question?", None)
 
 
-
 def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_path):
     """45 features, one informative, a weakly regularised logistic fit on 400 rows: its
     probabilities on unseen rows are too sure. Platt scaling on its out-of-fold log-odds shrinks
