@@ -1,4 +1,4 @@
-"""Device and precision policy: CPU -> fp32; CUDA -> bitsandbytes nf4 / 8-bit or bf16."""
+"""Device and precision policy: CPU -> fp32 (bf16 when asked); CUDA -> bitsandbytes nf4 / 8-bit or bf16."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from experts.policy import DevicePolicy, bnb_config
 from registry.errors import MoseError
@@ -22,6 +23,18 @@ def test_cpu_is_always_fp32_whatever_the_manifest_asks():
             ("cpu", torch.float32, "none", None)
     kwargs = policy.plan().from_pretrained_kwargs()
     assert kwargs == {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
+
+
+def test_cpu_runs_in_bf16_only_when_asked(monkeypatch):
+    monkeypatch.delenv("MOSE_CPU_DTYPE", raising=False)
+    assert DevicePolicy(device="cpu").plan().dtype == torch.float32
+    assert DevicePolicy(device="cpu", cpu_dtype="bfloat16").plan("4bit").dtype == torch.bfloat16
+    monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")
+    plan = DevicePolicy(device="cpu").plan("8bit")
+    assert (plan.dtype, plan.quantization, plan.quantization_config) == (torch.bfloat16, "none", None)
+    monkeypatch.setenv("MOSE_CPU_DTYPE", "fp16")  # a typo in the environment is named, not ignored
+    with pytest.raises(ValidationError, match="cpu_dtype"):
+        DevicePolicy()
 
 
 def test_bitsandbytes_configs():
