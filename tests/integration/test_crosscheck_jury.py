@@ -59,6 +59,31 @@ def test_the_answer_matters_to_the_evidence(jury):
     assert base[right.id].pmi > base[odd.id].pmi
 
 
+def test_a_bf16_pool_reads_the_same_evidence_within_bf16_rounding(jury, jury_home):
+    """DevicePolicy.cpu_dtype="bfloat16" (MOSE_CPU_DTYPE): the model runs in bf16 on CPU, the same
+    jurors score, each log-prob within bf16's rounding of float32's, and the answer still matters."""
+    import torch
+
+    from experts.policy import DevicePolicy
+    from experts.pool import ExpertPool, PoolConfig
+
+    config = PoolConfig(policy=DevicePolicy(cpu_dtype="bfloat16"))
+    pool = ExpertPool.from_registry(Registry.open(jury_home), config, home=jury_home)
+    assert {p.dtype for p in pool._base.parameters()} == {torch.bfloat16}
+    bf16 = Jury(pool, FallbackRouter(), jury.registry, config=JuryConfig(k=3))
+    question = "What is the capital of France?"
+    verdicts = {name: [j.crosscheck(question, answer) for answer in
+                       ("Paris is the capital of France.", "Bananas are rich in potassium.")]
+                for name, j in (("fp32", jury), ("bf16", bf16))}
+    for ours, theirs in zip(verdicts["bf16"], verdicts["fp32"], strict=True):
+        assert [j.expert for j in ours.jurors] == [j.expert for j in theirs.jurors]
+        for mine, reference in zip(ours.jurors, theirs.jurors, strict=True):
+            assert mine.logp_given_question == pytest.approx(reference.logp_given_question, abs=0.1)
+            assert mine.logp_without_question != reference.logp_without_question  # really another precision
+    right, odd = ({j.expert: j.pmi for j in v.jurors} for v in verdicts["bf16"])
+    assert right[BASE_EXPERT] > odd[BASE_EXPERT]
+
+
 def test_k_larger_than_the_experts_uses_them_all_and_k_zero_only_the_base(jury):
     assert [e for e, _ in jury.select("Is a verbal contract binding?", k=10)] == ["law-juror", "med-juror", BASE_EXPERT]
     verdict = jury.crosscheck("Is a verbal contract binding?", "Often, yes.", k=0)
