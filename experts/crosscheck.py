@@ -294,6 +294,7 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
         "best_single_expert": best_single_expert(evidence),
         "k": jury.config.k if k is None else k,
         "adapters_read_question": jury.adapters_read_question,
+        "pool_dtype": jury.pool.dtype,  # provenance: bf16 and float32 evidence differ by rounding
     }
     return calibrator
 

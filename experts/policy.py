@@ -1,8 +1,9 @@
 """Device and precision policy, in one place.
 
 On CUDA a model is loaded with the quantisation its manifest asks for (bitsandbytes nf4 4-bit or
-8-bit) or in bf16; on CPU in fp32 (bitsandbytes' CPU kernels are slower than fp32 there), or in
-bf16 when asked (fast on CPUs with AVX-512 bf16 or AMX).
+8-bit) or in bf16; on CPU in bf16 where the CPU has bf16 instructions (AVX-512 bf16 or AMX), else
+in fp32 (bitsandbytes' CPU kernels are slower than fp32 there, so manifests' quantisation is
+ignored on CPU).
 Every loader asks :meth:`DevicePolicy.plan` instead of deciding for itself.
 """
 
@@ -56,13 +57,13 @@ class DevicePolicy(BaseModel):
         description="torch intra-op threads on CPU (default $MOSE_CPU_THREADS, else torch's default). "
                     "On a CPU shared with other busy processes, 1 thread can be several times faster "
                     "than 2: parallel regions wait for the slowest thread.")
-    cpu_dtype: Literal["float32", "bfloat16"] = Field(
-        default_factory=lambda: os.environ.get(CPU_DTYPE_ENV) or "float32", validate_default=True,
-        description="Weights and activations on CPU (default $MOSE_CPU_DTYPE, else float32). bfloat16 is "
-                    "1.75x faster on the jury's evidence on a CPU with AVX-512 bf16 (measured on 2 cores; "
-                    "slower than float32 on CPUs without bf16 instructions); evidence values move by ~2 % "
-                    "of their spread, and a calibrator fitted on float32 evidence then moves P(correct) by "
-                    "0.006 on average (benchmarks/jury.py precision). Calibrators are fitted on float32.")
+    cpu_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default_factory=lambda: os.environ.get(CPU_DTYPE_ENV) or "auto", validate_default=True,
+        description="Weights and activations on CPU (default $MOSE_CPU_DTYPE, else auto). 'auto': bfloat16 "
+                    "where the CPU has bf16 instructions (AVX-512 bf16 or AMX), else float32 (emulated bf16 "
+                    "is slower). Measured on 2 cores with AVX-512 bf16: the jury's evidence 1.6-1.75x faster, "
+                    "held-out AUROC and ECE of a calibrator fitted on float32 evidence unchanged within "
+                    "0.003 (benchmarks/jury.py precision, docs/benchmarks.md). Fine-tuning stays float32.")
     cpu_reuse_freed_memory: bool = Field(
         default=True,
         description="On CPU with glibc: keep freed blocks up to 32 MB in the process for reuse instead of "
@@ -82,6 +83,12 @@ class DevicePolicy(BaseModel):
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
 
+    def resolve_cpu_dtype(self) -> Literal["float32", "bfloat16"]:
+        """The CPU precision :attr:`cpu_dtype` asks for, 'auto' resolved on this machine."""
+        if self.cpu_dtype != "auto":
+            return self.cpu_dtype
+        return "bfloat16" if cpu_has_bf16_instructions() else "float32"
+
     def plan(self, quantization: Quantization = "none") -> LoadPlan:
         """The load plan for a model whose manifest asks for ``quantization``."""
         import torch
@@ -92,7 +99,7 @@ class DevicePolicy(BaseModel):
                 torch.set_num_threads(self.cpu_threads)
             if self.cpu_reuse_freed_memory:
                 reuse_freed_memory()
-            return LoadPlan(device="cpu", dtype=getattr(torch, self.cpu_dtype), quantization="none")
+            return LoadPlan(device="cpu", dtype=getattr(torch, self.resolve_cpu_dtype()), quantization="none")
         compute = getattr(torch, self.cuda_dtype)
         if quantization == "none":
             return LoadPlan(device=device, dtype=compute, quantization="none")
@@ -101,6 +108,14 @@ class DevicePolicy(BaseModel):
 
     def base_plan(self) -> LoadPlan:
         return self.plan(self.base_quantization)
+
+
+def cpu_has_bf16_instructions() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 bf16 or AMX tiles), as torch sees it."""
+    import torch
+
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(check() for check in checks if check is not None)
 
 
 def reuse_freed_memory(limit_bytes: int = REUSE_LIMIT_BYTES) -> bool:

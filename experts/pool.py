@@ -139,6 +139,7 @@ class ExpertPool:
         base_dir = ensure_base_model(self.config.base_model, self._home)
         plan = self.config.policy.base_plan()
         self.device = plan.device
+        self.dtype = str(plan.dtype).removeprefix("torch.")  # the base model's precision ("float32", ...)
         self.tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
         self._base: Any = None
         if self.config.load_base:

@@ -69,7 +69,7 @@ def test_a_bf16_pool_reads_the_same_evidence_within_bf16_rounding(jury, jury_hom
 
     config = PoolConfig(policy=DevicePolicy(cpu_dtype="bfloat16"))
     pool = ExpertPool.from_registry(Registry.open(jury_home), config, home=jury_home)
-    assert {p.dtype for p in pool._base.parameters()} == {torch.bfloat16}
+    assert pool.dtype == "bfloat16" and {p.dtype for p in pool._base.parameters()} == {torch.bfloat16}
     bf16 = Jury(pool, FallbackRouter(), jury.registry, config=JuryConfig(k=3))
     question = "What is the capital of France?"
     verdicts = {name: [j.crosscheck(question, answer) for answer in
@@ -192,6 +192,7 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
              "trained_on")
     first, second = ({key: fit[key] for key in model} for fit in fits)
     assert first == second and fits[0]["recalibration"] is None  # no Platt scaling by default
+    assert fits[0]["trained_on"]["pool_dtype"] == "float32"  # the tests' MOSE_CPU_DTYPE
     assert first["features"][-1] == "base_probe" and first["probe"]["layer"] == 20  # the default probe
     assert first["voter"]["probe"] is None  # the experts' votes are read without it
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]

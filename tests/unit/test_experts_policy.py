@@ -15,8 +15,8 @@ from experts.policy import DevicePolicy, bnb_config
 from registry.errors import MoseError
 
 
-def test_cpu_is_always_fp32_whatever_the_manifest_asks():
-    policy = DevicePolicy(device="cpu")
+def test_cpu_ignores_the_manifests_quantisation():
+    policy = DevicePolicy(device="cpu", cpu_dtype="float32")
     for quantization in ("none", "8bit", "4bit"):
         plan = policy.plan(quantization)
         assert (plan.device, plan.dtype, plan.quantization, plan.quantization_config) == \
@@ -25,16 +25,30 @@ def test_cpu_is_always_fp32_whatever_the_manifest_asks():
     assert kwargs == {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
 
 
-def test_cpu_runs_in_bf16_only_when_asked(monkeypatch):
+def test_cpu_runs_in_bf16_where_the_cpu_has_bf16_instructions(monkeypatch):
+    from experts import policy
+
     monkeypatch.delenv("MOSE_CPU_DTYPE", raising=False)
-    assert DevicePolicy(device="cpu").plan().dtype == torch.float32
-    assert DevicePolicy(device="cpu", cpu_dtype="bfloat16").plan("4bit").dtype == torch.bfloat16
+    assert DevicePolicy().cpu_dtype == "auto"
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(policy, "cpu_has_bf16_instructions", lambda native=native: native)
+        plan = DevicePolicy(device="cpu").plan("4bit")
+        assert (plan.dtype, plan.quantization, plan.quantization_config) == (dtype, "none", None)
+        assert DevicePolicy(device="cpu", cpu_dtype="float32").plan().dtype == torch.float32  # asked: kept
+        assert DevicePolicy(device="cpu", cpu_dtype="bfloat16").plan().dtype == torch.bfloat16
     monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")
-    plan = DevicePolicy(device="cpu").plan("8bit")
-    assert (plan.dtype, plan.quantization, plan.quantization_config) == (torch.bfloat16, "none", None)
+    assert DevicePolicy(device="cpu").plan("8bit").dtype == torch.bfloat16
     monkeypatch.setenv("MOSE_CPU_DTYPE", "fp16")  # a typo in the environment is named, not ignored
     with pytest.raises(ValidationError, match="cpu_dtype"):
         DevicePolicy()
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's CPU flags")
+def test_bf16_instructions_are_read_as_the_kernel_lists_them():
+    from experts.policy import cpu_has_bf16_instructions
+
+    flags = set(Path("/proc/cpuinfo").read_text().split())
+    assert cpu_has_bf16_instructions() == bool(flags & {"avx512_bf16", "amx_tile"})
 
 
 def test_bitsandbytes_configs():
