@@ -1,6 +1,7 @@
 """Cross-check jury benchmark: scoring speed, and a deliberately bad juror against reputation.
 
     .venv/bin/python benchmarks/jury.py speed [--home DIR] [--items 48]
+    .venv/bin/python benchmarks/jury.py precision [--home DIR] [--items 48]
     .venv/bin/python benchmarks/jury.py reputation [--home DIR] [--feedback 30] [--heldout 40]
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
@@ -11,6 +12,12 @@ other evidence, as good on crosscheck_dev), at 1, 16 and 48 items per call; ever
 base model's answer state for the calibrator's truthfulness probe, and the default path runs once
 more without it. The pool reuses freed memory (``experts.policy.reuse_freed_memory``);
 ``--glibc-allocator`` runs every path without it.
+
+``precision``: the same rows on the default path, the pool loaded as on CPU by default (fp32)
+and in bf16 (weights and activations; fast on CPUs with AVX-512 bf16 or AMX, slow elsewhere),
+side by side in one run: items/s, how far each evidence value and the base model's answer state
+move, and how far the home's calibrator (fitted on fp32 evidence) moves its P(correct). bf16 is
+the pool's ``DevicePolicy.cpu_dtype`` (``MOSE_CPU_DTYPE=bfloat16``).
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* general-knowledge
@@ -48,13 +55,21 @@ SHORT_SOURCES = ("mmlu_mc", "truthfulqa", "halueval_qa")
 BAD_JURORS = {"shuffled": "shuffled-juror", "shuffled-dev": "shuffled-dev-juror", "misled": "misled-juror"}
 
 
-def open_home_jury(home: str | None, registry_dir: Path | None = None):
-    """The home's jury; with ``registry_dir``, reputations and verdicts go to a scratch registry."""
+def open_home_jury(home: str | None, registry_dir: Path | None = None, cpu_dtype: str | None = None):
+    """The home's jury; with ``registry_dir``, reputations and verdicts go to a scratch registry;
+    with ``cpu_dtype``, its pool runs in that precision on CPU (default: the policy's)."""
     from experts.crosscheck import open_jury
+    from experts.policy import DevicePolicy
+    from experts.pool import ExpertPool, PoolConfig
     from registry import Registry
     from registry.home import MoseHome
 
-    jury = open_jury(MoseHome.from_env(home), require_calibrator=True)
+    home_dir = MoseHome.from_env(home)
+    pool = None
+    if cpu_dtype is not None:
+        config = PoolConfig(policy=DevicePolicy(cpu_dtype=cpu_dtype))
+        pool = ExpertPool.from_registry(Registry.open(home_dir), config, home=home_dir)
+    jury = open_jury(home_dir, require_calibrator=True, pool=pool)
     if registry_dir is not None:
         jury.registry = Registry.open(MoseHome.from_env(registry_dir))
     return jury
@@ -113,6 +128,49 @@ def speed(args: argparse.Namespace) -> None:
             table.append((f"{path}, {calls}", f"{best[(path, chunk)]:.2f}", "; ".join(filter(None, (speedup, note)))))
     allocator = "glibc's default allocator" if args.glibc_allocator else "freed memory reused (the default)"
     print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}", table)
+
+
+# ------------------------------------------------------------------------------------ precision
+
+def precision(args: argparse.Namespace) -> None:
+    import torch
+
+    from experts.calibrator import EVIDENCE_FEATURES
+    from experts.crosscheck import calibrator_inputs, collect
+
+    base, bf16 = "fp32 (CPU default)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
+    juries = {name: open_home_jury(args.home, cpu_dtype=dtype)
+              for name, dtype in ((base, "float32"), (bf16, "bfloat16"))}
+    rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
+    rates, evidence = {}, {}
+    for jury in juries.values():
+        collect(jury, rows[:4], progress=False)  # warm-up: prefix caches, allocator
+    for _ in range(2):  # alternate, so drift on the machine hits both alike
+        for name, jury in juries.items():
+            started = time.perf_counter()
+            evidence[name] = collect(jury, rows, progress=False, chunk=len(rows))
+            rates[name] = max(rates.get(name, 0.0), len(rows) / (time.perf_counter() - started))
+    table = [(f"{name}, items/s ({len(rows)} per call, best of 2)", f"{rate:.2f}",
+              f"{rate / rates[base]:.2f}x fp32" if name == bf16 else "") for name, rate in rates.items()]
+    for feature in EVIDENCE_FEATURES:
+        ours = [e.values[feature] for e in evidence[base]]
+        moved = _gap(ours, [e.values[feature] for e in evidence[bf16]])
+        table.append((f"|{feature} bf16 - fp32|: mean / max", f"{moved.mean():.4f} / {moved.max():.4f}",
+                      f"its spread (sd) over the rows: {np.std(ours):.3f}"))
+    states = [np.array([e.answer_state for e in evidence[name]]) for name in (base, bf16)]
+    table.append(("answer state (the probe's input): relative L2 gap",
+                  f"{np.linalg.norm(states[1] - states[0]) / np.linalg.norm(states[0]):.4f}", ""))
+    calibrator = juries[base].calibrator
+    p = [calibrator.predict(calibrator_inputs(calibrator, evidence[name])) for name in (base, bf16)]
+    moved = _gap(*p)
+    table.append((f"|P(correct)| moved, calibrator {calibrator.version}: mean / max",
+                  f"{moved.mean():.4f} / {moved.max():.4f}", "fitted on fp32 evidence"))
+    print_table(f"Jury evidence on CPU, fp32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
+                f"({torch.backends.cpu.get_cpu_capability()})", table)
+
+
+def _gap(a, b) -> np.ndarray:
+    return np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
 
 
 # ----------------------------------------------------------------------------------- reputation
@@ -245,6 +303,9 @@ def main() -> None:
     fast.add_argument("--glibc-allocator", action="store_true",
                       help="leave glibc's allocator as it is instead of reusing freed memory (the pool's default): "
                            "the baseline, which one process cannot run beside it")
+    dtype = sub.add_parser("precision", help="evidence on CPU in fp32 (the default) vs bf16: speed and drift")
+    dtype.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
+    dtype.add_argument("--items", type=int, default=48, help="short-answer rows (split over 3 sources)")
     bad = sub.add_parser("reputation", help="a bad juror, feedback, and the jury's AUROC")
     bad.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")
@@ -258,7 +319,7 @@ def main() -> None:
     bad.add_argument("--save-evidence", default=None, metavar="FILE",
                      help="also write the jurors' evidence (bad juror included) as JSONL")
     args = parser.parse_args()
-    speed(args) if args.what == "speed" else reputation(args)
+    {"speed": speed, "precision": precision, "reputation": reputation}[args.what](args)
 
 
 if __name__ == "__main__":
