@@ -13,11 +13,11 @@ base model's answer state for the calibrator's truthfulness probe, and the defau
 more without it. The pool reuses freed memory (``experts.policy.reuse_freed_memory``);
 ``--glibc-allocator`` runs every path without it.
 
-``precision``: the same rows on the default path, the pool loaded as on CPU by default (fp32)
-and in bf16 (weights and activations; fast on CPUs with AVX-512 bf16 or AMX, slow elsewhere),
+``precision``: the same rows on the default path, the pool loaded in float32 and in bf16
+(weights and activations; the CPU default where the CPU has AVX-512 bf16 or AMX, slow elsewhere),
 side by side in one run: items/s, how far each evidence value and the base model's answer state
-move, and how far the home's calibrator (fitted on fp32 evidence) moves its P(correct). bf16 is
-the pool's ``DevicePolicy.cpu_dtype`` (``MOSE_CPU_DTYPE=bfloat16``).
+move, and how far the home's calibrator moves its P(correct). The precision is the pool's
+``DevicePolicy.cpu_dtype`` (``MOSE_CPU_DTYPE``); ``speed`` runs in the default ('auto').
 
 ``reputation``: fine-tunes a deliberately bad adapter and seats it on every jury beside the
 router's k=3 experts: ``--bad-juror shuffled`` (default) learns *shuffled* general-knowledge
@@ -127,7 +127,8 @@ def speed(args: argparse.Namespace) -> None:
             calls = "one item per call" if chunk == 1 else f"{chunk} items per call"
             table.append((f"{path}, {calls}", f"{best[(path, chunk)]:.2f}", "; ".join(filter(None, (speedup, note)))))
     allocator = "glibc's default allocator" if args.glibc_allocator else "freed memory reused (the default)"
-    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}", table)
+    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}, "
+                f"pool in {jury.pool.dtype}", table)
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -137,8 +138,9 @@ def precision(args: argparse.Namespace) -> None:
 
     from experts.calibrator import EVIDENCE_FEATURES
     from experts.crosscheck import calibrator_inputs, collect
+    from experts.policy import cpu_has_bf16_instructions
 
-    base, bf16 = "fp32 (CPU default)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
+    base, bf16 = "float32 (MOSE_CPU_DTYPE=float32)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
     juries = {name: open_home_jury(args.home, cpu_dtype=dtype)
               for name, dtype in ((base, "float32"), (bf16, "bfloat16"))}
     rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
@@ -164,9 +166,10 @@ def precision(args: argparse.Namespace) -> None:
     p = [calibrator.predict(calibrator_inputs(calibrator, evidence[name])) for name in (base, bf16)]
     moved = _gap(*p)
     table.append((f"|P(correct)| moved, calibrator {calibrator.version}: mean / max",
-                  f"{moved.mean():.4f} / {moved.max():.4f}", "fitted on fp32 evidence"))
-    print_table(f"Jury evidence on CPU, fp32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
-                f"({torch.backends.cpu.get_cpu_capability()})", table)
+                  f"{moved.mean():.4f} / {moved.max():.4f}",
+                  f"fitted on {calibrator.trained_on.get('pool_dtype', 'float32')} evidence"))
+    print_table(f"Jury evidence on CPU, float32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
+                f"({torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {cpu_has_bf16_instructions()})", table)
 
 
 def _gap(a, b) -> np.ndarray:

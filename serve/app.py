@@ -98,10 +98,10 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
     pool_options = deployment_options(f"ExpertPool-{SMOLLM2_ID}", config.expert_pool, gpus, home_root)
     pool = serve.deployment(ExpertPoolDeployment).options(**pool_options).bind(
         home_root, SMOLLM2_ID, config.pool.max_batch_size, config.pool.batch_wait_timeout_s,
-        config.limits.max_tokens, config.pool.torch_threads)
+        config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
     full = serve.deployment(full_expert_deployment(config.pool.max_full_experts_per_replica)).options(
         **deployment_options("FullExperts", config.full_experts, gpus, home_root)).bind(
-        home_root, config.limits.max_tokens, config.pool.torch_threads)
+        home_root, config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
     checker = serve.deployment(CrossCheckDeployment).options(
         **deployment_options("CrossCheck", config.crosscheck, gpus, home_root)).bind(home_root, router, pool)
     ingress = serve.deployment(Ingress).options(**ingress_options(config, gpus, home_root))

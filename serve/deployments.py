@@ -45,6 +45,13 @@ HANDLE_RETRY_DELAY_S = 0.5
 """Pause before the one retry of a call whose replica died under it (Ray Serve is replacing it)."""
 
 
+def _device_policy(cpu_dtype: str | None):
+    """This node's device policy; ``cpu_dtype`` None: the node's MOSE_CPU_DTYPE, else auto."""
+    from experts.policy import DevicePolicy
+
+    return DevicePolicy() if cpu_dtype is None else DevicePolicy(cpu_dtype=cpu_dtype)
+
+
 def _open_registry(home_root: str):
     from registry import Registry
 
@@ -184,7 +191,7 @@ class ExpertPoolDeployment:
     """One base model and its experts; concurrent requests are decoded together."""
 
     def __init__(self, home_root: str, base_model: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_new_tokens: int, torch_threads: int) -> None:
+                 max_new_tokens: int, torch_threads: int, cpu_dtype: str | None = None) -> None:
         import torch
 
         from experts.pool import ExpertPool, PoolConfig
@@ -192,7 +199,8 @@ class ExpertPoolDeployment:
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.home = MoseHome.from_env(home_root)
         self.registry = _open_registry(home_root)
-        config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size)
+        config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size,
+                            policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=self.home)
         self._sync_lock = threading.Lock()
         self._synced_at = float("-inf")
@@ -306,7 +314,7 @@ class FullExpertDeployment:
     Serve sends it to a replica that already holds that expert when one does, and each replica
     keeps at most ``max_models_per_replica`` loaded (see :func:`full_expert_deployment`)."""
 
-    def __init__(self, home_root: str, max_new_tokens: int, torch_threads: int) -> None:
+    def __init__(self, home_root: str, max_new_tokens: int, torch_threads: int, cpu_dtype: str | None = None) -> None:
         import torch
 
         from experts.pool import ExpertPool, PoolConfig
@@ -315,7 +323,8 @@ class FullExpertDeployment:
         self.registry = _open_registry(home_root)
         # The LRU is Ray Serve's (per replica, by count); the pool's own byte budget only guards
         # against one expert too large for the machine.
-        config = PoolConfig(load_base=False, max_new_tokens_limit=max_new_tokens, full_expert_budget_bytes=1 << 40)
+        config = PoolConfig(load_base=False, max_new_tokens_limit=max_new_tokens, full_expert_budget_bytes=1 << 40,
+                            policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=MoseHome.from_env(home_root))
         self.load_errors: dict[str, str] = {}
 

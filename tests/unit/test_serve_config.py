@@ -27,6 +27,16 @@ def test_layers_yaml_then_env_then_overrides(tmp_path, monkeypatch):
     assert config.limits.max_tokens == 64  # overrides beat both
 
 
+def test_pool_precision_is_left_to_each_node_unless_set(monkeypatch):
+    from serve.deployments import _device_policy
+
+    assert load_config().pool.cpu_dtype is None
+    monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")  # a node's own setting
+    assert _device_policy(None).cpu_dtype == "bfloat16"
+    monkeypatch.setenv("MOSE_SERVE__POOL__CPU_DTYPE", "float32")  # the application's, for every node
+    assert _device_policy(load_config().pool.cpu_dtype).cpu_dtype == "float32"
+
+
 def test_admin_token_short_env_name_is_secret(monkeypatch):
     monkeypatch.setenv("MOSE_ADMIN_TOKEN", "s3cret-token")
     config = load_config()
@@ -44,6 +54,7 @@ def test_admin_token_short_env_name_is_secret(monkeypatch):
         ({"upstreams": {"big": {"base_url": ""}}}, "upstream 'big' needs a base_url"),
         ({"expert_pool": {"num_gpus": 2}}, "expert_pool.num_gpus: Input should be less than or equal to 1"),
         ({"no_such_section": {}}, "no_such_section: Extra inputs are not permitted"),
+        ({"pool": {"cpu_dtype": "fp16"}}, "pool.cpu_dtype: Input should be 'auto', 'float32' or 'bfloat16'"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):
