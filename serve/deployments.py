@@ -202,6 +202,7 @@ class ExpertPoolDeployment:
         config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size,
                             policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=self.home)
+        logger.info("expert pool for %s on %s in %s", base_model, self.pool.device, self.pool.dtype)
         self._sync_lock = threading.Lock()
         self._synced_at = float("-inf")
         self.load_errors: dict[str, str] = {}

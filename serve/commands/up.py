@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         _load(serve_args)  # a server config that cannot serve fails now, not after minutes of preparing
     home = home_of(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    print(f"mose up: data directory {home.root}, shared data {data_dir}", file=sys.stderr)
+    print(f"mose up: data directory {home.root}, shared data {data_dir}, models on {_precision()}", file=sys.stderr)
     timings: dict[str, float] = {}
 
     started = _step("base models")
@@ -123,3 +123,13 @@ def _ensure_calibrator(home, data_dir: Path) -> str:
     calibrator = train(open_jury(home), stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0))
     save_calibrator(calibrator, home.crosscheck_dir)
     return calibrator.version
+
+
+def _precision() -> str:
+    """Where models run on this machine and at which precision, by DevicePolicy's defaults (what
+    preparing uses; a server config's ``pool.cpu_dtype`` can set its replicas otherwise)."""
+    from experts.policy import DevicePolicy
+
+    policy = DevicePolicy()
+    device = policy.resolve_device()
+    return f"{device} in {policy.resolve_cpu_dtype()}" if device == "cpu" else f"{device} in {policy.cuda_dtype}"

@@ -91,3 +91,15 @@ def test_bad_calibrator_settings_fail_before_anything_loads(tmp_path, capsys, fl
     assert code == 2
     assert capsys.readouterr().err == f"error: invalid calibrator settings: {message}\n"
     assert not home.exists()  # nothing was created or loaded
+
+
+def test_up_names_the_precision_models_run_in(monkeypatch):
+    import torch
+
+    from serve.commands.up import _precision
+
+    if torch.cuda.is_available():
+        pytest.skip("names the CUDA dtype on a GPU machine")
+    for dtype in ("bfloat16", "float32"):
+        monkeypatch.setenv("MOSE_CPU_DTYPE", dtype)
+        assert _precision() == f"cpu in {dtype}"
