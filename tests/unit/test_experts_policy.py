@@ -1,4 +1,4 @@
-"""Device and precision policy: CPU -> fp32 (bf16 when asked); CUDA -> bitsandbytes nf4 / 8-bit or bf16."""
+"""Device and precision policy: CPU -> bf16 with bf16 instructions, else fp32; CUDA -> nf4 / 8-bit or bf16."""
 
 from __future__ import annotations
 
