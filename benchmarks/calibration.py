@@ -43,12 +43,11 @@ OPTIONS: dict[str, dict[str, bool]] = {
 
 def load(path: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, answer states) of saved evidence, features recomputed as `train` does."""
-    from experts.crosscheck import RowEvidence, answer_states, matrix
-    from experts.jury import features
+    from experts.crosscheck import answer_states, matrix, saved_evidence
 
-    evidence = [RowEvidence.model_validate_json(line) for line in Path(path).read_text().splitlines() if line]
+    evidence = [item for _, item in saved_evidence(path)]
     for item in evidence:
-        item.values = features(item.jurors[: item.jury_size or len(item.jurors)], item.row.question, None)
+        item.refresh_values()
     return matrix(evidence), np.array([e.row.label for e in evidence]), answer_states(evidence, layer)
 
 

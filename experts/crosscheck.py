@@ -72,6 +72,11 @@ class RowEvidence(BaseModel):
     def has_state(self, layer: int) -> bool:
         return self.answer_state is not None and self.state_layer == layer
 
+    def refresh_values(self) -> None:
+        """Recompute :attr:`values` from the jury's evidence with the current features, so evidence
+        saved before a feature change stays usable."""
+        self.values = features(self.jurors[: self.jury_size or len(self.jurors)], self.row.question, None)
+
 
 def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
     """(line number, line) of each non-blank line; a file that cannot be read is a MoseError."""
@@ -235,6 +240,18 @@ def save_evidence(evidence: Sequence[RowEvidence], path: str | Path) -> None:
     Path(path).write_text("".join(e.model_dump_json() + "\n" for e in evidence), encoding="utf-8")
 
 
+def saved_evidence(path: str | Path) -> list[tuple[int, RowEvidence]]:
+    """(line number, evidence) of each line of a file written by :func:`save_evidence`; a line
+    that is not saved evidence is a MoseError naming it."""
+    out = []
+    for number, line in _jsonl_lines(path):
+        try:
+            out.append((number, RowEvidence.model_validate_json(line)))
+        except ValidationError:
+            raise MoseError(f"{path}:{number}: not a line of saved jury evidence") from None
+    return out
+
+
 def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str],
                   adapters_read_question: bool = True) -> list[RowEvidence]:
     """Evidence collected earlier (:func:`save_evidence`) for ``rows``, first file winning.
@@ -247,11 +264,7 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
     wanted = {row.digest(): row for row in rows}
     found: dict[str, RowEvidence] = {}
     for path in paths:
-        for number, line in _jsonl_lines(path):
-            try:
-                item = RowEvidence.model_validate_json(line)
-            except ValidationError:
-                raise MoseError(f"{path}:{number}: not a line of saved jury evidence") from None
+        for number, item in saved_evidence(path):
             unknown = {j.expert for j in item.jurors} - servable
             if unknown:
                 raise MoseError(f"{path}:{number}: evidence from experts this pool does not serve "
@@ -261,7 +274,7 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
                                 f"{item.adapters_read_question}, this jury scores with {adapters_read_question}")
             digest = item.row.digest()
             if digest in wanted and digest not in found:
-                item.values = features(item.jurors[: item.jury_size or len(item.jurors)], item.row.question, None)
+                item.refresh_values()
                 found[digest] = item
     missing = len(wanted) - len(found)
     if missing:
