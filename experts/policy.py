@@ -89,6 +89,10 @@ class DevicePolicy(BaseModel):
             return self.cpu_dtype
         return "bfloat16" if cpu_has_bf16_instructions() else "float32"
 
+    def compute_dtype(self, device: str) -> str:
+        """Name of the torch dtype models compute in on ``device`` ("cpu" or a CUDA device)."""
+        return self.resolve_cpu_dtype() if device == "cpu" else self.cuda_dtype
+
     def plan(self, quantization: Quantization = "none") -> LoadPlan:
         """The load plan for a model whose manifest asks for ``quantization``."""
         import torch
@@ -99,8 +103,8 @@ class DevicePolicy(BaseModel):
                 torch.set_num_threads(self.cpu_threads)
             if self.cpu_reuse_freed_memory:
                 reuse_freed_memory()
-            return LoadPlan(device="cpu", dtype=getattr(torch, self.resolve_cpu_dtype()), quantization="none")
-        compute = getattr(torch, self.cuda_dtype)
+            return LoadPlan(device="cpu", dtype=getattr(torch, self.compute_dtype(device)), quantization="none")
+        compute = getattr(torch, self.compute_dtype(device))
         if quantization == "none":
             return LoadPlan(device=device, dtype=compute, quantization="none")
         return LoadPlan(device=device, dtype=compute, quantization=quantization,

@@ -132,4 +132,4 @@ def _precision() -> str:
 
     policy = DevicePolicy()
     device = policy.resolve_device()
-    return f"{device} in {policy.resolve_cpu_dtype()}" if device == "cpu" else f"{device} in {policy.cuda_dtype}"
+    return f"{device} in {policy.compute_dtype(device)}"
