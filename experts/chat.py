@@ -128,29 +128,3 @@ def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):
     cols = torch.arange(keep, device=ids.device).unsqueeze(0)
     answer_mask = cols >= (keep - lengths).unsqueeze(1)
     return (logp * answer_mask).sum(-1), lengths
-
-
-def answer_nll(model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], adapter_keys: Sequence[str] | None,
-               max_tokens: int, batch_size: int = 8) -> dict[str, float]:
-    """Held-out answer loss: token-weighted mean negative log-likelihood of the answers, per adapter.
-
-    Every (pair, adapter) row goes through mixed-adapter batches, so N adapters on the same rows
-    cost N times the rows but share each forward pass. ``adapter_keys=None``: the plain model
-    (result under the key ``BASE_ADAPTER``).
-    """
-    import torch
-
-    encoded = [encode_pair(tokenizer, q, a, max_tokens) for q, a in pairs]
-    keys = list(adapter_keys) if adapter_keys is not None else [BASE_ADAPTER]
-    rows = sorted(((key, enc) for key in keys for enc in encoded), key=lambda r: len(r[1].input_ids))
-    totals = {key: [0.0, 0] for key in keys}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            names = [k for k, _ in chunk] if adapter_keys is not None else None
-            sums, counts = answer_logprobs(model, [e for _, e in chunk], pad, names)
-            for (key, _), s, c in zip(chunk, sums.tolist(), counts.tolist()):
-                totals[key][0] -= s
-                totals[key][1] += c
-    return {key: total / max(count, 1) for key, (total, count) in totals.items()}

@@ -1,24 +1,31 @@
 """Demo experts: one LoRA expert per vertical of ``../shared/data/sft/``, registered and active.
 
-``build_demo`` fine-tunes the missing experts, registers and activates them, and measures the
-expert x vertical matrix of held-out answer loss (every expert and the base model on every
-vertical's held-out rows, in mixed-adapter batches). It prints the matrix, writes it to
-``docs/experts.md`` and to ``MOSE_HOME/demo/matrix.json``. A second run is a no-op.
+``build_demo`` shapes each vertical's rows into chat answers (:mod:`experts.sft_data`), keeps a
+held-out split fixed by a hash of the question, fine-tunes the missing experts on a token
+budget set by the profile (the frozen lower layers run once per row,
+:mod:`experts.lora_training`), measures each expert's held-out loss curve against the base
+model on the same rows, then registers and activates them. Results go to
+``MOSE_HOME/demo/report.json``; ``mose demo docs`` renders them as ``docs/experts.md``. A
+second run is a no-op.
+
+Profiles: ``start`` is what ``mose up`` builds on a fresh machine (about 45 s per expert on a
+2-core CPU); ``full`` trains four times the tokens for two epochs, for offline comparisons.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.finetune import (FinetuneConfig, TrainedAdapter, load_base_for_training, load_pairs, register_expert,
-                              split_pairs, train_lora, write_expert)
-from experts.types import BASE_EXPERT
+from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, new_trunk, register_expert, \
+    train_lora, write_expert
+from experts.sft_data import HELDOUT_FRACTION, shape_pair, split_by_hash
 from registry.errors import MoseError
 from registry.home import MoseHome
 
@@ -27,6 +34,9 @@ DATA_ENV = "MOSE_SHARED_DATA"
 VERTICALS = ("medicine", "law", "finance", "math", "code", "science", "humanities", "social_science",
              "general_knowledge")
 DEMO_OWNER = "mose-demo"
+DEMO_VERSION = "0.2.0"
+
+Profile = Literal["start", "full"]
 
 
 def default_data_dir() -> Path:
@@ -38,77 +48,145 @@ def demo_name(vertical: str) -> str:
     return "demo-" + vertical.replace("_", "-")
 
 
-def _demo_finetune() -> FinetuneConfig:
-    # Sized so the nine experts and the 10 x 9 matrix fit in ~20 minutes on the 2-core CPU.
-    return FinetuneConfig(steps=12, batch_size=4, learning_rate=2e-3, rank=8, alpha=16, top_layers=10,
-                          max_tokens=64, heldout_rows=8)
+def profile_finetune(profile: Profile) -> FinetuneConfig:
+    """Fine-tune settings of a profile. ``start``: 16k training tokens per expert, one epoch (held-out
+    loss has mostly flattened there; docs/experts.md shows the curves). ``full``: 64k tokens, two
+    epochs."""
+    budget, epochs, points = {"start": (16_000, 1, 4), "full": (64_000, 2, 8)}[profile]
+    return FinetuneConfig(steps=None, epochs=epochs, train_tokens=budget, batch_size=8, learning_rate=2e-3,
+                          rank=8, alpha=16, top_layers=10, max_tokens=128, curve_points=points)
 
 
 class DemoConfig(BaseModel):
-    """What the demo build trains and where it writes."""
+    """What the demo build trains and on which rows."""
 
     model_config = ConfigDict(extra="forbid")
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Folder holding sft/<vertical>.jsonl.")
     verticals: list[str] = Field(default=list(VERTICALS), description="Verticals that get an expert.")
-    finetune: FinetuneConfig = Field(default_factory=_demo_finetune, description="Fine-tune settings per expert.")
-    version: str = Field(default="0.1.0", description="Version of the demo experts.")
-    docs_path: Path | None = Field(default=REPO_ROOT / "docs" / "experts.md",
-                                   description="Where the matrix page is written (None: not written).")
+    profile: Profile = Field(default="start", description="Training budget: 'start' (what `mose up` builds) or "
+                             "'full' (4x the tokens, 2 epochs).")
+    finetune: FinetuneConfig | None = Field(default=None, description="Fine-tune settings per expert (None: the "
+                                            "profile's).")
+    heldout_fraction: float = Field(default=HELDOUT_FRACTION, gt=0, lt=1,
+                                    description="Share of questions (by hash) never trained on.")
+    eval_rows: int = Field(default=64, ge=1, description="Held-out rows (the first by hash) each expert is "
+                           "measured on.")
+    version: str = Field(default=DEMO_VERSION, description="Version of the demo experts.")
+
+    @model_validator(mode="after")
+    def _profile_settings(self) -> "DemoConfig":
+        if self.finetune is None:
+            self.finetune = profile_finetune(self.profile)
+        return self
+
+    @property
+    def settings(self) -> FinetuneConfig:
+        assert self.finetune is not None
+        return self.finetune
+
+
+class ExpertResult(BaseModel):
+    """How one demo expert was trained and how it does on its vertical's held-out rows."""
+
+    heldout_loss: float = Field(description="Held-out answer loss (mean NLL per answer token) after training.")
+    base_heldout_loss: float = Field(description="The base model's held-out loss on the same rows.")
+    heldout_rows: int = Field(description="Held-out rows measured.")
+    train_rows: int = Field(description="Training rows available after shaping.")
+    dropped_rows: int = Field(description="Source rows dropped by shaping (echo or empty answers).")
+    train_tokens: int = Field(description="Training tokens seen (all epochs).")
+    steps: int = Field(description="Optimizer steps.")
+    seconds: float = Field(description="Training wall time, trunk cache included.")
+    curve: list[tuple[int, int, float]] = Field(description="(step, tokens seen, held-out loss) during training.")
 
 
 class DemoReport(BaseModel):
     """Result of a demo build."""
 
+    profile: Profile = Field(default="start", description="Profile the experts were trained with.")
+    version: str = Field(default=DEMO_VERSION, description="Version of the demo experts.")
+    settings: FinetuneConfig | None = Field(default=None, description="Fine-tune settings of the last build.")
     built: list[str] = Field(default_factory=list, description="Experts trained and registered by this run.")
     already_built: bool = Field(default=False, description="True when nothing had to be done.")
-    matrix: dict[str, dict[str, float]] = Field(default_factory=dict,
-                                                description="Row (expert or 'base') -> vertical -> held-out loss.")
-    wins: dict[str, bool] = Field(default_factory=dict, description="Vertical -> its expert beats the base.")
+    experts: dict[str, ExpertResult] = Field(default_factory=dict, description="Vertical -> result.")
     seconds: dict[str, float] = Field(default_factory=dict, description="Wall time per phase.")
-    docs_path: str | None = Field(default=None, description="Page written, if any.")
+
+    @property
+    def wins(self) -> dict[str, bool]:
+        """Vertical -> its expert's held-out loss is below the base model's."""
+        return {v: r.heldout_loss < r.base_heldout_loss for v, r in self.experts.items()}
 
     def text(self) -> str:
         head = "demo experts already built (nothing to do)" if self.already_built else \
-            f"built {len(self.built)} demo expert(s) in {self.seconds.get('total', 0):.0f}s"
-        return head + "\n\n" + matrix_table(self.matrix, list(self.wins))
+            f"built {len(self.built)} demo expert(s) in {self.seconds.get('total', 0):.0f}s ({self.profile} profile)"
+        return head + "\n\n" + results_table(self)
 
 
-# ---------------------------------------------------------------- the matrix
-
-
-def matrix_table(matrix: dict[str, dict[str, float]], verticals: list[str]) -> str:
-    """Markdown table: one row per expert (and the base), one column per vertical; own vertical in bold."""
-    header = "| expert \\ vertical | " + " | ".join(verticals) + " |"
-    lines = [header, "|" + "---|" * (len(verticals) + 1)]
-    for row, losses in matrix.items():
-        cells = []
-        for vertical in verticals:
-            value = f"{losses[vertical]:.3f}" if vertical in losses else "-"
-            cells.append(f"**{value}**" if row == demo_name(vertical) else value)
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+def results_table(report: DemoReport) -> str:
+    """Markdown table: per vertical, held-out loss of the base model and of its expert."""
+    lines = ["| vertical | held-out rows | base loss | expert loss | change | train tokens | steps |",
+             "|---|---|---|---|---|---|---|"]
+    for vertical, r in report.experts.items():
+        lines.append(f"| {vertical} | {r.heldout_rows} | {r.base_heldout_loss:.3f} | {r.heldout_loss:.3f} | "
+                     f"{r.heldout_loss - r.base_heldout_loss:+.3f} | {r.train_tokens:,} | {r.steps} |")
     return "\n".join(lines)
 
 
-def _matrix(pool: Any, heldout: dict[str, list], config: DemoConfig, progress: bool) -> dict[str, dict[str, float]]:
-    from tqdm import tqdm
+# ---------------------------------------------------------------- data
 
-    rows = [demo_name(v) for v in config.verticals] + [BASE_EXPERT]
-    matrix: dict[str, dict[str, float]] = {r: {} for r in rows}
-    for vertical in tqdm(config.verticals, desc="held-out matrix", unit="vertical", file=sys.stderr,
-                         disable=not progress):
-        pairs = [(p.question, p.answer) for p in heldout[vertical]]
-        losses = pool.answer_loss(pairs, rows, max_tokens=config.finetune.max_tokens)
-        for row in rows:
-            matrix[row][vertical] = round(losses[row], 4)
-    return matrix
+
+@dataclass(frozen=True)
+class VerticalData:
+    """One vertical's shaped rows, split by hash."""
+
+    train: list[QAPair]
+    """Training rows, in the seeded order training reads them."""
+    heldout: list[QAPair]
+    """Held-out rows, in hash order."""
+    dropped: int
+    """Source rows dropped by shaping."""
+
+
+def load_vertical(data_dir: Path, vertical: str, fraction: float = HELDOUT_FRACTION, seed: int = 0) -> VerticalData:
+    """Shape ``sft/<vertical>.jsonl`` into chat pairs and split it by question hash."""
+    import json
+
+    path = data_dir / "sft" / f"{vertical}.jsonl"
+    if not path.is_file():
+        raise MoseError(f"demo data {path} not found: pass --data DIR (the folder holding sft/) or set {DATA_ENV}")
+    shaped, dropped = [], 0
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pair = shape_pair(row["question"], row["answer"], row.get("source", ""))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise MoseError(f"{path.name} line {number}: needs JSON with string fields 'question' and "
+                                "'answer'") from None
+            if pair is None:
+                dropped += 1
+            else:
+                shaped.append(QAPair(pair.question, pair.answer))
+    train, heldout = split_by_hash(shaped, fraction)
+    random.Random(seed).shuffle(train)
+    return VerticalData(train=train, heldout=heldout, dropped=dropped)
 
 
 # ---------------------------------------------------------------- build
 
 
-def _state_path(home: MoseHome) -> Path:
-    return home.root / "demo" / "matrix.json"
+def report_path(home: MoseHome) -> Path:
+    return home.root / "demo" / "report.json"
+
+
+def load_report(home: MoseHome) -> DemoReport | None:
+    """The last build's report, or None."""
+    try:
+        return DemoReport.model_validate_json(report_path(home).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _active_demo_versions(registry: Any, config: DemoConfig) -> dict[str, Any]:
@@ -120,101 +198,77 @@ def _active_demo_versions(registry: Any, config: DemoConfig) -> dict[str, Any]:
     return active
 
 
-def _saved_report(home: MoseHome, config: DemoConfig) -> DemoReport | None:
-    path = _state_path(home)
-    try:
-        saved = DemoReport.model_validate_json(path.read_text())
-    except (OSError, ValueError):
-        return None
-    wanted = {demo_name(v) for v in config.verticals} | {BASE_EXPERT}
-    return saved if set(saved.matrix) == wanted else None
-
-
 def build_demo(home: MoseHome | None = None, config: DemoConfig | None = None, progress: bool = True) -> DemoReport:
-    """Train, register and activate the missing demo experts, then measure and record the matrix."""
+    """Train, register and activate the missing demo experts; record their results."""
     from registry import Registry
 
     home = home or MoseHome.from_env()
     config = config or DemoConfig()
-    data = {v: _load_vertical(config, v) for v in config.verticals}
-    registry = Registry.open(home)
-    try:
+    data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, config.settings.seed)
+            for v in config.verticals}
+    with Registry.open(home) as registry:
         active = _active_demo_versions(registry, config)
-        saved = _saved_report(home, config)
-        if len(active) == len(config.verticals) and saved is not None and all(saved.wins.values()):
-            return saved.model_copy(update={"already_built": True, "built": []})
-        return _build(home, registry, config, data, active, progress)
-    finally:
-        registry.close()
-
-
-def _load_vertical(config: DemoConfig, vertical: str) -> tuple[list, list, list]:
-    path = config.data_dir / "sft" / f"{vertical}.jsonl"
-    if not path.is_file():
-        raise MoseError(f"demo data {path} not found: pass --data DIR (the folder holding sft/) or set {DATA_ENV}")
-    pairs = load_pairs(path)
-    train, heldout = split_pairs(pairs, config.finetune.heldout_rows, config.finetune.seed)
-    return pairs, train, heldout
-
-
-def _build(home: MoseHome, registry: Any, config: DemoConfig, data: dict, active: dict, progress: bool) -> DemoReport:
-    from experts.pool import ExpertPool
-
-    started = time.perf_counter()
-    trained: dict[str, TrainedAdapter] = {}
+    saved = load_report(home)
+    if len(active) == len(config.verticals) and saved is not None and set(config.verticals) <= set(saved.experts):
+        return saved.model_copy(update={"already_built": True, "built": []})
     missing = [v for v in config.verticals if v not in active]
-    if missing:
-        model, tokenizer = load_base_for_training(home)
-        for i, vertical in enumerate(missing, 1):
-            _, train, _ = data[vertical]
-            peft_model, trained[vertical] = train_lora(model, tokenizer, train, config.finetune, progress,
-                                                       label=f"[{i}/{len(missing)}] {demo_name(vertical)}")
-            model = peft_model.unload()  # LoRA leaves the base weights untouched: reuse them
-        del model
-    train_seconds = time.perf_counter() - started
+    report = saved if saved is not None and saved.version == config.version else DemoReport(version=config.version)
+    report = report.model_copy(update={"profile": config.profile, "settings": config.settings, "built": [],
+                                      "already_built": False})
+    return _build(home, config, data, missing, report, progress)
 
-    pool = ExpertPool(home=home)
-    for vertical in config.verticals:
-        if vertical in trained:
-            pool.add_adapter(demo_name(vertical), trained[vertical].lora_config, trained[vertical].state_dict)
-        else:
-            pool.add_registered(registry, active[vertical])
-    matrix_started = time.perf_counter()
-    matrix = _matrix(pool, {v: data[v][2] for v in config.verticals}, config, progress)
-    matrix_seconds = time.perf_counter() - matrix_started
 
-    for vertical in missing:
-        pairs = data[vertical][0]
-        metrics = {"heldout_loss": matrix[demo_name(vertical)][vertical],
-                   "base_heldout_loss": matrix[BASE_EXPERT][vertical],
-                   "heldout_rows": len(data[vertical][2]), "train_steps": config.finetune.steps,
-                   "final_train_loss": trained[vertical].train_losses[-1]}
-        out = home.root / "demo" / demo_name(vertical)
-        manifest = write_expert(out, demo_name(vertical), vertical, trained[vertical], pairs, metrics,
-                                config.finetune, version=config.version, owner=DEMO_OWNER,
-                                license="Apache-2.0",
-                                description=f"Demo LoRA expert for {vertical.replace('_', ' ')}, fine-tuned on "
-                                            f"{config.data_dir.name}/sft/{vertical}.jsonl (see docs/experts.md "
-                                            "for data sources and licences).")
-        register_expert(manifest, home, actor="demo-build")
-
-    total = time.perf_counter() - started
-    report = DemoReport(
-        built=[demo_name(v) for v in missing], matrix=matrix,
-        wins={v: matrix[demo_name(v)][v] < matrix[BASE_EXPERT][v] for v in config.verticals},
-        seconds={"train": round(train_seconds, 1), "matrix": round(matrix_seconds, 1), "total": round(total, 1)},
-    )
-    if config.docs_path is not None:
-        write_docs(config.docs_path, report, config)
-        report.docs_path = str(config.docs_path)
-    path = _state_path(home)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(report.model_dump_json(indent=2))
-    losers = [v for v, won in report.wins.items() if not won]
+def _build(home: MoseHome, config: DemoConfig, data: dict[str, VerticalData], missing: list[str],
+           report: DemoReport, progress: bool) -> DemoReport:
+    started = time.perf_counter()
+    settings = config.settings
+    model, tokenizer = load_base_for_training(home)
+    trunk = new_trunk(model, tokenizer, settings)
+    for i, vertical in enumerate(missing, 1):
+        rows = data[vertical]
+        heldout = rows.heldout[:config.eval_rows]
+        peft_model, adapter = train_lora(model, tokenizer, rows.train, settings, progress,
+                                         label=f"[{i}/{len(missing)}] {demo_name(vertical)}", heldout=heldout,
+                                         trunk=trunk)
+        model = peft_model.unload()  # LoRA leaves the base weights untouched: reuse them
+        result = ExpertResult(
+            heldout_loss=adapter.heldout_loss, base_heldout_loss=adapter.base_heldout_loss,
+            heldout_rows=len(heldout), train_rows=len(rows.train), dropped_rows=rows.dropped,
+            train_tokens=adapter.train_tokens, steps=len(adapter.train_losses), seconds=round(adapter.seconds, 1),
+            curve=[(p.step, p.tokens, p.heldout_loss) for p in adapter.curve])
+        _register(home, config, vertical, adapter, rows.train, result)
+        report.experts[vertical] = result
+        report.built.append(demo_name(vertical))
+        _save(home, report)
+    report.seconds = {"total": round(time.perf_counter() - started, 1)}
+    _save(home, report)
+    losers = [v for v in missing if not report.wins[v]]
     if losers:
         raise MoseError(f"demo experts for {', '.join(losers)} do not beat the base model on their own vertical; "
-                        "raise --steps and run `mose demo build` again")
+                        "run `mose demo build --profile full` to train longer")
     return report
+
+
+def _register(home: MoseHome, config: DemoConfig, vertical: str, adapter: Any, train: list[QAPair],
+              result: ExpertResult) -> None:
+    metrics = {"heldout_loss": result.heldout_loss, "base_heldout_loss": result.base_heldout_loss,
+               "heldout_rows": result.heldout_rows, "train_steps": result.steps,
+               "train_tokens": result.train_tokens, "final_train_loss": adapter.train_losses[-1]}
+    out = home.root / "demo" / demo_name(vertical)
+    manifest = write_expert(out, demo_name(vertical), vertical, adapter, train, metrics, config.settings,
+                            version=config.version, owner=DEMO_OWNER, license="Apache-2.0",
+                            description=f"Demo LoRA expert for {vertical.replace('_', ' ')}, fine-tuned on "
+                                        f"{config.data_dir.name}/sft/{vertical}.jsonl (see docs/experts.md "
+                                        "for data sources and licences).")
+    register_expert(manifest, home, actor="demo-build")
+
+
+def _save(home: MoseHome, report: DemoReport) -> None:
+    path = report_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(report.model_dump_json(indent=2))
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- docs
@@ -231,37 +285,63 @@ def _attribution(data_dir: Path) -> str:
         if marker in text else "See the data README for sources and licences."
 
 
-def write_docs(path: Path, report: DemoReport, config: DemoConfig) -> None:
-    ft = config.finetune
+def curves_table(report: DemoReport) -> str:
+    """Markdown table of each expert's held-out loss at its measured points (tokens seen: loss)."""
+    lines = ["| vertical | held-out loss by training tokens seen |", "|---|---|"]
+    for vertical, result in report.experts.items():
+        points = ", ".join(f"{tokens:,}: {loss:.3f}" for _, tokens, loss in result.curve)
+        lines.append(f"| {vertical} | {points} |")
+    return "\n".join(lines)
+
+
+def render_docs(report: DemoReport, config: DemoConfig, extra: str = "") -> str:
+    """The ``docs/experts.md`` page for a build's report (``extra``: more sections, e.g. a mixture table)."""
+    ft = report.settings or config.settings
     wins = sum(report.wins.values())
-    body = f"""# Demo experts
+    return f"""# Demo experts
 
 `mose demo build` fine-tunes one LoRA expert per vertical of `shared/data/sft/` on
-SmolLM2-135M-Instruct, registers and activates them (`demo-<vertical>`, version {config.version}).
-`everyday` has no expert: those queries go to the base model.
+SmolLM2-135M-Instruct, registers and activates them (`demo-<vertical>`, version {report.version}).
+`everyday` has no expert: those queries go to the base model. `mose up` builds them with the
+`{config.profile}` profile; this page is written by `mose demo docs` from the build's report
+(`MOSE_HOME/demo/report.json`).
 
-## Held-out answer loss (expert x vertical)
+## Training data
 
-Mean negative log-likelihood per answer token (lower is better) on each vertical's
-{ft.heldout_rows} held-out rows (never trained on), question chat-formatted, truncated to
-{ft.max_tokens} tokens. Own vertical in bold. The `base` row is SmolLM2-135M-Instruct itself.
+Each source row is shaped into the answer a chat user expects (`experts/sft_data.py`): an MMLU
+option that is not a sentence becomes "The answer is <option>."; a GSM8K solution loses its
+calculator marks and ends with "The answer is N."; a MedQuAD answer that opens by restating the
+question loses that sentence; rows whose answer only restates the question are dropped.
+{config.heldout_fraction:.0%} of questions, chosen by a hash of the normalised question, are held
+out: never trained on, the same rows for every model compared. Each expert is measured on the
+first {config.eval_rows} of them (hash order).
 
-{matrix_table(report.matrix, config.verticals)}
+## Held-out answer loss (`{report.profile}` profile)
 
-Experts beating the base model on their own vertical: **{wins} / {len(report.wins)}**.
+Mean negative log-likelihood per answer token (lower is better), question chat-formatted, row cut
+to {ft.max_tokens} tokens. `base` is SmolLM2-135M-Instruct itself on the same rows.
+
+{results_table(report)}
+
+Experts beating the base model on their own vertical: **{wins} / {len(report.experts)}**.
+
+## Learning curves
+
+Held-out loss measured during training (the first point is the base model: LoRA starts as the
+identity).
+
+{curves_table(report)}
 
 ## How they were built
 
 LoRA rank {ft.rank} (alpha {ft.alpha}) on {", ".join(ft.target_modules)} of the last
-{ft.top_layers} decoder layers; {ft.steps} steps of {ft.batch_size} pairs, AdamW lr {ft.learning_rate},
-loss on answer tokens only, seed {ft.seed}. Build time on the 2-core CPU (shared with other jobs
-while measured, so figures may be inflated): training {report.seconds.get('train', 0):.0f} s,
-matrix {report.seconds.get('matrix', 0):.0f} s, total {report.seconds.get('total', 0):.0f} s.
-Re-running `mose demo build` is a no-op once the experts are active.
-
+{ft.top_layers} decoder layers; {ft.train_tokens or 0:,} training tokens per expert, {ft.epochs}
+epoch(s), batches of {ft.batch_size} length-bucketed rows, AdamW peak lr {ft.learning_rate} with a
+short warm-up and linear decay, loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
+below the adapters run once per row (`experts/lora_training.py`). Build time on the 2-core CPU:
+{report.seconds.get('total', 0):.0f} s for the experts this report's last run built.
+{extra}
 ## Data
 
 {_attribution(config.data_dir)}
 """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body, encoding="utf-8")

@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts.base_models import SMOLLM2_ID, ensure_base_model
 from experts.policy import DevicePolicy
-from experts.chat import BASE_ADAPTER, answer_logprobs, answer_nll, encode_pair
+from experts.chat import encode_pair
 from registry.errors import MoseError
 from registry.home import MoseHome
 
@@ -38,9 +38,14 @@ class FinetuneConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = Field(default=30, ge=1, description="Optimizer steps.")
+    steps: int | None = Field(default=30, ge=1, description="Stop after this many optimizer steps (None: run "
+                              "every epoch to the end).")
+    epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
+    train_tokens: int | None = Field(default=None, ge=1, description="Train on the leading shuffled rows whose "
+                                     "tokens add up to this budget (None: every row).")
     batch_size: int = Field(default=4, ge=1, description="Question/answer pairs per step.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW learning rate.")
+    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW peak learning rate (short warm-up, "
+                                 "then linear decay to a tenth).")
     rank: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
     alpha: int = Field(default=16, ge=1, description="LoRA alpha (scaling = alpha / rank).")
     target_modules: list[str] = Field(
@@ -54,6 +59,8 @@ class FinetuneConfig(BaseModel):
     heldout_rows: int = Field(default=16, ge=1, description="Rows kept out of training to measure loss.")
     max_train_rows: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
     seed: int = Field(default=0, description="Seed of the split, the batch order and the LoRA init.")
+    curve_points: int = Field(default=2, ge=2, description="Held-out loss measurements spread over training "
+                              "(the first is the base model's loss, the last the trained adapter's).")
     example_queries: int = Field(default=24, ge=20, description="Example queries written into the manifest.")
 
 
@@ -71,10 +78,22 @@ class TrainedAdapter:
     state_dict: dict
     train_losses: list[float]
     seconds: float
+    curve: list[Any] = field(default_factory=list)
+    train_tokens: int = 0
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.state_dict.values())
+
+    @property
+    def heldout_loss(self) -> float | None:
+        """Held-out answer loss after training (the curve's last point), if measured."""
+        return self.curve[-1].heldout_loss if self.curve else None
+
+    @property
+    def base_heldout_loss(self) -> float | None:
+        """The base model's held-out answer loss on the same rows (the curve's first point)."""
+        return self.curve[0].heldout_loss if self.curve else None
 
 
 class FinetuneResult(BaseModel):
@@ -165,61 +184,50 @@ def lora_config_for(config: FinetuneConfig, num_layers: int) -> Any:
 
 
 def train_lora(model: Any, tokenizer: Any, train: list[QAPair], config: FinetuneConfig,
-               progress: bool = True, label: str = "finetune") -> tuple[Any, TrainedAdapter]:
-    """Train a LoRA adapter on ``model`` (wrapped in place); return (peft model, adapter)."""
+               progress: bool = True, label: str = "finetune", heldout: list[QAPair] | None = None,
+               trunk: Any = None) -> tuple[Any, TrainedAdapter]:
+    """Train a LoRA adapter on ``model`` (wrapped in place); return (peft model, adapter).
+
+    The frozen layers below the adapted ones run once per row (:mod:`experts.lora_training`);
+    pass the ``trunk`` of an earlier call on the same base model to reuse its cached rows.
+    ``heldout`` rows give the adapter's held-out loss curve (``config.curve_points`` points).
+    """
     import torch
     from peft import get_peft_model, get_peft_model_state_dict
-    from tqdm import tqdm
 
-    DevicePolicy().plan()  # CPU thread setting
+    from experts.lora_training import take_tokens, train_cached
+
+    policy = DevicePolicy()
+    policy.plan()  # CPU thread setting
     torch.manual_seed(config.seed)
-    peft_model = get_peft_model(model, lora_config_for(config, model.config.num_hidden_layers),
-                                adapter_name=ADAPTER_KEY)
+    num_layers = model.config.num_hidden_layers
+    peft_model = get_peft_model(model, lora_config_for(config, num_layers), adapter_name=ADAPTER_KEY)
     rows = train[: config.max_train_rows] if config.max_train_rows else train
-    encoded = [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))  # short warm-up
-    batches = _batch_order(len(encoded), config)
-    losses: list[float] = []
-    started = time.perf_counter()
-    peft_model.train()
-    bar = tqdm(batches, desc=label, unit="step", file=sys.stderr, disable=not progress)
-    for batch in bar:
-        sums, counts = answer_logprobs(peft_model, [encoded[i] for i in batch], pad)
-        loss = -sums.sum() / counts.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(float(loss.detach()))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    peft_model.eval()
+    encoded = take_tokens([encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows],
+                          config.train_tokens)
+    held = [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in heldout or []]
+    trunk = trunk or new_trunk(peft_model.base_model.model, tokenizer, config)
+    run = train_cached(peft_model, trunk, encoded, held, batch_size=config.batch_size, epochs=config.epochs,
+                       max_steps=config.steps, learning_rate=config.learning_rate, seed=config.seed + 1,
+                       curve_points=config.curve_points, progress=progress, label=label)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_KEY).items()}
     lora_config = peft_model.peft_config[ADAPTER_KEY]
     lora_config.base_model_name_or_path = SMOLLM2_ID  # an id, never a path or hub name to fetch
     lora_config.inference_mode = True
-    return peft_model, TrainedAdapter(lora_config, state, losses, time.perf_counter() - started)
+    return peft_model, TrainedAdapter(lora_config, state, run.train_losses, run.seconds, run.curve, run.train_tokens)
 
 
-def _batch_order(rows: int, config: FinetuneConfig) -> list[list[int]]:
-    """Seeded epochs of shuffled row indices, cut into ``steps`` batches."""
-    rng = random.Random(config.seed + 1)
-    order: list[int] = []
-    while len(order) < config.steps * config.batch_size:
-        epoch = list(range(rows))
-        rng.shuffle(epoch)
-        order.extend(epoch)
-    return [order[i * config.batch_size:(i + 1) * config.batch_size] for i in range(config.steps)]
+def new_trunk(model: Any, tokenizer: Any, config: FinetuneConfig) -> Any:
+    """A :class:`~experts.lora_training.TrunkCache` of the layers ``config`` leaves unadapted, for
+    :func:`train_lora` calls on the same base model to share."""
+    from experts.lora_training import TrunkCache
 
-
-def heldout_losses(peft_model: Any, tokenizer: Any, heldout: list[QAPair], max_tokens: int) -> tuple[float, float]:
-    """(adapter loss, base loss) on the same held-out rows, in one set of mixed-adapter batches."""
-    losses = answer_nll(peft_model, tokenizer, [(p.question, p.answer) for p in heldout],
-                        [ADAPTER_KEY, BASE_ADAPTER], max_tokens)
-    return losses[ADAPTER_KEY], losses[BASE_ADAPTER]
+    policy = DevicePolicy()
+    num_layers = model.config.num_hidden_layers
+    split = num_layers - config.top_layers if config.top_layers and config.top_layers < num_layers else 0
+    device = policy.resolve_device()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return TrunkCache(model, split, pad, dtype=policy.compute_dtype(device) if device == "cpu" else None)
 
 
 # ---------------------------------------------------------------- output and registration
@@ -294,11 +302,11 @@ def finetune(data: str | Path, domain: str, name: str, config: FinetuneConfig | 
     pairs = load_pairs(data)
     train, heldout = split_pairs(pairs, config.heldout_rows, config.seed)
     model, tokenizer = load_base_for_training(home)
-    peft_model, adapter = train_lora(model, tokenizer, train, config, progress, label=name)
-    loss, base_loss = heldout_losses(peft_model, tokenizer, heldout, config.max_tokens)
+    peft_model, adapter = train_lora(model, tokenizer, train, config, progress, label=name, heldout=heldout)
+    loss, base_loss = adapter.heldout_loss, adapter.base_heldout_loss
     out = Path(out_dir) if out_dir else home.root / "finetuned" / f"{name}-{version}"
     metrics = {"heldout_loss": loss, "base_heldout_loss": base_loss, "heldout_rows": len(heldout),
-               "train_steps": config.steps, "final_train_loss": adapter.train_losses[-1]}
+               "train_steps": len(adapter.train_losses), "final_train_loss": adapter.train_losses[-1]}
     manifest_path = write_expert(out, name, domain, adapter, pairs, metrics, config, version, owner, license)
     del peft_model, model
     torch.set_grad_enabled(True)

@@ -442,18 +442,35 @@ class ExpertPool:
     def answer_loss(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
                     batch_size: int = 8) -> dict[str, float]:
         """Held-out answer loss (token-weighted mean NLL) of each shared-base expert on the same pairs."""
-        from experts.chat import answer_nll
+        rows = self.answer_nll_rows(pairs, experts, max_tokens, batch_size)
+        return {name: sum(n for n, _ in per_row) / max(1, sum(c for _, c in per_row)) for name, per_row in rows.items()}
+
+    def answer_nll_rows(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
+                        batch_size: int = 8) -> dict[str, list[tuple[float, int]]]:
+        """Per shared-base expert, per pair: (summed answer-token NLL, answer tokens), every
+        (pair, expert) row in mixed-adapter batches (teacher-forced, truncated to ``max_tokens``)."""
+        import torch
 
         keys = {}
         for name in experts:
             kind, key = self._resolve(name)
             if kind != "shared":
-                raise MoseError(f"answer_loss compares experts on the shared base; {name!r} is a full expert")
+                raise MoseError(f"answer losses compare experts on the shared base; {name!r} is a full expert")
             keys[name] = key
-        with self._lock:
-            losses = answer_nll(self._shared_model(), self.tokenizer, pairs,
-                                self._adapter_names(list(dict.fromkeys(keys.values()))), max_tokens, batch_size)
-        return {name: losses.get(key, losses.get(BASE_ADAPTER)) for name, key in keys.items()}
+        encoded = [encode_pair(self.tokenizer, q, a, max_tokens) for q, a in pairs]
+        jobs = sorted(((name, i) for name in keys for i in range(len(encoded))),
+                      key=lambda job: len(encoded[job[1]].input_ids))
+        out: dict[str, list[tuple[float, int]]] = {name: [(0.0, 0)] * len(encoded) for name in keys}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with self._lock, torch.inference_mode():
+            model = self._shared_model()
+            for start in range(0, len(jobs), batch_size):
+                chunk = jobs[start:start + batch_size]
+                names = self._adapter_names([keys[name] for name, _ in chunk])
+                sums, counts = answer_logprobs(model, [encoded[i] for _, i in chunk], pad, names)
+                for (name, i), total, count in zip(chunk, sums.tolist(), counts.tolist()):
+                    out[name][i] = (-total, int(count))
+        return out
 
     def score(self, question: str, answer: str, experts: Sequence[str],
               adapt_question: bool = True, state_layer: int | None = None) -> list[ExpertScore]:

@@ -1,13 +1,18 @@
-"""``mose demo build``: fine-tune, register and activate one demo expert per vertical.
+"""``mose demo build|docs``: the demo experts, one per vertical.
 
-Trains a LoRA expert for each vertical of ``../shared/data/sft/`` (nine), measures the expert x
-vertical matrix of held-out answer loss (plus the base model), prints it and writes it to
-docs/experts.md. Slow on first run (minutes), a no-op after.
+``build`` shapes each vertical of ``../shared/data/sft/`` (nine) into chat answers, fine-tunes a
+LoRA expert on it with the profile's token budget, measures its held-out loss curve against the
+base model on rows never trained on, registers and activates it, and records the results in
+``MOSE_HOME/demo/report.json``. Slow on first run (minutes), a no-op after.
+
+``docs`` renders that report as ``docs/experts.md`` (only when asked: building never writes into
+the checkout).
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from serve.commands._common import add_common_flags, emit, home_of
 
@@ -21,28 +26,55 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common_flags(build)
     build.add_argument("--data", default=None, help="folder holding sft/<vertical>.jsonl "
                                                     "(default $MOSE_SHARED_DATA or <repo>/../shared/data)")
-    build.add_argument("--steps", type=int, default=None, help="fine-tune steps per expert (default 12)")
+    build.add_argument("--profile", choices=["start", "full"], default="start",
+                       help="training budget: 'start' (16k tokens per expert, what `mose up` builds) or "
+                            "'full' (64k tokens, 2 epochs) (default start)")
+    build.add_argument("--train-tokens", type=int, default=None,
+                       help="training tokens per expert (default: the profile's)")
     build.add_argument("--verticals", default=None, help="comma-separated subset of verticals (default: all nine)")
-    build.add_argument("--no-docs", action="store_true", help="do not write docs/experts.md")
     build.set_defaults(func=run_build)
+    docs = demo_sub.add_parser("docs", help="write docs/experts.md from the last build's report",
+                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_flags(docs)
+    docs.add_argument("--data", default=None, help="folder holding the data README (attribution)")
+    docs.add_argument("--out", default=None, help="page to write (default <repo>/docs/experts.md)")
+    docs.set_defaults(func=run_docs)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
 
-def run_build(args: argparse.Namespace) -> int:
-    from experts.demo import DemoConfig, build_demo
+def _config(args: argparse.Namespace):
+    from experts.demo import DemoConfig, profile_finetune
     from experts.types import validate
 
-    overrides: dict = {}
+    overrides: dict = {"profile": getattr(args, "profile", None) or "start"}
     if args.data:
         overrides["data_dir"] = args.data
-    if args.verticals:
+    if getattr(args, "verticals", None):
         overrides["verticals"] = [v.strip() for v in args.verticals.split(",") if v.strip()]
-    if args.no_docs:
-        overrides["docs_path"] = None
-    config = validate(DemoConfig, overrides, "demo options")
-    if args.steps is not None:
-        config = config.model_copy(update={"finetune": validate(
-            type(config.finetune), config.finetune.model_dump() | {"steps": args.steps}, "demo options")})
-    report = build_demo(home_of(args), config, progress=not args.json)
+    if getattr(args, "train_tokens", None) is not None:
+        settings = profile_finetune(overrides["profile"]).model_dump() | {"train_tokens": args.train_tokens}
+        overrides["finetune"] = settings
+    return validate(DemoConfig, overrides, "demo options")
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from experts.demo import build_demo
+
+    report = build_demo(home_of(args), _config(args), progress=not args.json)
     emit(args, report.model_dump(mode="json"), report.text())
+    return 0
+
+
+def run_docs(args: argparse.Namespace) -> int:
+    from experts.demo import REPO_ROOT, load_report, render_docs
+    from registry.errors import MoseError
+
+    home = home_of(args)
+    report = load_report(home)
+    if report is None:
+        raise MoseError(f"no demo build report in {home.root}: run `mose demo build` first")
+    args.profile = report.profile
+    out = Path(args.out) if args.out else REPO_ROOT / "docs" / "experts.md"
+    out.write_text(render_docs(report, _config(args)), encoding="utf-8")
+    emit(args, {"written": str(out)}, f"wrote {out}")
     return 0

@@ -1,0 +1,282 @@
+"""The mixture against the monolith: do routed specialists answer better than one generalist?
+
+    .venv/bin/python benchmarks/mixture.py --home .mose          # after `make start`
+    .venv/bin/python benchmarks/mixture.py --home .mose --json out.json
+
+On the held-out rows of every demo vertical (the first ``--rows`` by question hash, never
+trained on), in one run and on the same rows for every system:
+
+* ``base``: SmolLM2-135M-Instruct alone;
+* ``generalist``: one LoRA of the same shape, trained on exactly the rows the nine experts were
+  trained on together (the same training tokens in all), shuffled, with the same settings;
+* ``oracle``: each question answered by its own vertical's expert;
+* ``auto``: each question answered by the expert the shipped router picks (the base model where
+  it abstains).
+
+Metrics per vertical and overall: answer NLL per token, teacher-forced on the reference answer;
+on the first ``--gen-rows`` rows, the greedy answer's MiniLM cosine similarity to the reference,
+its degenerate rate (empty, echoed question, repetition loop: :func:`experts.sft_data.degenerate`)
+and, for math, whether its final number is the reference's. Printed beside them: a 95 %
+bootstrap interval for ``auto`` minus ``generalist`` NLL and the router's share of questions per
+vertical. The generalist is cached under ``MOSE_HOME/benchmarks/`` (keyed by its training
+settings), so a second run only measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SYSTEMS = ("base", "generalist", "oracle", "auto")
+GENERALIST = "mixture-generalist"
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- the generalist
+
+
+def generalist_rows(data: dict, settings, tokenizer) -> list:
+    """The rows the nine experts trained on, together (each vertical's leading rows within the
+    token budget, as :func:`experts.finetune.train_lora` takes them), shuffled."""
+    from experts.chat import encode_pair
+
+    rows = []
+    for vd in data.values():
+        used = 0
+        for pair in vd.train:
+            if settings.train_tokens is not None and used >= settings.train_tokens:
+                break
+            rows.append(pair)
+            used += len(encode_pair(tokenizer, pair.question, pair.answer, settings.max_tokens).input_ids)
+    random.Random(settings.seed + 7).shuffle(rows)
+    return rows
+
+
+def train_generalist(home, data: dict, settings, progress: bool):
+    """(lora_config, state_dict) of the generalist, trained once and cached in the home."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from experts.finetune import load_base_for_training, train_lora
+
+    from transformers import AutoTokenizer
+
+    from experts.base_models import SMOLLM2_ID, ensure_base_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
+    rows = generalist_rows(data, settings, tokenizer)
+    key = hashlib.sha256((settings.model_dump_json() + "".join(p.question + p.answer for p in rows))
+                         .encode()).hexdigest()[:16]
+    folder = home.root / "benchmarks" / f"generalist-{key}"
+    if (folder / "adapter_model.safetensors").is_file():
+        config = LoraConfig(**json.loads((folder / "adapter_config.json").read_text()))
+        return config, load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "run.json").read_text())
+    log(f"training the generalist on {len(rows)} rows (the nine experts' training rows together)")
+    model, tokenizer = load_base_for_training(home)
+    generalist = settings.model_copy(update={"train_tokens": None, "curve_points": 2})
+    _, adapter = train_lora(model, tokenizer, rows, generalist, progress, label="generalist")
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter.lora_config.to_dict().items()}
+    (folder / "adapter_config.json").write_text(json.dumps(config, default=str))
+    save_file({k: v.contiguous() for k, v in adapter.state_dict.items()}, str(folder / "adapter_model.safetensors"))
+    run = {"rows": len(rows), "train_tokens": adapter.train_tokens, "steps": len(adapter.train_losses),
+           "seconds": round(adapter.seconds, 1)}
+    (folder / "run.json").write_text(json.dumps(run))
+    del model
+    torch.set_grad_enabled(True)
+    return adapter.lora_config, adapter.state_dict, run
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def final_number(text: str) -> str | None:
+    """The last number in ``text`` (commas dropped), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "").rstrip(".") if found else None
+
+
+def bootstrap_difference(a: list[tuple[float, int]], b: list[tuple[float, int]], samples: int = 2000,
+                         seed: int = 0) -> tuple[float, float, float]:
+    """Token-weighted mean NLL of ``a`` minus ``b`` on the same rows: (estimate, 2.5 %, 97.5 %)."""
+    import numpy as np
+
+    nll_a, tok_a = np.array([n for n, _ in a]), np.array([c for _, c in a])
+    nll_b, tok_b = np.array([n for n, _ in b]), np.array([c for _, c in b])
+    estimate = nll_a.sum() / tok_a.sum() - nll_b.sum() / tok_b.sum()
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(samples, len(a)))
+    diffs = nll_a[picks].sum(1) / tok_a[picks].sum(1) - nll_b[picks].sum(1) / tok_b[picks].sum(1)
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return float(estimate), float(low), float(high)
+
+
+def run(args: argparse.Namespace) -> dict:
+    from experts.demo import DemoConfig, demo_name, load_report, load_vertical
+    from experts.pool import ExpertPool
+    from experts.sft_data import degenerate
+    from registry import Registry
+    from registry.home import MoseHome
+    from router_model.evaluate import MiniLMEmbedder
+    from router_model.runtime import load_router
+
+    started = time.perf_counter()
+    home = MoseHome.from_env(args.home)
+    report = load_report(home)
+    if report is None:
+        raise SystemExit(f"no demo build in {home.root}: run `mose up --prepare-only` (or `mose demo build`) first")
+    verticals = [v for v in (args.verticals.split(",") if args.verticals else report.experts) if v]
+    config = DemoConfig(data_dir=args.data or DemoConfig().data_dir, profile=report.profile, verticals=verticals)
+    settings = config.settings if args.train_tokens is None else \
+        config.settings.model_copy(update={"train_tokens": args.train_tokens})
+    data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, settings.seed) for v in verticals}
+
+    lora_config, state, generalist_run = train_generalist(home, data, settings, progress=not args.quiet)
+    with Registry.open(home) as registry:
+        pool = ExpertPool(home=home)
+        for vertical in verticals:
+            pool.add_registered(registry, registry.active(demo_name(vertical)))
+        pool.add_adapter(GENERALIST, lora_config, state)
+        router = load_router(home, registry)
+        rows = [(v, p) for v in verticals for p in data[v].heldout[:args.rows]]
+        decisions = router.route_batch([p.question for _, p in rows])
+    served = set(pool.experts()) | {"base"}
+    routed = [d.expert if d.expert in served else "base" for d in decisions]
+
+    def system_expert(system: str, index: int) -> str:
+        vertical = rows[index][0]
+        return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical),
+                "auto": routed[index]}[system]
+
+    log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS)} systems")
+    needed = sorted({system_expert(s, i) for s in SYSTEMS for i in range(len(rows))})
+    pairs = [(p.question, p.answer) for _, p in rows]
+    by_expert = pool.answer_nll_rows(pairs, needed, max_tokens=settings.max_tokens)
+    nll = {s: [by_expert[system_expert(s, i)][i] for i in range(len(rows))] for s in SYSTEMS}
+
+    gen_index = [i for i, (v, _) in enumerate(rows) if data[v].heldout.index(rows[i][1]) < args.gen_rows]
+    jobs = sorted({(i, system_expert(s, i)) for s in SYSTEMS for i in gen_index})
+    log(f"greedy answers: {len(jobs)} distinct (question, expert) pairs, up to {args.max_new_tokens} tokens")
+    answers = {}
+    for start in range(0, len(jobs), args.batch):
+        chunk = jobs[start:start + args.batch]
+        results = pool.generate([{"expert": e, "messages": [{"role": "user", "content": rows[i][1].question}],
+                                  "params": {"max_new_tokens": args.max_new_tokens}} for i, e in chunk])
+        answers.update({job: r.text for job, r in zip(chunk, results)})
+        log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
+    embed = MiniLMEmbedder()
+    texts = sorted(set(answers.values()) | {rows[i][1].answer for i in gen_index})
+    vectors = dict(zip(texts, embed(texts)))
+
+    def gen_metrics(system: str, indices: list[int]) -> dict:
+        picked = [i for i in indices if i in set(gen_index)]
+        if not picked:
+            return {}
+        outs = [(i, answers[(i, system_expert(system, i))]) for i in picked]
+        sims = [float(vectors[text] @ vectors[rows[i][1].answer]) for i, text in outs]
+        reasons = [degenerate(rows[i][1].question, text) for i, text in outs]
+        metrics = {"similarity": sum(sims) / len(sims), "degenerate": sum(r is not None for r in reasons) / len(outs),
+                   "echo": reasons.count("echo") / len(outs), "empty": reasons.count("empty") / len(outs),
+                   "loop": reasons.count("loop") / len(outs), "answers": len(outs)}
+        numeric = [(text, rows[i][1].answer) for i, text in outs if rows[i][0] == "math"
+                   and final_number(rows[i][1].answer) is not None]
+        if numeric:
+            metrics["math_final_number"] = sum(final_number(t) == final_number(r) for t, r in numeric) / len(numeric)
+        return metrics
+
+    def nll_of(system: str, indices: list[int]) -> float:
+        picked = [nll[system][i] for i in indices]
+        return sum(n for n, _ in picked) / max(1, sum(c for _, c in picked))
+
+    per_vertical = {}
+    for vertical in verticals + ["overall"]:
+        indices = [i for i, (v, _) in enumerate(rows) if vertical in (v, "overall")]
+        per_vertical[vertical] = {s: {"nll": nll_of(s, indices), **gen_metrics(s, indices)} for s in SYSTEMS}
+        per_vertical[vertical]["rows"] = len(indices)
+        shares: dict[str, int] = {}
+        for i in indices:
+            shares[routed[i]] = shares.get(routed[i], 0) + 1
+        per_vertical[vertical]["routing"] = {k: v / len(indices) for k, v in sorted(shares.items())}
+        per_vertical[vertical]["routed_to_own"] = sum(
+            routed[i] == demo_name(rows[i][0]) for i in indices) / len(indices)
+    auto_minus_generalist = bootstrap_difference(nll["auto"], nll["generalist"])
+    return {
+        "home": str(home.root), "profile": report.profile, "verticals": verticals,
+        "rows_per_vertical": args.rows, "gen_rows_per_vertical": args.gen_rows,
+        "max_new_tokens": args.max_new_tokens, "generalist": generalist_run,
+        "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts),
+        "per_vertical": per_vertical,
+        "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
+        "auto_minus_oracle_nll": nll_of("auto", list(range(len(rows)))) - nll_of("oracle", list(range(len(rows)))),
+        "router": getattr(router, "version", "fallback"),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def table(result: dict) -> str:
+    """Markdown tables: NLL per vertical and system, then the greedy-answer metrics overall."""
+    verticals = result["verticals"]
+    lines = ["| system | " + " | ".join(verticals) + " | overall |", "|---|" + "---|" * (len(verticals) + 1)]
+    for system in SYSTEMS:
+        cells = [f"{result['per_vertical'][v][system]['nll']:.3f}" for v in verticals + ["overall"]]
+        lines.append(f"| {system} | " + " | ".join(cells) + " |")
+    lines.append("| routed to own expert | " + " | ".join(
+        f"{result['per_vertical'][v]['routed_to_own']:.0%}" for v in verticals + ["overall"]) + " |")
+    lines += ["", "| system (greedy answers) | MiniLM similarity | degenerate | echo | empty | loop | math final number |",
+              "|---|---|---|---|---|---|---|"]
+    overall = result["per_vertical"]["overall"]
+    math = result["per_vertical"].get("math", {})
+    for system in SYSTEMS:
+        m = overall[system]
+        if "similarity" not in m:
+            continue
+        exact = math.get(system, {}).get("math_final_number")
+        lines.append(f"| {system} | {m['similarity']:.3f} | {m['degenerate']:.1%} | {m['echo']:.1%} | "
+                     f"{m['empty']:.1%} | {m['loop']:.1%} | {'-' if exact is None else f'{exact:.0%}'} |")
+    d = result["auto_minus_generalist_nll"]
+    lines += ["", f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
+                  f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--home", default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
+                        help="data directory with the demo experts and the router (default $MOSE_HOME or .mose)")
+    parser.add_argument("--data", default=None, help="folder holding sft/ (default $MOSE_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--verticals", default=None, help="comma-separated subset (default: every demo expert)")
+    parser.add_argument("--rows", type=int, default=64, help="held-out rows per vertical for NLL (default 64)")
+    parser.add_argument("--gen-rows", type=int, default=16, help="of those, rows answered greedily (default 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="greedy answer length (default 96)")
+    parser.add_argument("--batch", type=int, default=16, help="generation requests per call (default 16)")
+    parser.add_argument("--train-tokens", type=int, default=None,
+                        help="tokens per vertical in the generalist's data (default: the experts' budget)")
+    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

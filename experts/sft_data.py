@@ -1,0 +1,198 @@
+"""Training data for chat experts: shaping source rows into chat answers, and a stable held-out split.
+
+Source rows come in the shape of their benchmark, not of a chat reply: an MMLU row's answer is
+the text of its correct option ("the law.", "True, False"), a GSM8K solution ends in
+``#### 60`` and carries calculator marks (``<<16*10=160>>``). An expert trained on those learns
+to answer in option fragments. :func:`shape_pair` turns each row into the answer a chat user
+expects, and drops rows that would teach an expert to echo the question back.
+
+The held-out split is fixed by a hash of the question (:func:`heldout_bucket`), so it does not
+move when rows are added, reordered or trained with another seed, and the same question never
+sits on both sides (duplicates hash alike).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+HELDOUT_FRACTION = 0.1
+"""Share of questions (by hash) kept out of training: 60 or more rows in each demo vertical
+(the smallest has 920)."""
+
+_FUNCTION_WORDS = frozenset("""
+a an the and or but if of to in on at by for with from as is are was were be been being am do does did
+it its this that these those there here what which who whom whose when where why how can
+could should would will shall may might must i you he she we they me him her us them my your our their
+s t so than then too very just also about into over under up down out
+""".split())
+"""Words that restate a question without answering it."""
+
+SENTENCE_MIN_WORDS = 4
+"""An option of this many words that ends like a sentence is already a full answer."""
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+_FINAL_NUMBER = re.compile(r"\n?####\s*(.+?)\s*$")
+_WORD = re.compile(r"\w+", re.UNICODE)
+_FIRST_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+
+
+@dataclass(frozen=True)
+class ShapedPair:
+    """A question and the chat answer made from its source row."""
+
+    question: str
+    answer: str
+    source: str
+
+
+def normalise(text: str) -> str:
+    """Lower-case words joined by single spaces (punctuation and accents' forms folded)."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(_WORD.findall(text))
+
+
+def heldout_bucket(question: str, fraction: float = HELDOUT_FRACTION) -> bool:
+    """True when ``question`` belongs to the held-out split (a hash of its normalised text)."""
+    digest = hashlib.sha256(normalise(question).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+
+
+def hash_order(question: str) -> bytes:
+    """Sort key that orders held-out questions the same way on every run."""
+    return hashlib.sha256(normalise(question).encode("utf-8")).digest()
+
+
+def split_by_hash(pairs: Sequence, fraction: float = HELDOUT_FRACTION) -> tuple[list, list]:
+    """(train, held-out) by :func:`heldout_bucket`; held-out rows in hash order."""
+    train = [p for p in pairs if not heldout_bucket(p.question, fraction)]
+    heldout = sorted((p for p in pairs if heldout_bucket(p.question, fraction)), key=lambda p: hash_order(p.question))
+    return train, heldout
+
+
+# ---------------------------------------------------------------- answer checks
+
+
+def echoes(question: str, answer: str) -> bool:
+    """True when the answer only restates the question: every word of it that carries meaning
+    (not a function word) is already in the question. "Baseball is the most popular
+    sport in Japan" answers its question; "What causes high blood pressure?" echoes it."""
+    asked = set(normalise(question).split())
+    said = normalise(answer).split()
+    return bool(said) and all(word in asked or word in _FUNCTION_WORDS for word in said)
+
+
+def is_empty(answer: str) -> bool:
+    """True when the answer has no word or number in it."""
+    return not _WORD.search(answer)
+
+
+def loops(answer: str, max_period: int = 24) -> bool:
+    """True when the answer repeats itself: a run of 1-``max_period`` words three times in a row,
+    or the same sentence of four or more words twice."""
+    words = normalise(answer).split()
+    for period in range(1, min(max_period, len(words) // 3) + 1):
+        for start in range(0, len(words) - 3 * period + 1):
+            chunk = words[start:start + period]
+            if chunk == words[start + period:start + 2 * period] == words[start + 2 * period:start + 3 * period]:
+                return True
+    sentences = [normalise(s) for s in re.split(r"(?<=[.!?])\s+|\n+", answer)]
+    seen: set[str] = set()
+    for sentence in sentences:
+        if len(sentence.split()) >= SENTENCE_MIN_WORDS:
+            if sentence in seen:
+                return True
+            seen.add(sentence)
+    return False
+
+
+def degenerate(question: str, answer: str) -> str | None:
+    """Why an answer is degenerate (``"empty"``, ``"echo"``, ``"loop"``), or None when it is not."""
+    if is_empty(answer):
+        return "empty"
+    if echoes(question, answer):
+        return "echo"
+    if loops(answer):
+        return "loop"
+    return None
+
+
+# ---------------------------------------------------------------- shaping
+
+
+def _sentence(text: str) -> str:
+    """``text`` with a capital first letter and a closing full stop."""
+    text = text.strip()
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if text[-1] in ".!?)\"'`" else text + "."
+
+
+def _reads_as_sentence(option: str) -> bool:
+    words = option.split()
+    return len(words) >= SENTENCE_MIN_WORDS and option.rstrip()[-1:] in ".!?" and option[:1].isupper()
+
+
+def option_answer(option: str) -> str:
+    """A multiple-choice option as a chat answer: a sentence stays as it is; a fragment ("the law.",
+    "True, False", "$97.33") becomes "The answer is <option>."."""
+    option = option.strip()
+    if _reads_as_sentence(option):
+        return option
+    return f"The answer is {option.rstrip('.').strip()}."
+
+
+def solution_answer(solution: str) -> str:
+    """A GSM8K solution as a chat answer: calculator marks removed, ``#### N`` as a last sentence."""
+    text = _CALCULATOR.sub("", solution).strip()
+    match = _FINAL_NUMBER.search(text)
+    if match:
+        text = text[:match.start()].rstrip() + f"\nThe answer is {match.group(1)}."
+    return text
+
+
+def shape_answer(answer: str, source: str) -> str:
+    """The chat answer for one source row's answer (by the row's ``source``)."""
+    family = source.split("/", 1)[0]
+    if family == "mmlu":
+        return option_answer(answer)
+    if family == "gsm8k":
+        return solution_answer(answer)
+    if family in ("truthfulqa", "medquad"):
+        return _sentence(answer)
+    return answer.strip()
+
+
+def without_restated_opening(question: str, answer: str) -> str:
+    """``answer`` less a first sentence that only restates the question (MedQuAD answers often open
+    with "What are the signs and symptoms of X?"), when something follows it."""
+    parts = _FIRST_SENTENCE.split(answer.strip(), maxsplit=1)
+    if len(parts) == 2 and parts[1].strip() and echoes(question, parts[0]):
+        return parts[1].strip()
+    return answer
+
+
+def shape_pair(question: str, answer: str, source: str = "") -> ShapedPair | None:
+    """The row as a chat question and answer, or None when it would teach an expert to echo the
+    question (its answer restates the question) or to say nothing."""
+    question = question.strip()
+    shaped = without_restated_opening(question, shape_answer(answer, source))
+    if is_empty(shaped) or echoes(question, shaped):
+        return None
+    return ShapedPair(question, shaped, source)
+
+
+def shape_pairs(rows: Iterable[tuple[str, str, str]]) -> tuple[list[ShapedPair], int]:
+    """(shaped pairs, rows dropped) for ``(question, answer, source)`` rows."""
+    shaped, dropped = [], 0
+    for question, answer, source in rows:
+        pair = shape_pair(question, answer, source)
+        if pair is None:
+            dropped += 1
+        else:
+            shaped.append(pair)
+    return shaped, dropped
