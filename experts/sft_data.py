@@ -168,10 +168,10 @@ def shape_answer(answer: str, source: str) -> str:
 
 
 def without_restated_opening(question: str, answer: str) -> str:
-    """``answer`` less a first sentence that only restates the question (MedQuAD answers often open
-    with "What are the signs and symptoms of X?"), when something follows it."""
+    """``answer`` less a first sentence that restates the question or asks one (MedQuAD answers often
+    open with "What are the signs and symptoms of X?"), when something follows it."""
     parts = _FIRST_SENTENCE.split(answer.strip(), maxsplit=1)
-    if len(parts) == 2 and parts[1].strip() and echoes(question, parts[0]):
+    if len(parts) == 2 and parts[1].strip() and (echoes(question, parts[0]) or parts[0].endswith("?")):
         return parts[1].strip()
     return answer
 
