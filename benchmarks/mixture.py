@@ -144,8 +144,9 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(f"no demo build in {home.root}: run `mose up --prepare-only` (or `mose demo build`) first")
     verticals = [v for v in (args.verticals.split(",") if args.verticals else report.experts) if v]
     config = DemoConfig(data_dir=args.data or DemoConfig().data_dir, profile=report.profile, verticals=verticals)
-    settings = config.settings if args.train_tokens is None else \
-        config.settings.model_copy(update={"train_tokens": args.train_tokens})
+    built_with = report.settings or config.settings  # the generalist gets the experts' own budget
+    settings = built_with if args.train_tokens is None else \
+        built_with.model_copy(update={"train_tokens": args.train_tokens})
     data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, settings.seed) for v in verticals}
 
     lora_config, state, generalist_run = train_generalist(home, data, settings, progress=not args.quiet)
