@@ -280,7 +280,8 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
     answers = [p.answer for p in train]
     random.Random(1).shuffle(answers)
     model, tokenizer = load_base_for_training()
-    config = FinetuneConfig(steps=20, batch_size=8, learning_rate=3e-3, top_layers=10, max_tokens=48)
+    # peak 6e-3: the schedule decays linearly, so the mean rate is about the 3e-3 a bad juror needs
+    config = FinetuneConfig(steps=20, batch_size=8, learning_rate=6e-3, top_layers=10, max_tokens=48)
     _, adapter = train_lora(model, tokenizer, [QAPair(p.question, a) for p, a in zip(train, answers)], config,
                             progress=False)
     jury.pool.add_adapter("shuffled-juror", adapter.lora_config, adapter.state_dict)

@@ -1,0 +1,41 @@
+"""benchmarks/mixture.py on a tiny run: real demo experts, a real router, a real generalist; the table
+has every system's row and the JSON every key the docs quote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, tmp_path):
+    from experts.demo import DemoConfig, build_demo, profile_finetune
+
+    settings = profile_finetune("start").model_copy(update={"train_tokens": 1200, "curve_points": 2})
+    build_demo(router_home_copy, DemoConfig(data_dir=shared_data, verticals=["math", "code"], finetune=settings,
+                                            eval_rows=4), progress=False)
+    out = tmp_path / "mixture.json"
+    env = dict(os.environ, MOSE_SHARED_DATA=str(shared_data))
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixture.py"), "--home", str(router_home_copy.root),
+                          "--rows", "3", "--gen-rows", "2", "--max-new-tokens", "8", "--json", str(out), "--quiet"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for system in ("base", "generalist", "oracle", "auto"):
+        assert f"| {system} |" in run.stdout
+    assert "auto - generalist NLL" in run.stdout and "routed to own expert" in run.stdout
+    result = json.loads(out.read_text())
+    assert result["verticals"] == ["math", "code"]
+    assert result["generalist"]["train_tokens"] == result["experts_train_tokens"]  # same budget as the experts
+    for vertical in ("math", "code", "overall"):
+        row = result["per_vertical"][vertical]
+        assert row["rows"] == (6 if vertical == "overall" else 3)
+        for system in ("base", "generalist", "oracle", "auto"):
+            assert row[system]["nll"] > 0
+            assert {"similarity", "degenerate", "echo", "empty", "loop"} <= set(row[system])
+    assert "math_final_number" in result["per_vertical"]["math"]["oracle"]
+    low, high = result["auto_minus_generalist_nll"]["low"], result["auto_minus_generalist_nll"]["high"]
+    assert low <= result["auto_minus_generalist_nll"]["estimate"] <= high
