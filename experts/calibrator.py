@@ -228,25 +228,56 @@ TREE_FEATURES: tuple[str, ...] = EVIDENCE_FEATURES + FORMAT_FEATURES
 """What the boosted trees see: the interactions of :data:`FEATURES` are theirs to find."""
 
 
+MONOTONE_FEATURES: tuple[str, ...] = ("jury_pmi", "jury_logp_given", "contrast_pmi", "contrast_logp_given",
+                                      "contrast_logp_given_max", "agreement")
+"""Support for the answer from the experts who read the question: with everything else equal, more
+of it must not lower P(correct). The boosted trees are constrained to it, the isotonic candidate is
+increasing, and a logistic candidate that breaks it on the training rows is not chosen."""
+
+
 def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
                 names: Sequence[str] = FEATURES) -> Calibrator:
-    """Gradient-boosted trees (scikit-learn, log loss) on :data:`TREE_FEATURES` (and the probe's
-    column when ``names``, the columns of ``x``, have it), stored as plain arrays."""
-    from sklearn.ensemble import GradientBoostingClassifier
+    """Gradient-boosted trees (scikit-learn's histogram boosting, log loss) on :data:`TREE_FEATURES`
+    (and the probe's column when ``names``, the columns of ``x``, have it), increasing in
+    :data:`MONOTONE_FEATURES`, stored as plain arrays."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
-    columns = [list(names).index(name) for name in TREE_FEATURES + (PROBE_FEATURE,) if name in names]
-    model = GradientBoostingClassifier(n_estimators=config.boosted_trees, max_depth=config.boosted_depth,
-                                       learning_rate=config.boosted_learning_rate,
-                                       min_samples_leaf=config.boosted_min_leaf, random_state=config.seed)
+    seen = [name for name in TREE_FEATURES + (PROBE_FEATURE,) if name in names]
+    columns = [list(names).index(name) for name in seen]
+    model = HistGradientBoostingClassifier(
+        max_iter=config.boosted_trees, max_depth=config.boosted_depth, learning_rate=config.boosted_learning_rate,
+        min_samples_leaf=config.boosted_min_leaf, early_stopping=False, random_state=config.seed,
+        monotonic_cst=[1 if name in MONOTONE_FEATURES else 0 for name in seen])
     model.fit(x[:, columns], labels)
-    prior = float(np.clip(labels.mean(), 1e-6, 1 - 1e-6))  # the trees start from the prior log-odds
-    trees = [
-        Tree(feature=t.feature.tolist(), threshold=t.threshold.tolist(), left=t.children_left.tolist(),
-             right=t.children_right.tolist(), value=t.value[:, 0, 0].tolist())
-        for t in (estimator.tree_ for estimator in model.estimators_[:, 0])
-    ]
-    return Calibrator(method="boosted", columns=columns, trees=trees, learning_rate=config.boosted_learning_rate,
-                      intercept=float(np.log(prior / (1 - prior))))
+    trees = []
+    for (predictor,) in model._predictors:  # one tree per iteration for a binary task
+        nodes = predictor.nodes
+        leaf = nodes["is_leaf"].astype(bool)
+        trees.append(Tree(feature=nodes["feature_idx"].tolist(), threshold=nodes["num_threshold"].tolist(),
+                          left=np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
+                          right=np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(), value=nodes["value"].tolist()))
+    # leaf values already carry the learning rate; the trees start from the baseline log-odds
+    return Calibrator(method="boosted", columns=columns, trees=trees, learning_rate=1.0,
+                      intercept=float(np.ravel(model._baseline_prediction)[0]))
+
+
+def raise_support(x: np.ndarray, names: Sequence[str], feature: str, delta: float) -> np.ndarray:
+    """A copy of ``x`` with ``feature`` raised by ``delta`` on every row, its interaction columns
+    (:data:`FEATURES`' ``_x_long`` and ``_x_log_answer_tokens``) moved with it."""
+    names = list(names)
+    x = np.array(x, dtype=np.float64, copy=True)
+    x[:, names.index(feature)] += delta
+    for suffix, factor in (("_x_long", "long_answer"), ("_x_log_answer_tokens", "log_answer_tokens")):
+        if feature + suffix in names:
+            x[:, names.index(feature + suffix)] += delta * x[:, names.index(factor)]
+    return x
+
+
+def is_monotone(calibrator: Calibrator, x: np.ndarray, delta: float = 0.5) -> bool:
+    """True when raising any of :data:`MONOTONE_FEATURES` by ``delta`` lowers P(correct) on no row of ``x``."""
+    p = calibrator.predict(x)
+    return all(np.all(calibrator.predict(raise_support(x, calibrator.features, feature, delta)) >= p - 1e-9)
+               for feature in MONOTONE_FEATURES if feature in calibrator.features)
 
 
 def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrator:
@@ -290,9 +321,11 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
         for name, fit in candidates.items():
             out_of_fold[name][val] = fit(x[train], labels[train]).predict(x[val])
     losses = {name: log_loss(labels, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]) for name, p in out_of_fold.items()}
-    chosen = min(losses, key=losses.get)
-    best = candidates[chosen](x, labels)
-    best.features, best.probe = names, probe
+    for chosen in sorted(losses, key=losses.get):  # the best candidate that keeps MONOTONE_FEATURES' direction
+        best = candidates[chosen](x, labels)
+        best.features, best.probe = names, probe
+        if is_monotone(best, x):
+            break
 
     p_oof = out_of_fold[chosen]
     recalibrated_loss = None
@@ -331,11 +364,10 @@ def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:
 
 
 def fit_isotonic(jury_pmi: np.ndarray, labels: np.ndarray) -> Calibrator:
-    """Isotonic regression of correctness on the jury PMI, in whichever direction the data shows
-    (pooled over sources, PMI can run against correctness)."""
+    """Isotonic regression of correctness on the jury PMI, increasing (:data:`MONOTONE_FEATURES`)."""
     from sklearn.isotonic import IsotonicRegression
 
-    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.01, y_max=0.99, increasing="auto").fit(jury_pmi, labels)
+    iso = IsotonicRegression(out_of_bounds="clip", y_min=0.01, y_max=0.99, increasing=True).fit(jury_pmi, labels)
     return Calibrator(method="isotonic", iso_x=iso.X_thresholds_.tolist(), iso_y=iso.y_thresholds_.tolist())
 
 

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from experts.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
 from experts.jury import Jury, JurorEvidence, features
+from experts.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from experts.types import BASE_EXPERT
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
@@ -49,8 +50,14 @@ class CheckRow(BaseModel):
         key = self.id or f"{self.question}\x00{self.answer}"
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
+    def origin(self) -> str:
+        """The digest of the labelled row this row was made from (:mod:`experts.negatives`), else its own."""
+        return origin_digest(self) or self.digest()
+
     def is_test(self) -> bool:
-        return int(self.digest(), 16) % 10 < TEST_BUCKETS
+        """In the held-out bucket: by the hash of the row, or of the row a constructed row was made
+        from (a wrong answer made from a test row is a test row too)."""
+        return int(self.origin(), 16) % 10 < TEST_BUCKETS
 
 
 class RowEvidence(BaseModel):
@@ -76,6 +83,26 @@ class RowEvidence(BaseModel):
         """Recompute :attr:`values` from the jury's evidence with the current features, so evidence
         saved before a feature change stays usable."""
         self.values = features(self.jurors[: self.jury_size or len(self.jurors)], self.row.question, None)
+
+
+def with_negatives(rows: Sequence[CheckRow], config: NegativesConfig | None) -> list[CheckRow]:
+    """``rows`` and the wrong answers constructed from them (:mod:`experts.negatives`; none when
+    ``config`` is None). Pass training rows when training and evaluated rows when evaluating:
+    nothing is ever made from rows on the other side."""
+    return list(rows) + (constructed_negatives(rows, config) if config is not None else [])
+
+
+def negatives_mix(rows: Sequence[CheckRow]) -> dict[str, int]:
+    """How many rows of each kind: labelled, answers swapped within a source, across domains, perturbed."""
+    mix = {"labelled": 0, "swapped": 0, "swapped_cross": 0, "perturbed": 0}
+    for row in rows:
+        if not is_constructed(row.source):
+            mix["labelled"] += 1
+        elif row.source == "swapped_cross":
+            mix["swapped_cross"] += 1
+        else:
+            mix[row.source.split("_", 1)[0]] += 1
+    return mix
 
 
 def _jsonl_lines(path: str | Path) -> list[tuple[int, str]]:
@@ -303,6 +330,7 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
         **calibrator.trained_on,
         "rows": len(rows),
         "sources": sorted({r.source for r in rows}),
+        "negatives": negatives_mix(rows),
         "row_digests": sorted(r.digest() for r in rows),
         "best_single_expert": best_single_expert(evidence),
         "k": jury.config.k if k is None else k,
@@ -345,9 +373,14 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
     if best and any(all(j.expert != best for j in e.jurors) for e in evidence):
         raise MoseError(f"the saved evidence has no scores from {best}, this calibrator's best single expert "
                         "(saved by `train`, or under another calibrator): evaluate without --evidence")
+    p_all = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
+    constructed = [(e, p) for e, p in zip(evidence, p_all) if is_constructed(e.row.source)]
+    kept = [i for i, e in enumerate(evidence) if not is_constructed(e.row.source)]
+    if not kept:
+        raise MoseError("evaluation needs labelled rows besides the constructed ones")
+    evidence, p = [evidence[i] for i in kept], p_all[kept]
     labels = np.array([e.row.label for e in evidence])
     x = matrix(evidence)
-    p = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
     flagged = p < jury.calibrator.threshold
     wrong = labels == 0
     per_source: dict[str, dict[str, Any]] = {}
@@ -355,6 +388,8 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
         mask = np.array([e.row.source == source for e in evidence])
         per_source[source] = {"n": int(mask.sum()), "auroc": _round(auroc(labels[mask], p[mask])),
                               "positive_rate": _round(float(labels[mask].mean()))}
+    per_source.update(constructed_figures(constructed, dict(zip((e.row.digest() for e in evidence), p)),
+                                          jury.calibrator.threshold))
     from sklearn.metrics import average_precision_score
 
     base_pmi = [next(j.pmi for j in e.jurors if j.expert == BASE_EXPERT) for e in evidence]
@@ -380,6 +415,21 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
         "seconds_per_item": _round(float(np.mean([e.seconds for e in evidence]))),
         "items_per_second": _round(1.0 / max(float(np.mean([e.seconds for e in evidence])), 1e-9)),
     }
+
+
+def constructed_figures(constructed: Sequence[tuple[RowEvidence, float]], p_of_row: dict[str, float],
+                        threshold: float) -> dict[str, dict[str, Any]]:
+    """Per constructed source: how many, their AUROC against the correct rows they were made from
+    (all wrong, so 1.0 is every one below every origin), and the share flagged."""
+    out: dict[str, dict[str, Any]] = {}
+    for source in sorted({e.row.source for e, _ in constructed}):
+        made = [(e, p) for e, p in constructed if e.row.source == source]
+        origins = sorted({e.row.origin() for e, _ in made if e.row.origin() in p_of_row})
+        scores = [p_of_row[d] for d in origins] + [p for _, p in made]
+        out[source] = {"n": len(made), "constructed": True,
+                       "auroc": _round(auroc([1] * len(origins) + [0] * len(made), scores)),
+                       "flagged": _round(float(np.mean([p < threshold for _, p in made])))}
+    return out
 
 
 def ece_if_calibrated(p: np.ndarray, draws: int = 200, seed: int = 0) -> dict[str, float]:

@@ -48,7 +48,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
                                   description="Evaluate the jury on rows the calibrator never saw; prints one "
-                                  "JSON object with --json.")
+                                  "JSON object with --json. The overall figures are on the labelled rows; wrong "
+                                  "answers constructed from the evaluated rows (swapped_*, perturbed_*) appear "
+                                  "under per_source with their AUROC against the rows they were made from and "
+                                  "the share flagged.")
     _data_flags(evaluate)
     evaluate.add_argument("--evidence", action="append", default=[], metavar="FILE",
                           help="reuse jury evidence saved earlier by eval --save-evidence (same rows, experts "
@@ -81,12 +84,17 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="sample N rows per source (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-source sample (default 0)")
     parser.add_argument("--k", type=int, default=3, help="experts on the jury besides the base model (default 3)")
+    parser.add_argument("--no-negatives", dest="negatives", action="store_false",
+                        help="no constructed wrong answers (answers moved to another question, facts changed) "
+                             "beside the labelled rows; by default they are made from the rows used, never from "
+                             "rows on the other side of the train/eval split")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from experts.calibrator import CalibratorConfig, save_calibrator
     from experts.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
-                                    stratified_sample, train)
+                                    stratified_sample, train, with_negatives)
+    from experts.negatives import NegativesConfig
     from experts.jury import JuryConfig
     from experts.types import validate
 
@@ -96,6 +104,7 @@ def run_train(args: argparse.Namespace) -> int:
                       "calibrator settings")  # before any loading
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
+    rows = with_negatives(rows, NegativesConfig(seed=args.seed) if args.negatives else None)
     jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
     evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
                 if args.evidence else None)
@@ -116,12 +125,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from experts.crosscheck import (dumps, evaluate, evaluation_evidence, load_evidence, load_rows, open_jury,
-                                    save_evidence, stratified_sample)
+                                    save_evidence, stratified_sample, with_negatives)
+    from experts.negatives import NegativesConfig
 
     home = home_of(args)
     jury = open_jury(home, require_calibrator=True)
     seen = set(jury.calibrator.trained_on.get("row_digests", []))
     rows = stratified_sample([r for r in load_rows(args.data) if r.digest() not in seen], args.limit, args.seed)
+    rows = with_negatives(rows, NegativesConfig(seed=args.seed) if args.negatives else None)
     evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
                 if args.evidence else evaluation_evidence(jury, rows, args.k))  # progress on stderr, even with --json
     report = evaluate(jury, rows, evidence=evidence)

@@ -112,7 +112,8 @@ def _ensure_router(home, registry, data_dir: Path) -> str:
 def _ensure_calibrator(home, data_dir: Path) -> str:
     """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
     from experts.calibrator import load_calibrator, save_calibrator
-    from experts.crosscheck import load_rows, open_jury, stratified_sample, train
+    from experts.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
+    from experts.negatives import NegativesConfig
     from registry.errors import MoseError
 
     try:
@@ -120,7 +121,8 @@ def _ensure_calibrator(home, data_dir: Path) -> str:
     except MoseError:
         pass
     rows = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
-    calibrator = train(open_jury(home), stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0))
+    rows = with_negatives(stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0), NegativesConfig())
+    calibrator = train(open_jury(home), rows)
     save_calibrator(calibrator, home.crosscheck_dir)
     return calibrator.version
 

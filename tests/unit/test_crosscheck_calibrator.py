@@ -77,30 +77,35 @@ def test_versions_round_trip_and_damage_is_reported(tmp_path):
         load_calibrator(tmp_path)
 
 
-def test_isotonic_candidate_follows_a_decreasing_relation():
-    """Pooled over sources, the jury's PMI ran against correctness on crosscheck_dev (baseline
-    AUROC 0.37): an increasing-only isotonic fit went flat there and flagged nothing."""
+def test_isotonic_candidate_increases_with_the_jury_pmi():
+    """Support from the jurors must not lower P(correct): the isotonic candidate follows an
+    increasing relation and stays flat on a decreasing one (it never turns it around)."""
     from sklearn.metrics import roc_auc_score
 
     from experts.calibrator import fit_isotonic
 
     x, labels = _evidence(1200, seed=8)
     test_x, test_labels = _evidence(600, seed=9)
-    calibrator = fit_isotonic(-x[:, 0], labels)
-    test_x[:, 0] = -test_x[:, 0]
+    calibrator = fit_isotonic(x[:, 0], labels)
     p = calibrator.predict(test_x)
-    assert p.std() > 0.1  # not flat
-    assert roc_auc_score(test_labels, p) > 0.75
+    assert p.std() > 0.1 and roc_auc_score(test_labels, p) > 0.75
+    assert np.all(np.diff(calibrator.predict(_sorted_by_pmi(test_x))) >= 0)
+    against = fit_isotonic(-x[:, 0], labels)
+    assert np.all(np.diff(against.predict(_sorted_by_pmi(-test_x))) >= 0)
+
+
+def _sorted_by_pmi(x: np.ndarray) -> np.ndarray:
+    return x[np.argsort(x[:, FEATURES.index("jury_pmi")])]
 
 
 def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_json():
-    """The same evidence pointing opposite ways for short and long answers (as PMI did on
-    HaluEval QA and GSM8K): one linear weight cannot express that; two-level trees can. The JSON
-    artifact predicts exactly what scikit-learn's model does."""
-    from sklearn.ensemble import GradientBoostingClassifier
+    """The same evidence pointing opposite ways for short and long answers (as the base model's
+    PMI did on HaluEval QA and GSM8K): one linear weight cannot express that; two-level trees can.
+    The JSON artifact predicts exactly what scikit-learn's model does."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    from experts.calibrator import TREE_FEATURES, Calibrator, fit_boosted, fit_logistic
+    from experts.calibrator import MONOTONE_FEATURES, TREE_FEATURES, Calibrator, fit_boosted, fit_logistic
 
     def sign_flip(n, seed):
         rng = np.random.default_rng(seed)
@@ -108,7 +113,7 @@ def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_js
         x = rng.normal(size=(n, len(FEATURES)))
         long = (rng.random(n) < 0.3).astype(float)  # a minority of long responses
         x[:, FEATURES.index("long_answer")] = long
-        x[:, FEATURES.index("contrast_pmi")] = np.where(long == 1, -1.0, 1.0) * (2 * labels - 1) + rng.normal(0, 1, n)
+        x[:, FEATURES.index("base_pmi")] = np.where(long == 1, -1.0, 1.0) * (2 * labels - 1) + rng.normal(0, 1, n)
         return x, labels
 
     x, labels = sign_flip(1000, seed=10)
@@ -119,13 +124,38 @@ def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_js
     assert boosted > 0.8 and linear < 0.7, (boosted, linear)  # linear: the majority's direction only
 
     columns = [FEATURES.index(name) for name in TREE_FEATURES]
-    reference = GradientBoostingClassifier(n_estimators=config.boosted_trees, max_depth=config.boosted_depth,
-                                           learning_rate=config.boosted_learning_rate,
-                                           min_samples_leaf=config.boosted_min_leaf, random_state=config.seed)
+    reference = HistGradientBoostingClassifier(
+        max_iter=config.boosted_trees, max_depth=config.boosted_depth, learning_rate=config.boosted_learning_rate,
+        min_samples_leaf=config.boosted_min_leaf, early_stopping=False, random_state=config.seed,
+        monotonic_cst=[int(name in MONOTONE_FEATURES) for name in TREE_FEATURES])
     expected = reference.fit(x[:, columns], labels).predict_proba(test_x[:, columns])[:, 1]
     reloaded = Calibrator.model_validate_json(fit_boosted(x, labels, config).model_dump_json())
     assert np.allclose(reloaded.predict(test_x), expected, atol=1e-9)
     assert fit_calibrator(x, labels).method == "boosted"  # chosen by cross-validated log loss
+
+
+def test_more_support_from_the_jurors_never_lowers_p_correct():
+    """On rows where the jurors' PMI runs against correctness (fluent misconceptions in the labelled
+    sets), the calibrator still may not turn more support into a lower P(correct): raising any of
+    MONOTONE_FEATURES, its interactions moved with it, lowers P(correct) on no row."""
+    from experts.calibrator import MONOTONE_FEATURES, fit_boosted, is_monotone, raise_support
+
+    x, labels = _evidence(1200, seed=12)
+    x[:, FEATURES.index("jury_pmi")] = -x[:, FEATURES.index("jury_pmi")]  # support runs against correctness
+    x[:, FEATURES.index("contrast_pmi")] = 2.0 * labels + np.random.default_rng(3).normal(0, 1, len(labels))
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0))
+    test_x, _ = _evidence(400, seed=13)
+    assert is_monotone(calibrator, test_x)
+    p = calibrator.predict(test_x)
+    for feature in MONOTONE_FEATURES:
+        for delta in (0.1, 1.0, 5.0):
+            assert np.all(calibrator.predict(raise_support(test_x, FEATURES, feature, delta)) >= p - 1e-9), feature
+    boosted = fit_boosted(x, labels, CalibratorConfig(seed=0))
+    assert is_monotone(boosted, test_x)
+    # an unconstrained logistic fit on the same rows would use the PMI against correctness
+    from experts.calibrator import fit_logistic
+
+    assert not is_monotone(fit_logistic(x, labels, 1.0), test_x)
 
 
 def _saved_evidence(tmp_path, experts=("demo-law", "base")):
@@ -319,25 +349,33 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
 
 
 def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_path):
-    """45 features, one informative, a weakly regularised logistic fit on 400 rows: its
+    """21 noise features, one informative, a weakly regularised logistic fit on 220 rows: its
     probabilities on unseen rows are too sure. Platt scaling on its out-of-fold log-odds shrinks
     them (slope < 1) and lowers the unseen rows' log loss; the scaling is saved with the calibrator."""
     from sklearn.metrics import log_loss
 
+    from experts.calibrator import MONOTONE_FEATURES
+
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2400, len(FEATURES)))
-    labels = (x[:, 1] + rng.normal(size=2400) > 0).astype(int)
+    signal = x[:, FEATURES.index("jury_logp_given")].copy()
+    labels = (signal + rng.normal(size=2400) > 0).astype(int)
+    # the jurors' support columns (whose direction the calibrator keeps) carry the signal or nothing
+    for name in MONOTONE_FEATURES:
+        for column in (name, f"{name}_x_long", f"{name}_x_log_answer_tokens"):
+            x[:, FEATURES.index(column)] = 0.0
+    x[:, FEATURES.index("jury_logp_given")] = signal
     config = {"regularisation": (100.0,), "boosted_trees": 0}
-    raw = fit_calibrator(x[:400], labels[:400], CalibratorConfig(**config))
-    scaled = fit_calibrator(x[:400], labels[:400], CalibratorConfig(recalibrate=True, **config))
+    raw = fit_calibrator(x[:220], labels[:220], CalibratorConfig(**config))
+    scaled = fit_calibrator(x[:220], labels[:220], CalibratorConfig(recalibrate=True, **config))
     assert raw.recalibration is None and scaled.trained_on["candidate"] == raw.trained_on["candidate"]
     slope, _ = scaled.recalibration
     assert 0.0 < slope < 0.8
-    assert log_loss(labels[400:], scaled.predict(x[400:])) < log_loss(labels[400:], raw.predict(x[400:])) - 0.01
+    assert log_loss(labels[220:], scaled.predict(x[220:])) < log_loss(labels[220:], raw.predict(x[220:])) - 0.01
     assert scaled.metrics["validation_ece"] < raw.metrics["validation_ece"]  # out-of-fold, both
     assert "validation_log_loss_recalibrated" in scaled.metrics
     save_calibrator(scaled, tmp_path)
-    assert np.allclose(load_calibrator(tmp_path).predict(x[400:]), scaled.predict(x[400:]))
+    assert np.allclose(load_calibrator(tmp_path).predict(x[220:]), scaled.predict(x[220:]))
 
 
 def test_an_averaged_probe_reads_as_the_mean_of_its_fold_probes():
