@@ -309,7 +309,9 @@ SmolLM2-135M-Instruct, registers and activates them (`demo-<vertical>`, version 
 ## Training data
 
 Each source row is shaped into the answer a chat user expects (`experts/sft_data.py`): an MMLU
-option that is not a sentence becomes "The answer is <option>."; a GSM8K solution loses its
+option completes its stem into a sentence ("Averaging the output of multiple decision trees helps
+decrease variance.") or answers a factoid question ("1929."), and MMLU rows that cannot stand
+without their options ("Which of the following ...?") are dropped; a GSM8K solution loses its
 calculator marks and ends with "The answer is N."; a MedQuAD answer that opens by restating the
 question loses that sentence; rows whose answer only restates the question are dropped.
 {config.heldout_fraction:.0%} of questions, chosen by a hash of the normalised question, are held

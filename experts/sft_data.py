@@ -4,7 +4,8 @@ Source rows come in the shape of their benchmark, not of a chat reply: an MMLU r
 the text of its correct option ("the law.", "True, False"), a GSM8K solution ends in
 ``#### 60`` and carries calculator marks (``<<16*10=160>>``). An expert trained on those learns
 to answer in option fragments. :func:`shape_pair` turns each row into the answer a chat user
-expects, and drops rows that would teach an expert to echo the question back.
+expects (an option completes its stem into a sentence, or answers a factoid question), and drops
+rows that cannot stand without their options or would teach an expert to echo the question.
 
 The held-out split is fixed by a hash of the question (:func:`heldout_bucket`), so it does not
 move when rows are added, reordered or trained with another seed, and the same question never
@@ -27,7 +28,7 @@ _FUNCTION_WORDS = frozenset("""
 a an the and or but if of to in on at by for with from as is are was were be been being am do does did
 it its this that these those there here what which who whom whose when where why how can
 could should would will shall may might must i you he she we they me him her us them my your our their
-s t so than then too very just also about into over under up down out
+s t so than then too very just also about into over under up down out answer
 """.split())
 """Words that restate a question without answering it."""
 
@@ -137,13 +138,31 @@ def _reads_as_sentence(option: str) -> bool:
     return len(words) >= SENTENCE_MIN_WORDS and option.rstrip()[-1:] in ".!?" and option[:1].isupper()
 
 
-def option_answer(option: str) -> str:
-    """A multiple-choice option as a chat answer: a sentence stays as it is; a fragment ("the law.",
-    "True, False", "$97.33") becomes "The answer is <option>."."""
-    option = option.strip()
-    if _reads_as_sentence(option):
-        return option
-    return f"The answer is {option.rstrip('.').strip()}."
+_BLANK = re.compile(r"_{1,}")
+_FACTOID = re.compile(r"^(who|what|when|where|which|how many|how much|in what|in which)\b", re.IGNORECASE)
+
+
+def option_answer(question: str, option: str) -> str | None:
+    """A multiple-choice option as a chat answer, or None when it cannot stand as one.
+
+    An option that reads as a sentence stays as it is. A stem that is a sentence to complete
+    ("Averaging the output of multiple decision trees helps _.", "The term 'emotion work' refers
+    to:") is completed with the option, blank filled. The option of a factoid question ("In what
+    year did the Great Depression begin?") is the short answer a person gives ("1929."). Anything
+    else ("Which of the following is true?" with "True, False") needs the options it came with,
+    and is dropped."""
+    option, stem = option.strip().rstrip("."), question.strip()
+    if _reads_as_sentence(option + "."):
+        return option + "."
+    if "\n" in stem or stem.lower().startswith(("which of the following", "this question refers")):
+        return None
+    if _BLANK.search(stem):
+        return _sentence(_BLANK.sub(lambda _: option, stem, count=1))
+    if not stem.endswith("?"):
+        return _sentence(stem.rstrip(":").rstrip() + " " + option)
+    if _FACTOID.match(stem):
+        return _sentence(option)
+    return None
 
 
 def solution_answer(solution: str) -> str:
@@ -155,11 +174,12 @@ def solution_answer(solution: str) -> str:
     return text
 
 
-def shape_answer(answer: str, source: str) -> str:
-    """The chat answer for one source row's answer (by the row's ``source``)."""
+def shape_answer(question: str, answer: str, source: str) -> str | None:
+    """The chat answer for one source row's answer (by the row's ``source``), or None when the row
+    has no answer that can stand alone."""
     family = source.split("/", 1)[0]
     if family == "mmlu":
-        return option_answer(answer)
+        return option_answer(question, answer)
     if family == "gsm8k":
         return solution_answer(answer)
     if family in ("truthfulqa", "medquad"):
@@ -180,7 +200,10 @@ def shape_pair(question: str, answer: str, source: str = "") -> ShapedPair | Non
     """The row as a chat question and answer, or None when it would teach an expert to echo the
     question (its answer restates the question) or to say nothing."""
     question = question.strip()
-    shaped = without_restated_opening(question, shape_answer(answer, source))
+    shaped = shape_answer(question, answer, source)
+    if shaped is None:
+        return None
+    shaped = without_restated_opening(question, shaped)
     if is_empty(shaped) or echoes(question, shaped):
         return None
     return ShapedPair(question, shaped, source)

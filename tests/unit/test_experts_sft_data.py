@@ -14,20 +14,26 @@ from experts.sft_data import (degenerate, echoes, heldout_bucket, loops, option_
                               split_by_hash)
 
 
-@pytest.mark.parametrize(("option", "answer"), [
-    ("the law.", "The answer is the law."),
-    ("True, False", "The answer is True, False."),
-    ("$97.33", "The answer is $97.33."),
-    ("Phospholipids are water soluble.", "Phospholipids are water soluble."),
+@pytest.mark.parametrize(("question", "option", "answer"), [
+    ("Averaging the output of multiple decision trees helps _.", "Decrease variance",
+     "Averaging the output of multiple decision trees helps Decrease variance."),
+    ("The term 'emotion work' (Hochschild 1983) refers to:", "the techniques used to manage emotions",
+     "The term 'emotion work' (Hochschild 1983) refers to the techniques used to manage emotions."),
+    ("In what year did the Great Depression begin?", "1929", "1929."),
+    ("Which of the following statements about lipids is correct?", "Phospholipids are water soluble.",
+     "Phospholipids are water soluble."),
+    ("Which of the following is true?", "True, False", None),
+    ("Why did the author write this?", "to amuse", None),
 ])
-def test_option_fragments_become_full_answers(option, answer):
-    assert option_answer(option) == answer
+def test_options_become_answers_that_stand_alone(question, option, answer):
+    assert option_answer(question, option) == answer
 
 
 def test_mmlu_row_is_shaped_and_gsm8k_solution_ends_with_its_answer():
     pair = shape_pair("Corresponding to the practical aim of moral theory is the principle of", "practical guidance.",
                       "mmlu/moral_disputes")
-    assert pair is not None and pair.answer == "The answer is practical guidance."
+    assert pair is not None and pair.answer == \
+        "Corresponding to the practical aim of moral theory is the principle of practical guidance."
     solution = "The gas cost 8*3.5=$<<8*3.5=28>>28\nSo in total he paid 150+28=$<<150+28=178>>178\n#### 178"
     assert solution_answer(solution) == "The gas cost 8*3.5=$28\nSo in total he paid 150+28=$178\nThe answer is 178."
 
@@ -50,6 +56,7 @@ def test_echo_rows_are_dropped_and_restated_openings_removed():
     ("Explain inflation.", "Prices rise. Money buys less over time. Prices rise. Money buys less over time.", "loop"),
     ("What causes high blood pressure?", "Being overweight, a salty diet and too little exercise raise it.", None),
     ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", None),
+    ("Explain what inflation is.", "The answer is inflation.", "echo"),
 ])
 def test_degenerate_answers_are_named(question, answer, why):
     assert degenerate(question, answer) == why
