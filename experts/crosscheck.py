@@ -355,11 +355,13 @@ def evaluation_evidence(jury: Jury, rows: Sequence[CheckRow], k: int | None = No
 
 
 def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True,
-             evidence: Sequence[RowEvidence] | None = None) -> dict[str, Any]:
+             evidence: Sequence[RowEvidence] | None = None, plots_dir: Path | None = None) -> dict[str, Any]:
     """The contract JSON of ``mose crosscheck eval`` on rows the calibrator never saw.
 
     ``evidence``: :func:`evaluation_evidence` of ``rows``, collected earlier (saved and loaded
     again, to evaluate another calibrator on the same draw); else it is collected here.
+    ``plots_dir``: also draw the reliability diagram of the labelled rows and each source's ROC
+    curve there (PNG).
     """
     if evidence is None:
         evidence = evaluation_evidence(jury, rows, k, progress)
@@ -394,7 +396,7 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
 
     base_pmi = [next(j.pmi for j in e.jurors if j.expert == BASE_EXPERT) for e in evidence]
     best_pmi = [next((j.pmi for j in e.jurors if j.expert == best), np.nan) for e in evidence] if best else []
-    return {
+    report = {
         "n": len(evidence),
         "auroc": _round(auroc(labels, p)),
         "auprc": _round(float(average_precision_score(labels, p))),
@@ -415,6 +417,32 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
         "seconds_per_item": _round(float(np.mean([e.seconds for e in evidence]))),
         "items_per_second": _round(1.0 / max(float(np.mean([e.seconds for e in evidence])), 1e-9)),
     }
+    if plots_dir is not None:
+        report["plots"] = jury_plots(evidence, p, constructed, Path(plots_dir), report["ece"])
+    return report
+
+
+def jury_plots(evidence: Sequence[RowEvidence], p: np.ndarray, constructed: Sequence[tuple[RowEvidence, float]],
+               plots_dir: Path, ece: float) -> list[str]:
+    """reliability.png (labelled rows) and roc.png (each labelled source; each constructed source
+    against the rows it was made from)."""
+    from router_model.calibration import reliability_bins
+    from router_model.plots import reliability_plot, roc_plot
+
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    labels = np.array([e.row.label for e in evidence])
+    curves: dict[str, tuple[list[int], list[float]]] = {}
+    for source in sorted({e.row.source for e in evidence}):
+        mask = np.array([e.row.source == source for e in evidence])
+        curves[source] = (labels[mask].tolist(), p[mask].tolist())
+    p_of_row = dict(zip((e.row.digest() for e in evidence), p))
+    for source in sorted({e.row.source for e, _ in constructed}):
+        made = [q for e, q in constructed if e.row.source == source]
+        origins = sorted({e.row.origin() for e, _ in constructed if e.row.source == source} & set(p_of_row))
+        curves[source] = ([1] * len(origins) + [0] * len(made), [p_of_row[d] for d in origins] + made)
+    return [str(reliability_plot(reliability_bins(p, labels), ece or 0.0, plots_dir / "reliability.png",
+                                 title="jury reliability")),
+            str(roc_plot(curves, plots_dir / "roc.png", "jury ROC per source (AUROC)"))]
 
 
 def constructed_figures(constructed: Sequence[tuple[RowEvidence, float]], p_of_row: dict[str, float],

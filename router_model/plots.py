@@ -1,5 +1,5 @@
-"""Evaluation plots (matplotlib, optional extra ``mose[plots]``): confusion matrix and
-reliability diagram."""
+"""Evaluation plots (matplotlib, optional extra ``mose[plots]``): confusion matrix, reliability
+diagram and ROC curves."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def confusion_plot(gold: Sequence[str], predicted: Sequence[str], path: Path) ->
     return path
 
 
-def reliability_plot(bins: list[dict], ece: float, path: Path) -> Path:
+def reliability_plot(bins: list[dict], ece: float, path: Path, title: str = "router reliability") -> Path:
     """Accuracy against mean confidence per confidence bin, with the diagonal."""
     plt = _pyplot()
     used = [b for b in bins if b["n"]]
@@ -62,8 +62,30 @@ def reliability_plot(bins: list[dict], ece: float, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.set_xlabel("calibrated confidence")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"router reliability (ECE {ece:.3f})")
+    ax.set_title(f"{title} (ECE {ece:.3f})")
     ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def roc_plot(curves: dict[str, tuple[Sequence[int], Sequence[float]]], path: Path, title: str) -> Path:
+    """One ROC curve per name from its (labels, scores), with its AUROC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="chance")
+    for name, (labels, scores) in curves.items():
+        if len(set(labels)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(labels, scores):.2f}, n={len(labels)})")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title)
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from serve.commands._common import add_common_flags, emit, home_of
 
@@ -59,6 +60,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                "on the same draw; seconds_per_item is then the saved run's (repeatable)")
     evaluate.add_argument("--save-evidence", metavar="FILE", default=None,
                           help="also write the jury evidence of the rows evaluated, as JSONL, for a later --evidence")
+    evaluate.add_argument("--plots", metavar="DIR", default=None,
+                          help="also draw the reliability diagram and each source's ROC curve as PNG in DIR "
+                               "(needs the plots extra)")
     evaluate.set_defaults(func=run_eval)
 
     check = actions.add_parser("check", help="the jury's verdict on one question/answer pair")
@@ -135,7 +139,7 @@ def run_eval(args: argparse.Namespace) -> int:
     rows = with_negatives(rows, NegativesConfig(seed=args.seed) if args.negatives else None)
     evidence = (load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
                 if args.evidence else evaluation_evidence(jury, rows, args.k))  # progress on stderr, even with --json
-    report = evaluate(jury, rows, evidence=evidence)
+    report = evaluate(jury, rows, evidence=evidence, plots_dir=Path(args.plots) if args.plots else None)
     if args.save_evidence:
         save_evidence(evidence, args.save_evidence)
     if args.json:

@@ -152,9 +152,10 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads(train.stdout)["version"].startswith("v")
     eval_evidence = tmp_path / "eval-evidence.jsonl"
+    plots = tmp_path / "plots"
     run = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
-                          "--limit", "2", "--json", "--save-evidence", str(eval_evidence), *env_home],
-                         capture_output=True, text=True, timeout=900)
+                          "--limit", "2", "--json", "--save-evidence", str(eval_evidence), "--plots", str(plots),
+                          *env_home], capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # exactly one JSON object on stdout
     assert "cross-check evidence" in run.stderr  # the long part shows progress, beside the JSON
@@ -162,14 +163,21 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
                              "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
                             capture_output=True, text=True, timeout=900)
     assert reused.returncode == 0, reused.stderr[-2000:]
-    assert json.loads(reused.stdout) == report  # the same draw, figures and saved timings, without scoring
+    assert json.loads(reused.stdout) == {k: v for k, v in report.items() if k != "plots"}  # the same draw,
+    # figures and saved timings, without scoring
+    assert sorted(p.name for p in plots.iterdir()) == ["reliability.png", "roc.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots.iterdir())
     assert "cross-check evidence" not in reused.stderr
     assert {"n", "auroc", "auprc", "ece", "flag_precision", "flag_recall", "per_source", "baselines",
             "seconds_per_item"} <= report.keys()
     assert {"base_model_pmi", "best_single_expert", "jury_uncalibrated"} <= report["baselines"].keys()
     assert 0 <= report["ece_if_calibrated"]["mean"] <= report["ece_if_calibrated"]["p95"] <= 1
     assert all({"n", "auroc"} <= v.keys() for v in report["per_source"].values())
-    assert report["n"] <= 2 * len(report["per_source"])  # --limit 2 per source
+    labelled = {k: v for k, v in report["per_source"].items() if not v.get("constructed")}
+    constructed = {k: v for k, v in report["per_source"].items() if v.get("constructed")}
+    assert report["n"] == sum(v["n"] for v in labelled.values()) <= 2 * len(labelled)  # --limit 2 per source
+    assert constructed and all(k.startswith(("swapped_", "perturbed_")) for k in constructed)
+    assert all(0 <= v["flagged"] <= 1 for v in constructed.values())
     check = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "check", "What is 2 + 2?", "4",
                             "--json", *env_home], capture_output=True, text=True, timeout=900)
     assert check.returncode == 0, check.stderr[-2000:]
@@ -193,6 +201,9 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     first, second = ({key: fit[key] for key in model} for fit in fits)
     assert first == second and fits[0]["recalibration"] is None  # no Platt scaling by default
     assert fits[0]["trained_on"]["pool_dtype"] == "float32"  # the tests' MOSE_CPU_DTYPE
+    mix = fits[0]["trained_on"]["negatives"]  # constructed wrong answers beside the labelled rows
+    assert mix["labelled"] > 0 and mix["swapped"] > 0 and mix["swapped_cross"] > 0
+    assert sum(mix.values()) == fits[0]["trained_on"]["rows"]
     assert first["features"][-1] == "base_probe" and first["probe"]["layer"] == 20  # the default probe
     assert first["voter"]["probe"] is None  # the experts' votes are read without it
     assert len(saved.read_text().splitlines()) == fits[0]["trained_on"]["rows"]
@@ -230,7 +241,8 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
                             "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
                            capture_output=True, text=True, timeout=900)
     assert stale.returncode != 0 and "have no saved evidence" in stale.stderr, stale.stderr[-2000:]
-    assert stale.stdout == "" and len(eval_evidence.read_text().splitlines()) == report["n"]
+    assert stale.stdout == ""
+    assert len(eval_evidence.read_text().splitlines()) == report["n"] + sum(v["n"] for v in constructed.values())
 
     from experts.calibrator import load_calibrator
     from experts.crosscheck import evaluate, load_rows
