@@ -56,45 +56,63 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
     assert time.perf_counter() - started < 10
 
 
-@pytest.mark.xfail(strict=False, reason="target missed: a 6k-token medicine expert falls into a greedy loop on "
-                   "1 of 20 held-out questions ('a combination of a combination of ...') where the base model "
-                   "loops on none; see docs/experts.md")
-def test_trained_expert_is_no_more_degenerate_than_base(base_models, shared_data, tmp_path):
-    """Greedy answers of a real demo expert on its held-out questions: echoed questions, empty
-    answers and loops each at most the base model's rate, and under 5 %; the README's chat question
-    gets an on-topic answer from it."""
-    from experts.demo import build_demo, load_vertical
+README_CHAT = {"What causes high blood pressure?": "demo-medicine", "Solve 2x + 3 = 11": "demo-math"}
+"""The README's chat examples and the expert the router sends each to."""
+
+
+@pytest.fixture(scope="module")
+def chat_pool(base_models, shared_data, tmp_path_factory):
+    """A pool with real medicine and math demo experts (6k training tokens each)."""
+    from experts.demo import build_demo
     from experts.pool import ExpertPool
-    from experts.sft_data import degenerate
     from registry import Registry
     from registry.home import MoseHome
+
+    home = MoseHome.from_env(tmp_path_factory.mktemp("chat") / "home")
+    build_demo(home, _small_config(shared_data, ["medicine", "math"], tokens=6000), progress=False)
+    with Registry.open(home) as registry:
+        return ExpertPool.from_registry(registry, home=home)
+
+
+def _answers(pool, questions_and_experts, max_new_tokens=64):
+    requests = [{"expert": e, "messages": [{"role": "user", "content": q}], "params": {"max_new_tokens": max_new_tokens}}
+                for q, e in questions_and_experts]
+    return [r.text for r in pool.generate(requests)]
+
+
+def test_readme_chat_examples_get_on_topic_answers(chat_pool):
+    """Each README chat question, answered by its expert: not empty, not an echo, no loop, and about
+    the question (MiniLM similarity to it above 0.3)."""
+    from experts.sft_data import degenerate
     from router_model.evaluate import MiniLMEmbedder
 
-    home = MoseHome.from_env(tmp_path / "home")
-    build_demo(home, _small_config(shared_data, ["medicine"], tokens=6000), progress=False)
-    readme = "What causes high blood pressure?"
-    questions = [readme] + [p.question for p in load_vertical(shared_data, "medicine").heldout[:19]]
-    with Registry.open(home) as registry:
-        pool = ExpertPool(home=home)
-        pool.add_registered(registry, registry.active("demo-medicine"))
-    requests = [{"expert": e, "messages": [{"role": "user", "content": q}], "params": {"max_new_tokens": 48}}
-                for q in questions for e in ("demo-medicine", "base")]
-    answers = pool.generate(requests)
+    answers = _answers(chat_pool, README_CHAT.items())
+    embed = MiniLMEmbedder()
+    for (question, expert), answer in zip(README_CHAT.items(), answers):
+        assert degenerate(question, answer) is None, (expert, answer)
+        q, a = embed([question, answer])
+        assert float(q @ a) > 0.3, (expert, answer)
+
+
+def test_trained_expert_is_no_more_degenerate_than_base(chat_pool, shared_data):
+    """Greedy answers of a real demo expert on its held-out questions: echoed questions, empty
+    answers and loops each at most the base model's rate, and under 5 %."""
+    from experts.demo import load_vertical
+    from experts.sft_data import degenerate
+
+    questions = [p.question for p in load_vertical(shared_data, "medicine").heldout[:20]]
+    jobs = [(q, e) for q in questions for e in ("demo-medicine", "base")]
     reasons: dict[str, list] = {"demo-medicine": [], "base": []}
     bad = []
-    for request, answer in zip(requests, answers):
-        why = degenerate(request["messages"][0]["content"], answer.text)
-        reasons[answer.expert].append(why)
+    for (question, expert), answer in zip(jobs, _answers(chat_pool, jobs, max_new_tokens=48)):
+        why = degenerate(question, answer)
+        reasons[expert].append(why)
         if why:
-            bad.append((answer.expert, why, answer.text))
+            bad.append((expert, why, answer))
     for why in ("echo", "empty", "loop"):
         expert_rate = reasons["demo-medicine"].count(why) / len(questions)
         assert expert_rate <= reasons["base"].count(why) / len(questions), bad
         assert expert_rate < 0.05, bad
-    readme_answer = answers[0].text
-    assert reasons["demo-medicine"][0] is None, readme_answer
-    question, reply = MiniLMEmbedder()([readme, readme_answer])
-    assert float(question @ reply) > 0.3, readme_answer  # on topic: about blood pressure
 
 
 def test_demo_build_names_missing_data(tmp_path):
