@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experts.chat import EncodedPair, left_pad
-from experts.shared_trunk import _run_layers, answer_positions
+from experts.shared_trunk import run_layers, answer_positions
 
 TRUNK_BATCH_TOKENS = 4096
 """Padded tokens per pass when filling the trunk cache."""
@@ -83,7 +83,7 @@ class TrunkCache:
         with torch.inference_mode(), autocast(self.dtype):
             for chunk in tqdm(passes, desc=label, unit="pass", file=sys.stderr, disable=not progress):
                 ids, mask, positions = (t.to(device) for t in left_pad(chunk, self.pad_id))
-                hidden, _ = _run_layers(self.decoder, self.decoder.embed_tokens(ids), mask, positions,
+                hidden, _ = run_layers(self.decoder, self.decoder.embed_tokens(ids), mask, positions,
                                         self.decoder.layers[:self.split])
                 for i, row in enumerate(chunk):
                     self._states[row] = hidden[i, -len(row):].to(torch.float32).clone()
@@ -108,7 +108,7 @@ class TrunkCache:
 
         hidden, ids, mask, positions = self.batch(rows)
         with autocast(self.dtype):
-            hidden, _ = _run_layers(self.decoder, hidden, mask, positions, self.decoder.layers[self.split:])
+            hidden, _ = run_layers(self.decoder, hidden, mask, positions, self.decoder.layers[self.split:])
             lengths = torch.tensor([r.answer_len for r in rows], device=ids.device)
             keep = int(lengths.max())
             in_answer = answer_positions(lengths, keep).bool()

@@ -36,7 +36,7 @@ _PREFIX_CACHE_ENTRIES = 256
 """Adapters whose prefix keys/values are kept; each is ~1.1-1.3 MB for SmolLM2's 24- and 29-token prefixes."""
 
 
-def _run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Sequence[Any],
+def run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Sequence[Any],
                 cache: Any = None, capture: int | None = None) -> tuple[Any, Any]:
     """``layers`` of ``decoder`` on ``hidden`` (left-padded rows; the 2-D ``mask`` also covers the
     tokens already in ``cache``, whose layers then gain this call's keys and values): (output,
@@ -138,7 +138,7 @@ class TrunkScorer:
         trunk_state = state_layer if state_layer is not None and state_layer <= split else None
         branch_state = state_layer - split if state_layer is not None and trunk_state is None else None
         with batched_lora.AdaptersOff(self.lora):
-            hidden, states = _run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
+            hidden, states = run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
                                          self.decoder.layers[:split], trunk_cache, trunk_state)
         if adapt_question:
             cache, token_mask = self._cache(prefix, keys, branch), None
@@ -147,7 +147,7 @@ class TrunkScorer:
             cache = _select_rows(cache, row_text, branch, self.decoder.config)
             token_mask = answer_positions(row_lengths, hidden.shape[1])
         with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora, token_mask):
-            hidden, branch_states = _run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
+            hidden, branch_states = run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
                                                 self.decoder.layers[split:], cache, branch_state)
         keep = int(lengths.max())
         sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], row_lengths)
@@ -172,7 +172,7 @@ class TrunkScorer:
         width = int(lengths.max())  # the answer-predicting columns of the longest answer
         if hidden.shape[1] > width:
             with batched_lora.AdaptersOff(self.lora):
-                _run_layers(self.decoder, hidden[:, :-width], mask[:, :-width], positions[:, :-width],
+                run_layers(self.decoder, hidden[:, :-width], mask[:, :-width], positions[:, :-width],
                             self.decoder.layers[branch.start:], cache)
         return cache, hidden[:, -width:], positions[:, -width:]
 
@@ -215,7 +215,7 @@ class TrunkScorer:
         positions = torch.arange(len(prefix), device=device).unsqueeze(0)
         cache = DynamicCache(config=self.decoder.config)
         with batched_lora.BatchedLoRA(self.peft_model, [key], self.lora):
-            _run_layers(self.decoder, self.decoder.embed_tokens(ids), torch.ones_like(ids), positions,
+            run_layers(self.decoder, self.decoder.embed_tokens(ids), torch.ones_like(ids), positions,
                         self.decoder.layers, cache)
         self._prefixes[entry] = [(layer.keys, layer.values) for layer in cache.layers]
         while len(self._prefixes) > _PREFIX_CACHE_ENTRIES:
