@@ -93,7 +93,8 @@ class ExpertResult(BaseModel):
     base_heldout_loss: float = Field(description="The base model's held-out loss on the same rows.")
     heldout_rows: int = Field(description="Held-out rows measured.")
     train_rows: int = Field(description="Training rows available after shaping.")
-    dropped_rows: int = Field(description="Source rows dropped by shaping (echoes, empty answers, options that need their question's choices).")
+    dropped_rows: int = Field(description="Source rows dropped by shaping (echoes, empty answers, options "
+                              "that need their question's choices).")
     train_tokens: int = Field(description="Training tokens seen (all epochs).")
     steps: int = Field(description="Optimizer steps.")
     seconds: float = Field(description="Training wall time, trunk cache included.")
