@@ -87,7 +87,8 @@ def train_generalist(home, data: dict, settings, progress: bool):
     folder = home.root / "benchmarks" / f"generalist-{key}"
     if (folder / "adapter_model.safetensors").is_file():
         config = LoraConfig(**json.loads((folder / "adapter_config.json").read_text()))
-        return config, load_file(str(folder / "adapter_model.safetensors")), json.loads((folder / "run.json").read_text())
+        run = json.loads((folder / "run.json").read_text())
+        return config, load_file(str(folder / "adapter_model.safetensors")), run
     log(f"training the generalist on {len(rows)} rows (the nine experts' training rows together)")
     model, tokenizer = load_base_for_training(home)
     generalist = settings.model_copy(update={"train_tokens": None, "curve_points": 2})
@@ -240,7 +241,8 @@ def table(result: dict) -> str:
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines.append("| routed to own expert | " + " | ".join(
         f"{result['per_vertical'][v]['routed_to_own']:.0%}" for v in verticals + ["overall"]) + " |")
-    lines += ["", "| system (greedy answers) | MiniLM similarity | degenerate | echo | empty | loop | math final number |",
+    lines += ["", "| system (greedy answers) | MiniLM similarity | degenerate | echo | empty | loop "
+                  "| math final number |",
               "|---|---|---|---|---|---|---|"]
     overall = result["per_vertical"]["overall"]
     math = result["per_vertical"].get("math", {})
@@ -261,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
                         help="data directory with the demo experts and the router (default $MOSE_HOME or .mose)")
-    parser.add_argument("--data", default=None, help="folder holding sft/ (default $MOSE_SHARED_DATA or ../shared/data)")
+    parser.add_argument("--data", default=None,
+                        help="folder holding sft/ (default $MOSE_SHARED_DATA or ../shared/data)")
     parser.add_argument("--verticals", default=None, help="comma-separated subset (default: every demo expert)")
     parser.add_argument("--rows", type=int, default=64, help="held-out rows per vertical for NLL (default 64)")
     parser.add_argument("--gen-rows", type=int, default=16, help="of those, rows answered greedily (default 16)")

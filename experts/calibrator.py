@@ -255,7 +255,8 @@ def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
         leaf = nodes["is_leaf"].astype(bool)
         trees.append(Tree(feature=nodes["feature_idx"].tolist(), threshold=nodes["num_threshold"].tolist(),
                           left=np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
-                          right=np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(), value=nodes["value"].tolist()))
+                          right=np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
+                          value=nodes["value"].tolist()))
     # leaf values already carry the learning rate; the trees start from the baseline log-odds
     return Calibrator(method="boosted", columns=columns, trees=trees, learning_rate=1.0,
                       intercept=float(np.ravel(model._baseline_prediction)[0]))

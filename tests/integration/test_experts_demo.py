@@ -75,8 +75,8 @@ def chat_pool(base_models, shared_data, tmp_path_factory):
 
 
 def _answers(pool, questions_and_experts, max_new_tokens=64):
-    requests = [{"expert": e, "messages": [{"role": "user", "content": q}], "params": {"max_new_tokens": max_new_tokens}}
-                for q, e in questions_and_experts]
+    requests = [{"expert": e, "messages": [{"role": "user", "content": q}],
+                 "params": {"max_new_tokens": max_new_tokens}} for q, e in questions_and_experts]
     return [r.text for r in pool.generate(requests)]
 
 
