@@ -458,8 +458,9 @@ class ExpertPool:
                 raise MoseError(f"answer losses compare experts on the shared base; {name!r} is a full expert")
             keys[name] = key
         encoded = [encode_pair(self.tokenizer, q, a, max_tokens) for q, a in pairs]
+        # one adapter per batch where possible (peft runs each adapter of a mixed batch apart), short rows together
         jobs = sorted(((name, i) for name in keys for i in range(len(encoded))),
-                      key=lambda job: len(encoded[job[1]].input_ids))
+                      key=lambda job: (keys[job[0]], len(encoded[job[1]].input_ids)))
         out: dict[str, list[tuple[float, int]]] = {name: [(0.0, 0)] * len(encoded) for name in keys}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with self._lock, torch.inference_mode():
