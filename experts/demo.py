@@ -23,8 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, new_trunk, register_expert, \
-    train_lora, write_expert
+from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, new_trunk, \
+    register_expert, train_lora, write_expert
 from experts.sft_data import HELDOUT_FRACTION, shape_pair, split_by_hash
 from registry.errors import MoseError
 from registry.home import MoseHome
@@ -150,26 +150,16 @@ class VerticalData:
 
 def load_vertical(data_dir: Path, vertical: str, fraction: float = HELDOUT_FRACTION, seed: int = 0) -> VerticalData:
     """Shape ``sft/<vertical>.jsonl`` into chat pairs and split it by question hash."""
-    import json
-
     path = data_dir / "sft" / f"{vertical}.jsonl"
     if not path.is_file():
         raise MoseError(f"demo data {path} not found: pass --data DIR (the folder holding sft/) or set {DATA_ENV}")
     shaped, dropped = [], 0
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pair = shape_pair(row["question"], row["answer"], row.get("source", ""))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise MoseError(f"{path.name} line {number}: needs JSON with string fields 'question' and "
-                                "'answer'") from None
-            if pair is None:
-                dropped += 1
-            else:
-                shaped.append(QAPair(pair.question, pair.answer))
+    for row in load_pairs(path):
+        pair = shape_pair(row.question, row.answer, row.source)
+        if pair is None:
+            dropped += 1
+        else:
+            shaped.append(QAPair(pair.question, pair.answer, pair.source))
     train, heldout = split_by_hash(shaped, fraction)
     random.Random(seed).shuffle(train)
     return VerticalData(train=train, heldout=heldout, dropped=dropped)

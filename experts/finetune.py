@@ -68,6 +68,8 @@ class FinetuneConfig(BaseModel):
 class QAPair:
     question: str
     answer: str
+    source: str = ""
+    """Where the row came from (the data file's optional ``source`` field)."""
 
 
 @dataclass
@@ -126,7 +128,8 @@ class FinetuneResult(BaseModel):
 
 
 def load_pairs(path: str | Path) -> list[QAPair]:
-    """Read ``{"question": ..., "answer": ...}`` lines; errors name the line."""
+    """Read ``{"question": ..., "answer": ..., "source": ...}`` lines (``source`` optional); errors
+    name the line."""
     path = Path(path)
     if not path.is_file():
         raise MoseError(f"{path}: data file not found (expected JSONL with question and answer fields)")
@@ -143,7 +146,8 @@ def load_pairs(path: str | Path) -> list[QAPair]:
             if not isinstance(question, str) or not isinstance(answer, str) or not question.strip() \
                     or not answer.strip():
                 raise MoseError(f"{path.name} line {number}: needs non-empty string fields 'question' and 'answer'")
-            pairs.append(QAPair(question.strip(), answer.strip()))
+            source = row.get("source")
+            pairs.append(QAPair(question.strip(), answer.strip(), source if isinstance(source, str) else ""))
     return pairs
 
 
