@@ -15,8 +15,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
