@@ -38,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common_flags(docs)
     docs.add_argument("--data", default=None, help="folder holding the data README (attribution)")
     docs.add_argument("--out", default=None, help="page to write (default <repo>/docs/experts.md)")
+    docs.add_argument("--append", metavar="FILE", default=None,
+                      help="markdown to add before the data section (e.g. the table of benchmarks/mixture.py)")
     docs.set_defaults(func=run_docs)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 
@@ -75,6 +77,7 @@ def run_docs(args: argparse.Namespace) -> int:
         raise MoseError(f"no demo build report in {home.root}: run `mose demo build` first")
     args.profile = report.profile
     out = Path(args.out) if args.out else REPO_ROOT / "docs" / "experts.md"
-    out.write_text(render_docs(report, _config(args)), encoding="utf-8")
+    extra = Path(args.append).read_text(encoding="utf-8") if args.append else ""
+    out.write_text(render_docs(report, _config(args), extra), encoding="utf-8")
     emit(args, {"written": str(out)}, f"wrote {out}")
     return 0

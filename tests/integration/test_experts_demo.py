@@ -41,6 +41,14 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
                           text=True).stdout == tracked  # building writes nothing into the checkout
     page = render_docs(report, config)
     assert "| math | 24 |" in page and "## Learning curves" in page and "### Sources and licences" in page
+    extra, out = tmp_path / "extra.md", tmp_path / "experts.md"
+    extra.write_text("## Against one generalist\n\nA table.\n")
+    docs = subprocess.run([str(REPO / ".venv/bin/mose"), "demo", "docs", "--home", str(home.root), "--out", str(out),
+                           "--append", str(extra), "--data", str(shared_data)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert docs.returncode == 0, docs.stderr
+    written = out.read_text()
+    assert "| math | 24 |" in written and written.index("## Against one generalist") < written.index("## Data")
 
     with Registry.open(home) as registry:
         records = {r.name: r for r in registry.list(status="active")}
