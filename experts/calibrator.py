@@ -174,8 +174,8 @@ class Calibrator(BaseModel):
     voter: Calibrator | None = None
     """With a probe: a calibrator without it, fitted on the same rows, for the jurors' votes. The
     probe is the base model's and moves every juror's P(correct) alike, so beside it an expert's
-    own evidence barely moves P(correct) and votes would be close to coins (session 9: the
-    reputation benchmark's shuffled juror gained weight)."""
+    own evidence barely moves P(correct) and votes would be close to coins (read through the probe,
+    the reputation benchmark's shuffled juror gained weight)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
