@@ -1,5 +1,5 @@
 """mose expert registry: manifests, provenance checks, content-addressed artifacts, statuses,
-domain taxonomy, reputation and a hash-chained audit log, on SQLite (WAL).
+domain taxonomy, reputation, teams and a hash-chained audit log, on SQLite (WAL).
 
 Lowest layer of mose: imports nothing from ``experts``, ``router_model`` or ``serve``.
 Public names are imported lazily so that ``import registry.errors`` (done by every CLI
@@ -46,6 +46,9 @@ _EXPORTS = {
     "NotFoundError": "registry.errors",
     "ConflictError": "registry.errors",
     "StatusError": "registry.errors",
+    "AccessDeniedError": "registry.errors",
+    "Team": "registry.teams",
+    "Principal": "registry.teams",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -54,7 +57,8 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from registry.artifacts import ArtifactStore
     from registry.audit import AuditEntry, AuditReport
     from registry.errors import (
-        ArtifactError, ConflictError, ManifestError, MoseError, NotFoundError, SignatureError, StatusError,
+        AccessDeniedError, ArtifactError, ConflictError, ManifestError, MoseError, NotFoundError, SignatureError,
+        StatusError,
     )
     from registry.home import MoseHome
     from registry.manifest import (
@@ -65,6 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from registry.settings import RegistrySettings
     from registry.store import RegistryStore, SQLiteStore
     from registry.taxonomy import DEFAULT_TAXONOMY, Taxonomy
+    from registry.teams import Principal, Team
 
 
 def __getattr__(name: str) -> Any:

@@ -31,3 +31,7 @@ class ConflictError(MoseError):
 
 class StatusError(MoseError):
     """The expert is not in a status that allows the operation."""
+
+
+class AccessDeniedError(MoseError):
+    """The caller (a team token) may not make this change, or its token is not valid."""

@@ -7,10 +7,15 @@ transaction, so a crash at any point leaves the whole expert or nothing visible.
 
 Statuses: ``pending`` (registered, not yet served) -> ``active`` (served; at most one version
 per name) -> ``retired``; ``quarantined`` takes an expert out of service pending review.
+
+Every write takes an ``actor``: a plain string is an operator action under that name; a
+:class:`~registry.teams.Principal` of a team may only register and retire the experts it owns
+(see :mod:`registry.teams`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -23,14 +28,20 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.artifacts import ArtifactStore, sha256_file
 from registry.audit import AuditEntry, AuditReport, append_entry, verify_chain
-from registry.errors import ArtifactError, ConflictError, ManifestError, NotFoundError, StatusError
+from registry.errors import (
+    AccessDeniedError, ArtifactError, ConflictError, ManifestError, NotFoundError, StatusError,
+)
 from registry.home import MoseHome
 from registry.manifest import VERSION_PATTERN, ExpertManifest, check_layout, load_manifest
 from registry.safety import check_expert_file
 from registry.settings import RegistrySettings
-from registry.signing import verify_manifest
-from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, utc_now
+from registry.signing import load_public_key, public_key_b64, verify_manifest, verify_owned_manifest
+from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, StoredTeam, utc_now
 from registry.taxonomy import Taxonomy
+from registry.teams import (
+    OPERATOR, Principal, Team, as_principal, check_team_name, hash_token, new_salt, new_token, team_of_token,
+    token_matches,
+)
 
 Status = Literal["pending", "active", "quarantined", "retired"]
 STATUSES: tuple[str, ...] = ("pending", "active", "quarantined", "retired")
@@ -140,6 +151,14 @@ def version_key(version: str) -> tuple:
     return (int(major), int(minor), int(patch), 0 if pre else 1, pre_key)
 
 
+_DUMMY_SALT = "00" * 16
+_DUMMY_HASH = hash_token("", _DUMMY_SALT)
+
+
+def _unique(items) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``name@version`` or ``name`` -> ``(name, version or None)``."""
     name, _, version = ref.partition("@")
@@ -200,17 +219,22 @@ class Registry:
 
     # ------------------------------------------------------------- registration
     def add(
-        self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None = None, actor: str = "cli"
+        self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None = None,
+        actor: str | Principal = "cli",
     ) -> ExpertRecord:
         """Register an expert as ``pending``; the same ``name@version`` with the same files is a no-op.
 
         Raises :class:`ManifestError` (manifest or domain), :class:`SignatureError`,
-        :class:`ArtifactError` (unsafe file, digest mismatch) or :class:`ConflictError`
-        (``name@version`` already registered with other files).
+        :class:`ArtifactError` (unsafe file, digest mismatch), :class:`ConflictError`
+        (``name@version`` already registered with other files) or :class:`AccessDeniedError`
+        (a team registering an expert it does not own).
         """
+        who = as_principal(actor)
         manifest, source, folder = self._resolve_input(manifest_or_path, files_dir)
+        if who.team is not None:
+            self._check_team_may_publish(who.team, manifest)
         self.refresh_taxonomy().require_known(manifest.domains, source)
-        signature = verify_manifest(manifest, self.settings.trusted_keys, self.settings.require_signatures)
+        signature = self._verify_signature(manifest)
         files = self._check_files(manifest, folder)
         check_layout(manifest, source)
         if (existing := self._existing_same(manifest, files)) is not None:
@@ -218,6 +242,8 @@ class Registry:
         for stored in files:
             self.artifacts.put_file(folder / stored.relpath, stored.sha256)
         with self.store.transaction():
+            if who.team is not None:  # another team may have taken the name (or the token been revoked) meanwhile
+                self._check_team_may_publish(who.team, manifest)
             # Another process may have registered the same version while we copied.
             if (existing := self._existing_same(manifest, files)) is not None:
                 return existing
@@ -231,8 +257,28 @@ class Registry:
                 "kind": manifest.kind, "base_model": manifest.base_model, "domains": list(manifest.domains),
                 "owner": manifest.owner, "files": dict(sorted(manifest.files.items())), "signature": signature,
             }
-            append_entry(self.store, "register", manifest.ref, details, actor)
+            append_entry(self.store, "register", manifest.ref, details, who.actor)
         return ExpertRecord.from_stored(row)
+
+    def _verify_signature(self, manifest: ExpertManifest) -> str:
+        """An owner that is a registered team: only its keys may sign; otherwise ``trusted_keys`` decides."""
+        if self.store.get_team(manifest.owner) is None:
+            return verify_manifest(manifest, self.settings.trusted_keys, self.settings.require_signatures)
+        return verify_owned_manifest(manifest, manifest.owner, self.team_keys(), self.settings.require_signatures)
+
+    def _check_team_may_publish(self, team: str, manifest: ExpertManifest) -> None:
+        self._team_in_good_standing(team)
+        if manifest.owner != team:
+            raise AccessDeniedError(
+                f"team {team!r} may only register experts it owns, and {manifest.ref} names owner "
+                f"{manifest.owner!r}; set `owner: {team}` in the manifest"
+            )
+        others = sorted({r.manifest.owner for r in self.list(name=manifest.name)} - {team})
+        if others:
+            raise AccessDeniedError(
+                f"expert {manifest.name!r} is owned by team {others[0]!r} (the owner of its registered versions); "
+                f"team {team!r} may not publish versions of it: choose another name"
+            )
 
     def _resolve_input(
         self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None
@@ -327,28 +373,40 @@ class Registry:
         return FileCheck(ref=record.ref, ok=not problems, files=len(files), problems=problems)
 
     # ----------------------------------------------------------------- statuses
-    def activate(self, name: str, version: str | None = None, actor: str = "cli") -> ExpertRecord:
-        """Make a version active (default: the highest); the previously active version is retired."""
+    def activate(self, name: str, version: str | None = None, actor: str | Principal = "cli") -> ExpertRecord:
+        """Make a version active (default: the highest); the previously active version is retired.
+        Operator only."""
+        who = as_principal(actor)
+        self._operator_only(who, "activating an expert", name)
         with self.store.transaction():
             record = self.get(name, version)
             if record.status == "active":
                 return record
             self._check_transition(record, "active")
             for other in self.store.list_experts(status="active", name=name):
-                self._set_status(ExpertRecord.from_stored(other), "retired", actor, {"reason": f"superseded by {record.ref}"})
-            self._set_status(record, "active", actor, {})
+                self._set_status(ExpertRecord.from_stored(other), "retired", who.actor,
+                                 {"reason": f"superseded by {record.ref}"})
+            self._set_status(record, "active", who.actor, {})
         return self.get(name, record.version)
 
-    def retire(self, name: str, version: str | None = None, actor: str = "cli", reason: str | None = None) -> ExpertRecord:
-        """Take a version out of service for good (default: the active one, else the highest)."""
-        return self._transition(name, version, "retired", actor, {"reason": reason} if reason else {})
+    def retire(self, name: str, version: str | None = None, actor: str | Principal = "cli",
+               reason: str | None = None) -> ExpertRecord:
+        """Take a version out of service for good (default: the active one, else the highest).
+        A team may retire the experts it owns."""
+        return self._transition(name, version, "retired", as_principal(actor), {"reason": reason} if reason else {})
 
-    def quarantine(self, name: str, version: str | None, reason: str, actor: str = "cli") -> ExpertRecord:
-        """Take a version out of service pending review (default: the active one, else the highest)."""
-        return self._transition(name, version, "quarantined", actor, {"reason": reason})
+    def quarantine(self, name: str, version: str | None, reason: str, actor: str | Principal = "cli") -> ExpertRecord:
+        """Take a version out of service pending review (default: the active one, else the highest).
+        Operator only."""
+        who = as_principal(actor)
+        self._operator_only(who, "quarantining an expert", name)
+        return self._transition(name, version, "quarantined", who, {"reason": reason})
 
-    def remove(self, name: str, version: str, actor: str = "cli") -> None:
-        """Delete a non-active version's record (its blobs go at the next :meth:`gc`)."""
+    def remove(self, name: str, version: str, actor: str | Principal = "cli") -> None:
+        """Delete a non-active version's record (its blobs go at the next :meth:`gc`). Operator only."""
+        who = as_principal(actor)
+        self._operator_only(who, "removing an expert's record", name)
+        actor = who.actor
         with self.store.transaction():
             record = self.get(name, version)
             if record.status == "active":
@@ -360,14 +418,30 @@ class Registry:
         """Delete blobs no record refers to and stale temp files, older than ``min_age_s``."""
         return self.artifacts.gc(self.store.referenced_blobs(), stale_after_s=min_age_s)
 
-    def _transition(self, name: str, version: str | None, target: str, actor: str, details: dict[str, Any]) -> ExpertRecord:
+    def _transition(self, name: str, version: str | None, target: str, who: Principal,
+                    details: dict[str, Any]) -> ExpertRecord:
         with self.store.transaction():
             record = self.get(name, version) if version is not None else (self.active(name) or self.get(name))
+            if who.team is not None:
+                self._team_in_good_standing(who.team)
+                if record.manifest.owner != who.team:
+                    raise AccessDeniedError(
+                        f"{record.ref} is owned by {record.manifest.owner!r}; team {who.team!r} may only change "
+                        "the experts it owns"
+                    )
             if record.status == target:
                 return record
             self._check_transition(record, target)
-            self._set_status(record, target, actor, details)
+            self._set_status(record, target, who.actor, details)
         return self.get(name, record.version)
+
+    @staticmethod
+    def _operator_only(who: Principal, what: str, subject: str) -> None:
+        if who.team is not None:
+            raise AccessDeniedError(
+                f"{what} is for the registry operator; team {who.team!r} may register, update and retire the "
+                f"experts it owns (ask the operator about {subject!r})"
+            )
 
     @staticmethod
     def _check_transition(record: ExpertRecord, target: str) -> None:
@@ -380,6 +454,124 @@ class Registry:
         append_entry(
             self.store, _ACTION_FOR_STATUS[target], record.ref, {"from": record.status, "to": target, **details}, actor
         )
+
+    # -------------------------------------------------------------------- teams
+    def create_team(self, name: str, public_keys: list[str] | tuple[str, ...] = (),
+                    actor: str | Principal = OPERATOR) -> tuple[Team, str]:
+        """Create a team with its public keys (PEM or base64 ed25519); returns the team and its
+        token, which is stored only as a salted hash: the caller must hand it over now."""
+        who = as_principal(actor)
+        self._operator_only(who, "creating a team", name)
+        check_team_name(name)
+        keys = _unique(self._normalise_key(key, name) for key in public_keys)
+        with self.store.transaction():
+            if self.store.get_team(name) is not None:
+                raise ConflictError(f"team {name!r} already exists; give it a new token with `mose team rotate {name}`")
+            token, salt = new_token(name), new_salt()
+            row = StoredTeam(name, salt, hash_token(token, salt), json.dumps(keys), utc_now())
+            self.store.insert_team(row)
+            append_entry(self.store, "team-create", name, {"public_keys": keys}, who.actor)
+        return Team.from_stored(row), token
+
+    def rotate_team_token(self, name: str, actor: str | Principal = OPERATOR) -> tuple[Team, str]:
+        """Replace a team's token (the old one stops working at once; a revoked team is reinstated)."""
+        who = as_principal(actor)
+        self._operator_only(who, "rotating a team's token", name)
+        with self.store.transaction():
+            current = self._stored_team(name)
+            token, salt = new_token(name), new_salt()
+            row = StoredTeam(name, salt, hash_token(token, salt), current.public_keys_json, current.created_at,
+                             rotated_at=utc_now(), revoked_at=None)
+            self.store.update_team(row)
+            append_entry(self.store, "team-rotate", name, {"reinstated": current.revoked_at is not None}, who.actor)
+        return Team.from_stored(row), token
+
+    def revoke_team(self, name: str, actor: str | Principal = OPERATOR, reason: str | None = None) -> Team:
+        """Make a team's token stop working (its experts and keys stay); `rotate_team_token` reinstates it."""
+        who = as_principal(actor)
+        self._operator_only(who, "revoking a team's token", name)
+        with self.store.transaction():
+            current = self._stored_team(name)
+            if current.revoked_at is not None:
+                return Team.from_stored(current)
+            row = dataclasses.replace(current, revoked_at=utc_now())
+            self.store.update_team(row)
+            append_entry(self.store, "team-revoke", name, {"reason": reason} if reason else {}, who.actor)
+        return Team.from_stored(row)
+
+    def add_team_key(self, name: str, public_key: str, actor: str | Principal = OPERATOR) -> Team:
+        """Register another public key (PEM or base64 ed25519) that may sign the team's experts."""
+        return self._change_team_keys(name, public_key, True, as_principal(actor))
+
+    def remove_team_key(self, name: str, public_key: str, actor: str | Principal = OPERATOR) -> Team:
+        """Stop accepting signatures by this key on the team's experts (those registered stay)."""
+        return self._change_team_keys(name, public_key, False, as_principal(actor))
+
+    def _change_team_keys(self, name: str, public_key: str, add: bool, who: Principal) -> Team:
+        self._operator_only(who, "changing a team's keys", name)
+        key = self._normalise_key(public_key, name)
+        with self.store.transaction():
+            current = self._stored_team(name)
+            keys = json.loads(current.public_keys_json)
+            if add and key in keys:
+                return Team.from_stored(current)
+            if not add and key not in keys:
+                raise NotFoundError(f"team {name!r} has no key {key}")
+            keys = keys + [key] if add else [k for k in keys if k != key]
+            row = dataclasses.replace(current, public_keys_json=json.dumps(keys))
+            self.store.update_team(row)
+            append_entry(self.store, "team-add-key" if add else "team-remove-key", name, {"public_key": key},
+                         who.actor)
+        return Team.from_stored(row)
+
+    def teams(self) -> list[Team]:
+        """Every team, by name (tokens are never part of it)."""
+        return [Team.from_stored(row) for row in self.store.list_teams()]
+
+    def team(self, name: str) -> Team:
+        return Team.from_stored(self._stored_team(name))
+
+    def team_keys(self) -> dict[str, list[str]]:
+        """Team -> the public keys that may sign its experts: its registered keys, plus its entry in
+        ``trusted_keys`` (registry.yaml) if it has one."""
+        keys: dict[str, list[str]] = {row.name: json.loads(row.public_keys_json) for row in self.store.list_teams()}
+        for team, text in self.settings.trusted_keys.items():
+            keys.setdefault(team, []).append(text)
+        return keys
+
+    def authenticate_team(self, token: str) -> Team:
+        """The team a token belongs to. Raises :class:`AccessDeniedError` for an unknown, wrong,
+        rotated or revoked token; the message never contains the token."""
+        name = team_of_token(token)
+        row = self.store.get_team(name) if name is not None else None
+        if row is None:
+            token_matches(token, _DUMMY_SALT, _DUMMY_HASH)  # the same work as for a known team
+            raise AccessDeniedError("not a valid team token (no such team, or a mistyped token); "
+                                    "team tokens come from `mose team create` or `mose team rotate`")
+        if not token_matches(token, row.token_salt, row.token_hash):
+            raise AccessDeniedError(f"the token is not valid for team {name!r} (a wrong token, or one replaced by "
+                                    "`mose team rotate`); ask the operator for the current one")
+        if row.revoked_at is not None:
+            raise AccessDeniedError(f"the token of team {name!r} was revoked at {row.revoked_at}; ask the operator "
+                                    f"for a new one (`mose team rotate {name}`)")
+        return Team.from_stored(row)
+
+    def _stored_team(self, name: str) -> StoredTeam:
+        row = self.store.get_team(name)
+        if row is None:
+            known = ", ".join(row.name for row in self.store.list_teams()) or "none"
+            raise NotFoundError(f"no team {name!r} (teams: {known}); create it with `mose team create {name}`")
+        return row
+
+    def _team_in_good_standing(self, team: str) -> None:
+        row = self.store.get_team(team)
+        if row is None or row.revoked_at is not None:
+            raise AccessDeniedError(f"team {team!r} {'does not exist' if row is None else 'was revoked'}; "
+                                    "it may not change the registry")
+
+    @staticmethod
+    def _normalise_key(text: str, team: str) -> str:
+        return public_key_b64(load_public_key(text, team))
 
     # -------------------------------------------------------------------- audit
     def audit_verify(self) -> AuditReport:

@@ -148,3 +148,57 @@ def verify_manifest(manifest: ExpertManifest, trusted_keys: dict[str, str], requ
             "(it was changed after signing, or signed with another key); sign it again"
         ) from None
     return "verified"
+
+
+def _verifies(key_text: str, team: str, signature: bytes, payload: bytes) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        load_public_key(key_text, team).verify(signature, payload)
+    except InvalidSignature:
+        return False
+    return True
+
+
+def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[str, list[str]],
+                          required: bool) -> str:
+    """Check the signature of a manifest whose ``owner`` is a registered team: only a key of that team
+    (``team_keys[owner]``) may sign it. Returns ``verified``, ``unsigned`` or ``untrusted-team``.
+
+    A signature that verifies with another team's key is refused, naming both teams; one that
+    verifies with no known key is refused when the owner has keys (or signatures are required).
+    """
+    signature, ref = manifest.signature, manifest.ref
+    if signature is None:
+        if required:
+            raise SignatureError(
+                f"{ref}: this registry requires signed manifests and this one has no signature; "
+                f"sign it with a key of team {owner!r}, its owner (`mose expert sign MANIFEST --key {owner}.key`)"
+            )
+        return "unsigned"
+    try:
+        value = base64.b64decode(signature.value, validate=True)
+    except (binascii.Error, ValueError):
+        raise SignatureError(f"{ref}: the signature is not valid base64") from None
+    payload = canonical_bytes(manifest)
+    owner_keys = team_keys.get(owner, [])
+    if any(_verifies(key, owner, value, payload) for key in owner_keys):
+        return "verified"
+    signer = next((team for team, keys in sorted(team_keys.items())
+                   if team != owner and any(_verifies(key, team, value, payload) for key in keys)), None)
+    if signer is not None:
+        raise SignatureError(
+            f"{ref}: the signature is valid but was made with a key of team {signer!r}, and {ref} is owned by "
+            f"team {owner!r}; only a key registered to team {owner!r} may sign its experts"
+        )
+    if not owner_keys:
+        if required:
+            raise SignatureError(
+                f"{ref}: owned by team {owner!r}, which has no public key registered, so its signature cannot be "
+                f"checked; ask the operator to add one (`mose team add-key {owner} --key {owner}.pub`)"
+            )
+        return "untrusted-team"
+    raise SignatureError(
+        f"{ref}: the signature (team {signature.team!r}) does not verify against any key of team {owner!r}, its "
+        "owner (it was changed after signing, or signed with another key); sign it again with the team's key"
+    )

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from registry.errors import MoseError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def utc_now() -> str:
@@ -81,8 +81,22 @@ class ReputationRow:
     beta_wrong: float | None = None
 
 
+@dataclass(frozen=True)
+class StoredTeam:
+    """One row of ``teams``: a team, the salted hash of its token, its public keys (a JSON list of
+    base64 ed25519 keys), and when it was created, its token last rotated, and revoked."""
+
+    name: str
+    token_salt: str
+    token_hash: str
+    public_keys_json: str
+    created_at: str
+    rotated_at: str | None = None
+    revoked_at: str | None = None
+
+
 class RegistryStore(ABC):
-    """The registry's persistence interface (experts, files, audit log, domains, reputation)."""
+    """The registry's persistence interface (experts, files, audit log, domains, reputation, teams)."""
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[None]:
@@ -149,6 +163,20 @@ class RegistryStore(ABC):
     def set_verdict_feedback(self, verdict_id: str, correct: bool, at: str) -> None: ...
 
     @abstractmethod
+    def get_team(self, name: str) -> StoredTeam | None: ...
+
+    @abstractmethod
+    def list_teams(self) -> list[StoredTeam]:
+        """Teams ordered by name."""
+
+    @abstractmethod
+    def insert_team(self, team: StoredTeam) -> None: ...
+
+    @abstractmethod
+    def update_team(self, team: StoredTeam) -> None:
+        """Replace every column of the team called ``team.name``."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -204,6 +232,15 @@ CREATE TABLE IF NOT EXISTS verdicts (
     created_at TEXT NOT NULL,
     feedback INTEGER,
     feedback_at TEXT
+);
+CREATE TABLE IF NOT EXISTS teams (
+    name TEXT PRIMARY KEY,
+    token_salt TEXT NOT NULL,
+    token_hash TEXT NOT NULL,
+    public_keys_json TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    rotated_at TEXT,
+    revoked_at TEXT
 );
 """
 
@@ -391,6 +428,33 @@ class SQLiteStore(RegistryStore):
 
     def set_verdict_feedback(self, verdict_id: str, correct: bool, at: str) -> None:
         self._write("UPDATE verdicts SET feedback = ?, feedback_at = ? WHERE id = ?", (int(correct), at, verdict_id))
+
+    @staticmethod
+    def _team(row: sqlite3.Row) -> StoredTeam:
+        return StoredTeam(**{key: row[key] for key in row.keys()})
+
+    def get_team(self, name: str) -> StoredTeam | None:
+        rows = self._read("SELECT * FROM teams WHERE name = ?", (name,))
+        return self._team(rows[0]) if rows else None
+
+    def list_teams(self) -> list[StoredTeam]:
+        return [self._team(row) for row in self._read("SELECT * FROM teams ORDER BY name")]
+
+    def insert_team(self, team: StoredTeam) -> None:
+        self._write(
+            "INSERT INTO teams (name, token_salt, token_hash, public_keys_json, created_at, rotated_at, revoked_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (team.name, team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
+             team.revoked_at),
+        )
+
+    def update_team(self, team: StoredTeam) -> None:
+        self._write(
+            "UPDATE teams SET token_salt = ?, token_hash = ?, public_keys_json = ?, created_at = ?, rotated_at = ?,"
+            " revoked_at = ? WHERE name = ?",
+            (team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
+             team.revoked_at, team.name),
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -26,7 +26,8 @@ from experts.decoding import GREEDY_BELOW_TEMPERATURE
 from experts.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, SamplingParams
 from experts.types import ChatMessage as PoolMessage
-from registry.errors import ConflictError, MoseError, NotFoundError, StatusError
+from registry.errors import AccessDeniedError, ConflictError, MoseError, NotFoundError, StatusError
+from registry.teams import OPERATOR, Principal, looks_like_team_token
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import AuthConfig, ServeConfig
@@ -67,7 +68,8 @@ MIN_TEMPERATURE = GREEDY_BELOW_TEMPERATURE
 ERROR_DESCRIPTIONS = {
     400: "The request is malformed or over a limit; the message names the field.",
     401: "Admin endpoint called without 'Authorization: Bearer <token>'.",
-    403: "Wrong admin token, or admin endpoints are disabled on this server.",
+    403: "Wrong, rotated or revoked token; a team token used on another team's expert or for an operator-only "
+         "action; or admin endpoints are disabled on this server.",
     404: "Unknown model, expert, verdict or endpoint.",
     409: "Conflicts with the registry's or the verdict's current state.",
     413: "Request body over the server's limit.",
@@ -101,8 +103,21 @@ class RegisterExpertRequest(BaseModel):
     """Activate right after registration (routable at once)."""
 
 
+PRINCIPAL_SCOPE_KEY = "mose.principal"
+"""Where :class:`AdminGateMiddleware` leaves the authenticated caller for the admin handlers."""
+
+
+class QuarantineRequest(BaseModel):
+    """Why an expert is taken out of service (recorded in the audit log)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=1000)
+    """Why the expert is quarantined."""
+
+
 def authorize_admin(auth: AuthConfig, authorization: str | None) -> str:
-    """Constant-time bearer-token check; returns the actor name for the audit log."""
+    """Constant-time check of the operator's bearer token; returns the operator's name for the audit log."""
     if auth.admin_mode == "off":
         raise ApiError(403, "admin endpoints are disabled on this server (start it with MOSE_ADMIN_TOKEN set)",
                        kind="permission_error")
@@ -114,7 +129,26 @@ def authorize_admin(auth: AuthConfig, authorization: str | None) -> str:
     given = authorization[len("Bearer "):].encode()
     if not hmac.compare_digest(given, auth.admin_token.get_secret_value().encode()):
         raise ApiError(403, "the admin token is not valid", kind="permission_error")
-    return "admin-api"
+    return OPERATOR
+
+
+async def authenticate(auth: AuthConfig, authorization: str | None, backend: Backend) -> Principal:
+    """The caller of an admin endpoint: the operator (its token, or anyone in insecure local mode) or
+    the team whose token this is (checked by the registry: salted hash, constant-time comparison).
+    401 without a bearer token; 403 for a wrong, rotated or revoked one. Errors never hold the token."""
+    try:
+        return Principal.operator(authorize_admin(auth, authorization))
+    except ApiError as refused:
+        token = authorization[len("Bearer "):] if refused.status == 403 and authorization else ""
+        if auth.admin_mode == "off" or not looks_like_team_token(token):
+            raise
+    try:
+        return Principal.of_team(await backend.authenticate_team(token))
+    except Exception as exc:
+        known = find_mose_error(exc)
+        if isinstance(known, AccessDeniedError):
+            raise ApiError(403, str(known), kind="permission_error") from None
+        raise
 
 
 def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -129,6 +163,8 @@ def mose_error_status(exc: BaseException) -> int:
         return 502
     if isinstance(exc, NotFoundError):
         return 404
+    if isinstance(exc, AccessDeniedError):
+        return 403
     if isinstance(exc, (ConflictError, StatusError)):
         return 409
     return 400
@@ -167,17 +203,19 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 class AdminGateMiddleware:
-    """Check the admin token of ``/v1/experts`` requests before their body is read: nobody without
-    it can make the server read (up to ``max_upload_bytes``) or parse an upload."""
+    """Authenticate ``/v1/experts`` requests (operator or team token) before their body is read:
+    nobody without a valid token can make the server read (up to ``max_upload_bytes``) or parse an
+    upload. The caller is left in the scope for the handlers."""
 
-    def __init__(self, app: Any, auth: AuthConfig) -> None:
-        self.app, self.auth = app, auth
+    def __init__(self, app: Any, auth: AuthConfig, backend: Backend) -> None:
+        self.app, self.auth, self.backend = app, auth, backend
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("path", "").startswith(ADMIN_PREFIX):
             header = dict(scope.get("headers") or []).get(b"authorization")
             try:
-                authorize_admin(self.auth, header.decode("latin-1") if header is not None else None)
+                scope[PRINCIPAL_SCOPE_KEY] = await authenticate(
+                    self.auth, header.decode("latin-1") if header is not None else None, self.backend)
             except ApiError as exc:
                 response = error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
                 return await response(scope, receive, send)
@@ -271,7 +309,7 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
     api.add_middleware(AdmissionMiddleware, limit=config.limits.max_queued_requests, metrics=metrics)
     api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes,
                        max_upload_bytes=config.limits.max_upload_bytes)
-    api.add_middleware(AdminGateMiddleware, auth=config.auth)  # added last: runs first
+    api.add_middleware(AdminGateMiddleware, auth=config.auth, backend=backend)  # added last: runs first
     _install_error_handlers(api)
     handlers = _Handlers(config, backend, metrics)
 
@@ -291,6 +329,8 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
     api.post("/v1/experts", response_model=ExpertRecordOut, responses=admin)(handlers.register_expert)
     api.post("/v1/experts/{name}/activate", response_model=ExpertRecordOut, responses=admin)(handlers.activate_expert)
     api.post("/v1/experts/{name}/retire", response_model=ExpertRecordOut, responses=admin)(handlers.retire_expert)
+    api.post("/v1/experts/{name}/quarantine", response_model=ExpertRecordOut,
+             responses=admin)(handlers.quarantine_expert)
     _document_errors_as_400(api)
     return api
 
@@ -359,7 +399,9 @@ def _install_error_handlers(api: FastAPI) -> None:
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
         known = find_mose_error(exc)
         if known is not None:
-            return error_response(mose_error_status(known), str(known))
+            status = mose_error_status(known)
+            return error_response(status, str(known), kind="permission_error" if status == 403 else
+                                  "invalid_request_error")
         if _is_backpressure(exc):
             return error_response(503, "the expert pool is overloaded; retry shortly", kind="overloaded_error",
                                   headers={"Retry-After": "1"})
@@ -532,12 +574,27 @@ class _Handlers:
 
     # ------------------------------------------------------------ admin
 
-    def _authorize(self, authorization: str | None) -> str:
-        return authorize_admin(self.config.auth, authorization)
+    async def _principal(self, request: Request, authorization: str | None) -> Principal:
+        """The caller the gate authenticated (authenticated here if the gate was bypassed)."""
+        principal = request.scope.get(PRINCIPAL_SCOPE_KEY)
+        if isinstance(principal, Principal):
+            return principal
+        return await authenticate(self.config.auth, authorization, self.backend)
 
-    async def register_expert(self, body: RegisterExpertRequest,
+    async def register_expert(self, body: RegisterExpertRequest, request: Request,
                               authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        actor = self._authorize(authorization)
+        actor = await self._principal(request, authorization)
+        if actor.team is not None:  # refused before any file is decoded or written (the registry checks again)
+            owner = body.manifest.get("owner")
+            if owner != actor.team:
+                shown = repr(owner) if isinstance(owner, str) else "none"
+                raise ApiError(403, f"team {actor.team!r} may only register experts it owns, and this manifest "
+                               f"names owner {shown}; set `owner: {actor.team}` in the manifest",
+                               kind="permission_error")
+            if body.activate:
+                raise ApiError(403, f"activating an expert is for the registry operator; register it without "
+                               f"'activate' (team {actor.team!r} may register, update and retire the experts "
+                               "it owns)", kind="permission_error", param="activate")
         files: dict[str, bytes] = {}
         for path, encoded in body.files.items():
             try:
@@ -549,11 +606,18 @@ class _Handlers:
             record = await self.backend.set_status(record["name"], "activate", actor)
         return record
 
-    async def activate_expert(self, name: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        return await self.backend.set_status(name, "activate", self._authorize(authorization))
+    async def activate_expert(self, name: str, request: Request,
+                              authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        return await self.backend.set_status(name, "activate", await self._principal(request, authorization))
 
-    async def retire_expert(self, name: str, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        return await self.backend.set_status(name, "retire", self._authorize(authorization))
+    async def retire_expert(self, name: str, request: Request,
+                            authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        return await self.backend.set_status(name, "retire", await self._principal(request, authorization))
+
+    async def quarantine_expert(self, name: str, body: QuarantineRequest, request: Request,
+                                authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        return await self.backend.set_status(name, "quarantine", await self._principal(request, authorization),
+                                             body.reason)
 
 
 def _mose_headers(info: MoseInfo) -> dict[str, str]:

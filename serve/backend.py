@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from experts.types import GenerationRequest, GenerationResult
+from registry.teams import Principal
 from router_model.runtime import RouteDecision
 
 
@@ -48,12 +49,19 @@ class Backend(ABC):
         """The active experts: name, version, domains, owner, kind."""
 
     @abstractmethod
-    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: str) -> dict[str, Any]:
-        """Register an expert from a manifest and its files; returns the stored record."""
+    async def authenticate_team(self, token: str) -> str:
+        """The name of the team this token belongs to; ``registry.errors.AccessDeniedError`` for an
+        unknown, wrong, rotated or revoked token."""
 
     @abstractmethod
-    async def set_status(self, name: str, action: str, actor: str) -> dict[str, Any]:
-        """``activate`` or ``retire`` an expert; an activated expert becomes routable at once."""
+    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: Principal) -> dict[str, Any]:
+        """Register an expert from a manifest and its files as ``actor`` (a team only its own);
+        returns the stored record."""
+
+    @abstractmethod
+    async def set_status(self, name: str, action: str, actor: Principal, reason: str | None = None) -> dict[str, Any]:
+        """``activate``, ``retire`` or ``quarantine`` (with ``reason``) an expert as ``actor``; an
+        activated expert becomes routable at once."""
 
     @abstractmethod
     async def health(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import sys
 from registry.errors import MoseError
 
 # Order is the order shown by `mose --help`.
-COMMAND_MODULES = ("up", "models", "expert", "keys", "audit", "demo", "router", "crosscheck", "serve")
+COMMAND_MODULES = ("up", "models", "expert", "keys", "team", "audit", "demo", "router", "crosscheck", "serve")
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",

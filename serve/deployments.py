@@ -31,6 +31,7 @@ from ray import serve
 from experts.types import GenerationRequest, GenerationResult
 from registry.errors import ArtifactError, MoseError
 from registry.home import MoseHome
+from registry.teams import Principal
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import ServeConfig
@@ -532,13 +533,15 @@ class Ingress(Backend):
         self._experts_cache = (time.monotonic(), cards)
         return cards
 
-    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: str) -> dict[str, Any]:
+    async def authenticate_team(self, token: str) -> str:
+        return (await asyncio.to_thread(self.registry.authenticate_team, token)).name
+
+    async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: Principal) -> dict[str, Any]:
         record = await asyncio.to_thread(_register_upload, self.registry, manifest, files, actor)
         return _record_json(record)
 
-    async def set_status(self, name: str, action: str, actor: str) -> dict[str, Any]:
-        change = self.registry.activate if action == "activate" else self.registry.retire
-        record = await asyncio.to_thread(change, name, None, actor)
+    async def set_status(self, name: str, action: str, actor: Principal, reason: str | None = None) -> dict[str, Any]:
+        record = await asyncio.to_thread(_change_status, self.registry, name, action, actor, reason)
         self._experts_cache = (float("-inf"), [])
         if action == "activate":
             await self.router.refresh.remote()
@@ -567,7 +570,19 @@ def _record_json(record: Any) -> dict[str, Any]:
             "domains": record.domains, "base_model": record.base_model}
 
 
-def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes], actor: str):
+def _change_status(registry: Any, name: str, action: str, actor: str | Principal, reason: str | None):
+    """``activate``, ``retire`` or ``quarantine`` the expert (the registry checks what ``actor`` may do)."""
+    if action == "activate":
+        return registry.activate(name, None, actor)
+    if action == "retire":
+        return registry.retire(name, None, actor)
+    if action == "quarantine":
+        return registry.quarantine(name, None, reason or "quarantined over HTTP", actor)
+    raise ValueError(f"unknown status action {action!r}")
+
+
+def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes],
+                     actor: str | Principal):
     """Write uploaded files to a private temp folder (paths checked first), then register them."""
     from registry.manifest import parse_manifest
 
