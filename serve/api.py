@@ -32,6 +32,7 @@ from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import AuthConfig, ServeConfig
 from serve.metrics import IngressMetrics
+from serve.ui import UI_PREFIX, mount_catalogue
 from serve.upstream import UpstreamError
 from serve.schemas import (
     Alternative,
@@ -282,7 +283,7 @@ class AdmissionMiddleware:
         self.in_flight = 0
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope.get("path", "").startswith("/v1/"):
+        if scope["type"] != "http" or not scope.get("path", "").startswith(("/v1/", UI_PREFIX)):
             return await self.app(scope, receive, send)
         if self.in_flight >= self.limit:
             self.metrics.rejected.labels("queue_full").inc()
@@ -331,6 +332,7 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
     api.post("/v1/experts/{name}/retire", response_model=ExpertRecordOut, responses=admin)(handlers.retire_expert)
     api.post("/v1/experts/{name}/quarantine", response_model=ExpertRecordOut,
              responses=admin)(handlers.quarantine_expert)
+    mount_catalogue(api, backend, metrics)
     _document_errors_as_400(api)
     return api
 

@@ -66,3 +66,8 @@ class Backend(ABC):
     @abstractmethod
     async def health(self) -> dict[str, Any]:
         """Liveness and what each part is running on."""
+
+    def catalogue(self) -> Any:
+        """The registry view the read-only ``/ui`` pages show (:class:`serve.catalogue.Catalogue`);
+        None, the default, serves no pages."""
+        return None
