@@ -159,6 +159,11 @@ def _unique(items) -> list[str]:
     return list(dict.fromkeys(items))
 
 
+def _oms_verified(oms_check: dict[str, Any] | None) -> bool:
+    """A verified OMS bundle is the expert's signature: an ed25519 one is then optional."""
+    return oms_check is not None and oms_check.get("status") == "verified"
+
+
 def split_ref(ref: str) -> tuple[str, str | None]:
     """``name@version`` or ``name`` -> ``(name, version or None)``."""
     name, _, version = ref.partition("@")
@@ -220,9 +225,13 @@ class Registry:
     # ------------------------------------------------------------- registration
     def add(
         self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None = None,
-        actor: str | Principal = "cli",
+        actor: str | Principal = "cli", bundle: str | Path | None = None,
     ) -> ExpertRecord:
         """Register an expert as ``pending``; the same ``name@version`` with the same files is a no-op.
+
+        ``bundle``: an OMS bundle of the files folder (default: its ``model.sig``, when present),
+        checked with the owner's P-256 keys (:meth:`_verify_oms`); a verified bundle stands in for
+        the manifest's ed25519 signature when signatures are required.
 
         Raises :class:`ManifestError` (manifest or domain), :class:`SignatureError`,
         :class:`ArtifactError` (unsafe file, digest mismatch), :class:`ConflictError`
@@ -234,7 +243,8 @@ class Registry:
         if who.team is not None:
             self._check_team_may_publish(who.team, manifest)
         self.refresh_taxonomy().require_known(manifest.domains, source)
-        signature = self._verify_signature(manifest)
+        oms_check = self._verify_oms(manifest, folder, bundle)
+        signature = self._verify_signature(manifest, self.settings.require_signatures and not _oms_verified(oms_check))
         files = self._check_files(manifest, folder)
         check_layout(manifest, source)
         if (existing := self._existing_same(manifest, files)) is not None:
@@ -257,14 +267,52 @@ class Registry:
                 "kind": manifest.kind, "base_model": manifest.base_model, "domains": list(manifest.domains),
                 "owner": manifest.owner, "files": dict(sorted(manifest.files.items())), "signature": signature,
             }
+            if oms_check is not None:
+                details["oms"] = oms_check
             append_entry(self.store, "register", manifest.ref, details, who.actor)
         return ExpertRecord.from_stored(row)
 
-    def _verify_signature(self, manifest: ExpertManifest) -> str:
+    def _verify_oms(self, manifest: ExpertManifest, folder: Path, bundle: str | Path | None) -> dict[str, Any] | None:
+        """Check the folder's OMS bundle, if any, with the owner's P-256 keys; its audit details.
+
+        A bundle that the owner's keys do not verify is refused, naming the file at fault. With no
+        P-256 key for the owner it is recorded as ``untrusted-team``, and refused when signatures
+        are required and the manifest has no ed25519 signature either.
+        """
+        from registry import oms
+        from registry.errors import SignatureError
+
+        path = Path(bundle) if bundle is not None else folder / oms.BUNDLE_NAME
+        if bundle is None and not path.is_file():
+            return None
+        keys = {label: key for label, key in self._owner_keys(manifest.owner).items() if oms.is_p256_public_key(key)}
+        if not keys:
+            if self.settings.require_signatures and manifest.signature is None:
+                trusted = ", ".join(sorted(self.settings.trusted_keys)) or "none"
+                raise SignatureError(
+                    f"{manifest.ref}: comes with an OMS bundle ({path.name}) but its owner {manifest.owner!r} has no "
+                    f"trusted key in this registry (trusted teams: {trusted}); ask the operator to add the team's "
+                    "P-256 public key to trusted_keys in registry.yaml"
+                )
+            return {"format": "oms-v1", "status": "untrusted-team", "bundle": path.name}
+        try:
+            verified = oms.verify_folder(folder, path, keys)
+            oms.check_covers_expert(verified, folder, manifest)
+        except SignatureError as exc:
+            raise SignatureError(f"{manifest.ref}: {exc}") from None
+        return verified.details()
+
+    def _owner_keys(self, owner: str) -> dict[str, str]:
+        """Public keys that may sign for ``owner``, by label (``owner``, ``owner#2``, ...): a team's
+        registered keys and its entry in ``trusted_keys`` (:meth:`team_keys`)."""
+        keys = self.team_keys().get(owner, [])
+        return {owner if i == 0 else f"{owner}#{i + 1}": key for i, key in enumerate(keys)}
+
+    def _verify_signature(self, manifest: ExpertManifest, required: bool) -> str:
         """An owner that is a registered team: only its keys may sign; otherwise ``trusted_keys`` decides."""
         if self.store.get_team(manifest.owner) is None:
-            return verify_manifest(manifest, self.settings.trusted_keys, self.settings.require_signatures)
-        return verify_owned_manifest(manifest, manifest.owner, self.team_keys(), self.settings.require_signatures)
+            return verify_manifest(manifest, self.settings.trusted_keys, required)
+        return verify_owned_manifest(manifest, manifest.owner, self.team_keys(), required)
 
     def _check_team_may_publish(self, team: str, manifest: ExpertManifest) -> None:
         self._team_in_good_standing(team)
@@ -586,6 +634,16 @@ class Registry:
         """Audit entries, oldest first (the last ``limit`` when given)."""
         entries = [AuditEntry.from_row(row) for row in self.store.audit_rows()]
         return entries[-limit:] if limit else entries
+
+    def provenance(self, name: str, version: str) -> dict[str, Any]:
+        """How ``name@version``'s signatures checked out when it was registered (its ``register``
+        audit entry): ``signature`` (the manifest's ed25519 signature: ``verified``, ``unsigned`` or
+        ``untrusted-team``) and, when it came with an OMS bundle, ``oms`` (status, key, fingerprint)."""
+        ref = f"{name}@{version}"
+        for entry in reversed(self.audit_entries()):
+            if entry.action == "register" and entry.subject == ref:
+                return {key: entry.details[key] for key in ("signature", "oms") if key in entry.details}
+        return {}
 
     # --------------------------------------------------------------- reputation
     def reputation(self, name: str, prior: tuple[float, float] = (1.0, 1.0)) -> Reputation:

@@ -5,6 +5,7 @@ Example ``registry.yaml``::
     require_signatures: true
     trusted_keys:
       law-team: keys/law-team.pub        # a path (relative to the home), PEM text, or base64
+      med-team: keys/med-team.p256.pub   # an ECDSA P-256 key: checks the team's OMS bundles
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ class RegistrySettings(BaseModel):
     (env ``MOSE_REQUIRE_SIGNATURES=1`` overrides the file)."""
 
     trusted_keys: dict[str, str] = Field(default_factory=dict)
-    """Team -> ed25519 public key: PEM text, base64 of the 32 raw bytes, or a path to a ``.pub``
-    file (relative paths are inside the mose home)."""
+    """Team -> public key, one per team: ed25519 (checks manifest signatures; PEM text, base64 of the
+    32 raw bytes) or ECDSA P-256 (checks OMS bundles of the experts the team owns; PEM text), or a
+    path to a ``.pub`` file (relative paths are inside the mose home)."""
 
     copy_chunk_delay_s: float = Field(default=0.0, ge=0.0)
     """Testing only: pause after each 1 MiB copied into the artifact store (env

@@ -128,6 +128,14 @@ def verify_manifest(manifest: ExpertManifest, trusted_keys: dict[str, str], requ
             )
         return "unsigned"
     key_text = trusted_keys.get(signature.team)
+    if key_text is not None and _is_p256(key_text):
+        if required:
+            raise SignatureError(
+                f"{ref}: signed by team {signature.team!r}, whose trusted key is an ECDSA P-256 key: it checks the "
+                "team's OMS bundles, not ed25519 signatures; sign the expert folder with `mose expert sign "
+                "MANIFEST --format oms`"
+            )
+        return "untrusted-team"
     if key_text is None:
         if required:
             trusted = ", ".join(sorted(trusted_keys)) or "none"
@@ -148,6 +156,13 @@ def verify_manifest(manifest: ExpertManifest, trusted_keys: dict[str, str], requ
             "(it was changed after signing, or signed with another key); sign it again"
         ) from None
     return "verified"
+
+
+def _is_p256(key_text: str) -> bool:
+    """A P-256 key (it checks OMS bundles, see :mod:`registry.oms`), never an ed25519 signature."""
+    from registry.oms import is_p256_public_key
+
+    return is_p256_public_key(key_text)
 
 
 def _verifies(key_text: str, team: str, signature: bytes, payload: bytes) -> bool:
@@ -181,11 +196,12 @@ def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[
     except (binascii.Error, ValueError):
         raise SignatureError(f"{ref}: the signature is not valid base64") from None
     payload = canonical_bytes(manifest)
-    owner_keys = team_keys.get(owner, [])
+    owner_keys = [key for key in team_keys.get(owner, []) if not _is_p256(key)]
     if any(_verifies(key, owner, value, payload) for key in owner_keys):
         return "verified"
     signer = next((team for team, keys in sorted(team_keys.items())
-                   if team != owner and any(_verifies(key, team, value, payload) for key in keys)), None)
+                   if team != owner and any(_verifies(key, team, value, payload) for key in keys
+                                            if not _is_p256(key))), None)
     if signer is not None:
         raise SignatureError(
             f"{ref}: the signature is valid but was made with a key of team {signer!r}, and {ref} is owned by "

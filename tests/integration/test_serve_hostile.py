@@ -303,6 +303,68 @@ def _log_files(served) -> list[Path]:
     return files
 
 
+def test_team_tokens_write_only_their_own_experts_and_never_leak(served, tmp_path):
+    """Team A gets 403 on every write to team B's expert and nothing changes; a rotated and a revoked
+    token are refused; no team token appears in a response or in the server's logs."""
+    from registry import Registry
+    from registry.home import MoseHome
+    from registry.teams import SECRET_CHARS
+
+    suffix = uuid.uuid4().hex[:6]
+    team_a, team_b = f"http-a-{suffix}", f"http-b-{suffix}"
+    name = f"{team_b}-expert"
+    with Registry.open(MoseHome.from_env(served.home)) as reg:
+        _, token_a = reg.create_team(team_a)
+        _, token_b = reg.create_team(team_b)
+    as_a, as_b = {"Authorization": f"Bearer {token_a}"}, {"Authorization": f"Bearer {token_b}"}
+    bodies = []
+    with served.client() as client:
+        created = client.post("/v1/experts", json=upload_body(tmp_path, name, owner=team_b), headers=as_b)
+        assert created.status_code == 200, created.text
+        assert client.post(f"/v1/experts/{name}/activate", headers=served.admin()).json()["status"] == "active"
+        before = snapshot(served)
+        only_operator = (f"is for the registry operator; team {team_a!r} may register, update and retire the "
+                         f"experts it owns (ask the operator about {name!r})")
+        newer = upload_body(tmp_path / "v2", name, owner=team_b, version="2.0.0")
+        squat = upload_body(tmp_path / "v3", name, owner=team_a, version="3.0.0")
+        cases = [
+            (client.post("/v1/experts", json=newer, headers=as_a),
+             f"team {team_a!r} may only register experts it owns, and this manifest names owner {team_b!r}; set "
+             f"`owner: {team_a}` in the manifest"),
+            (client.post("/v1/experts", json=squat, headers=as_a),
+             f"expert {name!r} is owned by team {team_b!r} (the owner of its registered versions); team "
+             f"{team_a!r} may not publish versions of it: choose another name"),
+            (client.post(f"/v1/experts/{name}/retire", headers=as_a),
+             f"{name}@1.0.0 is owned by {team_b!r}; team {team_a!r} may only change the experts it owns"),
+            (client.post(f"/v1/experts/{name}/activate", headers=as_a), f"activating an expert {only_operator}"),
+            (client.post(f"/v1/experts/{name}/quarantine", json={"reason": "x"}, headers=as_a),
+             f"quarantining an expert {only_operator}"),
+        ]
+        for response, message in cases:
+            assert error_of(response) == (403, message)
+            bodies.append(response.text)
+        assert snapshot(served) == before
+        with Registry.open(MoseHome.from_env(served.home)) as reg:
+            _, new_a = reg.rotate_team_token(team_a)
+            reg.revoke_team(team_b)
+        before = snapshot(served)
+        rotated = client.post(f"/v1/experts/{name}/retire", headers=as_a)
+        revoked = client.post(f"/v1/experts/{name}/retire", headers=as_b)
+        bodies += [rotated.text, revoked.text]
+        assert error_of(rotated)[0] == 403 and "not valid for team" in error_of(rotated)[1]
+        assert error_of(revoked)[0] == 403 and "was revoked" in error_of(revoked)[1]
+        assert snapshot(served) == before
+        retired = client.post(f"/v1/experts/{name}/retire", headers=served.admin())
+        assert retired.json()["status"] == "retired", retired.text
+    time.sleep(2)  # Ray writes replica logs asynchronously
+    logs = _log_files(served)
+    for token in (token_a, token_b, new_a):
+        secret = token[-SECRET_CHARS:]
+        assert not [body for body in bodies if secret in body]
+        leaks = [path for path in logs if secret.encode() in path.read_bytes()]
+        assert not leaks, f"a team token was found in {leaks}"
+
+
 def test_the_admin_check_is_constant_time():
     """hmac.compare_digest, not ==: the time to refuse does not depend on how much of the token matches."""
     import inspect
