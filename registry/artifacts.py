@@ -73,6 +73,16 @@ class ArtifactStore:
         The copy is hashed as it is written, so a file changed after it was checked is refused
         (:class:`ArtifactError`) and nothing becomes visible.
         """
+        if self.has(expected_sha256):
+            return self.put_chunks(iter(()), expected_sha256, source.name)
+        with open(source, "rb") as src:
+            return self.put_chunks(iter(lambda: src.read(CHUNK_BYTES), b""), expected_sha256, source.name,
+                                   hint="make sure nothing writes to the expert folder and retry")
+
+    def put_chunks(self, chunks: Iterator[bytes], expected_sha256: str, what: str,
+                   problem: str = "changed while it was being copied", hint: str = "retry") -> Path:
+        """Write ``chunks`` as the blob ``expected_sha256`` (temp file, fsync, verify, rename); an
+        existing blob is reused and the chunks are not read. Bytes that hash otherwise are refused."""
         final = self.path_for(expected_sha256)
         if final.is_file():
             os.utime(final)  # fresh mtime: gc() leaves recently (re)used blobs alone
@@ -81,11 +91,11 @@ class ArtifactStore:
         fd, tmp_name = tempfile.mkstemp(prefix=f"{expected_sha256[:12]}.", suffix=".part", dir=self.tmp_root)
         tmp = Path(tmp_name)
         try:
-            actual = self._copy_hashing(source, fd)
+            actual = self._write_hashing(chunks, fd)
             if actual != expected_sha256:
                 raise ArtifactError(
-                    f"{source.name}: changed while it was being copied (sha256 {actual}, expected "
-                    f"{expected_sha256}); make sure nothing writes to the expert folder and retry"
+                    f"{what}: {problem} (sha256 {actual}, expected "
+                    f"{expected_sha256}); {hint}"
                 )
             final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
@@ -95,10 +105,10 @@ class ArtifactStore:
             tmp.unlink(missing_ok=True)
         return final
 
-    def _copy_hashing(self, source: Path, fd: int) -> str:
+    def _write_hashing(self, chunks: Iterator[bytes], fd: int) -> str:
         digest = hashlib.sha256()
-        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
-            while chunk := src.read(CHUNK_BYTES):
+        with os.fdopen(fd, "wb") as dst:
+            for chunk in chunks:
                 dst.write(chunk)
                 digest.update(chunk)
                 if self._chunk_hook is not None:

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 
 from registry.artifacts import ArtifactStore, sha256_file
 from registry.audit import AuditEntry, AuditReport, append_entry, verify_chain
+from registry.blobs import SharedBlobs, fetch_missing, upload
 from registry.errors import (
     AccessDeniedError, ArtifactError, ConflictError, ManifestError, NotFoundError, StatusError,
 )
@@ -35,6 +36,7 @@ from registry.home import MoseHome
 from registry.manifest import VERSION_PATTERN, ExpertManifest, check_layout, load_manifest
 from registry.safety import check_expert_file
 from registry.settings import RegistrySettings
+from registry.stores import open_store
 from registry.signing import load_public_key, public_key_b64, verify_manifest, verify_owned_manifest
 from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, StoredTeam, utc_now
 from registry.taxonomy import Taxonomy
@@ -178,15 +180,21 @@ class Registry:
         self.store = store
         self.settings = settings
         delay = settings.copy_chunk_delay_s
-        self.artifacts = ArtifactStore(home.artifacts_dir, functools.partial(time.sleep, delay) if delay else None)
+        self._chunk_hook = functools.partial(time.sleep, delay) if delay else None
+        self.artifacts = ArtifactStore(home.artifacts_dir, self._chunk_hook)
+        # A database store keeps every blob too; this home's artifacts are then this node's cache.
+        self.shared_blobs = store if isinstance(store, SharedBlobs) else None
         self._taxonomy: tuple[int, Taxonomy] | None = None  # (added-domain count, taxonomy)
 
     @classmethod
-    def open(cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None) -> "Registry":
-        """Open (creating if needed) the registry of ``home`` (default: ``$MOSE_HOME`` or ``./.mose``)."""
+    def open(cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None,
+             url: str | None = None) -> "Registry":
+        """Open (creating if needed) the registry of ``home`` (default: ``$MOSE_HOME`` or ``./.mose``);
+        its records live where ``url`` or ``$MOSE_REGISTRY_URL`` says (default: SQLite in the home,
+        see :mod:`registry.stores`)."""
         home = home if isinstance(home, MoseHome) else MoseHome.from_env(home)
         settings = settings if settings is not None else RegistrySettings.load(home)
-        return cls(home, SQLiteStore(home.db_path), settings)
+        return cls(home, open_store(home, url), settings)
 
     def close(self) -> None:
         self.store.close()
@@ -251,6 +259,8 @@ class Registry:
             return existing
         for stored in files:
             self.artifacts.put_file(folder / stored.relpath, stored.sha256)
+        if self.shared_blobs is not None:  # in the database before the record: any node can fetch them
+            upload(self.shared_blobs, self.artifacts, [f.sha256 for f in files], self._chunk_hook)
         with self.store.transaction():
             if who.team is not None:  # another team may have taken the name (or the token been revoked) meanwhile
                 self._check_team_may_publish(who.team, manifest)
@@ -410,14 +420,21 @@ class Registry:
         return ExpertRecord.from_stored(rows[0]) if rows else None
 
     def blob_paths(self, record: ExpertRecord) -> dict[str, Path]:
-        """Manifest relative path -> content-addressed blob file (read-only)."""
+        """Manifest relative path -> content-addressed blob file (read-only); blobs this node lacks
+        are fetched from the registry database first, when it keeps them."""
+        self.fetch_blobs(record.manifest.files.values())
         return {rel: self.artifacts.path_for(sha) for rel, sha in sorted(record.manifest.files.items())}
 
     def verify_files(self, name: str, version: str | None = None) -> FileCheck:
         """Re-hash the stored blobs of one version (default: the highest)."""
         record = self.get(name, version)
         files = self.store.expert_files(record.name, record.version)
-        problems = [f"{f.relpath}: {problem}" for f in files if (problem := self.artifacts.verify(f.sha256))]
+        problems = []
+        if self.shared_blobs is not None:
+            self.fetch_blobs(f.sha256 for f in files)
+            problems = [f"{f.relpath}: blob {f.sha256} is missing from the registry database"
+                        for f in files if not self.shared_blobs.has_blob(f.sha256)]
+        problems += [f"{f.relpath}: {problem}" for f in files if (problem := self.artifacts.verify(f.sha256))]
         return FileCheck(ref=record.ref, ok=not problems, files=len(files), problems=problems)
 
     # ----------------------------------------------------------------- statuses
@@ -463,8 +480,19 @@ class Registry:
             append_entry(self.store, "remove", record.ref, {"status": record.status, "files": dict(record.manifest.files)}, actor)
 
     def gc(self, min_age_s: float = 3600.0) -> list[str]:
-        """Delete blobs no record refers to and stale temp files, older than ``min_age_s``."""
-        return self.artifacts.gc(self.store.referenced_blobs(), stale_after_s=min_age_s)
+        """Delete blobs no record refers to and stale temp files, older than ``min_age_s`` (here,
+        and in the registry database when it keeps blobs)."""
+        removed = self.artifacts.gc(self.store.referenced_blobs(), stale_after_s=min_age_s)
+        if self.shared_blobs is not None:
+            removed += self.shared_blobs.gc_blobs(min_age_s)
+        return removed
+
+    def fetch_blobs(self, digests) -> list[str]:
+        """Copy into this home's artifact store the blobs of ``digests`` it lacks, from the registry
+        database (verified; none without a database store). Returns those fetched."""
+        if self.shared_blobs is None:
+            return []
+        return fetch_missing(self.shared_blobs, self.artifacts, digests)
 
     def _transition(self, name: str, version: str | None, target: str, who: Principal,
                     details: dict[str, Any]) -> ExpertRecord:

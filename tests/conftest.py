@@ -24,6 +24,8 @@ os.environ.update(
     }
 )
 os.environ.setdefault("MOSE_CACHE", str(REPO_ROOT / ".mose-cache"))
+# The embedded SQLite registry unless a test asks for PostgreSQL (tests/_fixtures/postgres.py).
+os.environ.pop("MOSE_REGISTRY_URL", None)
 # One torch thread per process: tests run beside Ray replicas and other tests' servers on a
 # 2-core machine, where two threads per process wait on each other (measured 3-10x slower).
 os.environ.setdefault("MOSE_CPU_THREADS", "1")
@@ -36,6 +38,7 @@ pytest_plugins = [
     "tests._fixtures.router",
     "tests._fixtures.serve",
     "tests._fixtures.faults",
+    "tests._fixtures.postgres",
 ]
 
 
