@@ -27,10 +27,15 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     add = _sub(sub, "add", _add, "register an expert from its manifest (status: pending)",
                "Validate MANIFEST (YAML or JSON), check every listed file's sha256 and safety (safetensors "
                "and small JSON/tokenizer files only; no pickles, no remote code), verify the team signature "
-               "when the registry requires one, copy the files into the content-addressed store and record "
-               "the expert as pending. Registering the same name@version with the same files again is a no-op.")
-    add.add_argument("manifest", type=Path, help="path to manifest.yaml / manifest.json")
+               "(the manifest's ed25519 signature, and an OMS bundle: --bundle, or model.sig in the files "
+               "folder when present) when the registry requires one, copy the files into the content-addressed "
+               "store and record the expert as pending. Registering the same name@version with the same files "
+               "again is a no-op.")
+    add.add_argument("manifest", type=Path,
+                     help="path to manifest.yaml / manifest.json, or the expert folder holding it")
     add.add_argument("--files", type=Path, default=None, help="folder holding the files (default: the manifest's folder)")
+    add.add_argument("--bundle", type=Path, default=None,
+                     help="OMS bundle of the files folder (default: model.sig in that folder, when present)")
     add.add_argument("--actor", default="cli", help="who is registering (recorded in the audit log)")
 
     lst = _sub(sub, "list", _list, "list registered experts", "List every registered name@version.")
@@ -63,13 +68,24 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
                   "Re-hash the stored blobs of NAME[@VERSION]; exit 1 if any is missing or corrupted.")
     verify.add_argument("ref", metavar="NAME[@VERSION]")
 
-    sign = _sub(sub, "sign", _sign, "sign a manifest with a team key",
-                "Add an ed25519 signature (over the manifest, file digests included) to MANIFEST, in place "
-                "unless --output is given. Make the key with `mose keys generate TEAM`.")
+    sign = _sub(sub, "sign", _sign, "sign a manifest (ed25519) or an expert folder (OMS bundle) with a team key",
+                "--format ed25519 (default): add an ed25519 signature (over the manifest, file digests "
+                "included) to MANIFEST, in place unless --output is given; make the key with `mose keys "
+                "generate TEAM`. --format oms: write an OpenSSF Model Signing bundle (ECDSA P-256, offline) "
+                "over every file of the expert folder, MANIFEST included, to FOLDER/model.sig or --bundle; make "
+                "the key with `mose keys generate TEAM --type p256`. With both, sign ed25519 first: it rewrites "
+                "the manifest, which the bundle covers.")
     sign.add_argument("manifest", type=Path)
-    sign.add_argument("--key", type=Path, required=True, help="the team's private key file (TEAM.key)")
-    sign.add_argument("--team", default=None, help="team name (default: the key file's name)")
-    sign.add_argument("--output", type=Path, default=None, help="write the signed manifest here")
+    sign.add_argument("--key", type=Path, required=True,
+                      help="the team's private key file (TEAM.key, or TEAM.p256.key for --format oms)")
+    sign.add_argument("--format", dest="sig_format", choices=("ed25519", "oms"), default="ed25519",
+                      help="ed25519 signature in the manifest (default), or an OMS bundle of the folder")
+    sign.add_argument("--team", default=None, help="team name (default: the key file's name; ed25519 only)")
+    sign.add_argument("--output", type=Path, default=None, help="write the signed manifest here (ed25519 only)")
+    sign.add_argument("--files", type=Path, default=None,
+                      help="the expert folder to sign (oms only; default: the manifest's folder, which must hold it)")
+    sign.add_argument("--bundle", type=Path, default=None, help="where to write the bundle (oms only; default: "
+                      "FOLDER/model.sig)")
 
     schema = _sub(sub, "schema", _schema, "print the manifest JSON Schema",
                   "Print the JSON Schema of expert manifests (for editors and CI of expert teams).", json_flag=False)
@@ -111,17 +127,33 @@ def _summary(record) -> dict:
     }
 
 
+def _manifest_path(path: Path) -> Path:
+    """A manifest file, or the manifest inside an expert folder."""
+    from registry.errors import ManifestError
+    from registry.oms import MANIFEST_NAMES
+
+    if not path.is_dir():
+        return path
+    found = [path / name for name in MANIFEST_NAMES if (path / name).is_file()]
+    if not found:
+        raise ManifestError(f"{path}: no manifest in the folder (looked for {', '.join(MANIFEST_NAMES)})")
+    return found[0]
+
+
 def _add(args: argparse.Namespace) -> int:
     from datetime import datetime, timezone
 
     started = datetime.now(timezone.utc)
     with _open(args) as reg:
-        record = reg.add(args.manifest, files_dir=args.files, actor=args.actor)
+        record = reg.add(_manifest_path(args.manifest), files_dir=args.files, actor=args.actor, bundle=args.bundle)
+        provenance = reg.provenance(record.name, record.version)
     if record.created_at < started:  # same name@version and files were already there: a no-op
         text = f"{record.ref} was already registered with these files ({record.status}); nothing to do"
     else:
         text = f"registered {record.ref} ({record.status}); activate it with `mose expert activate {record.ref}`"
-    emit(args, _summary(record), text)
+        if (oms := provenance.get("oms")) and oms.get("status") == "verified":
+            text += f"\n  OMS bundle {oms['bundle']} verified with the key of {oms['key']} ({oms['fingerprint']})"
+    emit(args, {**_summary(record), "provenance": provenance}, text)
     return 0
 
 
@@ -148,8 +180,11 @@ def _show(args: argparse.Namespace) -> int:
         record = reg.get(*_ref(args.ref))
         blobs = reg.blob_paths(record)
         chains = {d: reg.taxonomy.chain(d) for d in record.domains}
+        provenance = reg.provenance(record.name, record.version)
+    oms = provenance.get("oms")
     payload = {
         **_summary(record),
+        "provenance": provenance,
         "manifest": record.manifest.model_dump(mode="json"),
         "blobs": {rel: str(path) for rel, path in blobs.items()},
         "domain_chains": chains,
@@ -161,6 +196,8 @@ def _show(args: argparse.Namespace) -> int:
         f"quantization: {record.manifest.quantization}   memory: {record.manifest.resources.memory_mb} MiB",
         "  domains: " + "; ".join(" -> ".join(chain) for chain in chains.values()),
         f"  signed by: {record.manifest.signature.team if record.manifest.signature else '(unsigned)'}",
+        *([f"  OMS bundle: {oms['status']}" + (f" with the key of {oms['key']} ({oms['fingerprint']})"
+                                              if oms.get("fingerprint") else "")] if oms else []),
         f"  registered {record.created_at:%Y-%m-%d %H:%M:%S} UTC, updated {record.updated_at:%Y-%m-%d %H:%M:%S} UTC",
         "  files:",
         *(f"    {rel}  sha256:{record.manifest.files[rel]}" for rel in blobs),
@@ -216,12 +253,47 @@ def _sign(args: argparse.Namespace) -> int:
     from registry.manifest import dump_manifest, load_manifest
     from registry.signing import load_private_key, sign_manifest
 
+    if args.sig_format == "oms":
+        return _sign_oms(args)
+    if args.files is not None or args.bundle is not None:
+        from registry.errors import SignatureError
+
+        raise SignatureError("--files and --bundle are for OMS bundles (--format oms); an ed25519 signature goes "
+                             "into the manifest")
     team = args.team or args.key.stem
     signed = sign_manifest(load_manifest(args.manifest), load_private_key(args.key), team)
     output = args.output or args.manifest
     dump_manifest(signed, output)
     emit(args, {"manifest": str(output), "team": team, "signature": signed.signature.value},
          f"signed {signed.ref} as team {team!r} -> {output}")
+    return 0
+
+
+def _sign_oms(args: argparse.Namespace) -> int:
+    from registry.artifacts import sha256_file
+    from registry.errors import ArtifactError, SignatureError
+    from registry.manifest import load_manifest
+    from registry.oms import MANIFEST_NAMES, check_covers_expert, sign_folder
+
+    if args.output is not None or args.team is not None:
+        raise SignatureError("--output and --team are for ed25519 signatures; an OMS bundle goes to --bundle")
+    manifest = load_manifest(args.manifest)
+    folder = args.files if args.files is not None else args.manifest.parent
+    if args.manifest.resolve().parent != folder.resolve() or args.manifest.name not in MANIFEST_NAMES:
+        raise SignatureError(f"{args.manifest}: an OMS bundle covers the manifest too, so the manifest must be "
+                             f"{' or '.join(MANIFEST_NAMES)} at the top of the folder it signs ({folder})")
+    for relpath, digest in sorted(manifest.files.items()):  # a stale manifest would be signed as it is
+        path = folder / relpath
+        actual = sha256_file(path) if path.is_file() else "absent"
+        if actual != digest:
+            raise ArtifactError(f"{relpath}: the manifest says sha256 {digest}, the file has {actual}; "
+                                "fix the manifest before signing")
+    signed = sign_folder(folder, args.bundle, args.key)
+    check_covers_expert(signed, folder, manifest)
+    emit(args, {"bundle": str(signed.bundle), "format": "oms-v1", "fingerprint": signed.fingerprint,
+                "files": signed.files},
+         f"signed {manifest.ref}: OMS bundle {signed.bundle} over {len(signed.files)} files "
+         f"(key {signed.fingerprint})")
     return 0
 
 
