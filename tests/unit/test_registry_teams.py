@@ -322,3 +322,45 @@ def test_registry_state_helper_sees_teams_unchanged(registry, teams):
         registry.rotate_team_token(TEAM_B, actor=Principal.of_team(TEAM_A))
     assert (registry_state(registry), [t.model_dump() for t in registry.teams()]) == before
     assert registry.authenticate_team(teams["b"]).name == TEAM_B
+
+
+# -------------------------------------------------------------------------------- CLI
+
+
+def test_the_team_commands_show_a_token_once_and_never_list_it(mose_home, tmp_path, capsys):
+    import json
+
+    from serve.cli import main
+
+    pair = generate_keypair(TEAM_A, tmp_path / "keys")
+    home = ["--home", str(mose_home.root)]
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([*args, *home])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("team", "create", TEAM_A, "--key", str(pair.public_key))
+    token = out.strip().splitlines()[-1]
+    assert code == 0 and "shown once and stored only as a hash" in out and team_of_token(token) == TEAM_A
+    code, out, _ = run("team", "list", "--json")
+    assert code == 0 and token[-SECRET_CHARS:] not in out
+    assert [(t["name"], t["public_keys"], t["revoked_at"]) for t in json.loads(out)] == [
+        (TEAM_A, [pair.public_key_b64], None)]
+    code, out, _ = run("team", "rotate", TEAM_A, "--json")
+    rotated = json.loads(out)["token"]
+    with Registry.open(mose_home) as reg:
+        assert reg.authenticate_team(rotated).name == TEAM_A
+        with pytest.raises(AccessDeniedError):
+            reg.authenticate_team(token)
+    assert run("team", "revoke", TEAM_A)[0] == 0
+    code, out, _ = run("team", "list")
+    assert code == 0 and out.splitlines()[1].split()[:3] == [TEAM_A, "1", "revoked"]
+    code, _, err = run("team", "create", TEAM_A)
+    assert (code, err) == (2, "error: team 'team-a' already exists; give it a new token with "
+                              "`mose team rotate team-a`\n")
+    code, out, _ = run("audit", "log", "--json")
+    assert [(e["actor"], e["action"]) for e in json.loads(out)] == [
+        ("operator", "team-create"), ("operator", "team-rotate"), ("operator", "team-revoke")]
+    for secret in (token[-SECRET_CHARS:], rotated[-SECRET_CHARS:]):
+        assert secret not in out
