@@ -20,18 +20,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from registry.artifacts import CHUNK_BYTES
 from registry.blobs import SharedBlobs
 from registry.errors import ArtifactError, MoseError
 from registry.store import (
-    AuditRow, RegistryStore, ReputationRow, StoredExpert, StoredFile, utc_now,
+    AuditRow, RegistryStore, ReputationRow, StoredExpert, StoredFile, StoredTeam, utc_now,
 )
-
-if TYPE_CHECKING:
-    from registry.store import StoredTeam
 
 SCHEMA_VERSION = 1
 """Version of the Postgres schema below (independent of the SQLite file's ``user_version``)."""
@@ -202,6 +199,12 @@ class PostgresStore(RegistryStore, SharedBlobs):
             conn = self._live()
             try:
                 conn.execute("BEGIN")
+            except psycopg.OperationalError:
+                if not (conn.closed or conn.broken):
+                    raise
+                conn = self._live()  # dropped since the last call: nothing was done yet, begin anew
+                conn.execute("BEGIN")
+            try:
                 self._depth = 1
                 try:
                     conn.execute(f"SELECT pg_advisory_xact_lock(%s::int4, {lock_sql})", lock)
@@ -339,18 +342,12 @@ class PostgresStore(RegistryStore, SharedBlobs):
         self._write("UPDATE verdicts SET feedback = %s, feedback_at = %s WHERE id = %s", (int(correct), at, verdict_id))
 
     # -------------------------------------------------------------------- teams
-    @staticmethod
-    def _team(row: tuple) -> StoredTeam:
-        from registry.store import StoredTeam
-
-        return StoredTeam(*row)
-
     def get_team(self, name: str) -> StoredTeam | None:
         rows = self._read(f"SELECT {_TEAM_COLUMNS} FROM teams WHERE name = %s", (name,))
-        return self._team(rows[0]) if rows else None
+        return StoredTeam(*rows[0]) if rows else None
 
     def list_teams(self) -> list[StoredTeam]:
-        return [self._team(row) for row in self._read(f'SELECT {_TEAM_COLUMNS} FROM teams ORDER BY name COLLATE "C"')]
+        return [StoredTeam(*row) for row in self._read(f'SELECT {_TEAM_COLUMNS} FROM teams ORDER BY name COLLATE "C"')]
 
     def insert_team(self, team: StoredTeam) -> None:
         self._write(

@@ -135,5 +135,8 @@ def test_a_connection_the_server_dropped_is_reopened(tmp_path, postgres_url):
         with psycopg.connect(postgres_url, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         assert [r.ref for r in reg.list()] == ["demo-law@1.0.0"]  # a read: retried on a new connection
-        reg.activate("demo-law")  # a write: opens its transaction on the new connection
+        pid = reg.store._conn.info.backend_pid
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        reg.activate("demo-law")  # a write first: its transaction begins on a new connection
         assert reg.store._conn.info.backend_pid != pid and reg.audit_verify().entries == 2
