@@ -1,5 +1,5 @@
 """mose expert registry: manifests, provenance checks, content-addressed artifacts, statuses,
-domain taxonomy, reputation, teams and a hash-chained audit log, on SQLite (WAL).
+domain taxonomy, reputation, teams and a hash-chained audit log, on SQLite (WAL) or PostgreSQL.
 
 Lowest layer of mose: imports nothing from ``experts``, ``router_model`` or ``serve``.
 Public names are imported lazily so that ``import registry.errors`` (done by every CLI

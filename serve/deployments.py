@@ -31,6 +31,7 @@ from ray import serve
 from experts.types import GenerationRequest, GenerationResult
 from registry.errors import ArtifactError, MoseError
 from registry.home import MoseHome
+from registry.stores import node_home
 from registry.teams import Principal
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
@@ -198,8 +199,8 @@ class ExpertPoolDeployment:
         from experts.pool import ExpertPool, PoolConfig
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
-        self.home = MoseHome.from_env(home_root)
-        self.registry = _open_registry(home_root)
+        self.home = node_home(home_root)  # this node's own cache when the registry is a database
+        self.registry = _open_registry(str(self.home.root))
         config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size,
                             policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=self.home)
@@ -322,12 +323,13 @@ class FullExpertDeployment:
         from experts.pool import ExpertPool, PoolConfig
 
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
-        self.registry = _open_registry(home_root)
+        home = node_home(home_root)  # this node's own cache when the registry is a database
+        self.registry = _open_registry(str(home.root))
         # The LRU is Ray Serve's (per replica, by count); the pool's own byte budget only guards
         # against one expert too large for the machine.
         config = PoolConfig(load_base=False, max_new_tokens_limit=max_new_tokens, full_expert_budget_bytes=1 << 40,
                             policy=_device_policy(cpu_dtype))
-        self.pool = ExpertPool(config, home=MoseHome.from_env(home_root))
+        self.pool = ExpertPool(config, home=home)
         self.load_errors: dict[str, str] = {}
 
     async def load_expert(self, name: str) -> _LoadedFullExpert:

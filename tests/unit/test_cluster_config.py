@@ -42,13 +42,40 @@ def test_schema_check_is_not_vacuous():
     raise AssertionError("the schema accepted a non-integer CPU count")
 
 
-def test_rayservice_embeds_what_serve_build_prints(monkeypatch):
-    """deploy/rayservice.yaml's serveConfigV2 must match `mose serve build` (host 0.0.0.0 for pods)."""
+def test_rayservice_embeds_what_serve_build_prints():
+    """deploy/rayservice.yaml's serveConfigV2 must match `mose serve build --config
+    deploy/serve_cluster.yaml` (its path inside the image: /opt/mose)."""
     from serve.app import serve_build_config
 
-    monkeypatch.setenv("MOSE_SERVE__HTTP__HOST", "0.0.0.0")
     service = yaml.safe_load((REPO / "deploy" / "rayservice.yaml").read_text())
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    assert embedded == serve_build_config(None, "/mnt/mose")
+    built = serve_build_config(str(REPO / "deploy" / "serve_cluster.yaml"), "/var/lib/mose")
+    built["applications"][0]["args"]["config_path"] = "/opt/mose/deploy/serve_cluster.yaml"
+    assert embedded == built
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert any("expert_node" in w["rayStartParams"].get("resources", "") for w in workers)
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert "mose_head" in head["rayStartParams"]["resources"]
+
+
+def _text_of(path: Path) -> str:
+    return "\n".join(line.split("#", 1)[0] for line in path.read_text().splitlines())  # without comments
+
+
+def test_no_node_needs_a_shared_filesystem():
+    """The cluster configs name a registry database, mount nothing shared, and pin the roles that
+    read the head's own files (router, calibrator) to the head."""
+    from serve.config import load_config
+
+    launcher = _text_of(REPO / "ray_cluster.yaml")
+    service = _text_of(REPO / "deploy" / "rayservice.yaml")
+    for text in (launcher, service):
+        assert "nfs" not in text.lower() and "efs" not in text.lower() and "MOSE_REGISTRY_URL" in text
+    assert "ReadWriteMany" not in service and "emptyDir" in service
+    config = load_config(REPO / "deploy" / "serve_cluster.yaml")
+    for role in (config.ingress, config.router, config.crosscheck):
+        assert "mose_head" in role.resources
+    for role in (config.expert_pool, config.full_experts):
+        assert "expert_node" in role.resources
+    head = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())["available_node_types"]["head_cpu"]
+    assert head["resources"]["mose_head"] == 1
