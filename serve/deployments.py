@@ -36,6 +36,7 @@ from registry.teams import Principal
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import ServeConfig
+from serve.metrics import IngressMetrics
 from serve.upstream import UpstreamClient
 
 logger = logging.getLogger("mose.serve")
@@ -498,6 +499,8 @@ class Ingress(Backend):
         self.registry = _open_registry(self.home_root)
         self.router, self.pool, self.full_experts, self.checker = router, pool, full_experts, crosscheck
         self.upstream = UpstreamClient(config.upstreams)
+        self.metrics = IngressMetrics()
+        self._catalogue: Any = None
         self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
         if config.auth.admin_mode == "insecure":
             logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
@@ -505,10 +508,20 @@ class Ingress(Backend):
     def __serve_build_asgi_app__(self):
         from serve.api import build_api
 
-        return build_api(self.config, self)
+        return build_api(self.config, self, self.metrics)
 
     async def route(self, query: str) -> RouteDecision:
-        return await _call(self.router.route, query)
+        decision = await _call(self.router.route, query)
+        self.metrics.observe_decision(decision.expert, decision.domain, decision.confidence, decision.abstained)
+        return decision
+
+    def catalogue(self) -> Any:
+        """The read-only registry view of the ``/ui`` pages (one per replica)."""
+        from serve.catalogue import Catalogue
+
+        if self._catalogue is None:
+            self._catalogue = Catalogue(self.registry)
+        return self._catalogue
 
     async def _serving(self, expert: str) -> Any:
         """The handle that serves ``expert``: the multiplexed full-expert deployment, or the pool."""
