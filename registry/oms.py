@@ -106,6 +106,12 @@ def is_p256_public_key(text: str) -> bool:
     return _p256_or_none(text) is not None
 
 
+def p256_fingerprint(text: str) -> str | None:
+    """:func:`fingerprint` of a PEM P-256 public key; None for any other text."""
+    key = _p256_or_none(text)
+    return fingerprint(key) if key is not None else None
+
+
 def load_private_key(path: str | Path):
     """Read an unencrypted PEM P-256 private key; refuse anything else with a message that says why."""
     from cryptography.hazmat.primitives import serialization
@@ -192,9 +198,6 @@ def verify_folder(folder: str | Path, bundle_path: str | Path, public_keys: Mapp
     Keys that are not P-256 are skipped. Returns the key that verified and the signed files;
     raises :class:`SignatureError` naming the bundle and, for a file problem, each file.
     """
-    import model_signing
-    from cryptography.exceptions import InvalidSignature
-
     folder, bundle = Path(folder), Path(bundle_path)
     if not bundle.is_file():
         raise SignatureError(f"OMS bundle {bundle} not found")
@@ -214,26 +217,60 @@ def verify_folder(folder: str | Path, bundle_path: str | Path, public_keys: Mapp
             f"the OMS bundle {bundle.name} was signed with key sha256:{hint[:_SHORT]}, which is none of the "
             f"allowed keys ({allowed})"
         )
-    with tempfile.TemporaryDirectory(prefix="mose-oms-") as tmp:
-        for label, key in sorted(candidates.items()):
-            key_file = Path(tmp) / "key.pub"
-            key_file.write_bytes(_public_pem(key))
-            try:
-                model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key_file).verify(folder, bundle)
-            except InvalidSignature:
-                continue
-            except ValueError as exc:
-                if str(exc).startswith("Signature mismatch"):  # signature good, files differ
-                    raise SignatureError(_describe_mismatch(folder, bundle, statement, signed)) from None
-                if str(exc).startswith("Key mismatch"):
-                    continue
-                raise SignatureError(f"cannot check the folder against the OMS bundle {bundle.name}: {exc}") from None
+    for label, key in sorted(candidates.items()):
+        outcome = _check_with_key(folder, bundle, key)
+        if outcome == "files-differ":  # signature good, files differ
+            raise SignatureError(_describe_mismatch(folder, bundle, statement, signed))
+        if outcome == "verified":
             return OmsVerification(key=label, fingerprint=fingerprint(key), bundle=bundle, files=signed)
     tried = ", ".join(sorted(candidates))
     raise SignatureError(
         f"the signature of the OMS bundle {bundle.name} does not verify with key {tried} (the bundle was changed "
         "after signing, or signed with another key)"
     )
+
+
+def bundle_signer(folder: str | Path, bundle_path: str | Path, public_keys: Mapping[str, str]) -> str | None:
+    """The label of the key among ``public_keys`` (label -> PEM text; others skipped) whose signature the
+    bundle carries, whether or not the folder still matches it; None when none of them made it (or the
+    file is no OMS bundle). The registry names with it the team whose key signed another team's expert."""
+    folder, bundle = Path(folder), Path(bundle_path)
+    try:
+        hint = _read_bundle(bundle)[2]
+    except SignatureError:
+        return None
+    for label, text in sorted(public_keys.items()):
+        key = _p256_or_none(text)
+        if key is None or (hint is not None and fingerprint(key).removeprefix("sha256:") != hint):
+            continue
+        try:
+            if _check_with_key(folder, bundle, key) in ("verified", "files-differ"):
+                return label
+        except SignatureError:
+            continue
+    return None
+
+
+def _check_with_key(folder: Path, bundle: Path, key) -> str:
+    """Run the library's verifier with one P-256 key: ``verified``, ``files-differ`` (the signature is
+    the key's, the folder does not match the statement) or ``bad-signature`` (not this key's)."""
+    import model_signing
+    from cryptography.exceptions import InvalidSignature
+
+    with tempfile.TemporaryDirectory(prefix="mose-oms-") as tmp:
+        key_file = Path(tmp) / "key.pub"
+        key_file.write_bytes(_public_pem(key))
+        try:
+            model_signing.verifying.Config().use_elliptic_key_verifier(public_key=key_file).verify(folder, bundle)
+        except InvalidSignature:
+            return "bad-signature"
+        except ValueError as exc:
+            if str(exc).startswith("Signature mismatch"):
+                return "files-differ"
+            if str(exc).startswith("Key mismatch"):
+                return "bad-signature"
+            raise SignatureError(f"cannot check the folder against the OMS bundle {bundle.name}: {exc}") from None
+    return "verified"
 
 
 def _p256_or_none(text: str):

@@ -37,7 +37,7 @@ from registry.manifest import VERSION_PATTERN, ExpertManifest, check_layout, loa
 from registry.safety import check_expert_file
 from registry.settings import RegistrySettings
 from registry.stores import open_store
-from registry.signing import load_public_key, public_key_b64, verify_manifest, verify_owned_manifest
+from registry.signing import normalise_public_key, verify_manifest, verify_owned_manifest
 from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, StoredTeam, utc_now
 from registry.taxonomy import Taxonomy
 from registry.teams import (
@@ -285,19 +285,39 @@ class Registry:
     def _verify_oms(self, manifest: ExpertManifest, folder: Path, bundle: str | Path | None) -> dict[str, Any] | None:
         """Check the folder's OMS bundle, if any, with the owner's P-256 keys; its audit details.
 
-        A bundle that the owner's keys do not verify is refused, naming the file at fault. With no
-        P-256 key for the owner it is recorded as ``untrusted-team``, and refused when signatures
-        are required and the manifest has no ed25519 signature either.
+        The owner's keys are those of :meth:`team_keys`: a registered team's keys and its entry in
+        ``trusted_keys``. A bundle that the owner's keys do not verify is refused, naming the file at
+        fault; when the owner is a registered team and the bundle was signed with another team's key,
+        the refusal names both teams. With no P-256 key for the owner it is recorded as
+        ``untrusted-team``, and refused when signatures are required and the manifest has no ed25519
+        signature either.
         """
         from registry import oms
         from registry.errors import SignatureError
 
         path = Path(bundle) if bundle is not None else folder / oms.BUNDLE_NAME
-        if bundle is None and not path.is_file():
-            return None
+        if not path.is_file():
+            if bundle is None:
+                return None
+            raise SignatureError(f"{manifest.ref}: OMS bundle {path} not found")
         keys = {label: key for label, key in self._owner_keys(manifest.owner).items() if oms.is_p256_public_key(key)}
-        if not keys:
+        team_owner = self.store.get_team(manifest.owner) is not None
+        try:
+            verified = oms.verify_folder(folder, path, keys) if keys else None
+        except SignatureError as exc:
+            if team_owner:
+                self._refuse_other_teams_bundle(manifest, folder, path)
+            raise SignatureError(f"{manifest.ref}: {exc}") from None
+        if verified is None:
+            if team_owner:
+                self._refuse_other_teams_bundle(manifest, folder, path)
             if self.settings.require_signatures and manifest.signature is None:
+                if team_owner:
+                    raise SignatureError(
+                        f"{manifest.ref}: comes with an OMS bundle ({path.name}) but its owner, team "
+                        f"{manifest.owner!r}, has no ECDSA P-256 key registered to check it with; ask the operator "
+                        f"to add one (`mose team add-key {manifest.owner} --key {manifest.owner}.p256.pub`)"
+                    )
                 trusted = ", ".join(sorted(self.settings.trusted_keys)) or "none"
                 raise SignatureError(
                     f"{manifest.ref}: comes with an OMS bundle ({path.name}) but its owner {manifest.owner!r} has no "
@@ -306,11 +326,26 @@ class Registry:
                 )
             return {"format": "oms-v1", "status": "untrusted-team", "bundle": path.name}
         try:
-            verified = oms.verify_folder(folder, path, keys)
             oms.check_covers_expert(verified, folder, manifest)
         except SignatureError as exc:
             raise SignatureError(f"{manifest.ref}: {exc}") from None
         return verified.details()
+
+    def _refuse_other_teams_bundle(self, manifest: ExpertManifest, folder: Path, bundle: Path) -> None:
+        """Refuse, naming both teams, a bundle on a registered team's expert that another team's key signed."""
+        from registry import oms
+        from registry.errors import SignatureError
+
+        all_keys = self.team_keys()
+        owners = {oms.p256_fingerprint(key) for key in all_keys.get(manifest.owner, [])} - {None}
+        for team, keys in sorted(all_keys.items()):
+            others = {f"{team}#{i}": key for i, key in enumerate(keys) if oms.p256_fingerprint(key) not in owners}
+            if team != manifest.owner and oms.bundle_signer(folder, bundle, others) is not None:
+                raise SignatureError(
+                    f"{manifest.ref}: the OMS bundle {bundle.name} has a valid signature made with a key of team "
+                    f"{team!r}, and {manifest.ref} is owned by team {manifest.owner!r}; only a key registered to "
+                    f"team {manifest.owner!r} may sign its experts"
+                )
 
     def _owner_keys(self, owner: str) -> dict[str, str]:
         """Public keys that may sign for ``owner``, by label (``owner``, ``owner#2``, ...): a team's
@@ -534,8 +569,8 @@ class Registry:
     # -------------------------------------------------------------------- teams
     def create_team(self, name: str, public_keys: list[str] | tuple[str, ...] = (),
                     actor: str | Principal = OPERATOR) -> tuple[Team, str]:
-        """Create a team with its public keys (PEM or base64 ed25519); returns the team and its
-        token, which is stored only as a salted hash: the caller must hand it over now."""
+        """Create a team with its public keys (ed25519: PEM or base64; ECDSA P-256: PEM); returns the
+        team and its token, which is stored only as a salted hash: the caller must hand it over now."""
         who = as_principal(actor)
         self._operator_only(who, "creating a team", name)
         check_team_name(name)
@@ -576,7 +611,8 @@ class Registry:
         return Team.from_stored(row)
 
     def add_team_key(self, name: str, public_key: str, actor: str | Principal = OPERATOR) -> Team:
-        """Register another public key (PEM or base64 ed25519) that may sign the team's experts."""
+        """Register another public key that may sign the team's experts: ed25519 (PEM or base64) for
+        manifest signatures, ECDSA P-256 (PEM) for OMS bundles."""
         return self._change_team_keys(name, public_key, True, as_principal(actor))
 
     def remove_team_key(self, name: str, public_key: str, actor: str | Principal = OPERATOR) -> Team:
@@ -647,7 +683,8 @@ class Registry:
 
     @staticmethod
     def _normalise_key(text: str, team: str) -> str:
-        return public_key_b64(load_public_key(text, team))
+        """ed25519 keys as base64 of their raw bytes, P-256 keys as PEM (:func:`normalise_public_key`)."""
+        return normalise_public_key(text, team)
 
     # -------------------------------------------------------------------- audit
     def audit_verify(self) -> AuditReport:

@@ -2,9 +2,11 @@
 
 A team makes a key pair once (``mose keys generate TEAM``: ``<home>/keys/TEAM.key``, mode 0600,
 and ``TEAM.pub``), signs each manifest (``mose expert sign``), and the registry operator lists
-the team's public key under ``trusted_keys`` in ``registry.yaml``. The signature covers
+the team's public key under ``trusted_keys`` in ``registry.yaml`` or registers it with the team
+(``mose team create --key``, ``mose team add-key``). The signature covers
 :func:`registry.manifest.canonical_bytes`, which includes every file digest, so it vouches for
-the weights too.
+the weights too. A team's registered keys may also be ECDSA P-256 keys (:func:`normalise_public_key`):
+those check its OMS bundles (:mod:`registry.oms`), never ed25519 signatures.
 """
 
 from __future__ import annotations
@@ -105,6 +107,23 @@ def load_public_key(text: str, team: str = "?"):
     return key
 
 
+def normalise_public_key(text: str, team: str) -> str:
+    """The form a team's registered public key is kept in: base64 of the 32 raw bytes for an ed25519
+    key (PEM or base64 given; it checks manifest signatures), the PEM SubjectPublicKeyInfo for an
+    ECDSA P-256 key (PEM given; it checks OMS bundles). Anything else is refused, naming the team."""
+    from registry.oms import _p256_or_none, _public_pem
+
+    if (p256 := _p256_or_none(text)) is not None:
+        return _public_pem(p256).decode("ascii")
+    try:
+        return public_key_b64(load_public_key(text, team))
+    except SignatureError:
+        raise SignatureError(
+            f"public key of team {team!r} is neither an ed25519 key (TEAM.pub from `mose keys generate`, or base64 "
+            "of its 32 bytes) nor an ECDSA P-256 key (TEAM.p256.pub from `mose keys generate --type p256`)"
+        ) from None
+
+
 def sign_manifest(manifest: ExpertManifest, private_key, team: str) -> ExpertManifest:
     """A copy of ``manifest`` carrying ``team``'s signature over its canonical bytes."""
     value = base64.b64encode(private_key.sign(canonical_bytes(manifest))).decode("ascii")
@@ -184,11 +203,15 @@ def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[
     verifies with no known key is refused when the owner has keys (or signatures are required).
     """
     signature, ref = manifest.signature, manifest.ref
+    has_p256 = any(_is_p256(key) for key in team_keys.get(owner, []))
     if signature is None:
         if required:
+            oms_hint = (f", or sign the expert folder with its P-256 key (`mose expert sign MANIFEST --format oms "
+                        f"--key {owner}.p256.key`)" if has_p256 else "")
             raise SignatureError(
                 f"{ref}: this registry requires signed manifests and this one has no signature; "
                 f"sign it with a key of team {owner!r}, its owner (`mose expert sign MANIFEST --key {owner}.key`)"
+                + oms_hint
             )
         return "unsigned"
     try:
@@ -209,6 +232,13 @@ def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[
         )
     if not owner_keys:
         if required:
+            if has_p256:
+                raise SignatureError(
+                    f"{ref}: owned by team {owner!r}, whose keys are all ECDSA P-256 keys: they check the team's OMS "
+                    "bundles, not ed25519 signatures; sign the expert folder with `mose expert sign MANIFEST --format "
+                    f"oms`, or ask the operator to add the team's ed25519 key (`mose team add-key {owner} --key "
+                    f"{owner}.pub`)"
+                )
             raise SignatureError(
                 f"{ref}: owned by team {owner!r}, which has no public key registered, so its signature cannot be "
                 f"checked; ask the operator to add one (`mose team add-key {owner} --key {owner}.pub`)"

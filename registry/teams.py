@@ -4,8 +4,9 @@ The operator creates a team (``mose team create NAME``) and hands its token to t
 token (``mose_team_<name>_<43 random url-safe characters>``) is shown once; the registry keeps
 only a salted HMAC-SHA256 of it and compares in constant time. A team token may register,
 update and retire the experts whose manifest ``owner`` is the team; activating and quarantining
-stay with the operator. A team's registered ed25519 public keys are the only keys that may sign
-the experts it owns.
+stay with the operator. A team's registered public keys (with its ``trusted_keys`` entry, if any)
+are the only keys that may sign the experts it owns: ed25519 keys check manifest signatures,
+ECDSA P-256 keys check OMS bundles.
 
 Who acted is a :class:`Principal`: the operator (any audit name, ``operator`` over HTTP) or a
 team (``team:<name>`` in the audit log). Tokens never reach the audit log, logs or errors.
@@ -65,7 +66,8 @@ class Team(BaseModel):
     name: str
     """Team name: the ``owner`` of the experts it may write."""
     public_keys: list[str]
-    """Base64 ed25519 public keys that may sign the team's experts."""
+    """Public keys that may sign the team's experts: ed25519 as base64 of the raw 32 bytes (manifest
+    signatures), ECDSA P-256 as PEM (OMS bundles)."""
     created_at: datetime
     """When the team was created (UTC)."""
     rotated_at: datetime | None = None

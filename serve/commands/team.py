@@ -27,7 +27,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
                   "now; the registry keeps a salted hash.")
     create.add_argument("name", help="team name, a lowercase slug: the `owner` of its experts' manifests")
     create.add_argument("--key", action="append", default=[], metavar="FILE",
-                        help="a public key that may sign the team's experts (TEAM.pub, or base64); repeatable")
+                        help="a public key that may sign the team's experts: ed25519 (TEAM.pub, or base64) for "
+                        "manifest signatures, ECDSA P-256 (TEAM.p256.pub) for OMS bundles; repeatable")
 
     rotate = _sub(sub, "rotate", _rotate, "replace a team's token (print the new one once)",
                   "Give team NAME a new token; the old one stops working at once. Reinstates a revoked team.")
@@ -40,15 +41,18 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     revoke.add_argument("--reason", default=None, help="why (recorded in the audit log)")
 
     add_key = _sub(sub, "add-key", _add_key, "register another public key of a team",
-                   "Add a public key (ed25519, TEAM.pub from `mose keys generate`, or base64) that may sign "
-                   "the team's experts.")
+                   "Add a public key that may sign the team's experts: ed25519 (TEAM.pub from `mose keys "
+                   "generate`, or base64) checks manifest signatures, ECDSA P-256 (TEAM.p256.pub from `mose keys "
+                   "generate --type p256`) checks OMS bundles.")
     add_key.add_argument("name")
-    add_key.add_argument("--key", required=True, metavar="FILE", help="TEAM.pub, or the base64 public key")
+    add_key.add_argument("--key", required=True, metavar="FILE",
+                         help="TEAM.pub or TEAM.p256.pub, or the base64 ed25519 public key")
 
     remove_key = _sub(sub, "remove-key", _remove_key, "stop accepting a key's signatures on a team's experts",
                       "Remove a public key from team NAME (experts already registered stay).")
     remove_key.add_argument("name")
-    remove_key.add_argument("--key", required=True, metavar="FILE", help="TEAM.pub, or the base64 public key")
+    remove_key.add_argument("--key", required=True, metavar="FILE",
+                            help="TEAM.pub or TEAM.p256.pub, or the base64 ed25519 public key")
 
     _sub(sub, "list", _list, "list teams (never their tokens)", "List teams, their keys and token status.")
 

@@ -18,6 +18,7 @@ from registry.manifest import dump_manifest, load_manifest
 from registry.signing import generate_keypair as generate_ed25519_keypair
 from registry.signing import load_private_key as load_ed25519_key
 from registry.signing import sign_manifest
+from registry.teams import Principal
 from tests._fixtures.registry import assert_refused, build_lora_expert, sha256_of
 
 
@@ -343,3 +344,197 @@ def test_registered_team_with_both_key_types(strict, team_expert, law_key, mose_
     provenance = strict.provenance("demo-law", "1.0.0")
     assert provenance["signature"] == "verified"
     assert (provenance["oms"]["status"], provenance["oms"]["key"]) == ("verified", "law-team#2")
+
+
+# --------------------------------------------------------------------- teams with P-256 keys
+def _p256_pem(pair: oms.P256KeyPair) -> str:
+    return pair.public_key.read_text()
+
+
+@pytest.fixture
+def rogue_key(tmp_path) -> oms.P256KeyPair:
+    return oms.generate_keypair("rogue-team", tmp_path / "rogue-keys")
+
+
+@pytest.fixture
+def team_strict(mose_home, seeded_registry):
+    """A registry that requires signatures and trusts no key in registry.yaml: only keys registered
+    with the teams can verify anything."""
+    reg = Registry.open(mose_home, settings=RegistrySettings(require_signatures=True))
+    yield reg
+    reg.close()
+
+
+def test_a_team_registers_p256_keys_as_pem_beside_ed25519_keys(registry, law_key, mose_home):
+    ed = generate_ed25519_keypair("law-team", mose_home.keys_dir)
+    pem = _p256_pem(law_key)
+    team, _ = registry.create_team("law-team", ["\n  " + pem.replace("\n", "\r\n") + "\n\n", ed.public_key_b64])
+    assert team.public_keys == [pem, ed.public_key_b64]  # P-256 kept as canonical PEM, ed25519 as base64
+    assert registry.add_team_key("law-team", pem).public_keys == [pem, ed.public_key_b64]  # already there
+    assert registry.remove_team_key("law-team", pem.strip()).public_keys == [ed.public_key_b64]
+    assert registry.add_team_key("law-team", str(pem)).public_keys == [ed.public_key_b64, pem]
+    assert registry.team_keys() == {"law-team": [ed.public_key_b64, pem]}
+    assert [(e.action, e.details) for e in registry.audit_entries()] == [
+        ("team-create", {"public_keys": [pem, ed.public_key_b64]}),
+        ("team-remove-key", {"public_key": pem}),
+        ("team-add-key", {"public_key": pem}),
+    ]
+
+
+def test_keys_of_other_kinds_are_refused_naming_the_team(registry):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    p384 = ec.generate_private_key(ec.SECP384R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    message = ("public key of team 'law-team' is neither an ed25519 key (TEAM.pub from `mose keys generate`, or "
+               "base64 of its 32 bytes) nor an ECDSA P-256 key (TEAM.p256.pub from `mose keys generate --type p256`)")
+    for text in (p384, "not a key", base64.b64encode(b"x" * 31).decode()):
+        with pytest.raises(SignatureError) as caught:
+            registry.create_team("law-team", [text])
+        assert str(caught.value) == message
+    assert registry.teams() == []
+
+
+def test_a_bundle_verifies_with_the_owning_teams_registered_p256_key(team_strict, team_expert, law_key):
+    team_strict.create_team("law-team", [_p256_pem(law_key)])
+    oms.sign_folder(team_expert.root, None, law_key.private_key)
+    record = team_strict.add(team_expert.manifest_path, actor=Principal.of_team("law-team"))
+    assert record.manifest.signature is None  # the bundle alone meets require_signatures
+    assert team_strict.provenance("demo-law", "1.0.0") == {
+        "signature": "unsigned",
+        "oms": {"format": "oms-v1", "status": "verified", "key": "law-team", "fingerprint": law_key.fingerprint,
+                "bundle": "model.sig", "files": 3}}
+    assert team_strict.audit_entries()[-1].actor == "team:law-team"
+    assert team_strict.audit_verify().ok
+
+
+@pytest.mark.parametrize("law_has", ["p256", "ed25519", "nothing"])
+@pytest.mark.parametrize("rogue_key_in", ["team", "trusted_keys"])
+def test_a_bundle_signed_by_another_teams_key_is_refused_naming_both(
+        mose_home, seeded_registry, team_expert, law_key, rogue_key, law_has, rogue_key_in, tmp_path):
+    trusted = {"rogue-team": _p256_pem(rogue_key)} if rogue_key_in == "trusted_keys" else {}
+    with Registry.open(mose_home, settings=RegistrySettings(require_signatures=True, trusted_keys=trusted)) as reg:
+        own = {"p256": [_p256_pem(law_key)], "nothing": [],
+               "ed25519": [generate_ed25519_keypair("law-team", tmp_path / "ed").public_key_b64]}[law_has]
+        reg.create_team("law-team", own)
+        reg.create_team("rogue-team", [_p256_pem(rogue_key)] if rogue_key_in == "team" else [])
+        oms.sign_folder(team_expert.root, None, rogue_key.private_key)
+        assert_refused(
+            reg, lambda: reg.add(team_expert.manifest_path, actor=Principal.of_team("law-team")), SignatureError,
+            "demo-law@1.0.0: the OMS bundle model.sig has a valid signature made with a key of team 'rogue-team', "
+            "and demo-law@1.0.0 is owned by team 'law-team'; only a key registered to team 'law-team' may sign its "
+            "experts",
+        )
+
+
+def test_another_teams_bundle_is_refused_even_when_signatures_are_optional(registry, team_expert, law_key,
+                                                                            rogue_key):
+    registry.create_team("law-team")
+    registry.create_team("rogue-team", [_p256_pem(rogue_key)])
+    oms.sign_folder(team_expert.root, None, rogue_key.private_key)
+    with pytest.raises(SignatureError, match="made with a key of team 'rogue-team', and demo-law@1.0.0 is owned by "
+                                             "team 'law-team'"):
+        registry.add(team_expert.manifest_path)
+    assert registry.list() == []
+
+
+def test_a_tampered_file_is_named_even_when_another_team_holds_the_same_key(team_strict, team_expert, law_key):
+    team_strict.create_team("law-team", [_p256_pem(law_key)])
+    team_strict.create_team("sister-team", [_p256_pem(law_key)])
+    oms.sign_folder(team_expert.root, None, law_key.private_key)
+    (team_expert.root / "README.md").write_text("added later")
+    assert_refused(
+        team_strict, lambda: team_strict.add(team_expert.manifest_path), SignatureError,
+        "demo-law@1.0.0: the OMS bundle model.sig does not match the expert's files: README.md: not covered by "
+        "the bundle (an unsigned file)",
+    )
+
+
+def test_a_bundle_no_team_key_made(team_strict, team_expert, law_key, rogue_key, mose_home):
+    ed = generate_ed25519_keypair("law-team", mose_home.keys_dir)
+    team_strict.create_team("law-team", [ed.public_key_b64])
+    oms.sign_folder(team_expert.root, None, rogue_key.private_key)  # a key no team registered
+    assert_refused(
+        team_strict, lambda: team_strict.add(team_expert.manifest_path), SignatureError,
+        "demo-law@1.0.0: comes with an OMS bundle (model.sig) but its owner, team 'law-team', has no ECDSA P-256 "
+        "key registered to check it with; ask the operator to add one (`mose team add-key law-team --key "
+        "law-team.p256.pub`)",
+    )
+    team_strict.add_team_key("law-team", _p256_pem(law_key))
+    assert_refused(
+        team_strict, lambda: team_strict.add(team_expert.manifest_path), SignatureError,
+        f"demo-law@1.0.0: the OMS bundle model.sig was signed with key {rogue_key.fingerprint[:19]}, which is none "
+        f"of the allowed keys (law-team#2 {law_key.fingerprint[:19]})",
+    )
+
+
+def test_removing_a_teams_p256_key_stops_its_bundles(team_strict, team_expert, law_key, tmp_path):
+    team_strict.create_team("law-team", [_p256_pem(law_key)])
+    oms.sign_folder(team_expert.root, None, law_key.private_key)
+    team_strict.remove_team_key("law-team", _p256_pem(law_key))
+    with pytest.raises(SignatureError, match="has no ECDSA P-256 key registered to check it with"):
+        team_strict.add(team_expert.manifest_path)
+    team_strict.add_team_key("law-team", str(law_key.public_key.read_text()))
+    assert team_strict.add(team_expert.manifest_path).ref == "demo-law@1.0.0"
+
+
+def test_an_ed25519_signature_on_an_expert_of_a_team_with_only_p256_keys(team_strict, team_expert, law_key,
+                                                                         mose_home):
+    team_strict.create_team("law-team", [_p256_pem(law_key)])
+    ed = generate_ed25519_keypair("law-team", mose_home.keys_dir)
+    signed = sign_manifest(load_manifest(team_expert.manifest_path), load_ed25519_key(ed.private_key), "law-team")
+    dump_manifest(signed, team_expert.manifest_path)
+    assert_refused(
+        team_strict, lambda: team_strict.add(team_expert.manifest_path), SignatureError,
+        "demo-law@1.0.0: owned by team 'law-team', whose keys are all ECDSA P-256 keys: they check the team's OMS "
+        "bundles, not ed25519 signatures; sign the expert folder with `mose expert sign MANIFEST --format oms`, or "
+        "ask the operator to add the team's ed25519 key (`mose team add-key law-team --key law-team.pub`)",
+    )
+    unsigned = build_lora_expert(team_expert.root.parent / "unsigned", name="unsigned-law", owner="law-team")
+    with pytest.raises(SignatureError) as caught:
+        team_strict.add(unsigned.manifest_path)
+    assert str(caught.value).endswith(
+        "sign it with a key of team 'law-team', its owner (`mose expert sign MANIFEST --key law-team.key`), or sign "
+        "the expert folder with its P-256 key (`mose expert sign MANIFEST --format oms --key law-team.p256.key`)")
+    oms.sign_folder(team_expert.root, None, law_key.private_key)  # the bundle is the signature
+    team_strict.add(team_expert.manifest_path)
+    assert team_strict.provenance("demo-law", "1.0.0")["oms"]["status"] == "verified"
+
+
+def test_an_explicit_bundle_that_is_missing_is_refused(registry, lora_expert, tmp_path):
+    assert_refused(registry, lambda: registry.add(lora_expert.manifest_path, bundle=tmp_path / "nope.sig"),
+                   SignatureError, f"demo-law@1.0.0: OMS bundle {tmp_path / 'nope.sig'} not found")
+
+
+def test_cli_team_p256_key_and_expert_add(mose_home, team_expert, law_key, rogue_key, capsys):
+    from serve.cli import main
+
+    RegistrySettings(require_signatures=True).save(mose_home)
+    home = ["--home", str(mose_home.root)]
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main([*args, *home])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    assert run("team", "create", "law-team", "--key", str(law_key.public_key))[0] == 0
+    assert run("team", "create", "rogue-team")[0] == 0
+    code, out, _ = run("team", "add-key", "rogue-team", "--key", str(rogue_key.public_key), "--json")
+    assert code == 0 and json.loads(out)["public_keys"] == [_p256_pem(rogue_key)]
+    code, out, _ = run("team", "list", "--json")
+    assert [(t["name"], t["public_keys"]) for t in json.loads(out)] == [
+        ("law-team", [_p256_pem(law_key)]), ("rogue-team", [_p256_pem(rogue_key)])]
+
+    oms.sign_folder(team_expert.root, None, rogue_key.private_key)
+    code, _, err = run("expert", "add", str(team_expert.root))
+    assert code == 2 and err == (
+        "error: demo-law@1.0.0: the OMS bundle model.sig has a valid signature made with a key of team "
+        "'rogue-team', and demo-law@1.0.0 is owned by team 'law-team'; only a key registered to team 'law-team' "
+        "may sign its experts\n")
+    code, out, _ = run("expert", "sign", str(team_expert.manifest_path), "--format", "oms", "--key",
+                       str(law_key.private_key))
+    assert code == 0
+    code, out, _ = run("expert", "add", str(team_expert.root))
+    assert code == 0 and (f"OMS bundle model.sig verified with the key of law-team ({law_key.fingerprint})"
+                          in out)
