@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 bootstrap:
 	@./scripts/bootstrap
 
-## Prepare base models, registry (and, as they land: demo experts, router), then report.
+## Prepare what is missing (base models, registry, demo experts, router, calibrator), then serve: `mose up`.
 start: bootstrap
 	@.venv/bin/mose up
 

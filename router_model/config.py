@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 class RouterConfig(BaseModel):
     """How the router is trained, calibrated, exported and run.
 
-    Defaults are the values measured to meet issue 4's targets on the 2-core CPU
-    (see ``router_model/README.md`` and ``benchmarks/router.py``).
+    The defaults are chosen for 2 CPU cores against the router's targets (held-out accuracy
+    >= 0.90 with every source >= 0.75, p50 <= 5 ms, >= 500 queries/s batched): figures in
+    docs/benchmarks.md (``benchmarks/router.py``), choices in docs/decisions/router-neighbour-memory.md.
     """
 
     model_config = ConfigDict(extra="forbid")

@@ -5,7 +5,7 @@ taxonomy vertical). ``accuracy`` counts an abstention as wrong; ``accuracy_when_
 the precision over the rows the router did not abstain on; ``ece`` is measured on the
 calibrated top probability against whether the top domain is right.
 
-Baselines (issue 4 §4), fitted on the router's own training rows (``train.jsonl`` and
+Baselines, fitted on the router's own training rows (``train.jsonl`` and
 ``validation.jsonl`` in its artifact) and scored on the same rows:
 ``nearest_centroid`` and ``knn`` (k=10, cosine) on mean-pooled, normalised all-MiniLM-L6-v2
 embeddings (all 6 layers), and ``tfidf_logreg`` (word 1-2 grams, logistic regression).
@@ -149,7 +149,8 @@ def evaluate(
     plots_dir: Path | None = None,
     latency_samples: int = 300,
 ) -> dict:
-    """The issue 4 §4 report for ``rows`` (plus ``baselines_per_source`` and run details)."""
+    """The evaluation report for ``rows``: the :data:`CONTRACT_KEYS`, plus ``baselines_per_source``
+    and run details."""
     from sklearn.metrics import f1_score
 
     to_vertical = router.experts.vertical

@@ -39,12 +39,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                        help="no truthfulness probe: the calibrator reads the jurors' likelihoods only")
     train.add_argument("--recalibrate", action="store_true",
                        help="Platt-scale the chosen model's log-odds, fitted on its out-of-fold predictions "
-                            "(off by default: on crosscheck_dev nested cross-validation found the fit calibrated "
-                            "on unseen rows, slopes 0.97-1.06)")
+                            "(off by default: the default fit is calibrated on unseen rows of crosscheck_dev; "
+                            "docs/decisions/jury-calibrator-fitting.md)")
     train.add_argument("--average-probe-folds", action="store_true",
                        help="keep the mean of the probe's cross-validation fold probes instead of a refit on "
-                            "every row (off by default: no reliable gain on crosscheck_dev, held-out log loss "
-                            "0.6182 vs 0.6185)")
+                            "every row (off by default: no reliable gain on crosscheck_dev; "
+                            "docs/decisions/jury-calibrator-fitting.md)")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",

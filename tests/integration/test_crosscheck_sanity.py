@@ -72,7 +72,7 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
                    "with the calibrator `make start` builds (plainly wrong answers score as high as right ones), "
                    "39 of 40 off-topic answers flagged; see docs/benchmarks.md, sanity suite")
 def test_sanity_suite_targets(scored):
-    """The issue's targets: the correct answer gets the highest P(correct) on 90 % of questions,
+    """The suite's targets: the correct answer gets the highest P(correct) on 90 % of questions,
     every off-topic answer is flagged, and the README's example reads right (100 degrees Celsius
     not flagged, 50 degrees Celsius flagged)."""
     from sanity import summary
