@@ -1,6 +1,11 @@
-"""What the benchmarks share: the markdown table they print and the memory of a process tree."""
+"""What the benchmarks share: the markdown table they print, the JSON file of the same figures
+(``--json FILE``) and the memory of a process tree."""
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
 
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -11,6 +16,19 @@ def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
     print(f"|{'-' * (width + 2)}|---|---|")
     for name, value, note in rows:
         print(f"| {name.ljust(width)} | {value} | {note} |")
+
+
+def write_json(path: str | Path | None, figures: Any) -> None:
+    """Write ``figures`` (the printed table's numbers) to ``path`` as JSON; nothing without a path."""
+    if path:
+        Path(path).write_text(json.dumps(figures, indent=2, default=_plain) + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays as Python numbers and lists; anything else as its string."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def tree_rss_mib(pid: int) -> float:

@@ -4,7 +4,7 @@
         --save-evidence train.jsonl
     .venv/bin/mose crosscheck eval --data ../shared/data/crosscheck_dev.jsonl --limit 300 --seed 0 --json \\
         --save-evidence heldout.jsonl
-    .venv/bin/python benchmarks/calibration.py --train train.jsonl --heldout heldout.jsonl
+    .venv/bin/python benchmarks/calibration.py --train train.jsonl --heldout heldout.jsonl [--json FILE]
 
 No model runs: everything is fitted on the saved evidence (seconds to a minute per fit). Side by
 side in one run, for the default fit and each option of :class:`experts.calibrator.CalibratorConfig`
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._report import print_table  # noqa: E402
+from benchmarks._report import print_table, write_json  # noqa: E402
 
 OPTIONS: dict[str, dict[str, bool]] = {
     "default": {},
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=7, help="the calibrator's seed (`train --seed`; default 7)")
     parser.add_argument("--outer-folds", type=int, default=5, help="outer folds of the nested cross-validation")
     parser.add_argument("--probe-layer", type=int, default=20, help="layer of the saved answer states (default 20)")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from tqdm import tqdm
@@ -97,7 +98,7 @@ def main() -> None:
 
     x, labels, states = load(args.train, args.probe_layer)
     hx, hlabels, hstates = load(args.heldout, args.probe_layer)
-    rows = []
+    rows, results = [], {}
     for name, option in tqdm(OPTIONS.items(), desc="fits", unit="option", file=sys.stderr):
         config = CalibratorConfig(seed=args.seed, probe_layer=args.probe_layer, **option)
         inner, slopes = nested(x, labels, states, config, args.outer_folds, seed=99)
@@ -107,8 +108,12 @@ def main() -> None:
         rows.append((f"{name}, nested CV (training rows)", _cells(inner), slopes_note))
         rows.append((f"{name}, held-out rows", _cells(held), f"fitted on every training row: "
                      f"{calibrator.trained_on['candidate']}"))
+        results[name] = {"nested_cv": inner, "heldout": held, "platt_slopes": slopes,
+                         "candidate": calibrator.trained_on["candidate"]}
     print_table(f"Calibrator on saved evidence: nested {args.outer_folds}-fold CV on {len(labels)} training rows, "
                 f"{len(hlabels)} held-out rows; AUROC / log loss / ECE (if exactly calibrated) / flag precision", rows)
+    write_json(args.json, {"training_rows": len(labels), "heldout_rows": len(hlabels), "outer_folds": args.outer_folds,
+                           "seed": args.seed, "options": results})
 
 
 def _cells(f: dict[str, float]) -> str:

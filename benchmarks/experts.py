@@ -1,6 +1,7 @@
 """Expert pool benchmark: memory of many adapters vs model copies, mixed-batch throughput, switch cost.
 
     .venv/bin/python benchmarks/experts.py            # prints one table, ours beside the baseline
+    .venv/bin/python benchmarks/experts.py --json experts.json   # and writes its figures as JSON
 
 Each memory figure is the RSS of a fresh child process (so runs do not share allocations).
 Adapters are random LoRA adapters shaped like the demo experts (rank 8, the 7 linear layers of
@@ -177,6 +178,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--adapters", default="1,10,100", help="adapter counts to measure (default 1,10,100)")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per request in the throughput test")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -186,18 +188,18 @@ def main() -> None:
 
     import torch
 
-    from benchmarks._report import print_table
+    from benchmarks._report import print_table, write_json
     from experts.base_models import prepare_base_models
 
     prepare_base_models(progress=True)
     cuda = torch.cuda.is_available()
-    rows = []
+    rows, adapters, cuda_adapters = [], {}, {}
     one = run_child("copies", "1")
     three = run_child("copies", "3")
     rows.append(("RSS, 1 full model copy (baseline)", f"{one['rss_mib']:.0f} MiB", ""))
     rows.append(("RSS, 3 full model copies (baseline)", f"{three['rss_mib']:.0f} MiB", ""))
     for count in [int(c) for c in args.adapters.split(",")]:
-        res = run_child("adapters", str(count), "none")
+        res = adapters[count] = run_child("adapters", str(count), "none")
         rows.append((f"RSS, base + {count} LoRA experts (pool)", f"{res['rss_mib']:.0f} MiB",
                      f"{res['rss_mib'] / one['rss_mib']:.2f}x one copy; adapters {res['adapter_mib']:.1f} MiB; "
                      f"add {res['adapter_add_ms']:.0f} ms each"))
@@ -214,7 +216,7 @@ def main() -> None:
     rows.append(("load a full expert from disk (baseline)", f"{one['load_s'] * 1000:.0f} ms", "SmolLM2 fp32"))
     if cuda:
         for count in (1, 100):
-            res = run_child("adapters", str(count), "4bit")
+            res = cuda_adapters[count] = run_child("adapters", str(count), "4bit")
             per = res["adapter_mib"] / max(count, 1)
             rows.append((f"CUDA 4-bit base + {count} LoRA experts", f"{res['gpu_mib']:.0f} MiB GPU",
                          f"{torch.cuda.get_device_name(0)}; ~{int(res['gpu_free_mib'] / per)} more adapters "
@@ -223,6 +225,9 @@ def main() -> None:
         rows.append(("CUDA 4-bit base", "n/a", "no CUDA device on this machine"))
     print_table(f"experts benchmark ({os.cpu_count()} CPUs, {args.new_tokens} new tokens per request, "
                 f"MOSE_CPU_THREADS={os.environ.get('MOSE_CPU_THREADS', 'unset (torch default)')})", rows)
+    write_json(args.json, {"cpus": os.cpu_count(), "new_tokens": args.new_tokens,
+                           "cpu_threads": os.environ.get("MOSE_CPU_THREADS"), "copies": {"1": one, "3": three},
+                           "adapters": adapters, "throughput": tp, "switch": sw, "cuda_4bit_adapters": cuda_adapters})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py                      # on a CUDA machine with the base models prepared
     python benchmarks/gpu.py --random-base DIR    # where the packaged SmolLM2 cannot be installed
+    python benchmarks/gpu.py --json gpu.json      # also write the figures as JSON
 
 Each precision is measured in a fresh child process so allocations do not mix. Per precision:
 GPU memory of the base model, of base + 100 LoRA experts (shaped like the demo experts), the peak
@@ -218,7 +219,7 @@ def main() -> None:
                         help="build SmolLM2-135M from the config and tokenizer in this folder, random weights")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per request in the batch test")
     parser.add_argument("--adapters", type=int, default=ADAPTERS, help="LoRA experts added to each pool")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
@@ -237,14 +238,12 @@ def main() -> None:
     pools = [run_child("pool", q, str(args.new_tokens), str(args.adapters)) for q in ("none", "8bit", "4bit")]
     full = run_child("full", str(FULL_COPIES))
     progress("done")
-    if args.json:
-        print(json.dumps({"pools": pools, "full_4bit": full, "random_base": bool(args.random_base)}))
-        return
-    from benchmarks._report import print_table
+    from benchmarks._report import print_table, write_json
 
     weights = "random weights, SmolLM2-135M architecture" if args.random_base else "SmolLM2-135M"
     print_table(f"GPU benchmark: {pools[0]['device']}, {weights}, {args.new_tokens} new tokens per request",
                 report(pools, full))
+    write_json(args.json, {"pools": pools, "full_4bit": full, "random_base": bool(args.random_base)})
 
 
 if __name__ == "__main__":

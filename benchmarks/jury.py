@@ -1,8 +1,8 @@
 """Cross-check jury benchmark: scoring speed, and a deliberately bad juror against reputation.
 
-    .venv/bin/python benchmarks/jury.py speed [--home DIR] [--items 48]
-    .venv/bin/python benchmarks/jury.py precision [--home DIR] [--items 48]
-    .venv/bin/python benchmarks/jury.py reputation [--home DIR] [--feedback 30] [--heldout 40]
+    .venv/bin/python benchmarks/jury.py speed [--home DIR] [--items 48] [--json FILE]
+    .venv/bin/python benchmarks/jury.py precision [--home DIR] [--items 48] [--json FILE]
+    .venv/bin/python benchmarks/jury.py reputation [--home DIR] [--feedback 30] [--heldout 40] [--json FILE]
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
@@ -36,7 +36,6 @@ the weight feedback gave it. The pool and router come from ``--home``; nothing t
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 import tempfile
@@ -48,7 +47,7 @@ import numpy as np
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._report import print_table  # noqa: E402
+from benchmarks._report import print_table, write_json  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 SHORT_SOURCES = ("mmlu_mc", "truthfulqa", "halueval_qa")
@@ -129,6 +128,9 @@ def speed(args: argparse.Namespace) -> None:
     allocator = "glibc's default allocator" if args.glibc_allocator else "freed memory reused (the default)"
     print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}, "
                 f"pool in {jury.pool.dtype}", table)
+    write_json(args.json, {"rows": len(rows), "pool_dtype": str(jury.pool.dtype), "allocator": allocator,
+                           "items_per_s": {path: {str(chunk): best[(path, chunk)] for chunk in CHUNKS}
+                                           for path in SPEED_PATHS}})
 
 
 # ------------------------------------------------------------------------------------ precision
@@ -154,14 +156,16 @@ def precision(args: argparse.Namespace) -> None:
             rates[name] = max(rates.get(name, 0.0), len(rows) / (time.perf_counter() - started))
     table = [(f"{name}, items/s ({len(rows)} per call, best of 2)", f"{rate:.2f}",
               f"{rate / rates[base]:.2f}x fp32" if name == bf16 else "") for name, rate in rates.items()]
+    gaps = {}
     for feature in EVIDENCE_FEATURES:
         ours = [e.values[feature] for e in evidence[base]]
         moved = _gap(ours, [e.values[feature] for e in evidence[bf16]])
+        gaps[feature] = {"mean": moved.mean(), "max": moved.max(), "sd_float32": np.std(ours)}
         table.append((f"|{feature} bf16 - fp32|: mean / max", f"{moved.mean():.4f} / {moved.max():.4f}",
                       f"its spread (sd) over the rows: {np.std(ours):.3f}"))
     states = [np.array([e.answer_state for e in evidence[name]]) for name in (base, bf16)]
-    table.append(("answer state (the probe's input): relative L2 gap",
-                  f"{np.linalg.norm(states[1] - states[0]) / np.linalg.norm(states[0]):.4f}", ""))
+    state_gap = np.linalg.norm(states[1] - states[0]) / np.linalg.norm(states[0])
+    table.append(("answer state (the probe's input): relative L2 gap", f"{state_gap:.4f}", ""))
     calibrator = juries[base].calibrator
     p = [calibrator.predict(calibrator_inputs(calibrator, evidence[name])) for name in (base, bf16)]
     moved = _gap(*p)
@@ -170,6 +174,10 @@ def precision(args: argparse.Namespace) -> None:
                   f"fitted on {calibrator.trained_on.get('pool_dtype', 'float32')} evidence"))
     print_table(f"Jury evidence on CPU, float32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
                 f"({torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {cpu_has_bf16_instructions()})", table)
+    write_json(args.json, {"rows": len(rows), "items_per_s": {"float32": rates[base], "bf16": rates[bf16]},
+                           "evidence_gap": gaps, "answer_state_relative_l2": state_gap,
+                           "p_correct_moved": {"mean": moved.mean(), "max": moved.max(),
+                                               "calibrator": calibrator.version}})
 
 
 def _gap(a, b) -> np.ndarray:
@@ -291,9 +299,10 @@ def reputation(args: argparse.Namespace) -> None:
               f"{relative_weight(after, bad):.2f}")
         gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
         print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
-        if args.json:
-            print(json.dumps({"weights_before": before, "weights_after": after, "auroc": scores, "gap": gap,
-                              "bad_over_median_after": relative_weight(after, bad)}))
+        write_json(args.json, {"bad_juror": bad, "feedback_events": len(order), "weights_before": before,
+                               "weights_after": after, "auroc": scores, "gap": gap,
+                               "bad_over_median_before": relative_weight(before, bad),
+                               "bad_over_median_after": relative_weight(after, bad)})
 
 
 def main() -> None:
@@ -306,9 +315,11 @@ def main() -> None:
     fast.add_argument("--glibc-allocator", action="store_true",
                       help="leave glibc's allocator as it is instead of reusing freed memory (the pool's default): "
                            "the baseline, which one process cannot run beside it")
-    dtype = sub.add_parser("precision", help="evidence on CPU in fp32 (the default) vs bf16: speed and drift")
+    fast.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
+    dtype = sub.add_parser("precision", help="evidence on CPU in float32 vs bf16: speed and drift")
     dtype.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     dtype.add_argument("--items", type=int, default=48, help="short-answer rows (split over 3 sources)")
+    dtype.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     bad = sub.add_parser("reputation", help="a bad juror, feedback, and the jury's AUROC")
     bad.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")
@@ -318,7 +329,7 @@ def main() -> None:
                      help="shuffled: shuffled general-knowledge pairs; shuffled-dev: the large model's answers dealt "
                           "out among other questions of their source; misled: wrong answers to other questions")
     bad.add_argument("--seed", type=int, default=0)
-    bad.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
+    bad.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     bad.add_argument("--save-evidence", default=None, metavar="FILE",
                      help="also write the jurors' evidence (bad juror included) as JSONL")
     args = parser.parse_args()

@@ -2,7 +2,7 @@
 
 Run (after ``mose up --prepare-only``, so the demo experts and router exist):
 
-    .venv/bin/python benchmarks/load.py [--home .mose] [--clients 32] [--seconds 120] [--json]
+    .venv/bin/python benchmarks/load.py [--home .mose] [--clients 32] [--seconds 120] [--json FILE]
     .venv/bin/python benchmarks/load.py --url http://127.0.0.1:8000 ...   # a server already running
     .venv/bin/python benchmarks/load.py --queue-limit 16                  # overload: see the 429s
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import sys
 import time
@@ -34,7 +33,7 @@ import httpx
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._report import tree_rss_mib  # noqa: E402
+from benchmarks._report import tree_rss_mib, write_json  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 REJECTED = {429, 503}
@@ -271,7 +270,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (an error)")
     parser.add_argument("--queue-limit", type=int, default=None,
                         help="admission limit of the server this script starts (limits.max_queued_requests)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     experts = [e for e in active_experts(args.home) if e != "base"] or ["base"]
@@ -281,12 +280,10 @@ def main() -> int:
     else:
         report = served_by_us(args, experts)
     reasons = failed(report)
-    if args.json:
-        print(json.dumps(report | {"ok": not reasons, "failures": reasons}))
-    else:
-        print_table(report)
-        for reason in reasons:
-            print(f"FAIL: {reason}", file=sys.stderr)
+    print_table(report)
+    for reason in reasons:
+        print(f"FAIL: {reason}", file=sys.stderr)
+    write_json(args.json, report | {"ok": not reasons, "failures": reasons})
     return 1 if reasons else 0
 
 

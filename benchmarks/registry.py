@@ -1,7 +1,7 @@
 """Registry benchmark: registration latency, `mose expert list` at 1,000 experts, concurrent throughput.
 
-Run: ``.venv/bin/python benchmarks/registry.py`` (about a minute on 2 cores). Prints one table;
-each figure beside its target or baseline. Uses the real CLI (subprocess) where the figure is a
+Run: ``.venv/bin/python benchmarks/registry.py [--json FILE]`` (about a minute on 2 cores). Prints
+one table, each figure beside its target or baseline; ``--json`` also writes the figures to FILE. Uses the real CLI (subprocess) where the figure is a
 user-facing command, and fresh temporary data directories.
 """
 
@@ -22,6 +22,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks._report import write_json  # noqa: E402
 from registry import Registry  # noqa: E402
 from tests._fixtures.registry import build_lora_expert, write_manifest  # noqa: E402
 
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=1000, help="registered experts for the list timing")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrent", type=int, default=100, help="experts registered in the throughput test")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mose-bench-") as tmp:
         work = Path(tmp)
@@ -142,6 +144,8 @@ def main() -> None:
         print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if n == 0:
             print("-+-".join("-" * width for width in widths))
+    write_json(args.json, {"register": reg2, "list": lst | {"experts": args.experts},
+                           "concurrency": conc | {"experts": args.concurrent, "processes": 4}})  # seconds, experts/s
 
 
 if __name__ == "__main__":

@@ -1,25 +1,28 @@
 """Router benchmark: the learned router against the three baselines on held-out rows.
 
-    .venv/bin/python benchmarks/router.py [--home DIR] [--data FILE] [--train --data-train FILE]
+    .venv/bin/python benchmarks/router.py [--home DIR] [--data FILE] [--train --data-train FILE] [--json FILE]
 
 Evaluates the current router artifact of ``--home`` (default ``$MOSE_HOME`` or ``./.mose``) on
 its own held-out rows (or ``--data``), exactly as ``mose router eval`` does, and prints a table:
 accuracy overall and per source for the router and each baseline (fitted in the same run on the
-router's training rows), then calibration, abstention, latency and throughput. ``--train``
-first trains a router on ``--data-train`` (default ../shared/data/routing_dev.jsonl).
+router's training rows), then calibration, abstention, latency and throughput; ``--json`` also
+writes the whole report to FILE. ``--train`` first trains a router on ``--data-train`` (default
+../shared/data/routing_dev.jsonl).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks._report import write_json  # noqa: E402
+
 DEFAULT_TRAIN = REPO_ROOT.parent / "shared" / "data" / "routing_dev.jsonl"
 
 
@@ -57,7 +60,7 @@ def main() -> int:
     parser.add_argument("--train", action="store_true", help="train a router first")
     parser.add_argument("--data-train", default=str(DEFAULT_TRAIN), help="labelled file to train on with --train")
     parser.add_argument("--latency-samples", type=int, default=500)
-    parser.add_argument("--json", action="store_true", help="also print the full report as JSON")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the full report to this JSON file")
     args = parser.parse_args()
     for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
         os.environ.setdefault(key, value)
@@ -81,8 +84,7 @@ def main() -> int:
         report = evaluate(router, rows, cache_dir=home.cache_dir / "router-baselines",
                           latency_samples=args.latency_samples)  # fmt: skip
     print(table(report))
-    if args.json:
-        print(json.dumps(report))
+    write_json(args.json, report)
     return 0
 
 

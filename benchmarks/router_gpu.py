@@ -2,6 +2,7 @@
 
     python benchmarks/router_gpu.py                              # MiniLM's config from the package
     python benchmarks/router_gpu.py --encoder-config FILE        # where the package cannot be installed
+    python benchmarks/router_gpu.py --json router-gpu.json       # also write the figures as JSON
 
 Builds the router net with all-MiniLM-L6-v2's architecture (its first ``--layers`` layers, as the
 router keeps them) and seeded random weights, exports the fp32 graph and its int8 copy with the
@@ -85,7 +86,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3, help="encoder layers the router keeps (RouterConfig default)")
     parser.add_argument("--batch", type=int, default=64, help="queries per call in the throughput test")
     parser.add_argument("--calls", type=int, default=200, help="timed calls of one query")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
     if args.encoder_config is None:
         from router_model.tokens import minilm_dir
@@ -95,15 +96,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mose-router-gpu-") as scratch:
         graphs = export_graphs(args.encoder_config, args.layers, Path(scratch))
         results = measure(graphs, vocab, args.batch, args.calls)
-    if args.json:
-        print(json.dumps({"results": results, "layers": args.layers, "batch": args.batch, "cpu_count": os.cpu_count()}))
-        return
-    from benchmarks._report import print_table
+    from benchmarks._report import print_table, write_json
 
     print_table(f"Router graph (MiniLM architecture, {args.layers} layers, random weights), {QUERY_TOKENS}-token "
                 f"queries, {os.cpu_count()} CPU cores",
                 [(f"{r['graph']} on {r['provider']}", f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f})",
                   f"{r['batch_queries_s']:,.0f} queries/s in batches of {args.batch}") for r in results])
+    write_json(args.json, {"results": results, "layers": args.layers, "batch": args.batch, "cpu_count": os.cpu_count()})
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run (after ``mose up --prepare-only``, so the demo experts and router exist):
 
-    .venv/bin/python benchmarks/serve.py [--home .mose] [--requests 24] [--clients 16]
+    .venv/bin/python benchmarks/serve.py [--home .mose] [--requests 24] [--clients 16] [--json FILE]
 
 In one run, on the same short prompts, greedy, 16 new tokens:
   (a) in-process: the router and ``ExpertPool.generate``, one request at a time;
@@ -34,7 +34,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from benchmarks._report import tree_rss_mib  # noqa: E402
+from benchmarks._report import tree_rss_mib, write_json  # noqa: E402
 from tests._fixtures.serve import free_port, start_server, stop_server  # noqa: E402
 
 PROMPTS = [
@@ -132,6 +132,7 @@ def main() -> None:
     parser.add_argument("--home", default=os.environ.get("MOSE_HOME", str(REPO_ROOT / ".mose")))
     parser.add_argument("--requests", type=int, default=24, help="requests per latency series")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients for throughput")
+    parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     from registry import Registry
@@ -182,6 +183,10 @@ def main() -> None:
     print(f"{'-' * width}-+-{'-' * 28}-+-----")
     for name, value, note in rows:
         print(f"{name:{width}} | {value:28} | {note}")
+    write_json(args.json, {"experts": len(experts), "clients": args.clients, "requests": args.requests,
+                           "in_process_s": {"p50": a50, "p99": a99}, "http_auto_s": {"p50": b50, "p99": b99},
+                           "overhead_ratio_p50": b50 / a50, "one_client": single, "many_clients": many,
+                           "first_answer_s": {"first_start": cold, "restart": warm}, "rss_mib": rss})
 
 
 if __name__ == "__main__":
