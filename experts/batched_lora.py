@@ -80,7 +80,9 @@ class BatchedLoRA:
 
     When each adapter's rows are contiguous (callers can sort rows by key), each adapter's rows get
     two plain matmuls on their slice of the batch instead: no per-row copies of A and B, and no
-    work for rows without an adapter.
+    work for rows without an adapter. The context can be entered again (one decoding step after
+    another); what it stacks is built once, from the weights as they are then (weights trained
+    after that need a new context).
     """
 
     def __init__(self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None,
@@ -89,6 +91,7 @@ class BatchedLoRA:
         self.token_mask = None if token_mask is None else token_mask.unsqueeze(-1)
         self.layers = list(layers) if layers is not None else lora_layers(peft_model)
         self._handles: list[Any] = []
+        self._hooks: list[tuple[Any, Any]] | None = None
         self._off = AdaptersOff(self.layers)
 
     def _stacks(self, layer: Any) -> tuple[Any, Any] | None:
@@ -126,12 +129,13 @@ class BatchedLoRA:
             return None
         return [(key, slice(start, end)) for key, start, end in runs if key != BASE_ADAPTER]
 
-    def _add_segments(self, layer: Any, segments: list[tuple[str, slice]]) -> None:
-        """Hook ``layer``: each adapter's rows get x @ A.T @ (scaling * B).T on their slice."""
+    def _segment_hook(self, layer: Any, segments: list[tuple[str, slice]]) -> Any:
+        """A forward hook for ``layer``: each adapter's rows get x @ A.T @ (scaling * B).T on their
+        slice; None when no adapter of the batch adapts this layer."""
         parts = [(rows, layer.lora_A[key].weight, layer.lora_B[key].weight * layer.scaling[key])
                  for key, rows in segments if key in layer.lora_A]
         if not parts:
-            return
+            return None
 
         def add_delta(module, args, output, parts=parts, token_mask=self.token_mask):
             import torch
@@ -144,23 +148,34 @@ class BatchedLoRA:
                 output[rows] += lora_delta(x[rows], a.t(), b.t(), mask).to(output.dtype)
             return output
 
-        self._handles.append(layer.register_forward_hook(add_delta))
+        return add_delta
+
+    def _stack_hook(self, layer: Any) -> Any:
+        """A forward hook for ``layer`` adding each row's own adapter from stacked factors; None
+        when no adapter of the batch adapts this layer."""
+        stacks = self._stacks(layer)
+        if stacks is None:
+            return None
+        a_rows, b_rows = stacks
+
+        def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows, token_mask=self.token_mask):
+            return output + lora_delta(args[0], a_rows, b_rows, token_mask).to(output.dtype)
+
+        return add_delta
+
+    def _prepared_hooks(self) -> list[tuple[Any, Any]]:
+        """(layer, forward hook) pairs, built at the first entry and kept, so the engine loop can
+        enter the same context at every decoding step of the same rows without restacking."""
+        if self._hooks is None:
+            segments = self._segments()
+            hooks = [(layer, self._segment_hook(layer, segments) if segments is not None else self._stack_hook(layer))
+                     for layer in self.layers]
+            self._hooks = [(layer, hook) for layer, hook in hooks if hook is not None]
+        return self._hooks
 
     def __enter__(self) -> "BatchedLoRA":
-        segments = self._segments()
-        for layer in self.layers:
-            if segments is not None:
-                self._add_segments(layer, segments)
-                continue
-            stacks = self._stacks(layer)
-            if stacks is None:
-                continue
-            a_rows, b_rows = stacks
-
-            def add_delta(module, args, output, a_rows=a_rows, b_rows=b_rows, token_mask=self.token_mask):
-                return output + lora_delta(args[0], a_rows, b_rows, token_mask).to(output.dtype)
-
-            self._handles.append(layer.register_forward_hook(add_delta))
+        for layer, hook in self._prepared_hooks():
+            self._handles.append(layer.register_forward_hook(hook))
         self._off.__enter__()
         return self
 

@@ -1,9 +1,10 @@
-"""Batched decoding where every row has its own adapter, sampling parameters, seed and stops.
+"""Per-row decoding state: every row has its own adapter, sampling parameters, seed and stops.
 
 Hugging Face ``generate`` takes one set of sampling parameters per call; the pool needs one per
-request, so this is a small KV-cached loop: one forward pass per step for the whole batch
-(peft's ``adapter_names`` picks each row's adapter), then per-row sampling. It is a generator
-so that streaming a single request and batched generation share the same code.
+request, so each row keeps its own :class:`RowState` and :func:`advance` samples its next token
+from its own logits. The pool's engine loop (:mod:`experts.engine`) drives rows that join and
+leave a running batch; :func:`decode` is the plain static-batch loop over the same row logic,
+kept as the reference the engine's outputs are tested against.
 """
 
 from __future__ import annotations
@@ -77,12 +78,43 @@ def _apply_stops(row: RowState, tokenizer: Any, eos_ids: set[int]) -> None:
         row.finish_reason = "length"
 
 
+def new_row(params: SamplingParams) -> RowState:
+    """A row about to decode with ``params`` (its own random generator, seeded when asked)."""
+    return RowState(params=params, generator=_generator(params.seed))
+
+
+def advance(row: RowState, logits: Any, tokenizer: Any, eos_ids: set[int]) -> int:
+    """Sample the row's next token from its logits, append it and apply end-of-turn, stop strings
+    and the length limit; returns the token (fed to the next step unless the row is done)."""
+    token = _sample(logits, row.params, row.generator)
+    row.token_ids.append(token)
+    _apply_stops(row, tokenizer, eos_ids)
+    return token
+
+
+def ready_text(row: RowState) -> str:
+    """The part of the row's text that can be streamed now: all of it once the row is done;
+    before, without a trailing partial UTF-8 character (decoded as U+FFFD) and without an ending
+    that could still become a stop string (which would then be cut from the text)."""
+    if row.done:
+        return row.text
+    text = row.text.rstrip("\ufffd")
+    held = 0
+    for stop in row.params.stop:
+        for length in range(min(len(stop) - 1, len(text)), held, -1):
+            if text.endswith(stop[:length]):
+                held = length
+                break
+    return text[:len(text) - held]
+
+
 def decode(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
            adapter_names: Sequence[str] | None, eos_ids: set[int], pad_id: int) -> Iterator[list[RowState]]:
-    """Yield the row states after every decoding step until every row is done."""
+    """Yield the row states after every decoding step until every row is done (a static batch:
+    finished rows are fed padding until the last one ends)."""
     import torch
 
-    rows = [RowState(params=p, generator=_generator(p.seed)) for p in params]
+    rows = [new_row(p) for p in params]
     device = next(model.parameters()).device
     ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
     cache = None
@@ -98,10 +130,7 @@ def decode(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params:
                 if row.done:
                     next_ids.append(pad_id)
                     continue
-                token = _sample(logits[i], row.params, row.generator)
-                row.token_ids.append(token)
-                _apply_stops(row, tokenizer, eos_ids)
-                next_ids.append(token)
+                next_ids.append(advance(row, logits[i], tokenizer, eos_ids))
             yield rows
             if all(r.done for r in rows):
                 return

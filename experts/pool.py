@@ -5,6 +5,9 @@
   are decoded together, one forward pass per step (peft mixed-adapter batches).
 * Full-weight experts live in an LRU bounded by a memory budget; evicting one frees its memory.
 * ``score`` returns per-expert answer likelihoods (with and without the question: PMI).
+* One engine loop (:mod:`experts.engine`) owns the models: generation, streaming and scoring all
+  run on its thread; a request joins the running batch at the next decoding step and leaves it
+  when done, so nobody waits for someone else's whole generation.
 
 The public interface is small and free of Ray so a Ray Serve deployment can wrap it unchanged.
 """
@@ -26,7 +29,7 @@ from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
 from experts.chat import (BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids,
                           template_prefix, unconditional_prefix)
-from experts.decoding import decode
+from experts.engine import Admission, EngineLoop, RowHandle
 from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
                             tokenizer_from_verified)
 from experts.policy import DevicePolicy
@@ -41,6 +44,11 @@ _SCORE_BATCH_TOKENS = {"cpu": 4096, "cuda": 32768}
 jury evidence 3-5x faster (docs/benchmarks.md, GPU); on this CPU 8192 was slower than 4096."""
 
 
+_DECODE_CONTEXTS = 8
+"""Decoding contexts (stacked LoRA factors per row set) kept: the running batch's, and the prefill
+passes' of newcomers, change only when rows join or leave."""
+
+
 class PoolConfig(BaseModel):
     """Limits and placement of one expert pool."""
 
@@ -49,7 +57,11 @@ class PoolConfig(BaseModel):
     base_model: str = Field(default=SMOLLM2_ID, description="Base model id that LoRA experts attach to.")
     max_new_tokens_limit: int = Field(default=512, ge=1, description="Upper bound on max_new_tokens.")
     max_prompt_tokens: int = Field(default=1024, ge=8, description="Longer prompts are cut from the left.")
-    max_batch_size: int = Field(default=16, ge=1, description="Rows per forward pass (larger batches are split).")
+    max_batch_size: int = Field(default=16, ge=1, description="Most rows decoded together per model; more "
+                                "wait for a free slot (a row leaves the batch as soon as it is done).")
+    batch_wait_s: float = Field(default=0.0, ge=0, description="How long an idle pool waits after a first "
+                                "request for others to share its prefill pass; requests that arrive while a "
+                                "batch runs join it at the next step without waiting.")
     score_max_tokens: int = Field(default=256, ge=8, description="Token budget of one scored question+answer.")
     score_batch_tokens: int | None = Field(default=None, ge=64, description="Padded tokens per scoring forward "
                                            "pass (rows of several items are length-sorted and packed up to "
@@ -149,12 +161,14 @@ class ExpertPool:
             self._base = base.eval()
         self._peft: Any = None                      # PeftModel once the first adapter is added
         self._trunk: TrunkScorer | None = None      # scoring state of the current adapter set
+        self._contexts: OrderedDict[tuple, tuple[Any, list[str] | None]] = OrderedDict()  # decoding contexts
         self._adapters: dict[str, str] = {}         # expert name -> peft adapter key
         self._adapter_bytes: dict[str, int] = {}
         self._full_sources: dict[str, tuple[Any, Any]] = {}  # expert name -> (registry, record)
         self._full = FullExpertLRU(self.config.full_expert_budget_bytes)
         self._next_key = 0
         self.rejected: dict[str, str] = {}  # expert name -> why loading it failed
+        self.engine = EngineLoop(self, self.config.max_batch_size, self.config.batch_wait_s)
 
     # ------------------------------------------------------------ loading experts
 
@@ -233,6 +247,7 @@ class ExpertPool:
                                f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
             self._peft.eval()
             self._trunk = None
+            self._contexts.clear()
             self._adapters[name] = key
             self._adapter_bytes[name] = sum(t.numel() * t.element_size() for t in state_dict.values())
 
@@ -250,6 +265,7 @@ class ExpertPool:
 
     def _drop_adapter(self, key: str) -> None:
         self._trunk = None
+        self._contexts.clear()
         if len(self._peft.peft_config) == 1:
             # peft cannot run with zero adapters: go back to the plain base model.
             self._base = self._peft.unload()
@@ -276,6 +292,10 @@ class ExpertPool:
         names.update({n: "lora" for n in self._adapters})
         names.update({n: "full" for n in self._full_sources})
         return names
+
+    def close(self) -> None:
+        """Stop the engine loop (requests still waiting or running fail); the pool serves no more."""
+        self.engine.close()
 
     def memory(self) -> dict[str, Any]:
         """Bytes held by the base model, the adapters and the full-expert LRU."""
@@ -393,49 +413,62 @@ class ExpertPool:
         ids = prompt_ids(tokenizer, [m.model_dump() for m in request.messages])
         return ids[-self.config.max_prompt_tokens:]
 
-    def _decode(self, group: str, requests: Sequence[GenerationRequest]):
-        model, tokenizer = self._model_for(group)
-        prompts = [self._prompt(tokenizer, r) for r in requests]
-        keys = [self._resolve(r.expert)[1] for r in requests]
-        adapters = self._adapter_names(keys) if group == "" else None
-        eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        context, adapters = self._adapter_context(adapters)
-        with context:
-            for rows in decode(model, tokenizer, prompts, [r.params for r in requests], adapters,
-                               {e for e in eos if e is not None}, pad):
-                yield prompts, rows
+    def submit(self, request: Any, stream: bool = False) -> RowHandle:
+        """Queue one request on the engine loop and return its handle at once; it joins the running
+        batch at the next step. ``stream``: its text pieces go to the handle as they are decoded.
+        An invalid request or an unknown expert raises here."""
+        return self.engine.submit(self._check_request(request), stream)
 
     def generate(self, requests: Iterable[Any]) -> list[GenerationResult]:
-        """Complete every request; requests on the shared base run as one mixed-adapter batch."""
-        requests = [self._check_request(r) for r in requests]
-        results: list[GenerationResult | None] = [None] * len(requests)
-        with self._lock:
-            for group, indices in self._groups([r.expert for r in requests]):
-                for start in range(0, len(indices), self.config.max_batch_size):
-                    chunk = indices[start:start + self.config.max_batch_size]
-                    prompts, rows = [], []
-                    for prompts, rows in self._decode(group, [requests[i] for i in chunk]):
-                        pass
-                    for i, prompt, row in zip(chunk, prompts, rows):
-                        results[i] = GenerationResult(
-                            expert=requests[i].expert, text=row.text, finish_reason=row.finish_reason,
-                            prompt_tokens=len(prompt), completion_tokens=len(row.token_ids))
-        return results  # type: ignore[return-value]
+        """Complete every request; requests on the shared base decode in the same mixed-adapter steps
+        (with whatever else the pool is decoding)."""
+        requests = [self._check_request(r) for r in requests]  # all checked before any is queued
+        handles = [self.engine.submit(r) for r in requests]
+        try:
+            return [handle.result() for handle in handles]
+        finally:
+            for handle in handles:
+                handle.cancel()  # nothing left to stop unless one of them failed
 
-    def stream(self, request: Any) -> Iterator[str]:
-        """Yield the completion of one request as text pieces, as they are generated."""
-        request = self._check_request(request)
-        kind, target = self._resolve(request.expert)
-        sent = ""
-        with self._lock:
-            for _, rows in self._decode("" if kind == "shared" else target, [request]):
-                text = rows[0].text
-                # Hold back a trailing partial UTF-8 character (decoded as U+FFFD) until complete.
-                ready = text.rstrip("\ufffd") if not rows[0].done else text
-                if len(ready) > len(sent) and ready.startswith(sent):
-                    yield ready[len(sent):]
-                    sent = ready
+    def stream(self, request: Any) -> RowHandle:
+        """The completion of one request as text pieces, as they are generated: iterate the handle
+        (``for`` or ``async for``); its ``result()`` then has the finish reason. Leaving the
+        iteration early (or ``cancel()``) stops the decoding within a step."""
+        return self.submit(request, stream=True)
+
+    # ------------------------------------------------------------ the engine loop's view (experts.engine.EngineHost)
+
+    def _admit(self, request: GenerationRequest) -> Admission:
+        kind, key = self._resolve(request.expert)
+        group = "" if kind == "shared" else key
+        model, tokenizer = self._model_for(group)
+        eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        return Admission(group=group, key=key, prompt=self._prompt(tokenizer, request),
+                         model=model if group else None, tokenizer=tokenizer,
+                         eos_ids=frozenset(e for e in eos if e is not None), pad_id=pad)
+
+    def _forward_setup(self, group: str, held_model: Any, keys: Sequence[str]) -> tuple[Any, Any, list[str] | None]:
+        if group:
+            return held_model, contextlib.nullcontext(), None
+        return self._shared_model(), *self._decode_context(keys)
+
+    def _decode_context(self, keys: Sequence[str]) -> tuple[Any, list[str] | None]:
+        """:meth:`_adapter_context` for decoding rows with these keys, kept while the adapter set is
+        unchanged: the same rows step after step reuse their stacked LoRA factors."""
+        cache_key = (tuple(keys), self.config.batched_lora)
+        found = self._contexts.get(cache_key)
+        if found is None:
+            found = self._contexts[cache_key] = self._adapter_context(self._adapter_names(keys))
+            while len(self._contexts) > _DECODE_CONTEXTS:
+                self._contexts.popitem(last=False)
+        self._contexts.move_to_end(cache_key)
+        return found
+
+    def _serves(self, admission: Admission) -> bool:
+        if admission.group or admission.key == BASE_ADAPTER:
+            return True  # a full expert's batch holds its model; the base model is always there
+        return self._peft is not None and admission.key in self._peft.peft_config
 
     # ------------------------------------------------------------ scoring
 
@@ -448,7 +481,12 @@ class ExpertPool:
     def answer_nll_rows(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
                         batch_size: int = 8) -> dict[str, list[tuple[float, int]]]:
         """Per shared-base expert, per pair: (summed answer-token NLL, answer tokens), every
-        (pair, expert) row in mixed-adapter batches (teacher-forced, truncated to ``max_tokens``)."""
+        (pair, expert) row in mixed-adapter batches (teacher-forced, truncated to ``max_tokens``).
+        Runs on the engine loop's thread, between decoding steps."""
+        return self.engine.call(self._answer_nll_rows, pairs, experts, max_tokens, batch_size)
+
+    def _answer_nll_rows(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int,
+                         batch_size: int) -> dict[str, list[tuple[float, int]]]:
         import torch
 
         keys = {}
@@ -463,7 +501,7 @@ class ExpertPool:
                       key=lambda job: (keys[job[0]], len(encoded[job[1]].input_ids)))
         out: dict[str, list[tuple[float, int]]] = {name: [(0.0, 0)] * len(encoded) for name in keys}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        with self._lock, torch.inference_mode():
+        with torch.inference_mode():
             model = self._shared_model()
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start:start + batch_size]
@@ -493,7 +531,13 @@ class ExpertPool:
         forward passes of about ``score_batch_tokens`` padded tokens, one row per (text, expert)
         with its own adapter, so short answers from many items share passes instead of padding
         each other; the layers no expert of a pass adapts run once per text (``shared_trunk``).
+        The whole call is one job of the engine loop, run between decoding steps, so it sees one
+        set of loaded experts.
         """
+        return self.engine.call(self._score_many, items, adapt_question, state_layer)
+
+    def _score_many(self, items: Sequence[tuple[str, str, Sequence[str]]], adapt_question: bool,
+                    state_layer: int | None) -> list[list[ExpertScore]]:
         items = [(q, a, list(e) or [BASE_EXPERT]) for q, a, e in items]
         depth = self._base.config.num_hidden_layers if self._base is not None else None
         if state_layer is not None and depth is not None and not 0 <= state_layer <= depth:
@@ -506,20 +550,19 @@ class ExpertPool:
         means: dict[tuple[int, int, bool], float] = {}
         states: dict[tuple[int, int], list[float]] = {}
         answer_lens: dict[int, int] = {}
-        with self._lock:
-            for group, texts in self._score_texts(items).items():
-                model, tokenizer = self._model_for(group)
-                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-                layer = state_layer if group == "" else None  # the base model lives in the shared group
-                for batch in self._score_batches(texts):
-                    results = self._score_batch(group, model, pad, batch, adapt_question, layer)
-                    for ((i, with_q), pair, jurors), result in zip(batch, results):
-                        for (j, _), (total, count, state) in zip(jurors, result):
-                            means[(i, j, with_q)] = total / count
-                            if with_q and state is not None:
-                                states[(i, j)] = state.tolist()
-                        if with_q:
-                            answer_lens[i] = pair.answer_len
+        for group, texts in self._score_texts(items).items():
+            model, tokenizer = self._model_for(group)
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            layer = state_layer if group == "" else None  # the base model lives in the shared group
+            for batch in self._score_batches(texts):
+                results = self._score_batch(group, model, pad, batch, adapt_question, layer)
+                for ((i, with_q), pair, jurors), result in zip(batch, results):
+                    for (j, _), (total, count, state) in zip(jurors, result):
+                        means[(i, j, with_q)] = total / count
+                        if with_q and state is not None:
+                            states[(i, j)] = state.tolist()
+                    if with_q:
+                        answer_lens[i] = pair.answer_len
         return [
             [ExpertScore(expert=name, logp_given_question=means[(i, j, True)],
                          logp_without_question=means[(i, j, False)],
