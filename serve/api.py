@@ -13,7 +13,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.decoding import GREEDY_BELOW_TEMPERATURE
 from experts.jury import Verdict
-from experts.types import BASE_EXPERT, GenerationRequest, SamplingParams
+from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams
 from experts.types import ChatMessage as PoolMessage
 from registry.errors import AccessDeniedError, ConflictError, MoseError, NotFoundError, StatusError
 from registry.teams import OPERATOR, Principal, looks_like_team_token
@@ -65,6 +65,10 @@ UPSTREAM_PREFIX = "upstream:"
 ADMIN_PREFIX = "/v1/experts"
 MIN_TEMPERATURE = GREEDY_BELOW_TEMPERATURE
 """Temperatures below this are sent as 0 (greedy), as the decoder would treat them anyway."""
+
+CLIENT_CLOSED = 499
+"""Status recorded in the metrics for a streamed request whose client went away before its end
+(nginx's "client closed request"; the client never sees it)."""
 
 ERROR_DESCRIPTIONS = {
     400: "The request is malformed or over a limit; the message names the field.",
@@ -482,8 +486,10 @@ class _Handlers:
         request = GenerationRequest(expert=info.expert, messages=messages, params=params)
         headers = _mose_headers(info)
         if body.stream:
-            stream = _sse(endpoint, body.model, info, self.backend.stream(request))
-            self.metrics.observe_request(endpoint, info.expert, 200, time.perf_counter() - started)
+            def observe(status: int) -> None:  # once the stream ended: its whole duration, its outcome
+                self.metrics.observe_request(endpoint, info.expert, status, time.perf_counter() - started)
+
+            stream = _sse(endpoint, info, self.backend.stream(request), observe)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
         result, batch_size = await self.backend.generate(request)
         self.metrics.batch_size.observe(batch_size)
@@ -631,8 +637,14 @@ def _mose_headers(info: MoseInfo) -> dict[str, str]:
     return headers
 
 
-async def _sse(endpoint: str, model: str, info: MoseInfo, pieces: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    """OpenAI server-sent events: a role chunk, one chunk per piece, a finish chunk, [DONE]."""
+async def _sse(endpoint: str, info: MoseInfo, pieces: AsyncIterator[str | GenerationResult],
+               observe: Callable[[int], None]) -> AsyncIterator[bytes]:
+    """OpenAI server-sent events: a role chunk, one chunk per text piece, a finish chunk with the
+    completion's own finish reason (from the :class:`GenerationResult` that ends ``pieces``), [DONE].
+
+    ``observe`` gets the request's status once the stream is over: 200, the status of an error
+    reported in-band, or :data:`CLIENT_CLOSED` when the client went away first; ``pieces`` is
+    closed then, which stops its decoding."""
     chat = endpoint == "chat"
     ident = new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
@@ -648,16 +660,28 @@ async def _sse(endpoint: str, model: str, info: MoseInfo, pieces: AsyncIterator[
                     "choices": [choice], "mose": info.model_dump(mode="json")}
         return f"data: {json.dumps(body)}\n\n".encode()
 
-    yield chunk({"role": "assistant", "content": ""} if chat else "", None)
+    status, finish = CLIENT_CLOSED, "stop"
     try:
-        async for piece in pieces:
-            yield chunk({"content": piece} if chat else piece, None)
-    except Exception as exc:  # the stream has started: report in-band, as OpenAI does
-        known = find_mose_error(exc)
-        message = str(known) if known else "internal error while generating; the server log has details"
-        if known is None:
-            logger.exception("error while streaming")
-        yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n".encode()
-        return
-    yield chunk({} if chat else "", "stop")
-    yield b"data: [DONE]\n\n"
+        yield chunk({"role": "assistant", "content": ""} if chat else "", None)
+        try:
+            async for piece in pieces:
+                if isinstance(piece, GenerationResult):
+                    finish = piece.finish_reason
+                    continue
+                yield chunk({"content": piece} if chat else piece, None)
+        except Exception as exc:  # the stream has started: report in-band, as OpenAI does
+            known = find_mose_error(exc)
+            status = mose_error_status(known) if known else 500
+            message = str(known) if known else "internal error while generating; the server log has details"
+            if known is None:
+                logger.exception("error while streaming")
+            yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n".encode()
+            return
+        status = 200
+        yield chunk({} if chat else "", finish)
+        yield b"data: [DONE]\n\n"
+    finally:
+        observe(status)
+        close = getattr(pieces, "aclose", None)
+        if close is not None:
+            await close()

@@ -25,11 +25,12 @@ class Backend(ABC):
 
     @abstractmethod
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
-        """One completion, and the size of the batch it was decoded in."""
+        """One completion, and the most requests it was decoded with in one step."""
 
     @abstractmethod
-    def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
-        """One completion as text pieces, as they are generated."""
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """One completion as text pieces, as they are generated, then its :class:`GenerationResult`
+        (finish reason, token counts). Closing the iterator early stops the generation."""
 
     @abstractmethod
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
