@@ -1,13 +1,18 @@
 """Turn a jury's evidence into P(correct), and choose the flag threshold.
 
-Candidates: logistic regression on the evidence features (standardised; several L2 strengths),
-shallow gradient-boosted trees on the evidence and format features (they find, without being
-told, that the same evidence means different things for short answers, long responses and short
-questions), or isotonic regression on the uncalibrated jury score alone. The one with the lowest
-cross-validated log loss is refitted on every row. The flag threshold is the largest P(correct)
-below which flagged answers are wrong with at least ``target_flag_precision``, on out-of-fold
-predictions (validation metrics are out-of-fold too). Artifacts are versioned JSON under
-``MOSE_HOME/crosscheck/`` (no pickles).
+P(correct) = P(the answer belongs to the question) x P(correct | it does).
+
+The first factor is the relevance gate: a logistic regression with non-negative weights on the
+jurors' support (jury PMI and log-probability given the question), fitted on the labelled answers
+against answers constructed to be wrong (:mod:`experts.negatives`: moved from another question, or
+with a fact changed). The second is chosen among candidates fitted on the labelled rows only:
+logistic regression on the evidence features (standardised; several L2 strengths), shallow
+gradient-boosted trees on the evidence and format features, isotonic regression on the jury PMI,
+or the base rate when nothing in the evidence predicts correctness. The candidate with the lowest
+cross-validated log loss that never lowers P(correct) for more support is refitted on every row.
+The flag threshold is the largest P(correct) below which flagged answers are wrong with at least
+``target_flag_precision``, on out-of-fold predictions of every row (validation metrics are
+out-of-fold too). Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (no pickles).
 """
 
 from __future__ import annotations
@@ -81,10 +86,13 @@ class CalibratorConfig(BaseModel):
     """Inverse L2 strengths (scikit-learn's ``C``) tried for the logistic model; the best by
     cross-validated log loss is kept."""
 
+    candidates: tuple[Literal["logistic", "monotone logistic", "boosted", "isotonic", "base rate"], ...] = Field(
+        ("logistic", "monotone logistic", "boosted", "isotonic", "base rate"), min_length=1)
+    """Families of candidates tried (each logistic family at every strength of :attr:`regularisation`)."""
+
     boosted_trees: int = Field(100, ge=0)
-    """Trees of the gradient-boosted candidate (0 leaves it out). Measured on 500 held-out rows
-    (797 training rows): 100 trees of depth 2 at rate 0.05 reached AUROC 0.656 where the logistic
-    model reached 0.630 (but with a higher log loss); 300 trees overfitted."""
+    """Trees of the gradient-boosted candidate (0 leaves it out); 100 trees of depth 2 at rate 0.05
+    is the fit ``docs/decisions/jury-calibrator-fitting.md`` measured best."""
 
     boosted_depth: int = Field(2, ge=1, le=5)
     """Depth of each boosted tree (2 = interactions of two features at most)."""
@@ -112,6 +120,20 @@ class CalibratorConfig(BaseModel):
     """The probe kept is the mean of its cross-validation folds' probes (whose out-of-fold logits
     the calibrator learnt from) instead of a refit on every row, which reads new rows more sharply
     than the calibrator expects."""
+
+    gate_features: tuple[str, ...] = ("jury_pmi", "jury_logp_given")
+    """What the relevance gate reads (each must be one of :data:`MONOTONE_FEATURES`: its weights are
+    kept >= 0). Both separate an answer from answers to other questions on crosscheck_dev's training
+    rows; the jury PMI most (AUROC about 0.94 against the answers they were moved from)."""
+
+    off_topic_share: float = Field(0.2, gt=0.0, lt=1.0)
+    """Share of off-topic or plainly made-up answers the gate assumes among those it checks (the
+    weight of the constructed rows against the labelled ones when the gate is fitted). Lower
+    trusts answers more: fewer flags, and P(correct) of the labelled rows closer to their rate."""
+
+    gate_strength: float = Field(10.0, gt=0.0)
+    """Inverse L2 strength of the gate's logistic regression (two standardised inputs: weak
+    regularisation)."""
 
     recalibrate: bool = False
     """Platt scaling after the chosen candidate: a logistic fit of the labels on its out-of-fold
@@ -148,12 +170,36 @@ class Tree(BaseModel):
         return np.asarray(self.value)[node]
 
 
-class Calibrator(BaseModel):
-    """A fitted calibrator: plain numbers, so it saves as JSON and loads anywhere."""
+class RelevanceGate(BaseModel):
+    """P(the answer belongs to the question): a logistic regression on standardised support
+    features with non-negative weights, fitted on labelled answers (which all answer their own
+    question) against answers constructed to be wrong (moved from another question, or with a fact
+    changed; :mod:`experts.negatives`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["logistic", "boosted", "isotonic"]
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    intercept: float
+
+    def predict(self, x: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """P(belongs) for each row of ``x``, whose columns are ``names``."""
+        columns = [list(names).index(name) for name in self.features]
+        z = (x[:, columns] - np.asarray(self.mean)) / np.asarray(self.scale)
+        return _sigmoid(z @ np.asarray(self.coef) + self.intercept)
+
+
+class Calibrator(BaseModel):
+    """A fitted calibrator: plain numbers, so it saves as JSON and loads anywhere.
+
+    With a :attr:`gate`, P(correct) = P(the answer belongs to the question) x P(correct | it
+    does): the gate is fitted on constructed wrong answers, the candidate on the labelled rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["logistic", "boosted", "isotonic", "constant"]
     features: list[str] = Field(default_factory=lambda: list(FEATURES))
     mean: list[float] = Field(default_factory=list)
     scale: list[float] = Field(default_factory=list)
@@ -176,6 +222,8 @@ class Calibrator(BaseModel):
     probe is the base model's and moves every juror's P(correct) alike, so beside it an expert's
     own evidence barely moves P(correct) and votes would be close to coins (read through the probe,
     the reputation benchmark's shuffled juror gained weight)."""
+    gate: RelevanceGate | None = None
+    """The relevance gate whose P(belongs) multiplies the candidate's P(correct) (None: no gate)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
@@ -183,17 +231,20 @@ class Calibrator(BaseModel):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """P(correct) for each row of the feature matrix ``x`` (columns in :attr:`features` order)."""
-        p = self._candidate_predict(np.atleast_2d(np.asarray(x, dtype=np.float64)))
-        if self.recalibration is None:
-            return p
-        slope, offset = self.recalibration
-        return _sigmoid(slope * _logit(p) + offset)
+        x = np.atleast_2d(np.asarray(x, dtype=np.float64))
+        p = self._candidate_predict(x)
+        if self.recalibration is not None:
+            slope, offset = self.recalibration
+            p = _sigmoid(slope * _logit(p) + offset)
+        return p if self.gate is None else p * self.gate.predict(x, self.features)
 
     def _candidate_predict(self, x: np.ndarray) -> np.ndarray:
         if self.method == "logistic":
             z = (x - np.asarray(self.mean)) / np.asarray(self.scale)
             logits = z @ np.asarray(self.coef) + self.intercept
             return _sigmoid(logits)
+        if self.method == "constant":
+            return np.full(len(x), _sigmoid(np.array(self.intercept)))
         if self.method == "boosted":
             inputs, logits = x[:, self.columns], np.full(len(x), self.intercept)
             for tree in self.trees:
@@ -287,20 +338,61 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrat
 
 
 def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None,
-                   states: np.ndarray | None = None) -> Calibrator:
-    """Choose the candidate (logistic at each strength, boosted trees, isotonic) by
-    cross-validated log loss, refit it on every row, and set the flag threshold on its
-    out-of-fold predictions.
+                   states: np.ndarray | None = None, constructed: np.ndarray | None = None) -> Calibrator:
+    """Choose the candidate (logistic at each strength, boosted trees, isotonic, the base rate) by
+    cross-validated log loss on the labelled rows, refit it on them, gate it with a
+    :class:`RelevanceGate` when there are constructed rows, and set the flag threshold on
+    out-of-fold predictions of every row.
 
     ``x``: the :data:`FEATURES` columns. ``states`` (the base model's answer states at
     ``config.probe_layer``, one row each): a truthfulness probe is fitted first, and its
-    out-of-fold logits join the features as :data:`PROBE_FEATURE`.
+    out-of-fold logits join the features as :data:`PROBE_FEATURE`. ``constructed``: True for rows
+    made wrong on purpose (:mod:`experts.negatives`; their label is 0); the candidate never learns
+    from them (they would teach it that every wrong answer looks like an answer to another
+    question), the gate learns from them and the labelled rows.
     """
-    from sklearn.metrics import log_loss, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.metrics import roc_auc_score
 
     config = config or CalibratorConfig()
     x, labels = np.asarray(x, dtype=np.float64), np.asarray(labels, dtype=np.int64)
+    constructed = np.zeros(len(labels), dtype=bool) if constructed is None else np.asarray(constructed, dtype=bool)
+    if labels[constructed].any():
+        raise MoseError("constructed rows are wrong answers: their label must be 0")
+    labelled = ~constructed
+    best, p_oof = _fit_candidate(x[labelled], labels[labelled], config,
+                                 None if states is None else states[labelled])
+    p_all = np.empty(len(labels))
+    p_all[labelled] = p_oof
+    if constructed.any():  # the candidate never saw these rows: its predictions are out of sample
+        inputs = x[constructed]
+        if best.probe is not None:
+            inputs = np.column_stack([inputs, best.probe.logits(states[constructed])])
+        p_all[constructed] = best.predict(inputs)
+        best.gate, gate_oof = fit_gate(x, constructed, config)
+        p_all *= gate_oof
+        best.metrics["gate_validation_auroc"] = float(roc_auc_score(labelled, gate_oof))
+    flag_cut = choose_threshold(1.0 - p_all, labels == 0, config.target_flag_precision,
+                                1.0 - config.max_flag_probability)
+    best.threshold = float(1.0 - flag_cut)
+    best.metrics.update({
+        "validation_auroc": float(roc_auc_score(labels[labelled], p_all[labelled])),
+        "validation_ece": expected_calibration_error(p_all[labelled], labels[labelled]),
+        "train_rows": float(labelled.sum()),
+        "validation_rows": float(labelled.sum()),
+        "constructed_rows": float(constructed.sum()),
+    })
+    if best.probe is not None:
+        best.voter = fit_calibrator(x, labels, config, None, constructed)
+    return best
+
+
+def _fit_candidate(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
+                   states: np.ndarray | None) -> tuple[Calibrator, np.ndarray]:
+    """The best candidate by cross-validated log loss that keeps :data:`MONOTONE_FEATURES`'
+    direction, refitted on every row, and its out-of-fold predictions."""
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
     if len(labels) < 20 or min(np.bincount(labels, minlength=2)) < 2:
         raise MoseError("calibration needs at least 20 labelled rows with both correct and wrong answers")
     folds = min(config.folds, int(min(np.bincount(labels))))
@@ -312,10 +404,18 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
                                         config.seed, config.probe_average_folds)
         x, names = np.column_stack([x, probe_logits]), names + [PROBE_FEATURE]
     pmi = FEATURES.index("jury_pmi")
-    candidates = {f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation}
-    if config.boosted_trees:
-        candidates["boosted"] = lambda xs, ys: fit_boosted(xs, ys, config, names)
-    candidates["isotonic"] = lambda xs, ys: fit_isotonic(xs[:, pmi], ys)
+    families = {
+        **{f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation},
+        **{f"monotone logistic C={c:g}": (lambda xs, ys, c=c: fit_monotone_logistic(xs, ys, c, names))
+           for c in config.regularisation},
+        "boosted": lambda xs, ys: fit_boosted(xs, ys, config, names),
+        "isotonic": lambda xs, ys: fit_isotonic(xs[:, pmi], ys),
+        "base rate": lambda xs, ys: fit_constant(ys),
+    }
+    candidates = {name: fit for name, fit in families.items()
+                  if name.split(" C=")[0] in config.candidates and (name != "boosted" or config.boosted_trees)}
+    if not candidates:
+        raise MoseError("no calibrator candidate left: boosted_trees is 0 and no other family is in candidates")
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
     out_of_fold = {name: np.zeros(len(labels)) for name in candidates}
     for train, val in split.split(x, labels):
@@ -329,30 +429,97 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
             break
 
     p_oof = out_of_fold[chosen]
-    recalibrated_loss = None
+    best.metrics = {
+        "validation_log_loss": float(losses[chosen]),
+        **({"validation_log_loss_isotonic": float(losses["isotonic"])} if "isotonic" in losses else {}),
+        **{f"cv_log_loss {name}": float(loss) for name, loss in losses.items()},
+    }
     if config.recalibrate:
         best.recalibration = fit_platt(p_oof, labels)
         p_oof = _cross_fitted_platt(p_oof, labels, split)  # the metrics stay out-of-fold
-        recalibrated_loss = log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])
-    flag_cut = choose_threshold(1.0 - p_oof, labels == 0, config.target_flag_precision,
-                                1.0 - config.max_flag_probability)
-    best.threshold = float(1.0 - flag_cut)
-    best.metrics = {
-        "validation_log_loss": float(losses[chosen]),
-        "validation_log_loss_isotonic": float(losses["isotonic"]),
-        "validation_auroc": float(roc_auc_score(labels, p_oof)),
-        "validation_ece": expected_calibration_error(p_oof, labels),
-        "train_rows": float(len(labels)),
-        "validation_rows": float(len(labels)),
-        **{f"cv_log_loss {name}": float(loss) for name, loss in losses.items()},
-    }
-    if recalibrated_loss is not None:
-        best.metrics["validation_log_loss_recalibrated"] = float(recalibrated_loss)
+        best.metrics["validation_log_loss_recalibrated"] = float(
+            log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1]))
     if probe is not None:
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
-        best.voter = fit_calibrator(x[:, : len(FEATURES)], labels, config)
     best.trained_on = {"candidate": chosen}
-    return best
+    return best, p_oof
+
+
+def fit_constant(labels: np.ndarray) -> Calibrator:
+    """The base rate: what the evidence is worth when nothing in it predicts correctness."""
+    rate = float(np.clip(np.mean(labels), 0.01, 0.99))
+    return Calibrator(method="constant", intercept=float(_logit(np.array(rate))))
+
+
+def fit_gate(x: np.ndarray, constructed: np.ndarray, config: CalibratorConfig) -> tuple[RelevanceGate, np.ndarray]:
+    """The relevance gate fitted on every row (labelled: belongs, constructed: does not), and its
+    out-of-fold predictions. The two classes are weighted to ``1 - off_topic_share`` and
+    ``off_topic_share`` of the total, so the number of constructed rows does not set the prior."""
+    from sklearn.model_selection import StratifiedKFold
+
+    belongs = (~constructed).astype(np.float64)
+    columns = [FEATURES.index(name) for name in config.gate_features]
+    oof = np.zeros(len(belongs))
+    folds = max(2, min(config.folds, int(constructed.sum()), int((~constructed).sum())))
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    for train, val in split.split(x, belongs):
+        oof[val] = _fit_gate(x[train][:, columns], belongs[train], config).predict(x[val], FEATURES)
+    return _fit_gate(x[:, columns], belongs, config), oof
+
+
+def _fit_gate(x: np.ndarray, belongs: np.ndarray, config: CalibratorConfig) -> RelevanceGate:
+    """The gate's weighted logistic regression, every weight >= 0."""
+    unknown = set(config.gate_features) - set(MONOTONE_FEATURES)
+    if unknown:
+        raise MoseError(f"gate features must be support features ({', '.join(MONOTONE_FEATURES)}): "
+                        f"{', '.join(sorted(unknown))} is not")
+    share = config.off_topic_share
+    weight = np.where(belongs == 1, (1 - share) / belongs.sum(), share / (1 - belongs).sum())
+    fit = bounded_logistic(x, belongs, weight, [True] * x.shape[1], config.gate_strength)
+    return RelevanceGate(features=list(config.gate_features), mean=fit["mean"], scale=fit["scale"],
+                         coef=fit["coef"], intercept=fit["intercept"])
+
+
+def bounded_logistic(x: np.ndarray, labels: np.ndarray, weight: np.ndarray | None, non_negative: Sequence[bool],
+                     strength: float) -> dict[str, object]:
+    """L2 logistic regression on standardised columns, the weights of the ``non_negative`` columns
+    kept >= 0 (L-BFGS-B bounds): mean, scale, coef and intercept, as :func:`standardised_logistic`."""
+    from scipy.optimize import minimize
+
+    labels = labels.astype(np.float64)
+    weight = np.full(len(labels), 1.0 / len(labels)) if weight is None else weight / weight.sum()
+    mean, scale = x.mean(axis=0), x.std(axis=0) + 1e-9
+    z = (x - mean) / scale
+    ridge = 1.0 / (strength * len(labels))
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = z @ theta[:-1] + theta[-1]
+        residual = weight * (_sigmoid(logits) - labels)
+        value = np.sum(weight * (np.logaddexp(0, logits) - labels * logits)) + 0.5 * ridge * theta[:-1] @ theta[:-1]
+        return value, np.append(z.T @ residual + ridge * theta[:-1], residual.sum())
+
+    bounds = [(0.0, None) if keep else (None, None) for keep in non_negative] + [(None, None)]
+    theta = minimize(loss, np.zeros(z.shape[1] + 1), jac=True, method="L-BFGS-B", bounds=bounds).x
+    return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": theta[:-1].tolist(), "intercept": float(theta[-1])}
+
+
+MONOTONE_LOGISTIC_FEATURES: tuple[str, ...] = EVIDENCE_FEATURES + FORMAT_FEATURES
+"""What the monotone logistic candidate reads: no interaction columns, so a non-negative weight on
+a support feature is all it takes to keep its direction."""
+
+
+def fit_monotone_logistic(x: np.ndarray, labels: np.ndarray, strength: float,
+                          names: Sequence[str] = FEATURES) -> Calibrator:
+    """Logistic regression on :data:`MONOTONE_LOGISTIC_FEATURES` (and the probe's column when
+    ``names`` has it) with non-negative weights on :data:`MONOTONE_FEATURES`; the other columns of
+    ``names`` get weight 0."""
+    used = [name for name in MONOTONE_LOGISTIC_FEATURES + (PROBE_FEATURE,) if name in names]
+    columns = [list(names).index(name) for name in used]
+    fit = bounded_logistic(x[:, columns], labels, None, [name in MONOTONE_FEATURES for name in used], strength)
+    mean, scale, coef = np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names))
+    mean[columns], scale[columns], coef[columns] = fit["mean"], fit["scale"], fit["coef"]
+    return Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=coef.tolist(),
+                      intercept=fit["intercept"])
 
 
 def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:

@@ -325,7 +325,9 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
     if config.probe_layer is not None:
         fill_answer_states(jury, evidence, config.probe_layer, progress)
         states = answer_states(evidence, config.probe_layer)
-    calibrator = fit_calibrator(matrix(evidence), np.array([e.row.label for e in evidence]), config, states)
+    constructed = np.array([e.row.origin() != e.row.digest() for e in evidence])
+    calibrator = fit_calibrator(matrix(evidence), np.array([e.row.label for e in evidence]), config, states,
+                                constructed)
     calibrator.trained_on = {
         **calibrator.trained_on,
         "rows": len(rows),

@@ -34,7 +34,7 @@ DATA_ENV = "MOSE_SHARED_DATA"
 VERTICALS = ("medicine", "law", "finance", "math", "code", "science", "humanities", "social_science",
              "general_knowledge")
 DEMO_OWNER = "mose-demo"
-DEMO_VERSION = "0.2.0"
+DEMO_VERSION = "0.3.0"
 
 Profile = Literal["start", "full"]
 
@@ -49,10 +49,10 @@ def demo_name(vertical: str) -> str:
 
 
 def profile_finetune(profile: Profile) -> FinetuneConfig:
-    """Fine-tune settings of a profile. ``start``: 16k training tokens per expert, one epoch (held-out
-    loss has mostly flattened there; docs/experts.md shows the curves). ``full``: 64k tokens, two
-    epochs."""
-    budget, epochs, points = {"start": (16_000, 1, 4), "full": (64_000, 2, 8)}[profile]
+    """Fine-tune settings of a profile. ``start``: 12k training tokens per expert, one epoch (what
+    fits the first ``mose up``'s budget; docs/experts.md shows the curves and where held-out loss
+    still falls). ``full``: 64k tokens, two epochs."""
+    budget, epochs, points = {"start": (12_000, 1, 3), "full": (64_000, 2, 8)}[profile]
     return FinetuneConfig(steps=None, epochs=epochs, train_tokens=budget, batch_size=8, learning_rate=2e-3,
                           rank=8, alpha=16, top_layers=10, max_tokens=128, curve_points=points)
 

@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument("--data", default=None, help="folder holding sft/<vertical>.jsonl "
                                                     "(default $MOSE_SHARED_DATA or <repo>/../shared/data)")
     build.add_argument("--profile", choices=["start", "full"], default="start",
-                       help="training budget: 'start' (16k tokens per expert, what `mose up` builds) or "
+                       help="training budget: 'start' (12k tokens per expert, what `mose up` builds) or "
                             "'full' (64k tokens, 2 epochs) (default start)")
     build.add_argument("--train-tokens", type=int, default=None,
                        help="training tokens per expert (default: the profile's)")

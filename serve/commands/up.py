@@ -25,6 +25,10 @@ CALIBRATION_ROWS_PER_SOURCE = 30
 """Labelled rows per source for the first calibrator (~150 rows, ~10 min on 2 cores; `mose
 crosscheck train --limit N` fits a larger one)."""
 
+START_EVIDENCE_FILE = "start-evidence.jsonl"
+"""The jury evidence the first calibrator was fitted on, kept in ``MOSE_HOME/crosscheck/``:
+``mose crosscheck train --data ... --limit 30 --seed 0 --evidence <it>`` refits on the same rows."""
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
@@ -121,9 +125,14 @@ def _ensure_calibrator(home, data_dir: Path) -> str:
     except MoseError:
         pass
     rows = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
-    rows = with_negatives(stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0), NegativesConfig())
-    calibrator = train(open_jury(home), rows)
+    rows = with_negatives(stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0), NegativesConfig(seed=0))
+    jury = open_jury(home)
+    evidence = collect(jury, rows, state_layer=CalibratorConfig().probe_layer)
+    calibrator = train(jury, rows, evidence=evidence)
     save_calibrator(calibrator, home.crosscheck_dir)
+    # Scoring is most of this step; keeping the evidence lets `mose crosscheck train --evidence`
+    # refit on exactly these rows without scoring them again.
+    save_evidence(evidence, home.crosscheck_dir / START_EVIDENCE_FILE)
     return calibrator.version
 
 

@@ -365,7 +365,7 @@ def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_pa
         for column in (name, f"{name}_x_long", f"{name}_x_log_answer_tokens"):
             x[:, FEATURES.index(column)] = 0.0
     x[:, FEATURES.index("jury_logp_given")] = signal
-    config = {"regularisation": (100.0,), "boosted_trees": 0}
+    config = {"regularisation": (100.0,), "candidates": ("logistic", "isotonic")}
     raw = fit_calibrator(x[:220], labels[:220], CalibratorConfig(**config))
     scaled = fit_calibrator(x[:220], labels[:220], CalibratorConfig(recalibrate=True, **config))
     assert raw.recalibration is None and scaled.trained_on["candidate"] == raw.trained_on["candidate"]
@@ -394,3 +394,57 @@ def test_an_averaged_probe_reads_as_the_mean_of_its_fold_probes():
     mean, mean_logits = fit_probe(states, labels, 7, (0.01, 0.1), average_folds=True)
     assert np.allclose(refit_logits, mean_logits) and mean.strength == refit.strength
     assert not np.allclose(refit.logits(test_states), mean.logits(test_states))
+
+
+def _with_constructed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labelled rows whose support carries no signal about correctness (the jurors cannot tell a
+    fluent misconception from the truth), plus constructed wrong answers (moved from another
+    question) whose support is far lower."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    x = rng.normal(size=(n, len(FEATURES)))
+    for feature in ("jury_pmi", "jury_logp_given"):
+        x[:, FEATURES.index(feature)] = rng.normal(0.5, 1.0, n)
+    moved = rng.normal(size=(n // 3, len(FEATURES)))
+    for feature in ("jury_pmi", "jury_logp_given"):
+        moved[:, FEATURES.index(feature)] = rng.normal(-3.0, 1.0, n // 3)
+    constructed = np.r_[np.zeros(n, bool), np.ones(n // 3, bool)]
+    return np.vstack([x, moved]), np.r_[labels, np.zeros(n // 3, dtype=int)], constructed
+
+
+def test_the_gate_flags_answers_moved_from_another_question_and_leaves_labelled_rows_at_their_rate():
+    x, labels, constructed = _with_constructed(600, seed=21)
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0), constructed=constructed)
+    assert calibrator.gate is not None and all(c >= 0 for c in calibrator.gate.coef)
+    test_x, test_labels, test_constructed = _with_constructed(300, seed=22)
+    p = calibrator.predict(test_x)
+    assert np.mean(p[test_constructed] < calibrator.threshold) >= 0.9
+    assert np.mean(p[~test_constructed] < calibrator.threshold) <= 0.2
+    # the labelled rows carry no signal: their P(correct) stays near their rate, not dragged down
+    # by the constructed rows (which the candidate never learns from)
+    assert abs(p[~test_constructed].mean() - test_labels[~test_constructed].mean()) < 0.1
+    assert calibrator.metrics["constructed_rows"] == 200 and calibrator.metrics["gate_validation_auroc"] > 0.9
+    from experts.calibrator import MONOTONE_FEATURES, raise_support
+
+    for feature in MONOTONE_FEATURES:
+        assert np.all(calibrator.predict(raise_support(test_x, FEATURES, feature, 1.0)) >= p - 1e-9), feature
+
+
+def test_constructed_rows_must_be_wrong_answers_and_the_gate_reads_support_only():
+    x, labels, constructed = _with_constructed(200, seed=23)
+    labels[-1] = 1
+    with pytest.raises(MoseError, match="constructed rows are wrong answers"):
+        fit_calibrator(x, labels, constructed=constructed)
+    labels[-1] = 0
+    with pytest.raises(MoseError, match="log_answer_tokens is not"):
+        fit_calibrator(x, labels, CalibratorConfig(gate_features=("jury_pmi", "log_answer_tokens")),
+                       constructed=constructed)
+
+
+def test_a_gated_calibrator_survives_saving_and_loading(tmp_path):
+    x, labels, constructed = _with_constructed(300, seed=24)
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0), constructed=constructed)
+    save_calibrator(calibrator, tmp_path)
+    loaded = load_calibrator(tmp_path)
+    assert loaded.gate == calibrator.gate
+    assert np.allclose(loaded.predict(x[:20]), calibrator.predict(x[:20]))
