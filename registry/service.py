@@ -529,6 +529,28 @@ class Registry:
             return []
         return fetch_missing(self.shared_blobs, self.artifacts, digests)
 
+    # ------------------------------------------------------------------ catalog
+    def catalog_generation(self) -> int:
+        """The catalog generation: bumped in the same transaction as every registration, status
+        change, removal and added domain, and by :meth:`publish`. One tiny read: servers poll it
+        and re-read the active experts only when it moved."""
+        return self.store.catalog_generation()
+
+    def active_snapshot(self) -> tuple[int, list[ExpertRecord]]:
+        """``(generation, active experts)``: the experts as they were at that generation or later
+        (the generation is read first), so a reader that asked for at least ``generation`` has it."""
+        generation = self.store.catalog_generation()
+        return generation, self.list(status="active")
+
+    def publish(self, action: str, subject: str, details: dict[str, Any], actor: str = "cli") -> int:
+        """Bump the catalog generation for a change made outside the registry that servers must
+        pick up (a new router version), with its audit entry, in one transaction; returns the
+        new generation."""
+        with self.store.transaction():
+            generation = self.store.bump_catalog_generation()
+            append_entry(self.store, action, subject, {**details, "catalog_generation": generation}, actor)
+        return generation
+
     def _transition(self, name: str, version: str | None, target: str, who: Principal,
                     details: dict[str, Any]) -> ExpertRecord:
         with self.store.transaction():

@@ -5,6 +5,11 @@ database can replace SQLite on a cluster. :class:`SQLiteStore` is the default: o
 mode, one connection per :class:`~registry.Registry`, writes in ``BEGIN IMMEDIATE`` transactions
 (one writer at a time, queued on an ``flock`` of ``registry.db.lock``; ``busy_timeout`` covers
 writers that do not take it), so concurrent processes lose nothing. Every write method must run inside :meth:`RegistryStore.transaction`.
+
+The **catalog generation** is one integer that every change to the experts or the domains bumps
+in the same transaction (:meth:`RegistryStore.bump_catalog_generation`): a server's replicas poll
+it with one tiny query and re-read the active experts only when it moved, and a replica that
+is told a newer generation than its own knows its snapshot is behind.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 
 from registry.errors import MoseError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def utc_now() -> str:
@@ -110,13 +115,26 @@ class RegistryStore(ABC):
         """Experts ordered by name, then registration time."""
 
     @abstractmethod
-    def insert_expert(self, expert: StoredExpert, files: list[StoredFile]) -> None: ...
+    def insert_expert(self, expert: StoredExpert, files: list[StoredFile]) -> None:
+        """Add an expert (and bump the catalog generation, in the same transaction)."""
 
     @abstractmethod
-    def set_status(self, name: str, version: str, status: str, updated_at: str) -> None: ...
+    def set_status(self, name: str, version: str, status: str, updated_at: str) -> None:
+        """Change an expert's status (and bump the catalog generation, in the same transaction)."""
 
     @abstractmethod
-    def delete_expert(self, name: str, version: str) -> None: ...
+    def delete_expert(self, name: str, version: str) -> None:
+        """Delete an expert's record (and bump the catalog generation, in the same transaction)."""
+
+    @abstractmethod
+    def catalog_generation(self) -> int:
+        """The catalog generation: 0 for a new registry, then one more for every change to the
+        experts (registration, status, removal) or the domains, and for every publication
+        (:meth:`bump_catalog_generation`). Never decreases; one tiny read."""
+
+    @abstractmethod
+    def bump_catalog_generation(self) -> int:
+        """Add one to the catalog generation (inside :meth:`transaction`); returns the new value."""
 
     @abstractmethod
     def expert_files(self, name: str, version: str) -> list[StoredFile]: ...
@@ -140,7 +158,8 @@ class RegistryStore(ABC):
         """Added domains ``(name, parent)`` in the order they were added."""
 
     @abstractmethod
-    def insert_domain(self, name: str, parent: str | None, created_at: str) -> None: ...
+    def insert_domain(self, name: str, parent: str | None, created_at: str) -> None:
+        """Add a domain (and bump the catalog generation, in the same transaction)."""
 
     @abstractmethod
     def domain_count(self) -> int:
@@ -242,6 +261,11 @@ CREATE TABLE IF NOT EXISTS teams (
     rotated_at TEXT,
     revoked_at TEXT
 );
+CREATE TABLE IF NOT EXISTS catalog (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO catalog (id, generation) VALUES (1, 0);
 """
 
 
@@ -353,16 +377,26 @@ class SQLiteStore(RegistryStore):
             "INSERT INTO expert_files (name, version, relpath, sha256, size) VALUES (?, ?, ?, ?, ?)",
             [(expert.name, expert.version, f.relpath, f.sha256, f.size) for f in files],
         )
+        self.bump_catalog_generation()
 
     def set_status(self, name: str, version: str, status: str, updated_at: str) -> None:
         self._write(
             "UPDATE experts SET status = ?, updated_at = ? WHERE name = ? AND version = ?",
             (status, updated_at, name, version),
         )
+        self.bump_catalog_generation()
 
     def delete_expert(self, name: str, version: str) -> None:
         self._write("DELETE FROM expert_files WHERE name = ? AND version = ?", (name, version))
         self._write("DELETE FROM experts WHERE name = ? AND version = ?", (name, version))
+        self.bump_catalog_generation()
+
+    def catalog_generation(self) -> int:
+        return self._read("SELECT generation FROM catalog WHERE id = 1")[0][0]
+
+    def bump_catalog_generation(self) -> int:
+        self._write("UPDATE catalog SET generation = generation + 1 WHERE id = 1")
+        return self.catalog_generation()
 
     def expert_files(self, name: str, version: str) -> list[StoredFile]:
         rows = self._read(
@@ -398,6 +432,7 @@ class SQLiteStore(RegistryStore):
 
     def insert_domain(self, name: str, parent: str | None, created_at: str) -> None:
         self._write("INSERT INTO domains (name, parent, created_at) VALUES (?, ?, ?)", (name, parent, created_at))
+        self.bump_catalog_generation()
 
     def domain_count(self) -> int:
         return self._read("SELECT count(*) FROM domains")[0][0]

@@ -30,8 +30,9 @@ from registry.store import (
     AuditRow, RegistryStore, ReputationRow, StoredExpert, StoredFile, StoredTeam, utc_now,
 )
 
-SCHEMA_VERSION = 1
-"""Version of the Postgres schema below (independent of the SQLite file's ``user_version``)."""
+SCHEMA_VERSION = 2
+"""Version of the Postgres schema below (independent of the SQLite file's ``user_version``);
+2 added the catalog generation, which every writer must bump (an older mose would not)."""
 
 WRITE_LOCK = (0x6D6F7365, 0)
 """Advisory lock ``(class, key)`` every registry write transaction takes first ('mose', 0)."""
@@ -121,6 +122,11 @@ CREATE TABLE IF NOT EXISTS blob_chunks (
     data BYTEA NOT NULL,
     PRIMARY KEY (sha256, idx)
 );
+CREATE TABLE IF NOT EXISTS catalog (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    generation BIGINT NOT NULL
+);
+INSERT INTO catalog (id, generation) VALUES (1, 0) ON CONFLICT (id) DO NOTHING;
 """
 
 _EXPERT_COLUMNS = "name, version, kind, base_model, status, manifest_json, created_at, updated_at"
@@ -183,6 +189,8 @@ class PostgresStore(RegistryStore, SharedBlobs):
             elif row[0] > SCHEMA_VERSION:
                 raise MoseError(f"the registry database {redact_url(self.url)} has schema {row[0]}, newer "
                                 f"than this mose understands ({SCHEMA_VERSION}): upgrade mose")
+            elif row[0] < SCHEMA_VERSION:  # the tables above were added: an older mose now refuses it
+                self._conn.execute("UPDATE mose_schema SET version = %s WHERE id = 1", (SCHEMA_VERSION,))
 
     @contextmanager
     def _locked_transaction(self, lock: tuple[int, Any], lock_sql: str = "%s::int4") -> Iterator[None]:
@@ -271,14 +279,24 @@ class PostgresStore(RegistryStore, SharedBlobs):
                 "INSERT INTO expert_files (name, version, relpath, sha256, size) VALUES (%s, %s, %s, %s, %s)",
                 [(expert.name, expert.version, f.relpath, f.sha256, f.size) for f in files],
             )
+        self.bump_catalog_generation()
 
     def set_status(self, name: str, version: str, status: str, updated_at: str) -> None:
         self._write("UPDATE experts SET status = %s, updated_at = %s WHERE name = %s AND version = %s",
                     (status, updated_at, name, version))
+        self.bump_catalog_generation()
 
     def delete_expert(self, name: str, version: str) -> None:
         self._write("DELETE FROM expert_files WHERE name = %s AND version = %s", (name, version))
         self._write("DELETE FROM experts WHERE name = %s AND version = %s", (name, version))
+        self.bump_catalog_generation()
+
+    def catalog_generation(self) -> int:
+        return self._read("SELECT generation FROM catalog WHERE id = 1")[0][0]
+
+    def bump_catalog_generation(self) -> int:
+        return self._write("UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation"
+                           ).fetchone()[0]
 
     def expert_files(self, name: str, version: str) -> list[StoredFile]:
         rows = self._read('SELECT relpath, sha256, size FROM expert_files WHERE name = %s AND version = %s'
@@ -309,6 +327,7 @@ class PostgresStore(RegistryStore, SharedBlobs):
 
     def insert_domain(self, name: str, parent: str | None, created_at: str) -> None:
         self._write("INSERT INTO domains (name, parent, created_at) VALUES (%s, %s, %s)", (name, parent, created_at))
+        self.bump_catalog_generation()
 
     def domain_count(self) -> int:
         return self._read("SELECT count(*) FROM domains")[0][0]

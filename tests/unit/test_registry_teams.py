@@ -312,7 +312,7 @@ def test_a_store_made_before_teams_gets_the_table(mose_home):
         reg.create_team(TEAM_A)
         assert [t.name for t in reg.teams()] == [TEAM_A]
     with sqlite3.connect(mose_home.db_path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_registry_state_helper_sees_teams_unchanged(registry, teams):
