@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,14 +278,20 @@ def write_expert(out_dir: str | Path, name: str, domain: str, adapter: TrainedAd
     return path
 
 
-def register_expert(manifest_path: Path, home: MoseHome | None = None, actor: str = "finetune") -> str:
-    """Register the folder of ``manifest_path`` and activate it; return ``name@version``."""
+def register_expert(manifest_path: Path, home: MoseHome | None = None, actor: str = "finetune",
+                    activate: Callable[[Any, str, str, str], Any] | None = None) -> str:
+    """Register the folder of ``manifest_path`` and activate it; return ``name@version``.
+    ``activate(registry, name, version, actor)`` activates it (default: ``Registry.activate``; the
+    CLI passes ``serve.activation.activate``, which also teaches the router the expert's domain)."""
     from registry import Registry
 
     registry = Registry.open(home or MoseHome.from_env())
     try:
         record = registry.add(manifest_path, files_dir=manifest_path.parent, actor=actor)
-        record = registry.activate(record.name, record.version, actor=actor)
+        if activate is None:
+            registry.activate(record.name, record.version, actor=actor)
+        else:
+            activate(registry, record.name, record.version, actor)
         return f"{record.name}@{record.version}"
     finally:
         registry.close()
@@ -293,8 +300,9 @@ def register_expert(manifest_path: Path, home: MoseHome | None = None, actor: st
 def finetune(data: str | Path, domain: str, name: str, config: FinetuneConfig | None = None,
              out_dir: str | Path | None = None, home: MoseHome | None = None, register: bool = False,
              version: str = "0.1.0", owner: str = "local", license: str = "Apache-2.0",
-             progress: bool = True) -> FinetuneResult:
-    """Fine-tune a LoRA expert on ``data`` and write it (and optionally register + activate it)."""
+             progress: bool = True, activate: Callable[[Any, str, str, str], Any] | None = None) -> FinetuneResult:
+    """Fine-tune a LoRA expert on ``data`` and write it (and optionally register + activate it,
+    with ``activate`` as :func:`register_expert` takes it)."""
     import torch
 
     config = config or FinetuneConfig()
@@ -312,7 +320,7 @@ def finetune(data: str | Path, domain: str, name: str, config: FinetuneConfig | 
     manifest_path = write_expert(out, name, domain, adapter, pairs, metrics, config, version, owner, license)
     del peft_model, model
     torch.set_grad_enabled(True)
-    registered = register_expert(manifest_path, home) if register else None
+    registered = register_expert(manifest_path, home, activate=activate) if register else None
     return FinetuneResult(name=name, out_dir=out, manifest_path=manifest_path, heldout_loss=loss,
                           base_heldout_loss=base_loss, heldout_rows=len(heldout), train_rows=len(train),
                           steps=config.steps, train_seconds=adapter.seconds, registered=registered)

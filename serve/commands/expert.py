@@ -46,7 +46,9 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> None:
     show.add_argument("ref", metavar="NAME[@VERSION]", help="expert (default version: the highest)")
 
     for verb, func, text in (
-        ("activate", _activate, "make a version active (default: the highest); the previously active version is retired"),
+        ("activate", _activate, "make a version active (default: the highest); the previously active version is "
+         "retired, and the router learns the expert's domain if it did not know it (routable at once, also by a "
+         "running server)"),
         ("retire", _retire, "retire a version (default: the active one)"),
     ):
         cmd = _sub(sub, verb, func, text.split(";")[0], text[0].upper() + text[1:] + ".")
@@ -217,7 +219,18 @@ def _status_change(args: argparse.Namespace, change) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    return _status_change(args, lambda reg, name, version: reg.activate(name, version, actor=args.actor))
+    """Activate, teach the router the expert's domain if it does not know it, publish
+    (:func:`serve.activation.activate`, as every entry point does); exit 1 when the router step failed."""
+    import contextlib
+    import sys
+
+    from serve.activation import activate
+
+    with _open(args) as reg, contextlib.redirect_stdout(sys.stderr):  # the router update's progress
+        activation = activate(reg, *_ref(args.ref), actor=args.actor, progress=not args.json)
+    emit(args, {**_summary(activation.record), "router": activation.router_json(),
+                "catalog_generation": activation.catalog_generation}, activation.text())
+    return 1 if activation.router_error is not None else 0
 
 
 def _retire(args: argparse.Namespace) -> int:

@@ -3,12 +3,15 @@
 LoRA fine-tuning of the base model on a question/answer JSONL file (fields ``question`` and
 ``answer``), loss on the answer tokens only, seeded; prints the held-out loss of the adapter and
 of the base model on the same rows, writes a registrable expert folder, and with ``--register``
-registers and activates it.
+registers and activates it the way ``mose expert activate`` does (:mod:`serve.activation`: the
+router learns the expert's domain if it did not know it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import sys
 
 from serve.commands._common import add_common_flags, emit, home_of
 
@@ -43,11 +46,23 @@ _CONFIG_FLAGS = {"steps": "steps", "rank": "rank", "batch_size": "batch_size", "
 def run(args: argparse.Namespace) -> int:
     from experts.finetune import FinetuneConfig, finetune
     from experts.types import validate
+    from serve.activation import activate
 
     overrides = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None}
     config = validate(FinetuneConfig, overrides, "fine-tune options")
+    activations = []
+
+    def activate_and_teach(registry, name: str, version: str, actor: str) -> None:
+        # The one activation every entry point uses: the router learns the domain, a running server loads it.
+        with contextlib.redirect_stdout(sys.stderr):  # the router update's progress
+            activations.append(activate(registry, name, version, actor, progress=not args.json))
+
     result = finetune(args.data, args.domain, args.name, config, out_dir=args.out, home=home_of(args),
                       register=args.register, version=args.version, owner=args.owner, license=args.license,
-                      progress=not args.json)
-    emit(args, result.model_dump(mode="json"), result.text())
-    return 0
+                      progress=not args.json, activate=activate_and_teach)
+    payload, text = result.model_dump(mode="json"), result.text()
+    if activations:
+        payload["router"] = activations[0].router_json()
+        text += f"\n{activations[0].router_text()}"
+    emit(args, payload, text)
+    return 1 if activations and activations[0].router_error is not None else 0

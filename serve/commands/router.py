@@ -102,17 +102,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_update(args: argparse.Namespace) -> int:
-    from router_model.update import update_router
+    from router_model.artifact import current_dir
+    from serve.activation import teach_router
 
     home = home_of(args)
+    current_dir(home.router_dir)  # no router yet: its error says how to train one
     with contextlib.redirect_stdout(sys.stderr):
-        result = update_router(home, open_registry(home))
+        # Steps 2 and 3 of an activation: learn the new domains, publish (a running server loads it).
+        result = teach_router(home, open_registry(home))
     text = (
         f"router {result.version}: added {', '.join(result.added_domains)} in {result.seconds} s"
         if result.added_domains
         else f"router {result.version} already covers every active expert's domain"
     )
-    emit(args, result.model_dump(), text)
+    emit(args, result.as_json(), text)
     return 0
 
 

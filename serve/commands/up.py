@@ -100,17 +100,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ensure_router(home, registry, data_dir: Path) -> str:
-    """Train the router when there is none; otherwise teach it newly activated experts' domains."""
+    """Train the router when there is none; otherwise teach it newly activated experts' domains
+    and publish, as every activation does (:func:`serve.activation.teach_router`)."""
     from registry.errors import MoseError
-    from router_model.artifact import current_dir, read_metadata
+    from router_model.artifact import current_dir
     from router_model.service import train_and_publish
-    from router_model.update import update_router
+    from serve.activation import teach_router
 
     try:
         current_dir(home.router_dir)
     except MoseError:
         return train_and_publish(home, [data_dir / "routing_dev.jsonl"], registry).name
-    return update_router(home, registry).version or read_metadata(current_dir(home.router_dir)).version
+    return teach_router(home, registry, actor="mose-up", progress=True).version
 
 
 def _ensure_calibrator(home, data_dir: Path) -> str:

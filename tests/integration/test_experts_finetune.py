@@ -23,11 +23,12 @@ def math_subset(shared_data, tmp_path):
     return path
 
 
-def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset, tmp_path):
+def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset, router_home_copy, tmp_path):
+    """--register activates the way `mose expert activate` does: here the router knows math already."""
     from registry import Registry
     from registry.home import MoseHome
 
-    home = tmp_path / "home"
+    home = router_home_copy.root
     cmd = [str(REPO / ".venv/bin/mose"), "expert", "finetune", "--data", str(math_subset), "--domain", "math",
            "--name", "tiny-math", "--steps", "6", "--heldout", "6", "--max-tokens", "48", "--lr", "0.002",
            "--register", "--json", "--home", str(home)]
@@ -36,6 +37,7 @@ def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset
     result = json.loads(out.stdout)
     assert result["heldout_loss"] < result["base_heldout_loss"], result
     assert result["registered"] == "tiny-math@0.1.0" and result["heldout_rows"] == 6
+    assert result["router"]["version"] == "v0001" and result["router"]["added_domains"] == []
     out_dir = Path(result["out_dir"])
     assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                          "manifest.yaml"]
