@@ -50,6 +50,9 @@ class RouteDecision(BaseModel):
     minimum (text unlike the training data): the fallback answers."""
     support: float = 1.0
     """Best cosine similarity of the query's embedding to a domain centroid."""
+    catalog_generation: int | None = Field(default=None, exclude=True)
+    """The registry's catalog generation the expert was chosen at (None without a registry): a
+    server serves the decision from a snapshot at least this new. Not part of the JSON."""
 
 
 class BaseRouter(ABC):
@@ -70,29 +73,40 @@ class ExpertDirectory:
     A domain is served by the active experts that list it; among several, the most recently
     activated wins (reputation can refine this later). A domain with none falls back along
     ``taxonomy.chain(domain)`` to the nearest ancestor that has one, then to ``fallback``.
-    The mapping is re-read from the registry at most every ``refresh_s`` seconds.
+    The registry's catalog generation is polled at most every ``refresh_s`` seconds (one tiny
+    query) and the mapping re-read only when it moved; :attr:`generation` is the one it was
+    read at.
     """
 
     def __init__(self, registry=None, fallback: str = "base", refresh_s: float = 2.0) -> None:
         self.registry = registry
         self.fallback = fallback
         self.refresh_s = refresh_s
+        self.generation: int | None = None
+        """Catalog generation of the mapping (None before the first read, or without a registry)."""
         self._owners: dict[str, str] = {}
         self._chains: dict[str, list[str]] = {}
-        self._loaded_at = float("-inf")
+        self._polled_at = float("-inf")
 
-    def _refresh(self) -> None:
-        if self.registry is None or time.monotonic() - self._loaded_at < self.refresh_s:
-            return
+    def refresh(self, force: bool = False) -> int | None:
+        """Re-read the mapping if the catalog generation moved (polled at most every ``refresh_s``
+        seconds unless ``force``); returns the generation of the mapping."""
+        if self.registry is None or (not force and time.monotonic() - self._polled_at < self.refresh_s):
+            return self.generation
+        self._polled_at = time.monotonic()
+        if self.registry.catalog_generation() == self.generation:
+            return self.generation
+        generation, records = self.registry.active_snapshot()
         owners: dict[str, tuple[str, str]] = {}
-        for record in self.registry.list(status="active"):
+        for record in records:
             stamp = str(record.updated_at)
             for domain in record.domains:
                 if domain not in owners or stamp > owners[domain][0]:
                     owners[domain] = (stamp, record.name)
         self._owners = {domain: name for domain, (_, name) in owners.items()}
         self._chains = {}
-        self._loaded_at = time.monotonic()
+        self.generation = generation
+        return generation
 
     def chain(self, domain: str) -> list[str]:
         if domain not in self._chains:
@@ -101,7 +115,7 @@ class ExpertDirectory:
         return self._chains[domain]
 
     def expert_for(self, domain: str) -> str:
-        self._refresh()
+        self.refresh()
         for candidate in self.chain(domain):
             if candidate in self._owners:
                 return self._owners[candidate]
@@ -223,10 +237,12 @@ class OnnxRouter(BaseRouter):
             if not isinstance(query, str) or not query.strip():
                 raise MoseError("the router needs a non-empty text query")
         probs, support = self.scores(queries)
+        self.experts.refresh()
         return [self.decide(row, float(s)) for row, s in zip(probs, support)]
 
     def decide(self, probs: np.ndarray, support: float = 1.0) -> RouteDecision:
-        """Turn one probability row into a decision (top-k, expert mapping, abstention)."""
+        """Turn one probability row into a decision (top-k, expert mapping, abstention), tagged
+        with the catalog generation of the expert mapping it used."""
         k = min(self.config.top_k, len(self.labels))
         best = np.argsort(-probs, kind="stable")[:k]
         top = [
@@ -241,6 +257,7 @@ class OnnxRouter(BaseRouter):
             top_k=top,
             abstained=abstained,
             support=support,
+            catalog_generation=self.experts.generation,
         )
 
 

@@ -515,8 +515,7 @@ class _Handlers:
                             abstained=decision.abstained, alternatives=alternatives)
         if model in (BASE_EXPERT,):
             return MoseInfo(expert=model)
-        known = {e["name"] for e in await self.backend.experts()}
-        if model not in known:
+        if not await self.backend.has_expert(model):
             raise ApiError(404, f"unknown model {model!r}: use 'auto', one of the active experts "
                            f"(GET /v1/models lists them) or 'upstream:<name>'", param="model")
         return MoseInfo(expert=model)

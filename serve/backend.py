@@ -49,6 +49,11 @@ class Backend(ABC):
     async def experts(self) -> list[dict[str, Any]]:
         """The active experts: name, version, domains, owner, kind."""
 
+    async def has_expert(self, name: str) -> bool:
+        """Whether ``name`` is an active expert; a backend that caches the list looks again
+        before it says no (an expert activated a moment ago is known)."""
+        return any(expert["name"] == name for expert in await self.experts())
+
     @abstractmethod
     async def authenticate_team(self, token: str) -> str:
         """The name of the team this token belongs to; ``registry.errors.AccessDeniedError`` for an
@@ -62,7 +67,8 @@ class Backend(ABC):
     @abstractmethod
     async def set_status(self, name: str, action: str, actor: Principal, reason: str | None = None) -> dict[str, Any]:
         """``activate``, ``retire`` or ``quarantine`` (with ``reason``) an expert as ``actor``; an
-        activated expert becomes routable at once."""
+        activated expert becomes routable at once (:func:`serve.activation.activate`: the router
+        learns its domain if it did not know it)."""
 
     @abstractmethod
     async def health(self) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from registry.stores import node_home
 from registry.teams import Principal
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
+from serve.catalog_sync import CATALOG_POLL_S, CatalogFollower
 from serve.config import ServeConfig
 from serve.metrics import IngressMetrics
 from serve.upstream import UpstreamClient
@@ -42,7 +43,8 @@ from serve.upstream import UpstreamClient
 logger = logging.getLogger("mose.serve")
 
 REGISTRY_REFRESH_S = 2.0
-"""How often replicas re-read the registry's active experts (activation needs no restart)."""
+"""How often the cross-check replica looks for a new calibrator version. The active experts are
+followed by catalog generation instead (:mod:`serve.catalog_sync`)."""
 
 HANDLE_RETRY_DELAY_S = 0.5
 """Pause before the one retry of a call whose replica died under it (Ray Serve is replacing it)."""
@@ -64,6 +66,13 @@ def _open_registry(home_root: str):
 class RouterDeployment:
     """The router: ONNX Runtime session, reloaded when a new router version is published.
 
+    Every :data:`~serve.catalog_sync.CATALOG_POLL_S` seconds while it routes, it polls the
+    registry's catalog generation (re-reading its expert mapping when it moved) and the router
+    pointer. A new version is loaded in a worker thread while the old one keeps routing. Router
+    training never runs here (ONNX Runtime only): activations teach the router where they run
+    (:mod:`serve.activation`). Each decision carries the catalog generation of the mapping that
+    chose its expert.
+
     A missing or corrupted router artifact does not stop the server: every query then goes to
     the fallback (the base model) and ``status`` reports why.
     """
@@ -71,58 +80,71 @@ class RouterDeployment:
     def __init__(self, home_root: str) -> None:
         self.home = MoseHome.from_env(home_root)
         self.registry = _open_registry(home_root)
-        self._loaded_pointer: str | None = None
-        self._checked_at = 0.0
-        self.error: str | None = None
-        self._load()
+        self._polled_at = float("-inf")
+        self._generation = -1
+        self._reloading: asyncio.Task | None = None
+        self._install(self._load())
 
     def _pointer(self) -> str | None:
         pointer = self.home.router_dir / "current"
         return pointer.read_text().strip() if pointer.is_file() else None
 
-    def _load(self) -> None:
+    def _load(self) -> tuple[Any, str | None, str | None]:
+        """(router, the pointer it was loaded from, error); blocking."""
         from router_model.runtime import FallbackRouter, load_router
 
-        self._loaded_pointer = self._pointer()
+        pointer = self._pointer()
         try:
             # One ONNX Runtime thread: routing one query takes ~2 ms, and a second thread would
             # spin-wait between queries on the cores the expert pool decodes on.
-            self.router = load_router(self.home, self.registry, strict=True, threads=1)
-            self.error = None
+            return load_router(self.home, self.registry, strict=True, threads=1), pointer, None
         except MoseError as exc:
             logger.warning("router unavailable, answering with the fallback: %s", exc)
-            self.router, self.error = FallbackRouter(), str(exc)
+            return FallbackRouter(), pointer, str(exc)
 
-    def _maybe_reload(self) -> None:
-        now = time.monotonic()
-        if now - self._checked_at < REGISTRY_REFRESH_S:
+    def _install(self, loaded: tuple[Any, str | None, str | None]) -> None:
+        self.router, self._loaded_pointer, self.error = loaded
+
+    def _follow(self) -> None:
+        """Poll the catalog generation and the router pointer (at most every CATALOG_POLL_S)."""
+        if time.monotonic() - self._polled_at < CATALOG_POLL_S:
             return
-        self._checked_at = now
-        if self._pointer() != self._loaded_pointer:
-            self._load()
+        self._polled_at = time.monotonic()
+        generation = self.registry.catalog_generation()
+        if generation != self._generation:
+            self._generation = generation
+            experts = getattr(self.router, "experts", None)
+            if experts is not None:
+                experts.refresh(force=True)
+        if self._reloading is None and self._pointer() != self._loaded_pointer:
+            self._reloading = asyncio.get_running_loop().create_task(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            self._install(await asyncio.to_thread(self._load))
+        finally:
+            self._reloading = None
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002)
     async def route(self, queries: list[str]) -> list[RouteDecision]:
-        self._maybe_reload()
+        self._follow()
         return self.router.route_batch(queries)
 
-    def refresh(self) -> dict[str, Any]:
-        """Teach the router the domains of newly activated experts (no encoder retraining)."""
-        from router_model.update import update_router
-
-        if self.error is None:
-            try:
-                update_router(self.home, self.registry, progress=False)
-            except MoseError as exc:
-                logger.info("router update skipped: %s", exc)
-        self._load()
+    async def sync(self) -> dict[str, Any]:
+        """Catch up now (the ingress calls it after an activation published a router version):
+        the expert mapping at the registry's generation, and the current router version loaded."""
+        self._polled_at = float("-inf")
+        self._follow()
+        if (reloading := self._reloading) is not None:
+            await asyncio.shield(reloading)
         return self.status()
 
     def status(self) -> dict[str, Any]:
         version = getattr(self.router, "version", None)
         provider = getattr(self.router, "provider", None)
+        experts = getattr(self.router, "experts", None)
         return {"version": version, "provider": provider, "fallback_only": self.error is not None,
-                "error": self.error}
+                "error": self.error, "catalog_generation": getattr(experts, "generation", None)}
 
 
 class Coalescer:
@@ -206,41 +228,43 @@ class ExpertPoolDeployment:
                             policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=self.home)
         logger.info("expert pool for %s on %s in %s", base_model, self.pool.device, self.pool.dtype)
-        self._sync_lock = threading.Lock()
-        self._synced_at = float("-inf")
         self.load_errors: dict[str, str] = {}
         self._refused: dict[str, tuple[str, Any]] = {}
+        self.catalog = CatalogFollower(self.registry, self._reload_experts)
         self.sync_experts(force=True)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.coalescer = Coalescer(self._generate_isolated, max_batch_size)
 
     def sync_experts(self, force: bool = False) -> list[str]:
-        """Load newly active experts and unload retired or quarantined ones; returns the loaded names."""
-        with self._sync_lock:
-            if not force and time.monotonic() - self._synced_at < REGISTRY_REFRESH_S:
-                return sorted(self.pool.experts())
-            self._synced_at = time.monotonic()
-            # Full-weight experts are the FullExperts deployment's (multiplexed, loaded on demand).
-            wanted = {r.name: r for r in self.registry.list(status="active")
-                      if r.kind == "lora" and r.base_model == self.pool.config.base_model}
-            loaded = self.pool.experts()
-            for name in [n for n, kind in loaded.items() if kind != "base" and n not in wanted]:
-                self.pool.remove(name)
-            for name, record in wanted.items():
-                # A refused expert is tried again only once it changed (re-activated or a new
-                # version), so an operator's fix needs no restart and a bad file is not re-read.
-                if name in loaded or self._refused.get(name) == (record.ref, record.updated_at):
-                    continue
-                try:
-                    self.pool.add_registered(self.registry, record)
-                    self.load_errors.pop(name, None)
-                    self._refused.pop(name, None)
-                except MoseError as exc:  # tampered or unloadable: refused (and quarantined), rest serves
-                    logger.error("expert %s refused: %s", name, exc)
-                    self.load_errors[name] = str(exc)
-                    self._refused[name] = (record.ref, record.updated_at)
-            return sorted(self.pool.experts())
+        """Blocking (call it from a thread): bring the loaded experts to the registry's catalog
+        generation (re-read only when it moved, or ``force``); returns the loaded names."""
+        self.catalog.sync_now(force=force)
+        return sorted(self.pool.experts())
+
+    def _reload_experts(self) -> int:
+        """Load newly active experts and unload retired or quarantined ones; returns the catalog
+        generation the active experts were read at."""
+        generation, records = self.registry.active_snapshot()
+        # Full-weight experts are the FullExperts deployment's (multiplexed, loaded on demand).
+        wanted = {r.name: r for r in records if r.kind == "lora" and r.base_model == self.pool.config.base_model}
+        loaded = self.pool.experts()
+        for name in [n for n, kind in loaded.items() if kind != "base" and n not in wanted]:
+            self.pool.remove(name)
+        for name, record in wanted.items():
+            # A refused expert is tried again only once it changed (re-activated or a new
+            # version), so an operator's fix needs no restart and a bad file is not re-read.
+            if name in loaded or self._refused.get(name) == (record.ref, record.updated_at):
+                continue
+            try:
+                self.pool.add_registered(self.registry, record)
+                self.load_errors.pop(name, None)
+                self._refused.pop(name, None)
+            except MoseError as exc:  # tampered or unloadable: refused (and quarantined), rest serves
+                logger.error("expert %s refused: %s", name, exc)
+                self.load_errors[name] = str(exc)
+                self._refused[name] = (record.ref, record.updated_at)
+        return generation
 
     # Ray closes a batch every batch_wait_timeout_s whether or not the pool is free, so under
     # load it would queue many small batches; several may be in flight and the coalescer merges
@@ -248,7 +272,6 @@ class ExpertPoolDeployment:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=8)
     async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
         """Requests gathered by Ray Serve; decoded together with any other batch waiting."""
-        self.sync_experts()
         return await self.coalescer.submit(requests)
 
     def _generate_isolated(self, requests: list[GenerationRequest]) -> list[Any]:
@@ -266,15 +289,17 @@ class ExpertPoolDeployment:
                 outcomes.append(exc)
         return outcomes
 
-    async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
+    async def generate(self, request: GenerationRequest, generation: int | None = None) -> tuple[GenerationResult, int]:
+        """One completion; ``generation``: the caller's catalog generation, caught up to first."""
+        await self.catalog.sync(generation)
         outcome = await self.generate_batch(request)
         if isinstance(outcome, Exception):
             raise outcome
         return outcome
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def stream(self, request: GenerationRequest, generation: int | None = None) -> AsyncIterator[str]:
         """Text pieces of one completion; the blocking decoder runs in a thread."""
-        self.sync_experts()
+        await self.catalog.sync(generation)
         async for piece in _stream_in_thread(self.pool.stream, request):
             yield piece
 
@@ -282,12 +307,13 @@ class ExpertPoolDeployment:
                     state_layer: int | None = None) -> list[Any]:
         """Likelihood evidence of each expert about one answer (one batched pass); ``state_layer``:
         with the base model's answer state, for the jury's truthfulness probe."""
-        self.sync_experts()
+        await self.catalog.sync()
         return await asyncio.to_thread(self.pool.score, question, answer, experts, adapt_question, state_layer)
 
-    def experts(self) -> list[str]:
+    async def experts(self) -> list[str]:
         """Names this replica can serve ('base' included)."""
-        return self.sync_experts()
+        await self.catalog.sync()
+        return sorted(self.pool.experts())
 
     def status(self) -> dict[str, Any]:
         import ray
@@ -297,7 +323,7 @@ class ExpertPoolDeployment:
                 "node_id": context.get_node_id(), "device": self.pool.device,
                 # the GPUs Ray gave this replica (a fraction of one, with num_gpus < 1)
                 "gpu_ids": context.get_accelerator_ids().get("GPU", []),
-                "refused": self.load_errors}
+                "refused": self.load_errors, "catalog_generation": self.catalog.generation}
 
 
 class _LoadedFullExpert:
@@ -501,7 +527,8 @@ class Ingress(Backend):
         self.upstream = UpstreamClient(config.upstreams)
         self.metrics = IngressMetrics()
         self._catalogue: Any = None
-        self._experts_cache: tuple[float, list[dict[str, Any]]] = (float("-inf"), [])
+        self._cards: list[dict[str, Any]] = []
+        self.catalog = CatalogFollower(self.registry, self._reload_cards)
         if config.auth.admin_mode == "insecure":
             logger.warning("INSECURE: admin endpoints are open without a token (auth.insecure_local)")
 
@@ -512,6 +539,9 @@ class Ingress(Backend):
 
     async def route(self, query: str) -> RouteDecision:
         decision = await _call(self.router.route, query)
+        # The router may have read a newer catalog than this replica: catch up, so the pool is
+        # asked (at this replica's generation) for an expert it has loaded.
+        await self.catalog.sync(decision.catalog_generation)
         self.metrics.observe_decision(decision.expert, decision.domain, decision.confidence, decision.abstained)
         return decision
 
@@ -529,24 +559,35 @@ class Ingress(Backend):
             return self.full_experts.options(multiplexed_model_id=expert)
         return self.pool
 
+    def _at_generation(self, handle: Any, request: GenerationRequest) -> tuple[Any, ...]:
+        """The call's arguments: the pool also gets this replica's catalog generation, and catches
+        up to it before it answers (full experts are looked up in the registry when loaded)."""
+        return (request, self.catalog.generation) if handle is self.pool else (request,)
+
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
         handle = await self._serving(request.expert)
-        return await _call(handle.generate, request)
+        return await _call(handle.generate, *self._at_generation(handle, request))
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         handle = await self._serving(request.expert)
-        async for piece in handle.options(stream=True).stream.remote(request):
+        async for piece in handle.options(stream=True).stream.remote(*self._at_generation(handle, request)):
             yield piece
 
+    def _reload_cards(self) -> int:
+        generation, records = self.registry.active_snapshot()
+        self._cards = [{"name": r.name, "version": r.version, "kind": r.kind, "domains": r.domains,
+                        "owner": r.manifest.owner, "description": r.manifest.description} for r in records]
+        return generation
+
     async def experts(self) -> list[dict[str, Any]]:
-        stamp, cached = self._experts_cache
-        if time.monotonic() - stamp < REGISTRY_REFRESH_S:
-            return cached
-        records = await asyncio.to_thread(self.registry.list, "active")
-        cards = [{"name": r.name, "version": r.version, "kind": r.kind, "domains": r.domains,
-                  "owner": r.manifest.owner, "description": r.manifest.description} for r in records]
-        self._experts_cache = (time.monotonic(), cards)
-        return cards
+        await self.catalog.sync()
+        return self._cards
+
+    async def has_expert(self, name: str) -> bool:
+        if any(card["name"] == name for card in await self.experts()):
+            return True
+        await self.catalog.sync(fresh=True)  # activated since the last poll?
+        return any(card["name"] == name for card in self._cards)
 
     async def authenticate_team(self, token: str) -> str:
         return (await asyncio.to_thread(self.registry.authenticate_team, token)).name
@@ -556,11 +597,20 @@ class Ingress(Backend):
         return _record_json(record)
 
     async def set_status(self, name: str, action: str, actor: Principal, reason: str | None = None) -> dict[str, Any]:
-        record = await asyncio.to_thread(_change_status, self.registry, name, action, actor, reason)
-        self._experts_cache = (float("-inf"), [])
-        if action == "activate":
-            await self.router.refresh.remote()
-        return _record_json(record)
+        if action != "activate":
+            record = await asyncio.to_thread(_change_status, self.registry, name, action, actor, reason)
+            await self.catalog.sync(fresh=True)
+            return _record_json(record)
+        from serve.activation import activate
+
+        # Activate, teach the router (torch, in a worker thread of this replica: never in the
+        # Router replica), publish; then this replica's router loads the new version before the
+        # answer (the others at their next poll).
+        activation = await asyncio.to_thread(activate, self.registry, name, None, actor)
+        if activation.router is not None and activation.router.catalog_generation is not None:
+            await _call(self.router.sync)
+        await self.catalog.sync(fresh=True)
+        return _record_json(activation.record) | {"router": activation.router_json()}
 
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
         return await _call(self.checker.crosscheck, question, answer, k, own_answers)
@@ -586,9 +636,8 @@ def _record_json(record: Any) -> dict[str, Any]:
 
 
 def _change_status(registry: Any, name: str, action: str, actor: str | Principal, reason: str | None):
-    """``activate``, ``retire`` or ``quarantine`` the expert (the registry checks what ``actor`` may do)."""
-    if action == "activate":
-        return registry.activate(name, None, actor)
+    """``retire`` or ``quarantine`` the expert (the registry checks what ``actor`` may do);
+    activation is :func:`serve.activation.activate`."""
     if action == "retire":
         return registry.retire(name, None, actor)
     if action == "quarantine":

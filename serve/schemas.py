@@ -270,6 +270,23 @@ class ModelList(_Strict):
     data: list[ModelCard]
 
 
+class RouterUpdateOut(_Strict):
+    """The router step of an activation (:mod:`serve.activation`)."""
+
+    version: str | None = None
+    """The live router version afterwards."""
+    previous: str | None = None
+    """The version the update started from."""
+    added_domains: list[str] = Field(default_factory=list)
+    """Domains the router learned (empty: it already routed the expert's domain)."""
+    example_queries: int = 0
+    """Example queries the new head rows were fitted on."""
+    seconds: float = 0.0
+    """Wall time of the update."""
+    error: str | None = None
+    """Why the router could not be updated (the expert is active all the same)."""
+
+
 class ExpertRecordOut(_Strict):
     """A registered expert, as the admin endpoints return it."""
 
@@ -279,6 +296,8 @@ class ExpertRecordOut(_Strict):
     kind: str
     domains: list[str]
     base_model: str | None = None
+    router: RouterUpdateOut | None = None
+    """After an activation: what the router learned (None for other actions, or with no router yet)."""
 
 
 class Health(BaseModel):
