@@ -140,10 +140,12 @@ class DeploymentConfig(_Section):
 
 class PoolSettings(_Section):
     max_batch_size: int = Field(8, ge=1)
-    """Most requests the expert pool answers in one forward pass."""
+    """Most requests the expert pool decodes together (per model); more wait for a free slot, and a
+    request leaves the batch as soon as it is done."""
 
     batch_wait_timeout_s: float = Field(0.02, ge=0)
-    """How long the pool waits to fill a batch before running a partial one."""
+    """How long an idle pool waits after a first request for others to share its prefill pass;
+    requests that arrive while a batch runs join it at the next decoding step without waiting."""
 
     max_full_experts_per_replica: int = Field(2, ge=1)
     """Full-weight experts one ``full_experts`` replica keeps loaded; the least recently used is

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath
@@ -147,73 +146,35 @@ class RouterDeployment:
                 "error": self.error, "catalog_generation": getattr(experts, "generation", None)}
 
 
-class Coalescer:
-    """Runs a blocking batch function on one thread at a time, merging every batch that waited.
-
-    ``submit(items)`` returns that call's share of the results (an item may come back as an
-    exception instance, which the caller raises). Each pass takes up to ``max_items`` items.
-    """
-
-    def __init__(self, run: Any, max_items: int) -> None:
-        self.run, self.max_items = run, max_items
-        self.waiting: list[tuple[list[Any], asyncio.Future]] = []
-        self.busy = False
-
-    async def submit(self, items: list[Any]) -> list[Any]:
-        future = asyncio.get_running_loop().create_future()
-        self.waiting.append((items, future))
-        if not self.busy:
-            self.busy = True
-            asyncio.get_running_loop().create_task(self._drain())
-        return await future
-
-    async def _drain(self) -> None:
-        try:
-            while self.waiting:
-                taken = [self.waiting.pop(0)]
-                while self.waiting and sum(len(i) for i, _ in taken) + len(self.waiting[0][0]) <= self.max_items:
-                    taken.append(self.waiting.pop(0))
-                merged = [item for items, _ in taken for item in items]
-                try:
-                    results = await asyncio.to_thread(self.run, merged)
-                except Exception as exc:  # every caller of this pass gets the error
-                    for _, future in taken:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                start = 0
-                for items, future in taken:
-                    if not future.done():
-                        future.set_result(results[start:start + len(items)])
-                    start += len(items)
-        finally:
-            self.busy = False
+async def _complete(pool: Any, request: GenerationRequest) -> tuple[GenerationResult, int]:
+    """One completion from the pool's engine loop, and the most requests it was decoded with in one
+    step. The event loop is not blocked while it decodes; if this call is cancelled (its client went
+    away), so is the request's row."""
+    handle = pool.submit(request)
+    try:
+        result = await handle.wait()
+    finally:
+        handle.cancel()  # nothing to stop once it finished
+    return result, handle.batch_size
 
 
-async def _stream_in_thread(produce_pieces: Any, request: GenerationRequest) -> AsyncIterator[str]:
-    """Run a blocking generator of text pieces in a thread and yield its pieces as they come."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for piece in produce_pieces(request):
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-        except Exception as exc:  # delivered to the consumer below
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := await queue.get()) is not done:
-        if isinstance(item, Exception):
-            raise item
-        yield item
+async def _stream(pool: Any, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+    """Text pieces of one completion as the engine loop decodes them (in the same steps as every
+    other request), then its GenerationResult. When the client goes away Ray Serve cancels this
+    generator, which cancels the row: its decoding stops at the loop's next step."""
+    handle = pool.stream(request)
+    try:
+        async for piece in handle:
+            yield piece
+        yield handle.result()
+    finally:
+        handle.cancel()
 
 
 class ExpertPoolDeployment:
-    """One base model and its experts; concurrent requests are decoded together."""
+    """One base model and its experts. The pool's engine loop decodes every request in shared steps
+    (continuous batching: a request joins the running batch at the next step); loading or
+    unloading an expert waits for one decoding step at most."""
 
     def __init__(self, home_root: str, base_model: str, max_batch_size: int, batch_wait_timeout_s: float,
                  max_new_tokens: int, torch_threads: int, cpu_dtype: str | None = None) -> None:
@@ -225,16 +186,13 @@ class ExpertPoolDeployment:
         self.home = node_home(home_root)  # this node's own cache when the registry is a database
         self.registry = _open_registry(str(self.home.root))
         config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size,
-                            policy=_device_policy(cpu_dtype))
+                            batch_wait_s=batch_wait_timeout_s, policy=_device_policy(cpu_dtype))
         self.pool = ExpertPool(config, home=self.home)
         logger.info("expert pool for %s on %s in %s", base_model, self.pool.device, self.pool.dtype)
         self.load_errors: dict[str, str] = {}
         self._refused: dict[str, tuple[str, Any]] = {}
         self.catalog = CatalogFollower(self.registry, self._reload_experts)
         self.sync_experts(force=True)
-        self.generate_batch.set_max_batch_size(max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.coalescer = Coalescer(self._generate_isolated, max_batch_size)
 
     def sync_experts(self, force: bool = False) -> list[str]:
         """Blocking (call it from a thread): bring the loaded experts to the registry's catalog
@@ -266,42 +224,17 @@ class ExpertPoolDeployment:
                 self._refused[name] = (record.ref, record.updated_at)
         return generation
 
-    # Ray closes a batch every batch_wait_timeout_s whether or not the pool is free, so under
-    # load it would queue many small batches; several may be in flight and the coalescer merges
-    # whatever waits into one forward pass each time the pool frees up.
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=8)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Requests gathered by Ray Serve; decoded together with any other batch waiting."""
-        return await self.coalescer.submit(requests)
-
-    def _generate_isolated(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Decode together; if that fails, one by one, so a bad request only fails itself."""
-        try:
-            return [(result, len(requests)) for result in self.pool.generate(requests)]
-        except MoseError:
-            if len(requests) == 1:
-                raise
-        outcomes: list[Any] = []
-        for request in requests:
-            try:
-                outcomes.append((self.pool.generate([request])[0], 1))
-            except MoseError as exc:
-                outcomes.append(exc)
-        return outcomes
-
     async def generate(self, request: GenerationRequest, generation: int | None = None) -> tuple[GenerationResult, int]:
         """One completion; ``generation``: the caller's catalog generation, caught up to first."""
         await self.catalog.sync(generation)
-        outcome = await self.generate_batch(request)
-        if isinstance(outcome, Exception):
-            raise outcome
-        return outcome
+        return await _complete(self.pool, request)
 
-    async def stream(self, request: GenerationRequest, generation: int | None = None) -> AsyncIterator[str]:
-        """Text pieces of one completion; the blocking decoder runs in a thread."""
+    async def stream(self, request: GenerationRequest,
+                     generation: int | None = None) -> AsyncIterator[str | GenerationResult]:
+        """Text pieces of one completion as they are decoded, then its GenerationResult."""
         await self.catalog.sync(generation)
-        async for piece in _stream_in_thread(self.pool.stream, request):
-            yield piece
+        async for item in _stream(self.pool, request):
+            yield item
 
     async def score(self, question: str, answer: str, experts: list[str], adapt_question: bool = True,
                     state_layer: int | None = None) -> list[Any]:
@@ -323,7 +256,8 @@ class ExpertPoolDeployment:
                 "node_id": context.get_node_id(), "device": self.pool.device,
                 # the GPUs Ray gave this replica (a fraction of one, with num_gpus < 1)
                 "gpu_ids": context.get_accelerator_ids().get("GPU", []),
-                "refused": self.load_errors, "catalog_generation": self.catalog.generation}
+                "refused": self.load_errors, "catalog_generation": self.catalog.generation,
+                "engine": self.pool.engine.stats()}
 
 
 class _LoadedFullExpert:
@@ -380,24 +314,19 @@ class FullExpertDeployment:
         await self.load_expert(name)
         return name
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[Any]:
-        """Requests for one expert (Ray splits batches by model id), decoded together."""
-        await self._expert()
-        results = await asyncio.to_thread(self.pool.generate, requests)
-        return [(result, len(requests)) for result in results]
-
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
-        return await self.generate_batch(request)
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        """One completion; requests for the same expert decode in shared steps (engine loop)."""
         await self._expert()
-        async for piece in _stream_in_thread(self.pool.stream, request):
-            yield piece
+        return await _complete(self.pool, request)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        await self._expert()
+        async for item in _stream(self.pool, request):
+            yield item
 
     def status(self) -> dict[str, Any]:
         return {"loaded": [n for n, kind in self.pool.experts().items() if kind == "full"],
-                "refused": self.load_errors}
+                "refused": self.load_errors, "engine": self.pool.engine.stats()}
 
 
 def full_expert_deployment(max_models_per_replica: int) -> type:
@@ -568,10 +497,17 @@ class Ingress(Backend):
         handle = await self._serving(request.expert)
         return await _call(handle.generate, *self._at_generation(handle, request))
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
         handle = await self._serving(request.expert)
-        async for piece in handle.options(stream=True).stream.remote(*self._at_generation(handle, request)):
-            yield piece
+        responses = handle.options(stream=True).stream.remote(*self._at_generation(handle, request))
+        finished = False
+        try:
+            async for item in responses:
+                yield item
+            finished = True
+        finally:
+            if not finished:  # the client went away (or the stream failed): stop the replica's generator
+                responses.cancel()
 
     def _reload_cards(self) -> int:
         generation, records = self.registry.active_snapshot()

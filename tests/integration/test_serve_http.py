@@ -56,19 +56,66 @@ def test_official_openai_client_works_unchanged(served):
     assert completion.choices[0].text is not None
 
 
+def _sse_events(response) -> list:
+    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    return [e if e == "[DONE]" else json.loads(e) for e in events]
+
+
 def test_streaming_is_server_sent_events_ending_with_done(served):
-    with served.client() as client, client.stream(
-        "POST", "/v1/chat/completions",
-        json={"model": "auto", "stream": True, "max_tokens": 6,
-              "messages": [{"role": "user", "content": "What causes asthma?"}]},
-    ) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    body = {"model": "auto", "max_tokens": 6, "messages": [{"role": "user", "content": "What causes asthma?"}]}
+    with served.client() as client:
+        whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = _sse_events(response)
     assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
+    chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
-    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    # the same completion as without streaming, finish reason included
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole["message"]["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
+
+
+@pytest.mark.parametrize("extra, reason", [({"max_tokens": 2}, "length"),
+                                           ({"max_tokens": 40, "stop": ["Paris"]}, "stop")])
+@pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
+def test_finish_reason_is_what_happened_streamed_or_not(served, endpoint, extra, reason):
+    question = "What is the capital of France?"
+    body = {"model": "base", "temperature": 0, **extra}
+    body |= {"messages": [{"role": "user", "content": question}]} if endpoint == "chat/completions" else {"prompt": question}
+    with served.client() as client:
+        whole = client.post(f"/v1/{endpoint}", json=body).json()
+        with client.stream("POST", f"/v1/{endpoint}", json={**body, "stream": True}) as response:
+            events = _sse_events(response)
+    assert whole["choices"][0]["finish_reason"] == reason
+    assert events[-2]["choices"][0]["finish_reason"] == reason and events[-1] == "[DONE]"
+
+
+def test_a_client_that_disconnects_mid_stream_stops_its_decoding(served):
+    """The stream is cut after a few chunks; the pool's engine cancels the row instead of decoding
+    it to max_tokens (counted in decoded tokens, not time)."""
+    import time
+
+    body = {"model": "med-expert", "max_tokens": 256, "temperature": 1.5, "seed": 11,
+            "messages": [{"role": "user", "content": "Tell me everything about the history of medicine."}]}
+    with served.client() as client:
+        whole = client.post("/v1/chat/completions", json=body).json()
+        assert whole["choices"][0]["finish_reason"] == "length", "this request must run to its limit"
+        before = client.get("/healthz").json()["expert_pool"]["engine"]
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+            lines = response.iter_lines()
+            assert sum(1 for line, _ in zip(lines, range(8)) if line.startswith("data: ")) >= 3
+        # leaving the block closed the connection; wait (bounded) until the pool has nothing running
+        deadline = time.monotonic() + 120
+        while True:
+            after = client.get("/healthz").json()["expert_pool"]["engine"]
+            if after["running"] == 0 and after["waiting"] == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    assert after["finished"]["cancelled"] == before["finished"]["cancelled"] + 1
+    assert after["finished"]["length"] == before["finished"]["length"]
+    assert after["tokens"] - before["tokens"] < 256
 
 
 def test_route_and_models_endpoints(served):
