@@ -572,8 +572,13 @@ def _record_json(record: Any) -> dict[str, Any]:
 
 
 def _change_status(registry: Any, name: str, action: str, actor: str | Principal, reason: str | None):
-    """``retire`` or ``quarantine`` the expert (the registry checks what ``actor`` may do);
-    activation is :func:`serve.activation.activate`."""
+    """``activate`` (:func:`serve.activation.activate`: the router learns the expert's domain if it
+    did not know it), ``retire`` or ``quarantine`` the expert (the registry checks what ``actor`` may
+    do); returns its record."""
+    if action == "activate":
+        from serve.activation import activate
+
+        return activate(registry, name, None, actor).record
     if action == "retire":
         return registry.retire(name, None, actor)
     if action == "quarantine":

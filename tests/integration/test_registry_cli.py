@@ -28,7 +28,9 @@ def test_register_activate_verify_end_to_end(mose_home, tmp_path):
     assert text[1].split() == ["demo-law", "1.0.0", "pending", "lora", "law", "test-team"]
 
     activated = run_mose("expert", "activate", "demo-law", home=home, check=True)
-    assert activated.stdout.strip() == "demo-law@1.0.0 is now active"
+    assert activated.stdout.splitlines() == [
+        "demo-law@1.0.0 is now active",
+        "  no router yet: `mose router train` (or `mose up`) trains one that knows every active expert"]
 
     shown = json.loads(run_mose("expert", "show", "demo-law@1.0.0", "--json", home=home, check=True).stdout)
     assert shown["status"] == "active"
