@@ -66,13 +66,16 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
     return out
 
 
-def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float, floor: float) -> float:
+def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float, floor: float,
+                     weight: np.ndarray | None = None) -> float:
     """Smallest threshold whose answered rows (confidence >= threshold) reach ``target``
-    precision, never below ``floor``; the most precise threshold when none reaches it."""
+    precision, never below ``floor``; the most precise threshold when none reaches it. ``weight``:
+    how much each row counts (default: all alike)."""
     order = np.argsort(-confidence, kind="stable")
     conf = confidence[order]
-    hits = np.cumsum(np.asarray(correct, dtype=np.float64)[order])
-    precision = hits / np.arange(1, len(conf) + 1)
+    weight = np.ones(len(conf)) if weight is None else np.asarray(weight, dtype=np.float64)[order]
+    hits = np.cumsum(weight * np.asarray(correct, dtype=np.float64)[order])
+    precision = hits / np.cumsum(weight)
     # Only cut between distinct confidences: rows tied with the cut are answered together.
     last_of_tie = np.r_[conf[1:] != conf[:-1], True]
     ok = np.flatnonzero((precision >= target) & last_of_tie)
