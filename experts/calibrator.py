@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts.probe import Probe, fit_probe, standardised_logistic
 from registry.artifacts import atomic_write
-from registry.errors import MoseError
+from registry.errors import MoseError, ServerError, UnavailableError
 from router_model.calibration import choose_threshold, expected_calibration_error
 
 EVIDENCE_FEATURES: tuple[str, ...] = (
@@ -570,16 +570,16 @@ def load_calibrator(directory: Path) -> Calibrator:
     """The current calibrator; a clear MoseError when there is none or it is damaged."""
     pointer = directory / CURRENT_FILE
     if not pointer.is_file():
-        raise MoseError(f"no cross-check calibrator in {directory}: train one with "
+        raise UnavailableError(f"no cross-check calibrator in {directory}: train one with "
                         "`mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl`")
     path = directory / f"{pointer.read_text().strip()}.json"
     try:
         payload = json.loads(path.read_text())
         probe_columns = [PROBE_FEATURE] if isinstance(payload, dict) and payload.get("probe") else []
         if isinstance(payload, dict) and payload.get("features") != list(FEATURES) + probe_columns:
-            raise MoseError(f"cross-check calibrator {path} was trained on other features (an older mose?): "
+            raise ServerError(f"cross-check calibrator {path} was trained on other features (an older mose?): "
                             "retrain it with `mose crosscheck train`")
         return Calibrator.model_validate(payload)
     except (OSError, ValueError) as exc:
-        raise MoseError(f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
+        raise ServerError(f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
                         "retrain with `mose crosscheck train`") from None

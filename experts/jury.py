@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts.calibrator import FEATURES, PROBE_FEATURE, Calibrator
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
-from registry.errors import MoseError
+from registry.errors import MoseError, ServerError
 from registry.service import Reputation
 
 Embedder = Callable[[Sequence[str]], np.ndarray]
@@ -324,7 +324,7 @@ class Jury:
         if probe is not None:
             state = next(j.answer_state for j in jurors if j.expert == BASE_EXPERT)
             if state is None:
-                raise MoseError(f"calibrator {self.calibrator.version} reads the base model's answer state at "
+                raise ServerError(f"calibrator {self.calibrator.version} reads the base model's answer state at "
                                 f"layer {probe.layer}, and the evidence has none: score with state_layer={probe.layer}")
             values[PROBE_FEATURE] = float(probe.logits(np.asarray(state))[0])
         return values
@@ -337,7 +337,7 @@ class Jury:
         model = model or self.calibrator
         fitted_with = calibrated_reading(self.calibrator)
         if fitted_with != self.adapters_read_question:
-            raise MoseError(f"calibrator {self.calibrator.version} was fitted on evidence with "
+            raise ServerError(f"calibrator {self.calibrator.version} was fitted on evidence with "
                             f"adapters_read_question={fitted_with}, but this jury scores "
                             f"with {self.adapters_read_question}: drop the setting or train a calibrator with it")
         return float(model.predict(np.array([[values[f] for f in model.features]]))[0])

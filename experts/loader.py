@@ -16,7 +16,7 @@ import json
 from pathlib import PurePosixPath
 from typing import Any
 
-from registry.errors import ArtifactError
+from registry.errors import ArtifactError, StoredArtifactError
 from registry.safety import find_remote_code_key
 
 LOADER_ACTOR = "expert-loader"
@@ -83,12 +83,12 @@ def read_verified(registry: Any, record: Any, actor: str = LOADER_ACTOR) -> Veri
             data = None
         if data is None:
             _quarantine(registry, record, actor, f"{relpath} is missing from the artifact store")
-            raise ArtifactError(f"{ref}: {relpath} is missing from the artifact store; the expert was "
+            raise StoredArtifactError(f"{ref}: {relpath} is missing from the artifact store; the expert was "
                                 "quarantined: register it again")
         got = hashlib.sha256(data).hexdigest()
         if got != want:
             _quarantine(registry, record, actor, f"{relpath}: sha256 {got} != manifest {want}")
-            raise ArtifactError(f"{ref}: {relpath} does not match its registered sha256 (file changed after "
+            raise StoredArtifactError(f"{ref}: {relpath} does not match its registered sha256 (file changed after "
                                 "registration: expected " f"{want[:12]}..., found {got[:12]}...); the expert was "
                                 "quarantined: register a new version with the correct files")
         _refuse_unsafe(ref, relpath, data)

@@ -27,7 +27,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from registry.artifacts import atomic_write
-from registry.errors import MoseError
+from registry.errors import MoseError, ServerError, UnavailableError
 from router_model.data import file_sha256
 
 CURRENT_FILE = "current"
@@ -126,14 +126,14 @@ def current_dir(router_dir: Path) -> Path:
     """The live version's directory; a clear error when there is none."""
     pointer = router_dir / CURRENT_FILE
     if not pointer.is_file():
-        raise MoseError(
+        raise UnavailableError(
             f"no router artifact in {router_dir}: train one with `mose router train --data "
             "../shared/data/routing_dev.jsonl` (the server answers with the fallback model meanwhile)"
         )
     version = pointer.read_text().strip()
     directory = router_dir / version
     if not VERSION_PATTERN.match(version) or not directory.is_dir():
-        raise MoseError(
+        raise ServerError(
             f"router pointer {pointer} names {version!r}, which is not a version in {router_dir}: "
             "retrain with `mose router train` or point it at an existing version"
         )
@@ -146,7 +146,7 @@ def read_metadata(directory: Path, verify: bool = True) -> RouterMetadata:
     try:
         metadata = RouterMetadata.model_validate_json(path.read_text())
     except FileNotFoundError:
-        raise MoseError(f"router artifact {directory} has no {METADATA_FILE}: retrain with `mose router train`") from None
+        raise ServerError(f"router artifact {directory} has no {METADATA_FILE}: retrain with `mose router train`") from None
     except ValueError as exc:
         raise MoseError(
             f"router artifact {directory}: {METADATA_FILE} is corrupted ({exc.__class__.__name__}): "
@@ -156,7 +156,7 @@ def read_metadata(directory: Path, verify: bool = True) -> RouterMetadata:
         for name, digest in metadata.files.items():
             file = directory / name
             if not file.is_file():
-                raise MoseError(f"router artifact {directory} is missing {name}: retrain with `mose router train`")
+                raise ServerError(f"router artifact {directory} is missing {name}: retrain with `mose router train`")
             if file_sha256(file) != digest:
                 raise MoseError(
                     f"router artifact {directory}: {name} does not match its recorded sha256 (corrupted "

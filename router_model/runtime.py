@@ -17,7 +17,7 @@ from types import MappingProxyType
 import numpy as np
 from pydantic import BaseModel, Field
 
-from registry.errors import MoseError
+from registry.errors import MoseError, ServerError
 from router_model.artifact import ONNX_FP32, RouterMetadata, current_dir, read_metadata
 from router_model.config import RouterConfig
 from router_model.tokens import length_sorted_batches, load_tokenizer, pad
@@ -171,7 +171,7 @@ def open_session(path: Path, providers: Sequence[str], threads: int = 0):
         ort.set_default_logger_severity(4 if len(providers) > 1 else 2)
         return ort.InferenceSession(str(path), options, providers=list(providers))
     except Exception as exc:  # onnxruntime raises its own exception types for bad graphs
-        raise MoseError(f"router graph {path} cannot be loaded ({exc}); retrain with `mose router train`") from None
+        raise ServerError(f"router graph {path} cannot be loaded ({exc}); retrain with `mose router train`") from None
     finally:
         ort.set_default_logger_severity(2)
 

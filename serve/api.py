@@ -26,7 +26,8 @@ from experts.decoding import GREEDY_BELOW_TEMPERATURE
 from experts.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams
 from experts.types import ChatMessage as PoolMessage
-from registry.errors import AccessDeniedError, ConflictError, MoseError, NotFoundError, StatusError
+from registry.errors import (AccessDeniedError, ConflictError, MoseError, NotFoundError, ServerError, StatusError,
+                             UnavailableError)
 from registry.teams import OPERATOR, Principal, looks_like_team_token
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
@@ -163,9 +164,14 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 
 def mose_error_status(exc: BaseException) -> int:
-    """HTTP status for a user-caused error raised anywhere behind the API."""
+    """HTTP status for a MoseError raised anywhere behind the API: 4xx for the client's error,
+    503 when something the request needs is not available, 500 for another fault of the server's."""
     if isinstance(exc, UpstreamError):
         return 502
+    if isinstance(exc, UnavailableError):
+        return 503
+    if isinstance(exc, ServerError):
+        return 500
     if isinstance(exc, NotFoundError):
         return 404
     if isinstance(exc, AccessDeniedError):
@@ -173,6 +179,12 @@ def mose_error_status(exc: BaseException) -> int:
     if isinstance(exc, (ConflictError, StatusError)):
         return 409
     return 400
+
+
+def _error_kind(status: int) -> str:
+    """The OpenAI-style ``error.type`` of a status."""
+    return {403: "permission_error", 502: "upstream_error", 503: "unavailable_error"}.get(
+        status, "server_error" if status >= 500 else "invalid_request_error")
 
 
 def find_mose_error(exc: BaseException) -> MoseError | None:
@@ -406,8 +418,9 @@ def _install_error_handlers(api: FastAPI) -> None:
         known = find_mose_error(exc)
         if known is not None:
             status = mose_error_status(known)
-            return error_response(status, str(known), kind="permission_error" if status == 403 else
-                                  "invalid_request_error")
+            if status >= 500:
+                logger.error("server fault: %s", known)
+            return error_response(status, str(known), kind=_error_kind(status))
         if _is_backpressure(exc):
             return error_response(503, "the expert pool is overloaded; retry shortly", kind="overloaded_error",
                                   headers={"Retry-After": "1"})
