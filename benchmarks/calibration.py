@@ -7,7 +7,7 @@
     .venv/bin/python benchmarks/calibration.py --train train.jsonl --heldout heldout.jsonl [--json FILE]
 
 No model runs: everything is fitted on the saved evidence (seconds to a minute per fit). Side by
-side in one run, for the default fit and each option of :class:`experts.calibrator.CalibratorConfig`
+side in one run, for the default fit and each option of :class:`jury.calibrator.CalibratorConfig`
 that targets calibration (Platt scaling, the fold-averaged probe):
 
 - nested cross-validation on the training rows alone: the whole fit (probe, candidate choice,
@@ -43,7 +43,7 @@ OPTIONS: dict[str, dict[str, bool]] = {
 
 def load(path: str, layer: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(features, labels, answer states) of saved evidence, features recomputed as `train` does."""
-    from experts.crosscheck import answer_states, matrix, saved_evidence
+    from jury.crosscheck import answer_states, matrix, saved_evidence
 
     evidence = [item for _, item in saved_evidence(path)]
     for item in evidence:
@@ -58,7 +58,7 @@ def predict(calibrator, x: np.ndarray, states: np.ndarray) -> np.ndarray:
 def figures(p: np.ndarray, labels: np.ndarray, threshold: np.ndarray | float) -> dict[str, float]:
     from sklearn.metrics import log_loss, roc_auc_score
 
-    from experts.crosscheck import ece_if_calibrated
+    from jury.crosscheck import ece_if_calibrated
     from router_model.calibration import expected_calibration_error
 
     flagged = p < threshold
@@ -71,7 +71,7 @@ def nested(x, labels, states, config, folds: int, seed: int) -> tuple[dict[str, 
     """The procedure's figures on the outer folds' rows, and each outer fit's Platt slope."""
     from sklearn.model_selection import StratifiedKFold
 
-    from experts.calibrator import fit_calibrator
+    from jury.calibrator import fit_calibrator
 
     p, threshold, slopes = np.zeros(len(labels)), np.zeros(len(labels)), []
     for train, val in StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, labels):
@@ -94,7 +94,7 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from experts.calibrator import CalibratorConfig, fit_calibrator
+    from jury.calibrator import CalibratorConfig, fit_calibrator
 
     x, labels, states = load(args.train, args.probe_layer)
     hx, hlabels, hstates = load(args.heldout, args.probe_layer)

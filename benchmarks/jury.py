@@ -57,7 +57,7 @@ BAD_JURORS = {"shuffled": "shuffled-juror", "shuffled-dev": "shuffled-dev-juror"
 def open_home_jury(home: str | None, registry_dir: Path | None = None, cpu_dtype: str | None = None):
     """The home's jury; with ``registry_dir``, reputations and verdicts go to a scratch registry;
     with ``cpu_dtype``, its pool runs in that precision on CPU (default: the policy's)."""
-    from experts.crosscheck import open_jury
+    from jury.crosscheck import open_jury
     from experts.policy import DevicePolicy
     from experts.pool import ExpertPool, PoolConfig
     from registry import Registry
@@ -75,7 +75,7 @@ def open_home_jury(home: str | None, registry_dir: Path | None = None, cpu_dtype
 
 
 def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: int):
-    from experts.crosscheck import load_rows, stratified_sample
+    from jury.crosscheck import load_rows, stratified_sample
 
     rows = [r for r in load_rows(DATA / "crosscheck_dev.jsonl")
             if r.is_test() == test and (sources is None or r.source in sources)]
@@ -95,7 +95,7 @@ CHUNKS = (1, 16, 48)  # items per call
 
 def speed(args: argparse.Namespace) -> None:
     from experts import policy
-    from experts.crosscheck import collect
+    from jury.crosscheck import collect
 
     if args.glibc_allocator:  # the baseline of policy.reuse_freed_memory, which acts process-wide
         policy.reuse_freed_memory = lambda: False
@@ -138,8 +138,8 @@ def speed(args: argparse.Namespace) -> None:
 def precision(args: argparse.Namespace) -> None:
     import torch
 
-    from experts.calibrator import EVIDENCE_FEATURES
-    from experts.crosscheck import calibrator_inputs, collect
+    from jury.calibrator import EVIDENCE_FEATURES
+    from jury.crosscheck import calibrator_inputs, collect
     from experts.policy import cpu_has_bf16_instructions
 
     base, bf16 = "float32 (MOSE_CPU_DTYPE=float32)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
@@ -201,7 +201,7 @@ def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -
 
 def bad_pairs(kind: str, seed: int, exclude: set[str]):
     """The bad juror's training pairs, drawn and ordered with ``seed``."""
-    from experts.crosscheck import load_rows
+    from jury.crosscheck import load_rows
     from experts.finetune import QAPair, load_pairs
 
     rng = random.Random(seed)
@@ -235,7 +235,7 @@ def panel(item, bad: str | None, weights: dict[str, float]):
 
 
 def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> dict[str, float]:
-    from experts.crosscheck import auroc
+    from jury.crosscheck import auroc
 
     p = np.array([jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, None))
                   for e in evidence])
@@ -254,7 +254,7 @@ def relative_weight(weights: dict[str, float], bad: str) -> float:
 
 
 def reputation(args: argparse.Namespace) -> None:
-    from experts.crosscheck import collect, save_evidence
+    from jury.crosscheck import collect, save_evidence
 
     with tempfile.TemporaryDirectory(prefix="mose-reputation-") as scratch:
         jury = open_home_jury(args.home, Path(scratch))

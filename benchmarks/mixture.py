@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
     from experts.sft_data import degenerate
     from registry import Registry
     from registry.home import MoseHome
-    from router_model.evaluate import MiniLMEmbedder
+    from router_model.embedder import MiniLMEmbedder
     from router_model.runtime import load_router
 
     started = time.perf_counter()

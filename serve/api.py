@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.decoding import GREEDY_BELOW_TEMPERATURE
-from experts.jury import Verdict
+from jury.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams
 from experts.types import ChatMessage as PoolMessage
 from registry.errors import (AccessDeniedError, ConflictError, MoseError, NotFoundError, ServerError, StatusError,

@@ -34,7 +34,7 @@ class Backend(ABC):
 
     @abstractmethod
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
-        """The jury's verdict (``experts.jury.Verdict``) on an answer; stored for feedback."""
+        """The jury's verdict (``jury.jury.Verdict``) on an answer; stored for feedback."""
 
     @abstractmethod
     async def feedback(self, verdict_id: str, correct: bool) -> dict[str, float]:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from experts.jury import JuryConfig
+from jury.jury import JuryConfig
 from registry.audit import AuditEntry
 from registry.service import ExpertRecord, Registry, split_ref, version_key
 from registry.store import StoredFile

@@ -349,8 +349,8 @@ class CrossCheckDeployment:
     """
 
     def __init__(self, home_root: str, router: Any, pool: Any) -> None:
-        from experts.jury import Jury
-        from router_model.evaluate import MiniLMEmbedder
+        from jury.jury import Jury
+        from router_model.embedder import MiniLMEmbedder
 
         self.home = MoseHome.from_env(home_root)
         self.registry = _open_registry(home_root)
@@ -360,7 +360,7 @@ class CrossCheckDeployment:
         self._checked_at = time.monotonic()
 
     def _load_calibrator(self):
-        from experts.calibrator import load_calibrator
+        from jury.calibrator import load_calibrator
 
         try:
             return load_calibrator(self.home.crosscheck_dir)
@@ -376,7 +376,7 @@ class CrossCheckDeployment:
                 self.jury.calibrator = current
 
     async def crosscheck(self, question: str, answer: str, k: int | None = None, own_answers: bool = False):
-        from experts.jury import select_jurors
+        from jury.jury import select_jurors
 
         self._maybe_reload()
         jury = self.jury

@@ -95,11 +95,11 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from experts.calibrator import CalibratorConfig, save_calibrator
-    from experts.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
+    from jury.calibrator import CalibratorConfig, save_calibrator
+    from jury.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
                                     stratified_sample, train, with_negatives)
-    from experts.negatives import NegativesConfig
-    from experts.jury import JuryConfig
+    from jury.negatives import NegativesConfig
+    from jury.jury import JuryConfig
     from experts.types import validate
 
     config = validate(CalibratorConfig, {"target_flag_precision": args.target_flag_precision, "seed": args.seed,
@@ -128,9 +128,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from experts.crosscheck import (dumps, evaluate, evaluation_evidence, load_evidence, load_rows, open_jury,
+    from jury.crosscheck import (dumps, evaluate, evaluation_evidence, load_evidence, load_rows, open_jury,
                                     save_evidence, stratified_sample, with_negatives)
-    from experts.negatives import NegativesConfig
+    from jury.negatives import NegativesConfig
 
     home = home_of(args)
     jury = open_jury(home, require_calibrator=True)
@@ -150,7 +150,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from experts.crosscheck import open_jury
+    from jury.crosscheck import open_jury
 
     jury = open_jury(home_of(args))
     verdict = jury.record(jury.crosscheck(args.question, args.answer, k=args.k, own_answers=args.own_answers))
@@ -165,7 +165,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_feedback(args: argparse.Namespace) -> int:
-    from experts.jury import Jury, JuryConfig
+    from jury.jury import Jury, JuryConfig
     from registry import Registry
 
     registry = Registry.open(home_of(args))

@@ -116,9 +116,9 @@ def _ensure_router(home, registry, data_dir: Path) -> str:
 
 def _ensure_calibrator(home, data_dir: Path) -> str:
     """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
-    from experts.calibrator import load_calibrator, save_calibrator
-    from experts.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
-    from experts.negatives import NegativesConfig
+    from jury.calibrator import CalibratorConfig, load_calibrator, save_calibrator
+    from jury.crosscheck import collect, load_rows, open_jury, save_evidence, stratified_sample, train, with_negatives
+    from jury.negatives import NegativesConfig
     from registry.errors import MoseError
 
     try:

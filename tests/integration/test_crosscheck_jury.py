@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from experts.jury import Jury, JuryConfig
+from jury.jury import Jury, JuryConfig
 from experts.types import BASE_EXPERT
 from registry import Registry
 from registry.errors import ConflictError, MoseError, NotFoundError
@@ -244,8 +244,8 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert stale.stdout == ""
     assert len(eval_evidence.read_text().splitlines()) == report["n"] + sum(v["n"] for v in constructed.values())
 
-    from experts.calibrator import load_calibrator
-    from experts.crosscheck import evaluate, load_rows
+    from jury.calibrator import load_calibrator
+    from jury.crosscheck import evaluate, load_rows
 
     calibrator = load_calibrator(jury_home.crosscheck_dir)
     trained = set(calibrator.trained_on["row_digests"])
@@ -257,7 +257,7 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
 
 
 def test_own_answers_fill_each_juror_and_the_agreement_evidence(jury):
-    from router_model.evaluate import MiniLMEmbedder
+    from router_model.embedder import MiniLMEmbedder
 
     jury.embedder = embedder = MiniLMEmbedder()
     try:
@@ -284,7 +284,7 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
     from sklearn.metrics import roc_auc_score
 
     from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
-    from experts.jury import features
+    from jury.jury import features
 
     pairs = load_pairs(shared_data / "sft" / "general_knowledge.jsonl")
     random.Random(0).shuffle(pairs)

@@ -23,10 +23,10 @@ def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
     """Demo experts for every vertical (a short budget), a router on every domain (head only, on the
     tests' routing subset), and a calibrator trained on a per-source sample of crosscheck_dev's
     train bucket with constructed negatives."""
-    from experts.calibrator import save_calibrator
-    from experts.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
+    from jury.calibrator import save_calibrator
+    from jury.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
     from experts.demo import DemoConfig, build_demo, profile_finetune
-    from experts.negatives import NegativesConfig
+    from jury.negatives import NegativesConfig
     from registry import Registry
     from registry.home import MoseHome
     from router_model.service import train_and_publish
@@ -47,7 +47,7 @@ def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
 def scored(sanity_home):
     from sanity import load_suite, score_suite
 
-    from experts.crosscheck import open_jury
+    from jury.crosscheck import open_jury
 
     jury = open_jury(sanity_home, require_calibrator=True)
     assert jury.calibrator.trained_on["negatives"]["swapped"] > 0

@@ -92,7 +92,7 @@ def test_readme_chat_examples_get_on_topic_answers(chat_pool):
     """Each README chat question, answered by its expert: not empty, not an echo, no loop, and about
     the question (MiniLM similarity to it above 0.3)."""
     from experts.sft_data import degenerate
-    from router_model.evaluate import MiniLMEmbedder
+    from router_model.embedder import MiniLMEmbedder
 
     answers = _answers(chat_pool, README_CHAT.items())
     embed = MiniLMEmbedder()

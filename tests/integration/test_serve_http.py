@@ -269,7 +269,7 @@ def test_a_calibrator_with_a_truthfulness_probe_gets_the_base_models_state_throu
 
     import numpy as np
 
-    from experts.calibrator import FEATURES, CalibratorConfig, fit_calibrator, save_calibrator
+    from jury.calibrator import FEATURES, CalibratorConfig, fit_calibrator, save_calibrator
     from registry.home import MoseHome
 
     rng = np.random.default_rng(0)

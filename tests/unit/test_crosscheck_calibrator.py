@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experts.calibrator import (
+from jury.calibrator import (
     FEATURES,
     CalibratorConfig,
     fit_calibrator,
@@ -82,7 +82,7 @@ def test_isotonic_candidate_increases_with_the_jury_pmi():
     increasing relation and stays flat on a decreasing one (it never turns it around)."""
     from sklearn.metrics import roc_auc_score
 
-    from experts.calibrator import fit_isotonic
+    from jury.calibrator import fit_isotonic
 
     x, labels = _evidence(1200, seed=8)
     test_x, test_labels = _evidence(600, seed=9)
@@ -105,7 +105,7 @@ def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_js
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
 
-    from experts.calibrator import MONOTONE_FEATURES, TREE_FEATURES, Calibrator, fit_boosted, fit_logistic
+    from jury.calibrator import MONOTONE_FEATURES, TREE_FEATURES, Calibrator, fit_boosted, fit_logistic
 
     def sign_flip(n, seed):
         rng = np.random.default_rng(seed)
@@ -138,7 +138,7 @@ def test_more_support_from_the_jurors_never_lowers_p_correct():
     """On rows where the jurors' PMI runs against correctness (fluent misconceptions in the labelled
     sets), the calibrator still may not turn more support into a lower P(correct): raising any of
     MONOTONE_FEATURES, its interactions moved with it, lowers P(correct) on no row."""
-    from experts.calibrator import MONOTONE_FEATURES, fit_boosted, is_monotone, raise_support
+    from jury.calibrator import MONOTONE_FEATURES, fit_boosted, is_monotone, raise_support
 
     x, labels = _evidence(1200, seed=12)
     x[:, FEATURES.index("jury_pmi")] = -x[:, FEATURES.index("jury_pmi")]  # support runs against correctness
@@ -153,15 +153,15 @@ def test_more_support_from_the_jurors_never_lowers_p_correct():
     boosted = fit_boosted(x, labels, CalibratorConfig(seed=0))
     assert is_monotone(boosted, test_x)
     # an unconstrained logistic fit on the same rows would use the PMI against correctness
-    from experts.calibrator import fit_logistic
+    from jury.calibrator import fit_logistic
 
     assert not is_monotone(fit_logistic(x, labels, 1.0), test_x)
 
 
 def _saved_evidence(tmp_path, experts=("demo-law", "base")):
     """Two rows of jury evidence written with save_evidence (values deliberately stale)."""
-    from experts.crosscheck import CheckRow, RowEvidence, save_evidence
-    from experts.jury import JurorEvidence
+    from jury.crosscheck import CheckRow, RowEvidence, save_evidence
+    from jury.jury import JurorEvidence
 
     rows = [CheckRow(question=f"Question {i}?", answer=f"Answer {i}.", label=i % 2, source="s", id=f"r{i}")
             for i in range(2)]
@@ -174,7 +174,7 @@ def _saved_evidence(tmp_path, experts=("demo-law", "base")):
 
 
 def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fit(tmp_path):
-    from experts.crosscheck import CheckRow, load_evidence
+    from jury.crosscheck import CheckRow, load_evidence
 
     rows, path = _saved_evidence(tmp_path)
     loaded = load_evidence([path], rows, {"demo-law", "base"})
@@ -197,7 +197,7 @@ def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fi
 def test_a_calibrator_scores_with_the_jurors_reading_its_evidence_was_collected_with():
     """Answer-only adapters give other evidence: a jury follows its calibrator, and refuses a
     calibrator fitted the other way when the setting is forced."""
-    from experts.jury import Jury, JuryConfig
+    from jury.jury import Jury, JuryConfig
 
     x, labels = _evidence(400, seed=5)
     answer_only = fit_calibrator(x, labels, CalibratorConfig(seed=0))
@@ -215,7 +215,7 @@ def test_a_calibrator_scores_with_the_jurors_reading_its_evidence_was_collected_
 
 
 def test_stratified_sample_keeps_each_sources_share_of_correct_answers():
-    from experts.crosscheck import CheckRow, stratified_sample
+    from jury.crosscheck import CheckRow, stratified_sample
 
     rows = [CheckRow(question=f"q{i}", answer="a", label=int(i % 3 != 0), source="two_thirds", id=f"t{i}")
             for i in range(300)]
@@ -231,7 +231,7 @@ def test_stratified_sample_keeps_each_sources_share_of_correct_answers():
 
 
 def test_ece_if_calibrated_separates_sampling_noise_from_miscalibration():
-    from experts.crosscheck import ece_if_calibrated
+    from jury.crosscheck import ece_if_calibrated
 
     rng = np.random.default_rng(12)
     p = rng.uniform(0.3, 0.8, 300)
@@ -245,8 +245,8 @@ def test_ece_if_calibrated_separates_sampling_noise_from_miscalibration():
 def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
     """A vote says whether the juror's evidence raises P(correct) above the base model's alone,
     so what every juror shares (here: the answer's length) cancels."""
-    from experts.calibrator import Calibrator
-    from experts.jury import JurorEvidence, Jury
+    from jury.calibrator import Calibrator
+    from jury.jury import JurorEvidence, Jury
 
     def calibrator(weights: dict[str, float], intercept: float) -> Calibrator:
         return Calibrator(method="logistic", mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
@@ -278,7 +278,7 @@ def test_a_truthfulness_probe_adds_what_the_jurors_miss_and_survives_json(tmp_pa
     predicts the same after reloading."""
     from sklearn.metrics import roc_auc_score
 
-    from experts.calibrator import PROBE_FEATURE
+    from jury.calibrator import PROBE_FEATURE
 
     rng = np.random.default_rng(0)
     labels, test_labels = rng.integers(0, 2, 800), rng.integers(0, 2, 400)
@@ -302,7 +302,7 @@ def test_a_truthfulness_probe_adds_what_the_jurors_miss_and_survives_json(tmp_pa
 
 
 def test_evidence_without_answer_states_cannot_train_a_probe(tmp_path):
-    from experts.crosscheck import answer_states, load_evidence
+    from jury.crosscheck import answer_states, load_evidence
 
     rows, path = _saved_evidence(tmp_path)
     evidence = load_evidence([path], rows, {"demo-law", "base"})
@@ -317,8 +317,8 @@ def test_evidence_without_answer_states_cannot_train_a_probe(tmp_path):
 
 
 def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_it():
-    from experts.calibrator import PROBE_FEATURE, Calibrator
-    from experts.jury import JurorEvidence, Jury
+    from jury.calibrator import PROBE_FEATURE, Calibrator
+    from jury.jury import JurorEvidence, Jury
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 200)
@@ -354,7 +354,7 @@ def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_pa
     them (slope < 1) and lowers the unseen rows' log loss; the scaling is saved with the calibrator."""
     from sklearn.metrics import log_loss
 
-    from experts.calibrator import MONOTONE_FEATURES
+    from jury.calibrator import MONOTONE_FEATURES
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2400, len(FEATURES)))
@@ -381,7 +381,7 @@ def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_pa
 def test_an_averaged_probe_reads_as_the_mean_of_its_fold_probes():
     """average_probes folds each probe's standardisation into raw-state weights: its logit is
     exactly the mean of theirs; fit_probe(average_folds=True) keeps the same out-of-fold logits."""
-    from experts.probe import _fit, average_probes, fit_probe
+    from jury.probe import _fit, average_probes, fit_probe
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)
@@ -424,7 +424,7 @@ def test_the_gate_flags_answers_moved_from_another_question_and_leaves_labelled_
     # by the constructed rows (which the candidate never learns from)
     assert abs(p[~test_constructed].mean() - test_labels[~test_constructed].mean()) < 0.1
     assert calibrator.metrics["constructed_rows"] == 200 and calibrator.metrics["gate_validation_auroc"] > 0.9
-    from experts.calibrator import MONOTONE_FEATURES, raise_support
+    from jury.calibrator import MONOTONE_FEATURES, raise_support
 
     for feature in MONOTONE_FEATURES:
         assert np.all(calibrator.predict(raise_support(test_x, FEATURES, feature, 1.0)) >= p - 1e-9), feature

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import random
 
-from experts.crosscheck import CheckRow, load_rows, negatives_mix, with_negatives
-from experts.negatives import CROSS_DOMAIN, NegativesConfig, constructed_negatives, is_constructed, perturb
+from jury.crosscheck import CheckRow, load_rows, negatives_mix, with_negatives
+from jury.negatives import CROSS_DOMAIN, NegativesConfig, constructed_negatives, is_constructed, perturb
 
 
 def _rows(shared_data):

@@ -80,7 +80,7 @@ def test_a_server_fault_is_a_5xx_and_a_client_error_a_4xx_with_its_message(error
 
 
 def test_a_missing_calibrator_on_crosscheck_is_503_and_says_how_to_fix_it(tmp_path):
-    from experts.calibrator import load_calibrator
+    from jury.calibrator import load_calibrator
 
     with pytest.raises(UnavailableError) as missing:
         load_calibrator(tmp_path / "crosscheck")

@@ -8,7 +8,7 @@ itself, and the candidate's place in the agreement graph (``networkx``; an edge 
 similarity passes a threshold) is one more piece of evidence. Jurors are weighted by reputation
 (Beta posteriors on how often their vote was right, on right and on wrong answers apart: a
 balanced accuracy), and a calibrator turns the weighted evidence into P(correct). A calibrator
-may also carry a truthfulness probe (:mod:`experts.probe`): a linear read-out of the base
+may also carry a truthfulness probe (:mod:`jury.probe`): a linear read-out of the base
 model's hidden states over the answer, taken from the same scoring pass.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.calibrator import FEATURES, PROBE_FEATURE, Calibrator
+from jury.calibrator import FEATURES, PROBE_FEATURE, Calibrator
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
 from registry.errors import MoseError, ServerError
 from registry.service import Reputation

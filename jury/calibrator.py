@@ -4,7 +4,7 @@ P(correct) = P(the answer belongs to the question) x P(correct | it does).
 
 The first factor is the relevance gate: a logistic regression with non-negative weights on the
 jurors' support (jury PMI and log-probability given the question), fitted on the labelled answers
-against answers constructed to be wrong (:mod:`experts.negatives`: moved from another question, or
+against answers constructed to be wrong (:mod:`jury.negatives`: moved from another question, or
 with a fact changed). The second is chosen among candidates fitted on the labelled rows only:
 logistic regression on the evidence features (standardised; several L2 strengths), shallow
 gradient-boosted trees on the evidence and format features, isotonic regression on the jury PMI,
@@ -26,7 +26,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from experts.probe import Probe, fit_probe, standardised_logistic
+from jury.probe import Probe, fit_probe, standardised_logistic
 from registry.artifacts import atomic_write
 from registry.errors import MoseError, ServerError, UnavailableError
 from router_model.calibration import choose_threshold, expected_calibration_error
@@ -58,11 +58,11 @@ FEATURES: tuple[str, ...] = (
     + tuple(f"{name}_x_long" for name in EVIDENCE_FEATURES)
     + tuple(f"{name}_x_log_answer_tokens" for name in EVIDENCE_FEATURES)
 )
-"""Columns the calibrator sees, in order (see :func:`experts.jury.features`); the interactions let
+"""Columns the calibrator sees, in order (see :func:`jury.jury.features`); the interactions let
 a linear model weigh evidence differently for short answers and long responses."""
 
 PROBE_FEATURE = "base_probe"
-"""The column a calibrator with a truthfulness probe (:mod:`experts.probe`) has after
+"""The column a calibrator with a truthfulness probe (:mod:`jury.probe`) has after
 :data:`FEATURES`: the probe's logit on the base model's answer state."""
 
 CURRENT_FILE = "current"
@@ -108,7 +108,7 @@ class CalibratorConfig(BaseModel):
 
     probe_layer: int | None = Field(20, ge=0)
     """Layer of the base model whose hidden states, averaged over the answer, the truthfulness
-    probe reads (:mod:`experts.probe`); None: no probe. On SmolLM2-135M layers 18-22 read best on
+    probe reads (:mod:`jury.probe`); None: no probe. On SmolLM2-135M layers 18-22 read best on
     the training rows' cross-validation; 20 is where the demo experts' adapters begin (the
     shared trunk's output: no layer runs for it)."""
 
@@ -176,7 +176,7 @@ class RelevanceGate(BaseModel):
     """P(the answer belongs to the question): a logistic regression on standardised support
     features with non-negative weights, fitted on labelled answers (which all answer their own
     question) against answers constructed to be wrong (moved from another question, or with a fact
-    changed; :mod:`experts.negatives`)."""
+    changed; :mod:`jury.negatives`)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -349,7 +349,7 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     ``x``: the :data:`FEATURES` columns. ``states`` (the base model's answer states at
     ``config.probe_layer``, one row each): a truthfulness probe is fitted first, and its
     out-of-fold logits join the features as :data:`PROBE_FEATURE`. ``constructed``: True for rows
-    made wrong on purpose (:mod:`experts.negatives`; their label is 0); the candidate never learns
+    made wrong on purpose (:mod:`jury.negatives`; their label is 0); the candidate never learns
     from them (they would teach it that every wrong answer looks like an answer to another
     question), the gate learns from them and the labelled rows.
     """

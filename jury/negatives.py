@@ -52,7 +52,7 @@ class NegativesConfig(BaseModel):
 
 
 def constructed_negatives(rows: Sequence, config: NegativesConfig | None = None) -> list:
-    """Wrong answers made from the correct rows of ``rows`` (``experts.crosscheck.CheckRow``)."""
+    """Wrong answers made from the correct rows of ``rows`` (``jury.crosscheck.CheckRow``)."""
     config = config or NegativesConfig()
     rng = random.Random(config.seed)
     correct = [r for r in rows if r.label == 1]
@@ -89,7 +89,7 @@ def entities(text: str) -> list:
 
 
 def _swaps(correct: Sequence, share: float, rng: random.Random, cross_domain: bool) -> list:
-    from experts.crosscheck import CheckRow
+    from jury.crosscheck import CheckRow
 
     by_source: dict[str, list] = defaultdict(list)
     by_source_domain: dict[tuple[str, str | None], list] = defaultdict(list)
@@ -126,7 +126,7 @@ def _other(pool: Sequence, row, rng: random.Random):
 
 
 def _perturbations(correct: Sequence, share: float, rng: random.Random) -> list:
-    from experts.crosscheck import CheckRow
+    from jury.crosscheck import CheckRow
 
     years = sorted({m.group(1) for r in correct for m in _YEAR.finditer(r.answer)})
     names = sorted({m.group(1) for r in correct for m in entities(r.answer)})

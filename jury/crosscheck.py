@@ -23,9 +23,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
-from experts.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
-from experts.jury import Jury, JurorEvidence, features
-from experts.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
+from jury.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
+from jury.jury import Jury, JurorEvidence, features
+from jury.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from experts.types import BASE_EXPERT
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
@@ -51,7 +51,7 @@ class CheckRow(BaseModel):
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     def origin(self) -> str:
-        """The digest of the labelled row this row was made from (:mod:`experts.negatives`), else its own."""
+        """The digest of the labelled row this row was made from (:mod:`jury.negatives`), else its own."""
         return origin_digest(self) or self.digest()
 
     def is_test(self) -> bool:
@@ -70,7 +70,7 @@ class RowEvidence(BaseModel):
     jury_size: int | None = None
     """The first ``jury_size`` jurors formed the jury; the rest observed (baselines). None: all."""
     adapters_read_question: bool = True
-    """How the jurors scored (:attr:`experts.jury.JuryConfig.adapters_read_question`)."""
+    """How the jurors scored (:attr:`jury.jury.JuryConfig.adapters_read_question`)."""
     state_layer: int | None = None
     """The base model's layer ``answer_state`` was read at (None: not kept)."""
     answer_state: list[float] | None = None
@@ -86,7 +86,7 @@ class RowEvidence(BaseModel):
 
 
 def with_negatives(rows: Sequence[CheckRow], config: NegativesConfig | None) -> list[CheckRow]:
-    """``rows`` and the wrong answers constructed from them (:mod:`experts.negatives`; none when
+    """``rows`` and the wrong answers constructed from them (:mod:`jury.negatives`; none when
     ``config`` is None). Pass training rows when training and evaluated rows when evaluating:
     nothing is ever made from rows on the other side."""
     return list(rows) + (constructed_negatives(rows, config) if config is not None else [])
@@ -484,7 +484,7 @@ def dumps(payload: dict[str, Any]) -> str:
 
 def open_jury(home: Any, config: Any = None, require_calibrator: bool = False, pool: Any = None) -> Jury:
     """A jury over the home's active experts, router and current calibrator (when there is one)."""
-    from experts.calibrator import load_calibrator
+    from jury.calibrator import load_calibrator
     from experts.pool import ExpertPool
     from registry import Registry
     from router_model.runtime import load_router
@@ -497,7 +497,7 @@ def open_jury(home: Any, config: Any = None, require_calibrator: bool = False, p
         if require_calibrator:
             raise
         calibrator = None
-    from router_model.evaluate import MiniLMEmbedder
+    from router_model.embedder import MiniLMEmbedder
 
     router = load_router(home, registry, strict=False)
     return Jury(pool, router, registry, calibrator, config, embedder=MiniLMEmbedder())
