@@ -25,6 +25,8 @@ class RowState:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    """With ``params.logprobs``: per generated token (token, log-prob, [(alternative, log-prob)])."""
 
     @property
     def done(self) -> bool:
@@ -88,8 +90,70 @@ def advance(row: RowState, logits: Any, tokenizer: Any, eos_ids: set[int]) -> in
     and the length limit; returns the token (fed to the next step unless the row is done)."""
     token = _sample(logits, row.params, row.generator)
     row.token_ids.append(token)
+    if row.params.logprobs is not None:
+        _record_logprobs(row, logits, token)
     _apply_stops(row, tokenizer, eos_ids)
+    del row.logprobs[len(row.token_ids):]  # end-of-turn was dropped from the tokens
     return token
+
+
+def _record_logprobs(row: RowState, logits: Any, token: int) -> None:
+    """The log-softmax (float32) of the logits the token was sampled from: the token's value and
+    the ``params.logprobs`` highest."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top: list[tuple[int, float]] = []
+    if row.params.logprobs:
+        values, indices = torch.topk(logprobs, row.params.logprobs)
+        top = list(zip(indices.tolist(), values.tolist()))
+    row.logprobs.append((token, float(logprobs[token]), top))
+
+
+def _byte_table() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte (GPT-2's table) -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[chr(byte)] = byte
+        else:
+            table[chr(256 + extra)] = byte
+            extra += 1
+    return table
+
+
+_BYTES: dict[str, int] | None = None
+
+
+def token_piece(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
+    """A token's text and its exact bytes (byte-level BPE tokens can hold part of a character)."""
+    global _BYTES
+    text = tokenizer.decode([token_id])
+    raw = tokenizer.convert_ids_to_tokens(token_id)
+    if _BYTES is None:
+        _BYTES = _byte_table()
+    if isinstance(raw, str) and raw and all(char in _BYTES for char in raw):
+        return text, [_BYTES[char] for char in raw]
+    return text, list(text.encode("utf-8"))
+
+
+def result_logprobs(row: RowState, tokenizer: Any) -> list[Any] | None:
+    """The row's recorded log-probabilities as :class:`~experts.types.TokenLogprob` entries
+    (None when the row did not ask for them)."""
+    from experts.types import TokenLogprob, TopLogprob
+
+    if row.params.logprobs is None:
+        return None
+    out = []
+    for token, logprob, top in row.logprobs:
+        text, raw = token_piece(tokenizer, token)
+        alternatives = []
+        for other, value in top:
+            other_text, other_raw = token_piece(tokenizer, other)
+            alternatives.append(TopLogprob(token=other_text, logprob=value, bytes=other_raw))
+        out.append(TokenLogprob(token=text, logprob=logprob, bytes=raw, top=alternatives))
+    return out
 
 
 def ready_text(row: RowState) -> str:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Iterator, Protocol, Sequence
 
 from experts.chat import forward_kwargs, left_pad
-from experts.decoding import RowState, advance, new_row, ready_text
+from experts.decoding import RowState, advance, new_row, ready_text, result_logprobs
 from experts.types import GenerationRequest, GenerationResult
 from registry.errors import MoseError
 
@@ -610,7 +610,8 @@ class EngineLoop:
             self._finished[row.state.finish_reason] += 1
             row.handle._finish(GenerationResult(
                 expert=row.request.expert, text=row.state.text, finish_reason=row.state.finish_reason,
-                prompt_tokens=len(row.admission.prompt), completion_tokens=len(row.state.token_ids)))
+                prompt_tokens=len(row.admission.prompt), completion_tokens=len(row.state.token_ids),
+                logprobs=result_logprobs(row.state, batch.tokenizer)))
         return token
 
     # ------------------------------------------------------------ ending rows

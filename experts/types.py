@@ -23,6 +23,9 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=8,
                             description="Strings that end the completion (not included in the text).")
     seed: int | None = Field(default=None, description="Seed for sampling; same seed, same completion.")
+    logprobs: int | None = Field(default=None, ge=0, le=20, description=(
+        "Record each generated token's log-probability and this many most likely alternatives "
+        "(None: record nothing)."))
 
     @field_validator("stop")
     @classmethod
@@ -51,6 +54,20 @@ class GenerationRequest(BaseModel):
     params: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters.")
 
 
+class TopLogprob(BaseModel):
+    """One candidate token at a position and its log-probability."""
+
+    token: str = Field(description="The token's text.")
+    logprob: float = Field(description="Natural-log probability under the model (float32 log-softmax of the logits).")
+    bytes: list[int] = Field(description="The token's UTF-8 bytes (a token can hold part of a character).")
+
+
+class TokenLogprob(TopLogprob):
+    """A generated token, its log-probability and the most likely alternatives at its position."""
+
+    top: list[TopLogprob] = Field(default_factory=list, description="Most likely tokens, most likely first.")
+
+
 class GenerationResult(BaseModel):
     """One completion."""
 
@@ -59,6 +76,8 @@ class GenerationResult(BaseModel):
     finish_reason: Literal["stop", "length"] = Field(description="'stop': end of turn or stop string.")
     prompt_tokens: int = Field(description="Tokens in the formatted prompt.")
     completion_tokens: int = Field(description="Tokens generated.")
+    logprobs: list[TokenLogprob] | None = Field(None, description=(
+        "With ``params.logprobs``: one entry per generated token (end-of-turn excluded)."))
 
 
 class ExpertScore(BaseModel):

@@ -7,13 +7,14 @@ with a 4xx status that says what was wrong; nothing a client sends may cause a 5
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Header, Request
@@ -24,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.decoding import GREEDY_BELOW_TEMPERATURE
 from jury.jury import Verdict
-from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams
+from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams, TokenLogprob
 from experts.types import ChatMessage as PoolMessage
 from registry.errors import (AccessDeniedError, ConflictError, MoseError, NotFoundError, ServerError, StatusError,
                              UnavailableError)
@@ -40,8 +41,12 @@ from serve.schemas import (
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChatLogprobs,
     ChatMessage,
+    ChatTokenLogprob,
+    ChatTopLogprob,
     Completion,
+    CompletionLogprobs,
     CompletionRequest,
     CrosscheckRequest,
     ErrorBody,
@@ -214,7 +219,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
             problems.append("request body must be a JSON object (send Content-Type: application/json)")
             continue
         where = ".".join(loc)
-        param = param or where or None
+        param = param or where or (err.get("ctx") or {}).get("field") or None
         problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
     return "; ".join(problems) or "invalid request", param
 
@@ -493,31 +498,53 @@ class _Handlers:
                         messages: list[PoolMessage]) -> Response:
         started = time.perf_counter()
         params = self._sampling(body)
+        self._check_options(body, params)
         if body.model.startswith(UPSTREAM_PREFIX):
             return await self._upstream(endpoint, body, routing_text, messages, params, started)
         info = await self._choose_expert(body.model, routing_text)
-        request = GenerationRequest(expert=info.expert, messages=messages, params=params)
+        # n choices: n rows; with a seed, choice i samples with seed + i (the first one as without n)
+        requests = [GenerationRequest(expert=info.expert, messages=messages, params=params.model_copy(
+            update={"seed": None if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63}))
+            for i in range(body.n)]
         headers = _mose_headers(info)
         if body.stream:
             def observe(status: int) -> None:  # once the stream ended: its whole duration, its outcome
                 self.metrics.observe_request(endpoint, info.expert, status, time.perf_counter() - started)
 
-            stream = _sse(endpoint, info, self.backend.stream(request), observe)
+            include_usage = body.stream_options is not None and body.stream_options.include_usage
+            sources = [self.backend.stream(request) for request in requests]
+            stream = _sse(endpoint, info, sources[0] if len(sources) == 1 else sources, observe, include_usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-        result, batch_size = await self.backend.generate(request)
-        self.metrics.batch_size.observe(batch_size)
-        usage = Usage(prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens,
-                      total_tokens=result.prompt_tokens + result.completion_tokens)
+        answers = await asyncio.gather(*(self.backend.generate(request) for request in requests))
+        for _, batch_size in answers:
+            self.metrics.batch_size.observe(batch_size)
+        results = [result for result, _ in answers]
+        usage = _usage(results)
         if endpoint == "chat":
             payload: BaseModel = ChatCompletion(
                 model=info.expert, usage=usage, mose=info,
-                choices=[ChatChoice(message=ChatMessage(role="assistant", content=result.text),
-                                    finish_reason=result.finish_reason)])
+                choices=[ChatChoice(index=i, message=ChatMessage(role="assistant", content=result.text),
+                                    finish_reason=result.finish_reason, logprobs=_chat_logprobs(result.logprobs))
+                         for i, result in enumerate(results)])
         else:
-            payload = Completion(model=info.expert, usage=usage, mose=info,
-                                 choices=[TextChoice(text=result.text, finish_reason=result.finish_reason)])
+            payload = Completion(model=info.expert, usage=usage, mose=info, choices=[
+                TextChoice(index=i, text=result.text, finish_reason=result.finish_reason,
+                           logprobs=_legacy_logprobs(result.logprobs)) for i, result in enumerate(results)])
         self.metrics.observe_request(endpoint, info.expert, 200, time.perf_counter() - started)
         return JSONResponse(payload.model_dump(mode="json"), headers=headers)
+
+    @staticmethod
+    def _check_options(body: SamplingFields, params: SamplingParams) -> None:
+        """Refuse combinations mose cannot answer, naming the field."""
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        if params.logprobs is not None and body.stream:
+            raise ApiError(400, "logprobs are not available when streaming; send stream: false",
+                           param="logprobs")
+        if body.model.startswith(UPSTREAM_PREFIX):
+            for name, value in (("n", body.n != 1), ("logprobs", params.logprobs is not None)):
+                if value:
+                    raise ApiError(400, f"{name} is not available for upstream models", param=name)
 
     async def _choose_expert(self, model: str, routing_text: str) -> MoseInfo:
         if model == AUTO:
@@ -582,6 +609,7 @@ class _Handlers:
                 top_p=body.top_p if body.top_p is not None else 1.0,
                 stop=body.stop_list(),
                 seed=body.seed,
+                logprobs=body.logprob_alternatives(),
             )
         except ValidationError as exc:  # the pool's own limits, should the request schema miss one
             raise ApiError(400, f"sampling parameters: {_describe_errors(exc.errors())}") from None
@@ -649,38 +677,126 @@ def _mose_headers(info: MoseInfo) -> dict[str, str]:
     return headers
 
 
-async def _sse(endpoint: str, info: MoseInfo, pieces: AsyncIterator[str | GenerationResult],
-               observe: Callable[[int], None]) -> AsyncIterator[bytes]:
-    """OpenAI server-sent events: a role chunk, one chunk per text piece, a finish chunk with the
-    completion's own finish reason (from the :class:`GenerationResult` that ends ``pieces``), [DONE].
+def _usage(results: Sequence[GenerationResult]) -> Usage:
+    """One request's usage: its prompt once, the tokens of every choice."""
+    prompt = results[0].prompt_tokens if results else 0
+    completion = sum(result.completion_tokens for result in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if entries is None:
+        return None
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(token=e.token, logprob=e.logprob, bytes=e.bytes,
+                         top_logprobs=[ChatTopLogprob(token=t.token, logprob=t.logprob, bytes=t.bytes) for t in e.top])
+        for e in entries])
+
+
+def _legacy_logprobs(entries: list[TokenLogprob] | None) -> CompletionLogprobs | None:
+    """The completions endpoint's format: parallel lists, alternatives as {token: logprob}, each token's
+    character offset in the text."""
+    if entries is None:
+        return None
+    offsets, at = [], 0
+    for entry in entries:
+        offsets.append(at)
+        at += len(entry.token)
+    return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
+                              top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+                              text_offset=offsets)
+
+
+async def _merged(sources: Sequence[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """(source index, item) from several streams as each produces it; an error in one ends all.
+    Closing this closes every source."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, source: AsyncIterator[Any]) -> None:
+        try:
+            async for item in source:
+                await queue.put((index, item, None))
+            await queue.put((index, done, None))
+        except Exception as exc:
+            await queue.put((index, done, exc))
+
+    tasks = [asyncio.ensure_future(pump(i, source)) for i, source in enumerate(sources)]
+    try:
+        left = len(tasks)
+        while left:
+            index, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                left -= 1
+                continue
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for source in sources:
+            close = getattr(source, "aclose", None)
+            if close is not None:
+                await close()
+
+
+async def _single(source: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
+    try:
+        async for item in source:
+            yield 0, item
+    finally:
+        close = getattr(source, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _sse(endpoint: str, info: MoseInfo,
+               pieces: AsyncIterator[str | GenerationResult] | Sequence[AsyncIterator[str | GenerationResult]],
+               observe: Callable[[int], None], include_usage: bool = False) -> AsyncIterator[bytes]:
+    """OpenAI server-sent events: per choice a role chunk, one chunk per text piece and a finish
+    chunk with the completion's own finish reason (from the :class:`GenerationResult` that ends its
+    stream); with ``include_usage``, a last chunk with no choices and the request's usage; [DONE].
+    ``pieces`` is one stream (one choice) or a list of them (choice ``i`` from stream ``i``).
 
     ``observe`` gets the request's status once the stream is over: 200, the status of an error
-    reported in-band, or :data:`CLIENT_CLOSED` when the client went away first; ``pieces`` is
-    closed then, which stops its decoding."""
+    reported in-band, or :data:`CLIENT_CLOSED` when the client went away first; the streams are
+    closed then, which stops their decoding."""
     chat = endpoint == "chat"
     ident = new_id("chatcmpl" if chat else "cmpl")
     created = int(time.time())
+    sources = list(pieces) if isinstance(pieces, (list, tuple)) else [pieces]
+    items = _single(sources[0]) if len(sources) == 1 else _merged(sources)
 
-    def chunk(delta: dict[str, Any] | str, finish: str | None) -> bytes:
+    def event(body: dict[str, Any]) -> bytes:
+        return f"data: {json.dumps(body)}\n\n".encode()
+
+    def chunk(index: int, delta: dict[str, Any] | str, finish: str | None) -> bytes:
         if chat:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "finish_reason": finish}
             body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": info.expert,
                     "choices": [choice], "mose": info.model_dump(mode="json")}
         else:
-            choice = {"index": 0, "text": delta, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": None}
             body = {"id": ident, "object": "text_completion", "created": created, "model": info.expert,
                     "choices": [choice], "mose": info.model_dump(mode="json")}
-        return f"data: {json.dumps(body)}\n\n".encode()
+        if include_usage:
+            body["usage"] = None
+        return event(body)
 
-    status, finish = CLIENT_CLOSED, "stop"
+    status = CLIENT_CLOSED
+    results: dict[int, GenerationResult] = {}
     try:
-        yield chunk({"role": "assistant", "content": ""} if chat else "", None)
+        for index in range(len(sources)):
+            yield chunk(index, {"role": "assistant", "content": ""} if chat else "", None)
         try:
-            async for piece in pieces:
+            async for index, piece in items:
                 if isinstance(piece, GenerationResult):
-                    finish = piece.finish_reason
+                    results[index] = piece
+                    yield chunk(index, {} if chat else "", piece.finish_reason)
                     continue
-                yield chunk({"content": piece} if chat else piece, None)
+                yield chunk(index, {"content": piece} if chat else piece, None)
         except Exception as exc:  # the stream has started: report in-band, as OpenAI does
             known = find_mose_error(exc)
             status = mose_error_status(known) if known else 500
@@ -690,10 +806,15 @@ async def _sse(endpoint: str, info: MoseInfo, pieces: AsyncIterator[str | Genera
             yield f"data: {json.dumps({'error': {'message': message, 'type': 'server_error'}})}\n\n".encode()
             return
         status = 200
-        yield chunk({} if chat else "", finish)
+        for index in range(len(sources)):
+            if index not in results:  # a stream that ended without its result
+                yield chunk(index, {} if chat else "", "stop")
+        if include_usage:
+            usage = _usage([results[i] for i in sorted(results)]).model_dump()
+            yield event({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": created, "model": info.expert, "choices": [], "usage": usage,
+                         "mose": info.model_dump(mode="json")})
         yield b"data: [DONE]\n\n"
     finally:
         observe(status)
-        close = getattr(pieces, "aclose", None)
-        if close is not None:
-            await close()
+        await items.aclose()

@@ -1,9 +1,11 @@
 """HTTP request and response bodies: the OpenAI API subset mose serves, plus its own endpoints.
 
-Requests accept (and ignore) OpenAI fields mose does not use, so the official client works
-unchanged; values mose cannot honour (``n > 1``, NaN temperature, a seed torch cannot hold,
-text with unpaired surrogates) are refused with a 400 that names the field. Responses carry the
-routing decision in a ``mose`` object.
+Requests accept (and ignore) OpenAI fields that do not change the answer (``user``, ``metadata``,
+``store``, ...), so the official client works unchanged. Fields that would change it and that mose
+does not implement (``tools``, ``response_format`` other than text, ``logit_bias``, penalties, ...)
+and values it cannot honour (NaN temperature, a seed torch cannot hold, text with unpaired
+surrogates) are refused with a 400 that names the field. Responses carry the routing decision in a
+``mose`` object.
 """
 
 from __future__ import annotations
@@ -12,11 +14,49 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4
 """As OpenAI: each stop string is checked after every generated token."""
+
+MAX_CHOICES = 8
+"""Most choices (``n``) one request may ask for."""
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives per token (``top_logprobs`` for chat, ``logprobs`` for completions), as OpenAI."""
+
+_UNSUPPORTED = {
+    # field: (values that mean "not used", why it is refused)
+    "tools": ((None, []), "mose does not call tools"),
+    "tool_choice": ((None, "none", "auto"), "mose does not call tools"),
+    "functions": ((None, []), "mose does not call functions"),
+    "function_call": ((None, "none", "auto"), "mose does not call functions"),
+    "logit_bias": ((None, {}), "mose does not apply logit_bias"),
+    "presence_penalty": ((None, 0, 0.0), "mose does not apply presence_penalty (send 0 or leave it out)"),
+    "frequency_penalty": ((None, 0, 0.0), "mose does not apply frequency_penalty (send 0 or leave it out)"),
+    "audio": ((None,), "mose answers with text only"),
+    "modalities": ((None, ["text"]), "mose answers with text only"),
+    "prediction": ((None,), "mose does not use predicted outputs"),
+    "suffix": ((None, ""), "mose does not complete text before a suffix"),
+    "echo": ((None, False), "mose does not echo or score prompts"),
+    "web_search_options": ((None,), "mose does not search the web"),
+}
+
+
+def _refuse_unsupported(data: Any) -> Any:
+    if not isinstance(data, dict):
+        return data
+    for name, (unused, why) in _UNSUPPORTED.items():
+        if name in data and not any(data[name] == value for value in unused):
+            raise PydanticCustomError("unsupported_field", "unsupported field {field}: {why}",
+                                      {"field": name, "why": why})
+    fmt = data.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise PydanticCustomError(
+            "unsupported_field", "unsupported field {field}: mose answers in plain text only (no JSON mode "
+            "or JSON schema); send type 'text' or leave it out", {"field": "response_format"})
+    return data
 
 
 def _encodable(value: str) -> str:
@@ -35,8 +75,13 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class _Request(BaseModel):
-    # extra="ignore": clients send OpenAI fields we do not use (logprobs, user, ...).
+    # extra="ignore": clients send OpenAI fields that do not change the answer (user, store, ...).
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False, use_attribute_docstrings=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send a last chunk (before ``[DONE]``) whose ``usage`` covers the whole request, with no choices."""
 
 
 class _Strict(BaseModel):
@@ -75,8 +120,16 @@ class SamplingFields(_Request):
     stream: bool = False
     """Send the answer as server-sent events, token by token."""
 
-    n: Literal[1] = 1
-    """Number of choices; mose returns one."""
+    stream_options: StreamOptions | None = None
+    """Options of a streamed answer (only with ``stream``)."""
+
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    """Number of choices, each decoded as its own row (identical at temperature 0)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _supported(cls, data: Any) -> Any:
+        return _refuse_unsupported(data)
 
     @field_validator("stop")
     @classmethod
@@ -106,6 +159,23 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     """The conversation; the last user message is what gets routed."""
 
+    logprobs: bool | None = None
+    """Return the log-probability of each generated token (``choices[].logprobs.content``)."""
+
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With ``logprobs``: also the most likely alternatives at each position, this many."""
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise PydanticCustomError("top_logprobs_without_logprobs",
+                                      "top_logprobs needs logprobs: true", {"field": "top_logprobs"})
+        return self
+
+    def logprob_alternatives(self) -> int | None:
+        """None: no logprobs; else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def routing_text(self) -> str:
         users = [m.content for m in self.messages if m.role == "user"]
         return users[-1] if users else self.messages[-1].content
@@ -120,6 +190,23 @@ class CompletionRequest(SamplingFields):
 
     prompt: str | list[str]
     """The prompt (a list must hold exactly one string)."""
+
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Return each token's log-probability and this many most likely alternatives (the legacy
+    ``tokens``/``token_logprobs``/``top_logprobs``/``text_offset`` object)."""
+
+    best_of: int | None = None
+    """Accepted when equal to ``n`` (or 1): every choice is returned."""
+
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
+    @model_validator(mode="after")
+    def _best_of(self) -> CompletionRequest:
+        if self.best_of not in (None, 1, self.n):
+            raise PydanticCustomError("unsupported_field", "unsupported field {field}: mose returns every choice; "
+                                      "send best_of equal to n or leave it out", {"field": "best_of"})
+        return self
 
     @field_validator("prompt")
     @classmethod
@@ -172,10 +259,37 @@ class Usage(_Strict):
     total_tokens: int = 0
 
 
+class ChatTopLogprob(_Strict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+    """The most likely tokens at this position, most likely first (``top_logprobs`` of them)."""
+
+
+class ChatLogprobs(_Strict):
+    content: list[ChatTokenLogprob]
+    """One entry per generated token."""
+
+
+class CompletionLogprobs(_Strict):
+    """The completions endpoint's (legacy) log-probability object: parallel lists, one entry per token."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+    """Each token's character offset in the choice's text."""
+
+
 class ChatChoice(_Strict):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length"] = "stop"
+    logprobs: ChatLogprobs | None = None
 
 
 def new_id(prefix: str) -> str:
@@ -196,7 +310,7 @@ class TextChoice(_Strict):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] = "stop"
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(_Strict):

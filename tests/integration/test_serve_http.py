@@ -56,6 +56,28 @@ def test_official_openai_client_works_unchanged(served):
     assert completion.choices[0].text is not None
 
 
+def test_openai_fields_on_the_real_pool(served):
+    """n, logprobs, top_logprobs and include_usage through the official client, decoded by the pool."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+    question = [{"role": "user", "content": "What is asthma?"}]
+    reply = client.chat.completions.create(model="med-expert", max_tokens=6, temperature=0, n=2, logprobs=True,
+                                           top_logprobs=2, messages=question)
+    first, second = reply.choices
+    assert first.message.content == second.message.content and reply.usage.completion_tokens == 12
+    content = first.logprobs.content
+    assert len(content) == 6 and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in content)
+    assert all(e.top_logprobs[0].token == e.token for e in content)  # greedy: the most likely token
+    assert "".join(e.token for e in content) == first.message.content
+    text = client.completions.create(model="med-expert", prompt="What is asthma?", max_tokens=6, temperature=0,
+                                     logprobs=1)
+    assert text.choices[0].logprobs.token_logprobs == pytest.approx([e.logprob for e in content], abs=1e-4)
+    chunks = list(client.chat.completions.create(model="med-expert", max_tokens=6, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}, messages=question))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.message.content
+
+
 def _sse_events(response) -> list:
     events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
     return [e if e == "[DONE]" else json.loads(e) for e in events]

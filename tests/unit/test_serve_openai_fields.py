@@ -1,0 +1,226 @@
+"""OpenAI request fields on the real FastAPI app with a fake pool: ``n``, ``logprobs`` and
+``top_logprobs``, ``stream_options.include_usage``, and a 400 naming each field mose does not
+support; exercised with the official ``openai`` client and LangChain's ``ChatOpenAI``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from experts.types import GenerationResult, TokenLogprob, TopLogprob
+from serve.backend import Backend
+from serve.config import ServeConfig
+
+TOKENS = [("Paris", -0.25), (" is", -0.5), (" nice", -1.5)]
+
+
+def _entry(token: str, logprob: float, k: int) -> TokenLogprob:
+    top = [TopLogprob(token=token, logprob=logprob, bytes=list(token.encode()))]
+    top += [TopLogprob(token=f"alt{i}", logprob=logprob - 1 - i, bytes=list(f"alt{i}".encode())) for i in range(k - 1)]
+    return TokenLogprob(token=token, logprob=logprob, bytes=list(token.encode()), top=top[:k])
+
+
+class FakePool(Backend):
+    """Answers every request with "Paris is nice" (three tokens, finish reason ``length``)."""
+
+    def __init__(self) -> None:
+        self.requests = []
+
+    def _result(self, request) -> GenerationResult:
+        self.requests.append(request)
+        k = request.params.logprobs
+        return GenerationResult(
+            expert=request.expert, text="".join(t for t, _ in TOKENS), finish_reason="length", prompt_tokens=7,
+            completion_tokens=len(TOKENS), logprobs=None if k is None else [_entry(t, lp, k) for t, lp in TOKENS])
+
+    async def generate(self, request):
+        return self._result(request), 1
+
+    async def stream(self, request):
+        for token, _ in TOKENS:
+            yield token
+        yield self._result(request)
+
+    async def route(self, query):
+        raise NotImplementedError
+
+    async def crosscheck(self, question, answer, k, own_answers):
+        raise NotImplementedError
+
+    async def feedback(self, verdict_id, correct):
+        raise NotImplementedError
+
+    async def upstream_chat(self, name, messages, max_tokens, temperature):
+        raise NotImplementedError
+
+    async def experts(self):
+        return [{"name": "med", "version": "1.0.0", "domains": ["medicine"], "owner": "t", "kind": "lora"}]
+
+    async def authenticate_team(self, token):
+        raise NotImplementedError
+
+    async def register(self, manifest, files, actor):
+        raise NotImplementedError
+
+    async def set_status(self, name, action, actor, reason=None):
+        raise NotImplementedError
+
+    async def health(self):
+        return {}
+
+
+@pytest.fixture
+def pool():
+    return FakePool()
+
+
+@pytest.fixture
+def http(pool):
+    from serve.api import build_api
+
+    return TestClient(build_api(ServeConfig(), pool), raise_server_exceptions=False)
+
+
+@pytest.fixture
+def client(http):
+    import openai
+
+    return openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http, max_retries=0)
+
+
+CHAT = {"model": "med", "messages": [{"role": "user", "content": "Capital of France?"}]}
+TEXT = {"model": "med", "prompt": "The capital of France is"}
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"),
+    ("functions", [{"name": "f", "parameters": {}}]),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+    ("response_format", {"type": "json_object"}),
+    ("logit_bias", {"50256": -100}),
+    ("presence_penalty", 0.5),
+    ("frequency_penalty", 1.0),
+    ("modalities", ["text", "audio"]),
+])
+def test_a_field_mose_does_not_support_is_refused_by_name(http, pool, field, value):
+    response = http.post("/v1/chat/completions", json=CHAT | {field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert field in error["message"] and error["param"] == field
+    assert pool.requests == []
+
+
+@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", " end"), ("best_of", 3)])
+def test_completion_fields_mose_does_not_support_are_refused_by_name(http, field, value):
+    response = http.post("/v1/completions", json=TEXT | {field: value})
+    assert response.status_code == 400, response.text
+    assert field in response.json()["error"]["message"] and response.json()["error"]["param"] == field
+
+
+def test_fields_that_do_not_change_the_answer_are_accepted(http):
+    neutral = {"user": "u1", "store": False, "metadata": {"a": "b"}, "response_format": {"type": "text"},
+               "presence_penalty": 0, "frequency_penalty": 0.0, "tool_choice": "none", "parallel_tool_calls": True}
+    assert http.post("/v1/chat/completions", json=CHAT | neutral).status_code == 200
+    assert http.post("/v1/completions", json=TEXT | {"echo": False, "best_of": 1, "suffix": None}).status_code == 200
+
+
+def test_n_choices_are_n_rows_each_with_its_own_seed(client, pool):
+    reply = client.chat.completions.create(**CHAT, n=3, seed=41, temperature=0.7)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert all(c.message.content == "Paris is nice" and c.finish_reason == "length" for c in reply.choices)
+    assert [r.params.seed for r in pool.requests] == [41, 42, 43]
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens, reply.usage.total_tokens) == (7, 9, 16)
+    text = client.completions.create(**TEXT, n=2)
+    assert [c.index for c in text.choices] == [0, 1] and pool.requests[-1].params.seed is None
+
+
+def test_n_is_bounded(http):
+    response = http.post("/v1/chat/completions", json=CHAT | {"n": 99})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+def test_chat_logprobs_and_top_logprobs(client, pool):
+    reply = client.chat.completions.create(**CHAT, logprobs=True, top_logprobs=2)
+    assert pool.requests[-1].params.logprobs == 2
+    content = reply.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in content] == TOKENS
+    assert content[0].bytes == list(b"Paris")
+    assert [t.token for t in content[0].top_logprobs] == ["Paris", "alt0"]
+    plain = client.chat.completions.create(**CHAT, logprobs=True)
+    assert pool.requests[-1].params.logprobs == 0 and plain.choices[0].logprobs.content[1].top_logprobs == []
+    without = client.chat.completions.create(**CHAT)
+    assert pool.requests[-1].params.logprobs is None and without.choices[0].logprobs is None
+
+
+def test_top_logprobs_needs_logprobs(http):
+    response = http.post("/v1/chat/completions", json=CHAT | {"top_logprobs": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completion_logprobs_in_the_legacy_format(client, pool):
+    reply = client.completions.create(**TEXT, logprobs=2, max_tokens=3)
+    logprobs = reply.choices[0].logprobs
+    assert logprobs.tokens == ["Paris", " is", " nice"]
+    assert logprobs.token_logprobs == [-0.25, -0.5, -1.5]
+    assert logprobs.text_offset == [0, 5, 8]
+    assert logprobs.top_logprobs[0] == {"Paris": -0.25, "alt0": -1.25}
+
+
+def test_logprobs_are_refused_when_streaming(http):
+    response = http.post("/v1/chat/completions", json=CHAT | {"stream": True, "logprobs": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "logprobs"
+
+
+def test_stream_options_need_stream(http):
+    response = http.post("/v1/chat/completions", json=CHAT | {"stream_options": {"include_usage": True}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+def test_include_usage_sends_a_last_chunk_with_the_usage(client, endpoint):
+    if endpoint == "chat":
+        chunks = list(client.chat.completions.create(**CHAT, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        chunks = list(client.completions.create(**TEXT, stream=True, stream_options={"include_usage": True}))
+        text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == "Paris is nice"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 3
+    assert chunks[-1].usage.total_tokens == 10
+    assert all(c.usage is None for c in chunks[:-1])
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_without_include_usage_no_usage_chunk(http):
+    with http.stream("POST", "/v1/chat/completions", json=CHAT | {"stream": True}) as response:
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    bodies = [json.loads(e[6:]) for e in events[:-1]]
+    assert events[-1] == "data: [DONE]" and all("usage" not in b and b["choices"] for b in bodies)
+
+
+def test_streamed_n_choices_interleave_and_each_finishes(client):
+    chunks = list(client.chat.completions.create(**CHAT, n=2, stream=True, stream_options={"include_usage": True}))
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {0: "Paris is nice", 1: "Paris is nice"} and finishes == {0: "length", 1: "length"}
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens == 7
+
+
+def test_langchain_chat_openai_gets_logprobs(http):
+    langchain_openai = pytest.importorskip("langchain_openai")
+
+    chat = langchain_openai.ChatOpenAI(model="med", base_url="http://testserver/v1", api_key="unused",
+                                       http_client=http, max_retries=0, logprobs=True, top_logprobs=2)
+    message = chat.invoke("Capital of France?")
+    assert message.content == "Paris is nice"
+    content = message.response_metadata["logprobs"]["content"]
+    assert [(e["token"], e["logprob"]) for e in content] == TOKENS
+    assert len(content[0]["top_logprobs"]) == 2
+    assert message.response_metadata["finish_reason"] == "length"
