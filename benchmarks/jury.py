@@ -57,9 +57,9 @@ BAD_JURORS = {"shuffled": "shuffled-juror", "shuffled-dev": "shuffled-dev-juror"
 def open_home_jury(home: str | None, registry_dir: Path | None = None, cpu_dtype: str | None = None):
     """The home's jury; with ``registry_dir``, reputations and verdicts go to a scratch registry;
     with ``cpu_dtype``, its pool runs in that precision on CPU (default: the policy's)."""
-    from jury.crosscheck import open_jury
     from experts.policy import DevicePolicy
     from experts.pool import ExpertPool, PoolConfig
+    from jury.crosscheck import open_jury
     from registry import Registry
     from registry.home import MoseHome
 
@@ -138,9 +138,9 @@ def speed(args: argparse.Namespace) -> None:
 def precision(args: argparse.Namespace) -> None:
     import torch
 
+    from experts.policy import cpu_has_bf16_instructions
     from jury.calibrator import EVIDENCE_FEATURES
     from jury.crosscheck import calibrator_inputs, collect
-    from experts.policy import cpu_has_bf16_instructions
 
     base, bf16 = "float32 (MOSE_CPU_DTYPE=float32)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
     juries = {name: open_home_jury(args.home, cpu_dtype=dtype)
@@ -201,8 +201,8 @@ def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -
 
 def bad_pairs(kind: str, seed: int, exclude: set[str]):
     """The bad juror's training pairs, drawn and ordered with ``seed``."""
-    from jury.crosscheck import load_rows
     from experts.finetune import QAPair, load_pairs
+    from jury.crosscheck import load_rows
 
     rng = random.Random(seed)
     if kind == "shuffled":

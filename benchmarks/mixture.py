@@ -73,12 +73,10 @@ def train_generalist(home, data: dict, settings, progress: bool):
     import torch
     from peft import LoraConfig
     from safetensors.torch import load_file, save_file
-
-    from experts.finetune import load_base_for_training, train_lora
-
     from transformers import AutoTokenizer
 
     from experts.base_models import SMOLLM2_ID, ensure_base_model
+    from experts.finetune import load_base_for_training, train_lora
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
     rows = generalist_rows(data, settings, tokenizer)

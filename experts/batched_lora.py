@@ -10,7 +10,8 @@ own LoRA path is skipped. Plain LoRA on linear layers only; anything else uses p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from experts.chat import BASE_ADAPTER
 
@@ -60,7 +61,7 @@ class AdaptersOff:
         self.layers = list(layers)
         self._before: list[bool] = []
 
-    def __enter__(self) -> "AdaptersOff":
+    def __enter__(self) -> AdaptersOff:
         self._before = [layer._disable_adapters for layer in self.layers]
         for layer in self.layers:
             layer._disable_adapters = True
@@ -173,7 +174,7 @@ class BatchedLoRA:
             self._hooks = [(layer, hook) for layer, hook in hooks if hook is not None]
         return self._hooks
 
-    def __enter__(self) -> "BatchedLoRA":
+    def __enter__(self) -> BatchedLoRA:
         for layer, hook in self._prepared_hooks():
             self._handles.append(layer.register_forward_hook(hook))
         self._off.__enter__()

@@ -23,8 +23,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, new_trunk, \
-    register_expert, train_lora, write_expert
+from experts.finetune import (
+    FinetuneConfig,
+    QAPair,
+    load_base_for_training,
+    load_pairs,
+    new_trunk,
+    register_expert,
+    train_lora,
+    write_expert,
+)
 from experts.sft_data import HELDOUT_FRACTION, shape_pair, split_by_hash
 from registry.errors import MoseError
 from registry.home import MoseHome
@@ -75,7 +83,7 @@ class DemoConfig(BaseModel):
     version: str = Field(default=DEMO_VERSION, description="Version of the demo experts.")
 
     @model_validator(mode="after")
-    def _profile_settings(self) -> "DemoConfig":
+    def _profile_settings(self) -> DemoConfig:
         if self.finetune is None:
             self.finetune = profile_finetune(self.profile)
         return self

@@ -23,8 +23,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.policy import DevicePolicy
 from experts.chat import encode_pair
+from experts.policy import DevicePolicy
 from registry.errors import MoseError
 from registry.home import MoseHome
 
@@ -253,8 +253,8 @@ def write_expert(out_dir: str | Path, name: str, domain: str, adapter: TrainedAd
     """Write adapter_config.json, adapter_model.safetensors and manifest.yaml; return the manifest path."""
     from safetensors.torch import save_file
 
-    from registry.manifest import ExpertManifest, dump_manifest
     from experts.base_models import sha256_file
+    from registry.manifest import ExpertManifest, dump_manifest
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

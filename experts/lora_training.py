@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experts.chat import EncodedPair, left_pad
-from experts.shared_trunk import run_layers, answer_positions
+from experts.shared_trunk import answer_positions, run_layers
 
 TRUNK_BATCH_TOKENS = 4096
 """Padded tokens per pass when filling the trunk cache."""

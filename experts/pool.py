@@ -20,22 +20,28 @@ import gc
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from experts import batched_lora
 from experts.base_models import SMOLLM2_ID, ensure_base_model
-from experts.chat import (BASE_ADAPTER, EncodedPair, answer_logprobs, encode_pair, prompt_ids,
-                          template_prefix, unconditional_prefix)
+from experts.chat import (
+    BASE_ADAPTER,
+    EncodedPair,
+    answer_logprobs,
+    encode_pair,
+    prompt_ids,
+    template_prefix,
+    unconditional_prefix,
+)
 from experts.engine import Admission, EngineLoop, RowHandle
-from experts.loader import (full_model_from_verified, lora_from_verified, read_verified,
-                            tokenizer_from_verified)
+from experts.loader import full_model_from_verified, lora_from_verified, read_verified, tokenizer_from_verified
 from experts.policy import DevicePolicy
 from experts.shared_trunk import TrunkScorer, answer_positions
-from experts.types import (BASE_EXPERT, ExpertScore, GenerationRequest, GenerationResult,
-                           SamplingParams, validate)
+from experts.types import BASE_EXPERT, ExpertScore, GenerationRequest, GenerationResult, SamplingParams, validate
 from registry.errors import ArtifactError, MoseError, NotFoundError
 from registry.home import MoseHome
 
@@ -174,7 +180,7 @@ class ExpertPool:
 
     @classmethod
     def from_registry(cls, registry: Any, config: PoolConfig | None = None,
-                      home: MoseHome | None = None) -> "ExpertPool":
+                      home: MoseHome | None = None) -> ExpertPool:
         """A pool holding every active expert of ``registry`` that it can serve."""
         pool = cls(config, home)
         pool.load_registry(registry)
@@ -361,7 +367,7 @@ class ExpertPool:
                                             token_mask=answer_positions(lengths.to(device), width)), None
         if adapters is not None and answers_only is not None:
             warnings.warn(f"adapters {sorted(set(adapters) - {BASE_ADAPTER})} are not plain LoRA and cannot be "
-                          "limited to the answer tokens: they read the question too")
+                          "limited to the answer tokens: they read the question too", stacklevel=2)
         if stackable and self.config.batched_lora:
             return batched_lora.BatchedLoRA(self._peft, adapters), None
         return contextlib.nullcontext(), adapters

@@ -23,10 +23,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
-from jury.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
-from jury.jury import Jury, JurorEvidence, features
-from jury.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from experts.types import BASE_EXPERT
+from jury.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
+from jury.jury import JurorEvidence, Jury, features
+from jury.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
 
@@ -484,8 +484,8 @@ def dumps(payload: dict[str, Any]) -> str:
 
 def open_jury(home: Any, config: Any = None, require_calibrator: bool = False, pool: Any = None) -> Jury:
     """A jury over the home's active experts, router and current calibrator (when there is one)."""
-    from jury.calibrator import load_calibrator
     from experts.pool import ExpertPool
+    from jury.calibrator import load_calibrator
     from registry import Registry
     from router_model.runtime import load_router
 

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from jury.calibrator import FEATURES, PROBE_FEATURE, Calibrator
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
+from jury.calibrator import FEATURES, PROBE_FEATURE, Calibrator
 from registry.errors import MoseError, ServerError
 from registry.service import Reputation
 

@@ -57,13 +57,24 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from registry.artifacts import ArtifactStore
     from registry.audit import AuditEntry, AuditReport
     from registry.errors import (
-        AccessDeniedError, ArtifactError, ConflictError, ManifestError, MoseError, NotFoundError, SignatureError,
+        AccessDeniedError,
+        ArtifactError,
+        ConflictError,
+        ManifestError,
+        MoseError,
+        NotFoundError,
+        SignatureError,
         StatusError,
     )
     from registry.home import MoseHome
     from registry.manifest import (
-        MIN_EXAMPLE_QUERIES, ExpertManifest, canonical_bytes, dump_manifest, load_manifest,
-        manifest_json_schema, parse_manifest,
+        MIN_EXAMPLE_QUERIES,
+        ExpertManifest,
+        canonical_bytes,
+        dump_manifest,
+        load_manifest,
+        manifest_json_schema,
+        parse_manifest,
     )
     from registry.service import STATUSES, ExpertRecord, FileCheck, Registry, Reputation, split_ref
     from registry.settings import RegistrySettings

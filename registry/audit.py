@@ -42,7 +42,7 @@ class AuditEntry(BaseModel):
     """This entry's link in the chain."""
 
     @classmethod
-    def from_row(cls, row: AuditRow) -> "AuditEntry":
+    def from_row(cls, row: AuditRow) -> AuditEntry:
         return cls(
             seq=row.seq, ts=row.ts, actor=row.actor, action=row.action, subject=row.subject,
             details=json.loads(row.details_json), hash=row.hash,

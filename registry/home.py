@@ -30,7 +30,7 @@ class MoseHome(BaseModel):
     so several data directories (tests, benchmarks) can share one conversion."""
 
     @classmethod
-    def from_env(cls, root: str | os.PathLike | None = None) -> "MoseHome":
+    def from_env(cls, root: str | os.PathLike | None = None) -> MoseHome:
         """Resolve the data directory: explicit argument, then ``$MOSE_HOME``, then ``./.mose``."""
         chosen = root if root is not None else os.environ.get(HOME_ENV, DEFAULT_HOME)
         cache = os.environ.get(CACHE_ENV)

@@ -164,7 +164,7 @@ class ExpertManifest(BaseModel):
         return queries
 
     @model_validator(mode="after")
-    def _lora_needs_base(self) -> "ExpertManifest":
+    def _lora_needs_base(self) -> ExpertManifest:
         if self.kind == "lora" and not self.base_model:
             raise PydanticCustomError(
                 "base_model_required", "base_model: required for a lora expert (e.g. smollm2-135m-instruct)"

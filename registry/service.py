@@ -30,18 +30,31 @@ from registry.artifacts import ArtifactStore, sha256_file
 from registry.audit import AuditEntry, AuditReport, append_entry, verify_chain
 from registry.blobs import SharedBlobs, fetch_missing, upload
 from registry.errors import (
-    AccessDeniedError, ArtifactError, ConflictError, ManifestError, NotFoundError, StatusError,
+    AccessDeniedError,
+    ArtifactError,
+    ConflictError,
+    ManifestError,
+    NotFoundError,
+    StatusError,
 )
 from registry.home import MoseHome
 from registry.manifest import VERSION_PATTERN, ExpertManifest, check_layout, load_manifest
 from registry.safety import check_expert_file
 from registry.settings import RegistrySettings
-from registry.stores import open_store
 from registry.signing import normalise_public_key, verify_manifest, verify_owned_manifest
-from registry.store import RegistryStore, ReputationRow, SQLiteStore, StoredExpert, StoredFile, StoredTeam, utc_now
+from registry.store import RegistryStore, ReputationRow, StoredExpert, StoredFile, StoredTeam, utc_now
+from registry.stores import open_store
 from registry.taxonomy import Taxonomy
 from registry.teams import (
-    OPERATOR, Principal, Team, as_principal, check_team_name, hash_token, new_salt, new_token, team_of_token,
+    OPERATOR,
+    Principal,
+    Team,
+    as_principal,
+    check_team_name,
+    hash_token,
+    new_salt,
+    new_token,
+    team_of_token,
     token_matches,
 )
 
@@ -86,7 +99,7 @@ class ExpertRecord(BaseModel):
         return f"{self.name}@{self.version}"
 
     @classmethod
-    def from_stored(cls, row: StoredExpert) -> "ExpertRecord":
+    def from_stored(cls, row: StoredExpert) -> ExpertRecord:
         manifest = ExpertManifest.model_validate_json(row.manifest_json)
         return cls(
             name=row.name, version=row.version, kind=row.kind, base_model=row.base_model,
@@ -188,7 +201,7 @@ class Registry:
 
     @classmethod
     def open(cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None,
-             url: str | None = None) -> "Registry":
+             url: str | None = None) -> Registry:
         """Open (creating if needed) the registry of ``home`` (default: ``$MOSE_HOME`` or ``./.mose``);
         its records live where ``url`` or ``$MOSE_REGISTRY_URL`` says (default: SQLite in the home,
         see :mod:`registry.stores`)."""
@@ -199,7 +212,7 @@ class Registry:
     def close(self) -> None:
         self.store.close()
 
-    def __enter__(self) -> "Registry":
+    def __enter__(self) -> Registry:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -756,7 +769,7 @@ class Registry:
         return json.loads(found[0]), found[1]
 
     def record_feedback(self, verdict_id: str, correct: bool, updates: dict[str, tuple[float, float]],
-                        actor: str = "feedback", prior: tuple[float, float] = (1.0, 1.0)) -> dict[str, "Reputation"]:
+                        actor: str = "feedback", prior: tuple[float, float] = (1.0, 1.0)) -> dict[str, Reputation]:
         """Mark a verdict's outcome once and add each juror's (successes, failures) to the half of
         its reputation for answers like this one (correct or wrong), in one transaction."""
         with self.store.transaction():

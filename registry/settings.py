@@ -47,7 +47,7 @@ class RegistrySettings(BaseModel):
     ``MOSE_TEST_COPY_CHUNK_DELAY_S``), so a test can kill a registration mid-copy."""
 
     @classmethod
-    def load(cls, home: MoseHome) -> "RegistrySettings":
+    def load(cls, home: MoseHome) -> RegistrySettings:
         """Read ``<home>/registry.yaml`` if it exists, then apply the environment overrides."""
         path = home.root / SETTINGS_FILE
         data: dict = {}

@@ -27,7 +27,13 @@ from registry.artifacts import CHUNK_BYTES
 from registry.blobs import SharedBlobs
 from registry.errors import ArtifactError, MoseError
 from registry.store import (
-    AuditRow, RegistryStore, ReputationRow, StoredExpert, StoredFile, StoredTeam, utc_now,
+    AuditRow,
+    RegistryStore,
+    ReputationRow,
+    StoredExpert,
+    StoredFile,
+    StoredTeam,
+    utc_now,
 )
 
 SCHEMA_VERSION = 2

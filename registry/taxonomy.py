@@ -36,13 +36,13 @@ DEFAULT_TAXONOMY: Mapping[str, tuple[str, ...]] = {
 class Taxonomy:
     """A tree of domain ids (a :class:`networkx.DiGraph`, parent -> child)."""
 
-    def __init__(self, graph: "nx.DiGraph | None" = None) -> None:
+    def __init__(self, graph: nx.DiGraph | None = None) -> None:
         import networkx  # here, not at import time: `mose expert list` never needs it
 
         self.graph: networkx.DiGraph = graph if graph is not None else networkx.DiGraph()
 
     @classmethod
-    def default(cls, extra: Iterable[tuple[str, str | None]] = ()) -> "Taxonomy":
+    def default(cls, extra: Iterable[tuple[str, str | None]] = ()) -> Taxonomy:
         """The default verticals and sub-domains, plus ``extra`` ``(domain, parent)`` pairs in order."""
         taxonomy = cls()
         for vertical, subs in DEFAULT_TAXONOMY.items():

@@ -45,15 +45,15 @@ class Principal:
     """The team acting, or None for the operator."""
 
     @classmethod
-    def of_team(cls, team: str) -> "Principal":
+    def of_team(cls, team: str) -> Principal:
         return cls(f"{TEAM_ACTOR_PREFIX}{team}", team)
 
     @classmethod
-    def operator(cls, actor: str = OPERATOR) -> "Principal":
+    def operator(cls, actor: str = OPERATOR) -> Principal:
         return cls(actor, None)
 
 
-def as_principal(actor: "str | Principal") -> Principal:
+def as_principal(actor: str | Principal) -> Principal:
     """A plain actor string is an operator action under that name (the CLI, a component)."""
     return actor if isinstance(actor, Principal) else Principal.operator(actor)
 
@@ -80,7 +80,7 @@ class Team(BaseModel):
         return self.revoked_at is not None
 
     @classmethod
-    def from_stored(cls, row: StoredTeam) -> "Team":
+    def from_stored(cls, row: StoredTeam) -> Team:
         return cls(name=row.name, public_keys=json.loads(row.public_keys_json), created_at=row.created_at,
                    rotated_at=row.rotated_at, revoked_at=row.revoked_at)
 

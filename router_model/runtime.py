@@ -199,7 +199,7 @@ class OnnxRouter(BaseRouter):
 
     @classmethod
     def load(cls, home, registry=None, config: RouterConfig | None = None,
-             threads: int | None = None) -> "OnnxRouter":
+             threads: int | None = None) -> OnnxRouter:
         """The current version in ``home.router_dir``; MoseError when missing or corrupted."""
         return cls(current_dir(home.router_dir), registry=registry, config=config, threads=threads)
 

@@ -171,7 +171,7 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == labels).mean())
 
 
-def fit_head(net: RouterNet, embeddings: torch.Tensor, tokens: "PaddedTokens", labels: torch.Tensor, config: RouterConfig) -> None:
+def fit_head(net: RouterNet, embeddings: torch.Tensor, tokens: PaddedTokens, labels: torch.Tensor, config: RouterConfig) -> None:
     """Train the linear head and the lexical bag on cached embeddings (mini-batch Adam)."""
     generator = torch.Generator().manual_seed(config.seed)
     groups = [{"params": net.head.parameters(), "lr": config.head_lr}]
@@ -211,7 +211,7 @@ class Cached:
         self.states, self.tokens, self.split = states, tokens, split
 
     @classmethod
-    def build(cls, net: RouterNet, token_ids: list[list[int]], split: int, progress: str | None = None) -> "Cached":
+    def build(cls, net: RouterNet, token_ids: list[list[int]], split: int, progress: str | None = None) -> Cached:
         return cls(lower_states(net, token_ids, split, progress), PaddedTokens(token_ids), split)
 
     def __len__(self) -> int:

@@ -26,7 +26,6 @@ from router_model.model import run_batched
 from router_model.tokens import encode, load_tokenizer
 from router_model.train import TrainedRouter, log, seed_everything
 
-
 UPDATE_CHECK_ROWS = 256
 """Validation rows the exported graph is checked on during an update (the full set costs ~20 s)."""
 

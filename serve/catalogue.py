@@ -19,7 +19,7 @@ import json
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from jury.jury import JuryConfig
@@ -214,4 +214,4 @@ def live_panel(metrics: IngressMetrics) -> LivePanel:
 
 def utc_time(seconds: float) -> str:
     """``time.time()`` -> ``YYYY-MM-DD HH:MM:SS`` UTC."""
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S")

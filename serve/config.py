@@ -20,7 +20,6 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from registry.errors import MoseError
 
-
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 
@@ -53,7 +52,7 @@ class AuthConfig(_Section):
     registry. Only for a sandbox on this machine (http.host must be loopback); announced at start."""
 
     @model_validator(mode="after")
-    def _admin_needs_a_token(self) -> "AuthConfig":
+    def _admin_needs_a_token(self) -> AuthConfig:
         if self.admin_token is not None and not self.admin_token.get_secret_value():
             raise ValueError("admin_token is empty; unset it or give a real token")
         if self.admin_enabled and self.admin_token is None and not self.insecure_local:
@@ -93,7 +92,7 @@ class LimitsConfig(_Section):
     """Requests admitted at once; beyond it the server answers 429 with ``Retry-After``."""
 
     @model_validator(mode="after")
-    def _default_within_max(self) -> "LimitsConfig":
+    def _default_within_max(self) -> LimitsConfig:
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})"
@@ -112,7 +111,7 @@ class AutoscalingConfig(_Section):
     """Ongoing requests per replica that autoscaling aims for."""
 
     @model_validator(mode="after")
-    def _ordered(self) -> "AutoscalingConfig":
+    def _ordered(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
         return self
@@ -247,7 +246,7 @@ class ServeConfig(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _insecure_only_on_loopback(self) -> "ServeConfig":
+    def _insecure_only_on_loopback(self) -> ServeConfig:
         if self.auth.admin_mode == "insecure" and self.http.host not in LOOPBACK_HOSTS:
             raise ValueError(
                 f"auth.insecure_local opens the admin endpoints without a token, so http.host must be a "

@@ -7,7 +7,7 @@ import argparse
 from serve.commands._common import add_common_flags, emit, home_of
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "audit",
         help="verify and read the audit log",

@@ -95,12 +95,20 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from jury.calibrator import CalibratorConfig, save_calibrator
-    from jury.crosscheck import (collect, load_evidence, load_rows, open_jury, save_evidence,
-                                    stratified_sample, train, with_negatives)
-    from jury.negatives import NegativesConfig
-    from jury.jury import JuryConfig
     from experts.types import validate
+    from jury.calibrator import CalibratorConfig, save_calibrator
+    from jury.crosscheck import (
+        collect,
+        load_evidence,
+        load_rows,
+        open_jury,
+        save_evidence,
+        stratified_sample,
+        train,
+        with_negatives,
+    )
+    from jury.jury import JuryConfig
+    from jury.negatives import NegativesConfig
 
     config = validate(CalibratorConfig, {"target_flag_precision": args.target_flag_precision, "seed": args.seed,
                                          "probe_layer": args.probe_layer, "recalibrate": args.recalibrate,
@@ -128,8 +136,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from jury.crosscheck import (dumps, evaluate, evaluation_evidence, load_evidence, load_rows, open_jury,
-                                    save_evidence, stratified_sample, with_negatives)
+    from jury.crosscheck import (
+        dumps,
+        evaluate,
+        evaluation_evidence,
+        load_evidence,
+        load_rows,
+        open_jury,
+        save_evidence,
+        stratified_sample,
+        with_negatives,
+    )
     from jury.negatives import NegativesConfig
 
     home = home_of(args)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from datetime import UTC
 from pathlib import Path
 
 from serve.commands import finetune
 from serve.commands._common import add_common_flags, emit, home_of
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "expert",
         help="register, inspect and manage experts",
@@ -143,9 +144,9 @@ def _manifest_path(path: Path) -> Path:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     with _open(args) as reg:
         record = reg.add(_manifest_path(args.manifest), files_dir=args.files, actor=args.actor, bundle=args.bundle)
         provenance = reg.provenance(record.name, record.version)

@@ -16,7 +16,7 @@ import sys
 from serve.commands._common import add_common_flags, emit, home_of
 
 
-def add_expert_subcommands(expert_sub: "argparse._SubParsersAction") -> None:
+def add_expert_subcommands(expert_sub: argparse._SubParsersAction) -> None:
     """Register ``finetune`` under ``mose expert``."""
     parser = expert_sub.add_parser("finetune", help="fine-tune a LoRA expert from question/answer pairs",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,7 +9,7 @@ from pathlib import Path
 from serve.commands._common import add_common_flags, emit, home_of
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "keys",
         help="make team signing keys and trust them",

@@ -18,7 +18,7 @@ import sys
 from serve.commands._common import add_common_flags, emit, home_of
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("router", help="train, update, evaluate and query the learned router")
     sub = parser.add_subparsers(dest="router_command", metavar="ACTION")
 

@@ -11,7 +11,7 @@ TOKEN_NOTE = ("This token is shown once and stored only as a hash: give it to th
               "'Authorization: Bearer <token>' on POST /v1/experts, /v1/experts/NAME/retire.")
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> None:
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "team",
         help="create teams, rotate or revoke their tokens, record their keys",

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from jury.jury import Jury, JuryConfig
 from experts.types import BASE_EXPERT
+from jury.jury import Jury, JuryConfig
 from registry import Registry
 from registry.errors import ConflictError, MoseError, NotFoundError
 from router_model.runtime import FallbackRouter

@@ -23,9 +23,9 @@ def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
     """Demo experts for every vertical (a short budget), a router on every domain (head only, on the
     tests' routing subset), and a calibrator trained on a per-source sample of crosscheck_dev's
     train bucket with constructed negatives."""
+    from experts.demo import DemoConfig, build_demo, profile_finetune
     from jury.calibrator import save_calibrator
     from jury.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
-    from experts.demo import DemoConfig, build_demo, profile_finetune
     from jury.negatives import NegativesConfig
     from registry import Registry
     from registry.home import MoseHome

@@ -56,9 +56,8 @@ def _static(pool, request) -> str:
     eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
     context, adapters = pool._adapter_context(pool._adapter_names([key]))
     with pool._lock, context:
-        for rows in decode(model, tokenizer, [pool._prompt(tokenizer, request)], [request.params], adapters, eos,
-                           tokenizer.pad_token_id):
-            pass
+        *_, rows = decode(model, tokenizer, [pool._prompt(tokenizer, request)], [request.params], adapters, eos,
+                          tokenizer.pad_token_id)  # the decoder yields the rows after each step: keep the last
     return rows[0].text
 
 

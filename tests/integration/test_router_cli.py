@@ -37,7 +37,7 @@ def test_eval_prints_exactly_one_json_object_with_the_contract_keys(trained_rout
     assert set(report["baselines"]) == {"nearest_centroid", "knn", "tfidf_logreg"}
     assert all(0 <= v <= 1 for v in report["baselines"].values())
     assert set(report["latency_ms"]) == {"p50", "p99"} and report["batch_qps"] > 0
-    for source, entry in report["per_source"].items():
+    for entry in report["per_source"].values():
         assert set(entry) == {"n", "accuracy"}
     assert sum(e["n"] for e in report["per_source"].values()) == 80
     assert report["accuracy"] <= report["accuracy_when_answered"] + 1e-9

@@ -126,7 +126,7 @@ class Traffic:
                                       problem or (response.text[-300:] if response.status_code != 200 else None)))
                 n += 1
 
-    def __enter__(self) -> "Traffic":
+    def __enter__(self) -> Traffic:
         for thread in self.threads:
             thread.start()
         return self

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
 from registry.artifacts import ArtifactStore
 from tests._fixtures.experts import write_lora_expert

@@ -66,14 +66,13 @@ def tame(case: Any) -> None:
 def fuzz_operation(operation: Any, mode: Any, examples: int, served: Any, report: FuzzReport) -> None:
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
-
+    from schemathesis.checks import not_a_server_error
     from schemathesis.specs.openapi.checks import (
         content_type_conformance,
         response_headers_conformance,
         response_schema_conformance,
         status_code_conformance,
     )
-    from schemathesis.checks import not_a_server_error
 
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_headers_conformance, response_schema_conformance]

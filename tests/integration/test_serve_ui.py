@@ -50,7 +50,7 @@ def no_script_ran(browser) -> bool:
     from selenium.common.exceptions import NoAlertPresentException
 
     try:
-        browser.switch_to.alert
+        _ = browser.switch_to.alert  # raises when no alert is open
     except NoAlertPresentException:
         return browser.execute_script("return document.scripts.length") == 0
     return False

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from experts.loader import lora_config_from_dict, load_lora, read_verified
+from experts.loader import load_lora, lora_config_from_dict, read_verified
 from registry.errors import ArtifactError
 from tests._fixtures.experts import write_lora_expert
 

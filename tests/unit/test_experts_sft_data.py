@@ -10,8 +10,16 @@ import pytest
 
 from experts.demo import load_vertical
 from experts.finetune import QAPair
-from experts.sft_data import (degenerate, echoes, heldout_bucket, loops, option_answer, shape_pair, solution_answer,
-                              split_by_hash)
+from experts.sft_data import (
+    degenerate,
+    echoes,
+    heldout_bucket,
+    loops,
+    option_answer,
+    shape_pair,
+    solution_answer,
+    split_by_hash,
+)
 
 
 @pytest.mark.parametrize(("question", "option", "answer"), [

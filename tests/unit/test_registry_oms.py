@@ -11,8 +11,7 @@ import shutil
 import model_signing
 import pytest
 
-from registry import Registry, RegistrySettings
-from registry import oms
+from registry import Registry, RegistrySettings, oms
 from registry.errors import SignatureError
 from registry.manifest import dump_manifest, load_manifest
 from registry.signing import generate_keypair as generate_ed25519_keypair

@@ -255,7 +255,7 @@ def test_a_signature_must_come_from_a_key_of_the_owning_team(mose_home, tmp_path
             other = _signed(tmp_path, f"a-by-b-{claimed}", TEAM_A, keys[TEAM_B].private_key, claimed, 2)
             ref = other.ref
             assert_refused(
-                reg, lambda: reg.add(other.manifest_path), SignatureError,
+                reg, lambda other=other: reg.add(other.manifest_path), SignatureError,
                 f"{ref}: the signature is valid but was made with a key of team 'team-b', and {ref} is owned by "
                 "team 'team-a'; only a key registered to team 'team-a' may sign its experts")
         unsigned = build_lora_expert(tmp_path / "a-unsigned", name="a-unsigned", owner=TEAM_A, seed=3)

@@ -7,8 +7,15 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from registry.errors import (ConflictError, ManifestError, MoseError, NotFoundError, ServerError,
-                             StoredArtifactError, UnavailableError)
+from registry.errors import (
+    ConflictError,
+    ManifestError,
+    MoseError,
+    NotFoundError,
+    ServerError,
+    StoredArtifactError,
+    UnavailableError,
+)
 from serve.backend import Backend
 from serve.config import ServeConfig
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import logging
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
