@@ -9,8 +9,9 @@ kept as the reference the engine's outputs are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from experts.chat import forward_kwargs, left_pad
 from experts.types import SamplingParams

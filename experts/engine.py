@@ -27,9 +27,10 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from experts.chat import forward_kwargs, left_pad
 from experts.decoding import RowState, advance, new_row, ready_text, result_logprobs

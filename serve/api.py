@@ -24,18 +24,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from experts.decoding import GREEDY_BELOW_TEMPERATURE
-from jury.jury import Verdict
 from experts.types import BASE_EXPERT, GenerationRequest, GenerationResult, SamplingParams, TokenLogprob
 from experts.types import ChatMessage as PoolMessage
-from registry.errors import (AccessDeniedError, ConflictError, MoseError, NotFoundError, ServerError, StatusError,
-                             UnavailableError)
+from jury.jury import Verdict
+from registry.errors import (
+    AccessDeniedError,
+    ConflictError,
+    MoseError,
+    NotFoundError,
+    ServerError,
+    StatusError,
+    UnavailableError,
+)
 from registry.teams import OPERATOR, Principal, looks_like_team_token
 from router_model.runtime import RouteDecision
 from serve.backend import Backend
 from serve.config import AuthConfig, ServeConfig
 from serve.metrics import IngressMetrics
-from serve.ui import UI_PREFIX, mount_catalogue
-from serve.upstream import UpstreamError
 from serve.schemas import (
     Alternative,
     ChatChoice,
@@ -63,6 +68,8 @@ from serve.schemas import (
     Usage,
     new_id,
 )
+from serve.ui import UI_PREFIX, mount_catalogue
+from serve.upstream import UpstreamError
 
 logger = logging.getLogger("mose.api")
 
