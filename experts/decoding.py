@@ -28,6 +28,8 @@ class RowState:
     finish_reason: str | None = None
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     """With ``params.logprobs``: per generated token (token, log-prob, [(alternative, log-prob)])."""
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
+    """With ``params.prompt_logprobs``: the same per prompt token (the first has no log-prob)."""
 
     @property
     def done(self) -> bool:
@@ -111,6 +113,23 @@ def _record_logprobs(row: RowState, logits: Any, token: int) -> None:
     row.logprobs.append((token, float(logprobs[token]), top))
 
 
+def score_prompt(logits: Any, prompt: Sequence[int], k: int) -> list[tuple[int, float | None, list]]:
+    """Each prompt token's log-prob (float32 log-softmax) given the tokens before it and the ``k``
+    most likely tokens there; ``logits``: the prompt's positions, the last one aligned with the
+    prompt's last token (left padding before it)."""
+    import torch
+
+    rows = logits[-len(prompt):-1].float() if len(prompt) > 1 else logits[:0].float()
+    logprobs = torch.log_softmax(rows, dim=-1)
+    targets = torch.tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
+    chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist() if len(prompt) > 1 else []
+    tops: list[list[tuple[int, float]]] = [[] for _ in chosen]
+    if k and chosen:
+        values, indices = torch.topk(logprobs, k, dim=-1)
+        tops = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return [(prompt[0], None, [])] + [(token, value, top) for token, value, top in zip(prompt[1:], chosen, tops)]
+
+
 def _byte_table() -> dict[str, int]:
     """Byte-level BPE's printable stand-in for each byte (GPT-2's table) -> the byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -142,12 +161,15 @@ def token_piece(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
 def result_logprobs(row: RowState, tokenizer: Any) -> list[Any] | None:
     """The row's recorded log-probabilities as :class:`~experts.types.TokenLogprob` entries
     (None when the row did not ask for them)."""
+    return None if row.params.logprobs is None else as_entries(row.logprobs, tokenizer)
+
+
+def as_entries(recorded: Sequence[tuple[int, float | None, list[tuple[int, float]]]], tokenizer: Any) -> list[Any]:
+    """Recorded (token, log-prob, alternatives) as :class:`~experts.types.TokenLogprob` entries."""
     from experts.types import TokenLogprob, TopLogprob
 
-    if row.params.logprobs is None:
-        return None
     out = []
-    for token, logprob, top in row.logprobs:
+    for token, logprob, top in recorded:
         text, raw = token_piece(tokenizer, token)
         alternatives = []
         for other, value in top:

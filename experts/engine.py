@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from experts.chat import forward_kwargs, left_pad
-from experts.decoding import RowState, advance, new_row, ready_text, result_logprobs
+from experts.decoding import RowState, advance, as_entries, new_row, ready_text, result_logprobs, score_prompt
 from experts.types import GenerationRequest, GenerationResult
 from registry.errors import MoseError
 
@@ -530,9 +530,10 @@ class EngineLoop:
             device = next(model.parameters()).device
             ids, mask, positions = (t.to(device) for t in left_pad([row.admission.prompt for row in rows],
                                                                     batch.pad_id))
+            scored = any(row.request.params.prompt_logprobs is not None for row in rows)
             with context:
                 out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=1, **forward_kwargs(names))
+                            logits_to_keep=0 if scored else 1, **forward_kwargs(names))
         except Exception as exc:
             logger.exception("prefill failed")
             for row in rows:
@@ -542,6 +543,9 @@ class EngineLoop:
         tokens = []
         for i, row in enumerate(rows):
             row.state = new_row(row.request.params)
+            if row.request.params.prompt_logprobs is not None:  # the prompt's own positions of this pass
+                row.state.prompt_logprobs = score_prompt(out.logits[i], row.admission.prompt,
+                                                         row.request.params.prompt_logprobs)
             row.handle.batch_size = max(row.handle.batch_size, len(rows))
             tokens.append(self._advance(batch, row, logits[i]))
         keep = [i for i, row in enumerate(rows) if not row.state.done]
@@ -612,7 +616,9 @@ class EngineLoop:
             row.handle._finish(GenerationResult(
                 expert=row.request.expert, text=row.state.text, finish_reason=row.state.finish_reason,
                 prompt_tokens=len(row.admission.prompt), completion_tokens=len(row.state.token_ids),
-                logprobs=result_logprobs(row.state, batch.tokenizer)))
+                logprobs=result_logprobs(row.state, batch.tokenizer),
+                prompt_logprobs=None if row.state.prompt_logprobs is None else
+                as_entries(row.state.prompt_logprobs, batch.tokenizer)))
         return token
 
     # ------------------------------------------------------------ ending rows

@@ -416,8 +416,21 @@ class ExpertPool:
         return request
 
     def _prompt(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
-        ids = prompt_ids(tokenizer, [m.model_dump() for m in request.messages])
-        return ids[-self.config.max_prompt_tokens:]
+        if request.prompt is None:
+            ids = prompt_ids(tokenizer, [m.model_dump() for m in request.messages])
+            return ids[-self.config.max_prompt_tokens:]
+        if isinstance(request.prompt, str):
+            ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            ids = list(request.prompt)
+            if any(not 0 <= token < len(tokenizer) for token in ids):
+                raise MoseError(f"invalid generation request: prompt token ids must be in [0, {len(tokenizer)})")
+        if not ids:
+            raise MoseError("invalid generation request: the prompt is empty")
+        if len(ids) > self.config.max_prompt_tokens:  # not cut: its tokens may be scored
+            raise MoseError(f"invalid generation request: the prompt is {len(ids)} tokens; this pool takes at "
+                            f"most {self.config.max_prompt_tokens}")
+        return ids
 
     def submit(self, request: Any, stream: bool = False) -> RowHandle:
         """Queue one request on the engine loop and return its handle at once; it joins the running

@@ -26,6 +26,9 @@ class SamplingParams(BaseModel):
     logprobs: int | None = Field(default=None, ge=0, le=20, description=(
         "Record each generated token's log-probability and this many most likely alternatives "
         "(None: record nothing)."))
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description=(
+        "Also score the prompt: each prompt token's log-probability given the tokens before it and "
+        "this many most likely alternatives (None: do not score the prompt)."))
 
     @field_validator("stop")
     @classmethod
@@ -52,13 +55,17 @@ class GenerationRequest(BaseModel):
     expert: str = Field(default=BASE_EXPERT, description="Expert name, or 'base' for the base model.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     params: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters.")
+    prompt: str | list[int] | None = Field(None, description=(
+        "Text or token ids to continue as they are, instead of the chat-formatted ``messages``."))
 
 
 class TopLogprob(BaseModel):
     """One candidate token at a position and its log-probability."""
 
     token: str = Field(description="The token's text.")
-    logprob: float = Field(description="Natural-log probability under the model (float32 log-softmax of the logits).")
+    logprob: float | None = Field(description=(
+        "Natural-log probability under the model (float32 log-softmax of the logits); None for the "
+        "prompt's first token, which nothing predicts."))
     bytes: list[int] = Field(description="The token's UTF-8 bytes (a token can hold part of a character).")
 
 
@@ -78,6 +85,8 @@ class GenerationResult(BaseModel):
     completion_tokens: int = Field(description="Tokens generated.")
     logprobs: list[TokenLogprob] | None = Field(None, description=(
         "With ``params.logprobs``: one entry per generated token (end-of-turn excluded)."))
+    prompt_logprobs: list[TokenLogprob] | None = Field(None, description=(
+        "With ``params.prompt_logprobs``: one entry per prompt token (the first has no log-probability)."))
 
 
 class ExpertScore(BaseModel):

@@ -59,3 +59,26 @@ def _ids(tokenizer, result) -> list[int]:
 
     table = {byte: char for char, byte in _byte_table().items()}
     return [tokenizer.convert_tokens_to_ids("".join(table[b] for b in entry.bytes)) for entry in result.logprobs]
+
+
+@pytest.mark.parametrize("expert", ["base", "alpha"])
+def test_prompt_logprobs_equal_the_pools_scoring(pool, expert):
+    """A raw prompt scored in its prefill (beside a row that does not ask) and continued as it is."""
+    text = "The capital of France is Paris, and the capital of Italy is"
+    scored, other = pool.generate([
+        GenerationRequest(expert=expert, messages=FRANCE, prompt=text,
+                          params={"max_new_tokens": 2, "prompt_logprobs": 2}),
+        GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 3})])
+    assert other.prompt_logprobs is None
+    ids = pool.tokenizer(text, add_special_tokens=False)["input_ids"]
+    entries = scored.prompt_logprobs
+    assert scored.prompt_tokens == len(ids) == len(entries) and entries[0].logprob is None
+    assert "".join(e.token for e in entries) == text
+    expected = _scored(pool, expert, ids[:1], ids[1:])
+    for entry, want in zip(entries[1:], expected):
+        assert abs(entry.logprob - want) < 1e-4, (entry, want)
+        assert len(entry.top) == 2 and entry.top[0].logprob >= entry.logprob - 1e-6
+    by_ids = pool.generate([GenerationRequest(expert=expert, messages=FRANCE, prompt=ids,
+                                              params={"max_new_tokens": 2, "prompt_logprobs": 0})])[0]
+    assert [e.logprob for e in by_ids.prompt_logprobs] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    assert by_ids.text == scored.text
