@@ -497,9 +497,12 @@ class _Handlers:
         return await self._complete("chat", body, body.routing_text(), messages)
 
     async def completions(self, body: CompletionRequest) -> Response:
-        text = body.prompt_text()
-        self._check_prompt(len(text))
-        return await self._complete("completions", body, text, [PoolMessage(role="user", content=text)])
+        text, ids = body.prompt_text(), body.prompt_ids()
+        self._check_prompt(len(text) if ids is None else len(ids))
+        if ids is not None and body.model == AUTO:
+            raise ApiError(400, "a prompt of token ids cannot be routed: name the model (an expert or 'base')",
+                           param="model")
+        return await self._complete("completions", body, text, [PoolMessage(role="user", content=text or " ")])
 
     async def _complete(self, endpoint: str, body: SamplingFields, routing_text: str,
                         messages: list[PoolMessage]) -> Response:
@@ -509,8 +512,9 @@ class _Handlers:
         if body.model.startswith(UPSTREAM_PREFIX):
             return await self._upstream(endpoint, body, routing_text, messages, params, started)
         info = await self._choose_expert(body.model, routing_text)
+        raw = _raw_prompt(body)
         # n choices: n rows; with a seed, choice i samples with seed + i (the first one as without n)
-        requests = [GenerationRequest(expert=info.expert, messages=messages, params=params.model_copy(
+        requests = [GenerationRequest(expert=info.expert, messages=messages, prompt=raw, params=params.model_copy(
             update={"seed": None if params.seed is None else (params.seed + i + 2**63) % 2**64 - 2**63}))
             for i in range(body.n)]
         headers = _mose_headers(info)
@@ -526,6 +530,8 @@ class _Handlers:
         for _, batch_size in answers:
             self.metrics.batch_size.observe(batch_size)
         results = [result for result, _ in answers]
+        if getattr(body, "echo", False):
+            results = [_echoed(body, result, score_only=body.requested_max_tokens() == 0) for result in results]
         usage = _usage(results)
         if endpoint == "chat":
             payload: BaseModel = ChatCompletion(
@@ -548,8 +554,11 @@ class _Handlers:
         if params.logprobs is not None and body.stream:
             raise ApiError(400, "logprobs are not available when streaming; send stream: false",
                            param="logprobs")
+        echo = getattr(body, "echo", False)
+        if echo and body.stream:
+            raise ApiError(400, "echo is not available when streaming; send stream: false", param="echo")
         if body.model.startswith(UPSTREAM_PREFIX):
-            for name, value in (("n", body.n != 1), ("logprobs", params.logprobs is not None)):
+            for name, value in (("n", body.n != 1), ("logprobs", params.logprobs is not None), ("echo", echo)):
                 if value:
                     raise ApiError(400, f"{name} is not available for upstream models", param=name)
 
@@ -604,6 +613,9 @@ class _Handlers:
     def _sampling(self, body: SamplingFields) -> SamplingParams:
         limits = self.config.limits
         requested = body.requested_max_tokens()
+        echo = getattr(body, "echo", False)
+        if echo and requested == 0:  # only the prompt is scored: one token is decoded, and dropped
+            requested = 1
         if requested is not None and requested < 1:
             raise ApiError(400, f"max_tokens must be at least 1 (got {requested})", param="max_tokens")
         if requested is not None and requested > limits.max_tokens:
@@ -617,6 +629,7 @@ class _Handlers:
                 stop=body.stop_list(),
                 seed=body.seed,
                 logprobs=body.logprob_alternatives(),
+                prompt_logprobs=(body.logprob_alternatives() or 0) if echo else None,
             )
         except ValidationError as exc:  # the pool's own limits, should the request schema miss one
             raise ApiError(400, f"sampling parameters: {_describe_errors(exc.errors())}") from None
@@ -684,6 +697,32 @@ def _mose_headers(info: MoseInfo) -> dict[str, str]:
     return headers
 
 
+def _raw_prompt(body: SamplingFields) -> str | list[int] | None:
+    """What the pool continues as it is (no chat template): an echoed prompt, or token ids."""
+    if not isinstance(body, CompletionRequest):
+        return None
+    ids = body.prompt_ids()
+    if ids is not None:
+        return ids
+    return body.prompt_text() if body.echo else None
+
+
+def _echoed(body: CompletionRequest, result: GenerationResult, score_only: bool) -> GenerationResult:
+    """The result with the prompt before its text (and its tokens before its log-probabilities, when
+    asked); ``score_only``: without the token decoded after the prompt."""
+    prompt_entries = result.prompt_logprobs or []
+    prompt_text = body.prompt_text() if body.prompt_ids() is None else "".join(e.token for e in prompt_entries)
+    generated = [] if score_only else (result.logprobs or [])
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = [*prompt_entries, *generated]
+    return result.model_copy(update={
+        "text": prompt_text + ("" if score_only else result.text),
+        "completion_tokens": 0 if score_only else result.completion_tokens,
+        "finish_reason": "length" if score_only else result.finish_reason,
+        "logprobs": logprobs, "prompt_logprobs": None})
+
+
 def _usage(results: Sequence[GenerationResult]) -> Usage:
     """One request's usage: its prompt once, the tokens of every choice."""
     prompt = results[0].prompt_tokens if results else 0
@@ -710,7 +749,8 @@ def _legacy_logprobs(entries: list[TokenLogprob] | None) -> CompletionLogprobs |
         offsets.append(at)
         at += len(entry.token)
     return CompletionLogprobs(tokens=[e.token for e in entries], token_logprobs=[e.logprob for e in entries],
-                              top_logprobs=[{t.token: t.logprob for t in e.top} for e in entries],
+                              top_logprobs=[None if e.logprob is None else {t.token: t.logprob for t in e.top}
+                                            for e in entries],
                               text_offset=offsets)
 
 

@@ -39,7 +39,6 @@ _UNSUPPORTED = {
     "modalities": ((None, ["text"]), "mose answers with text only"),
     "prediction": ((None,), "mose does not use predicted outputs"),
     "suffix": ((None, ""), "mose does not complete text before a suffix"),
-    "echo": ((None, False), "mose does not echo or score prompts"),
     "web_search_options": ((None,), "mose does not search the web"),
 }
 
@@ -188,8 +187,14 @@ class CompletionRequest(SamplingFields):
     model: Text = "auto"
     """``auto`` (the router picks), an expert name, or ``upstream:<name>``."""
 
-    prompt: str | list[str]
-    """The prompt (a list must hold exactly one string)."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """The prompt: text, or token ids (continued as they are; needs a named ``model``); a list of
+    prompts must hold exactly one."""
+
+    echo: bool = False
+    """Return the prompt before the completion. The prompt is then continued as raw text (no chat
+    template); with ``logprobs`` its tokens are scored too (the first has no log-probability), and
+    ``max_tokens: 0`` only scores it."""
 
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     """Return each token's log-probability and this many most likely alternatives (the legacy
@@ -210,14 +215,28 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if isinstance(value, list) and value and all(isinstance(token, int) for token in value):
+            return value
         if isinstance(value, list) and len(value) != 1:
-            raise ValueError("mose answers one prompt per request; send a string or a one-item list")
-        _encodable(value if isinstance(value, str) else value[0])
+            raise ValueError("mose answers one prompt per request; send a string, token ids or a one-item list")
+        one = value if isinstance(value, str) else value[0]
+        if isinstance(one, list) and not one:
+            raise ValueError("the prompt's token ids are empty")
+        if isinstance(one, str):
+            _encodable(one)
         return value
 
+    def prompt_ids(self) -> list[int] | None:
+        """The prompt's token ids, when it was sent as token ids."""
+        one = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) \
+            else self.prompt
+        return list(one) if isinstance(one, list) else None
+
     def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        """The prompt's text ('' for token ids)."""
+        one = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+        return one if isinstance(one, str) else ""
 
 
 class Alternative(_Strict):

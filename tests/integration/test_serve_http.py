@@ -78,6 +78,28 @@ def test_openai_fields_on_the_real_pool(served):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.message.content
 
 
+def test_lm_eval_loglikelihood_requests_score_the_prompt(served):
+    """lm-eval-harness's local-completions loglikelihood request (text prompts): the context and the
+    continuation echoed with each token's log-prob, then one decoded token it drops."""
+    context, continuation = "The capital of France is", " Paris"
+    shape = {"model": "med-expert", "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234, "echo": True}
+    with served.client() as client:
+        whole = client.post("/v1/completions", json=shape | {"prompt": [context + continuation]})
+        alone = client.post("/v1/completions", json=shape | {"prompt": [context], "max_tokens": 0})
+    assert whole.status_code == 200 and alone.status_code == 200, (whole.text, alone.text)
+    scored, prefix = whole.json()["choices"][0], alone.json()["choices"][0]
+    assert scored["text"].startswith(context + continuation) and prefix["text"] == context
+    ctxlen = len(prefix["logprobs"]["tokens"])
+    tokens, values = scored["logprobs"]["tokens"], scored["logprobs"]["token_logprobs"]
+    assert "".join(tokens[ctxlen:-1]) == continuation and values[0] is None
+    assert values[:ctxlen] == pytest.approx(prefix["logprobs"]["token_logprobs"], abs=1e-4)
+    assert all(v < 0 for v in values[ctxlen:-1])
+    tops = scored["logprobs"]["top_logprobs"][ctxlen:-1]
+    assert all(len(top) == 1 for top in tops)  # what lm-eval compares to tell a greedy continuation
+    assert scored["logprobs"]["text_offset"][ctxlen] == len(context)
+    assert whole.json()["usage"]["completion_tokens"] == 1 and alone.json()["usage"]["completion_tokens"] == 0
+
+
 def _sse_events(response) -> list:
     events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
     return [e if e == "[DONE]" else json.loads(e) for e in events]

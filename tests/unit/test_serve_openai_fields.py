@@ -14,6 +14,8 @@ from serve.backend import Backend
 from serve.config import ServeConfig
 
 TOKENS = [("Paris", -0.25), (" is", -0.5), (" nice", -1.5)]
+PROMPT = [(101, "The", None), (102, " capital", -3.0), (103, " of", -0.75), (104, " France", -1.25), (105, " is", -0.5)]
+"""A raw prompt the fake pool scores: (token id, text, log-prob given the tokens before)."""
 
 
 def _entry(token: str, logprob: float, k: int) -> TokenLogprob:
@@ -30,10 +32,17 @@ class FakePool(Backend):
 
     def _result(self, request) -> GenerationResult:
         self.requests.append(request)
-        k = request.params.logprobs
+        k, scored = request.params.logprobs, request.params.prompt_logprobs
+        prompt = None
+        if scored is not None:
+            assert request.prompt in ("".join(t for _, t, _ in PROMPT), [i for i, _, _ in PROMPT])
+            prompt = [_entry(t, lp, scored) if lp is not None else TokenLogprob(token=t, logprob=None, bytes=[])
+                      for _, t, lp in PROMPT]
+        tokens = TOKENS[:request.params.max_new_tokens]
         return GenerationResult(
-            expert=request.expert, text="".join(t for t, _ in TOKENS), finish_reason="length", prompt_tokens=7,
-            completion_tokens=len(TOKENS), logprobs=None if k is None else [_entry(t, lp, k) for t, lp in TOKENS])
+            expert=request.expert, text="".join(t for t, _ in tokens), finish_reason="length",
+            prompt_tokens=len(PROMPT) if scored is not None else 7, completion_tokens=len(tokens),
+            logprobs=None if k is None else [_entry(t, lp, k) for t, lp in tokens], prompt_logprobs=prompt)
 
     async def generate(self, request):
         return self._result(request), 1
@@ -113,7 +122,7 @@ def test_a_field_mose_does_not_support_is_refused_by_name(http, pool, field, val
     assert pool.requests == []
 
 
-@pytest.mark.parametrize("field, value", [("echo", True), ("suffix", " end"), ("best_of", 3)])
+@pytest.mark.parametrize("field, value", [("suffix", " end"), ("best_of", 3)])
 def test_completion_fields_mose_does_not_support_are_refused_by_name(http, field, value):
     response = http.post("/v1/completions", json=TEXT | {field: value})
     assert response.status_code == 400, response.text
@@ -224,3 +233,49 @@ def test_langchain_chat_openai_gets_logprobs(http):
     assert [(e["token"], e["logprob"]) for e in content] == TOKENS
     assert len(content[0]["top_logprobs"]) == 2
     assert message.response_metadata["finish_reason"] == "length"
+
+
+LM_EVAL_LOGLIKELIHOOD = {"model": "med", "prompt": [[101, 102, 103, 104, 105]], "temperature": 0, "max_tokens": 1,
+                         "logprobs": 1, "seed": 1234, "echo": True}
+"""What lm-eval-harness's ``local-completions`` sends for one loglikelihood request (token ids,
+one prompt in a list); it then reads ``token_logprobs[ctxlen:-1]`` and the ``top_logprobs`` beside
+them to tell whether the continuation is greedy."""
+
+
+def test_lm_eval_loglikelihood_request(http, pool):
+    response = http.post("/v1/completions", json=LM_EVAL_LOGLIKELIHOOD)
+    assert response.status_code == 200, response.text
+    assert pool.requests[-1].prompt == [101, 102, 103, 104, 105]
+    choice = response.json()["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "The capital of France isParis"
+    assert logprobs["tokens"] == ["The", " capital", " of", " France", " is", "Paris"]
+    assert logprobs["token_logprobs"] == [None, -3.0, -0.75, -1.25, -0.5, -0.25]
+    assert logprobs["top_logprobs"][0] is None and logprobs["top_logprobs"][1] == {" capital": -3.0}
+    assert logprobs["text_offset"] == [0, 3, 11, 14, 21, 24]
+    ctxlen = 3  # as lm-eval scores a continuation: its tokens after the context, less the decoded one
+    continuation = logprobs["token_logprobs"][ctxlen:-1]
+    assert sum(continuation) == -1.75
+    greedy = all(value == max(top.values()) for value, top in zip(continuation, logprobs["top_logprobs"][ctxlen:-1]))
+    assert greedy
+
+
+def test_echo_with_max_tokens_0_only_scores_the_prompt(client, pool):
+    reply = client.completions.create(model="med", prompt="The capital of France is", max_tokens=0, echo=True,
+                                      logprobs=0)
+    choice = reply.choices[0]
+    assert pool.requests[-1].prompt == "The capital of France is" and pool.requests[-1].params.max_new_tokens == 1
+    assert choice.text == "The capital of France is" and choice.logprobs.token_logprobs[0] is None
+    assert choice.logprobs.tokens == [t for _, t, _ in PROMPT] and reply.usage.completion_tokens == 0
+    echoed = client.completions.create(model="med", prompt="The capital of France is", max_tokens=3, echo=True)
+    assert echoed.choices[0].text == "The capital of France isParis is nice" and echoed.choices[0].logprobs is None
+
+
+def test_token_id_prompts_need_a_named_model(http):
+    response = http.post("/v1/completions", json=LM_EVAL_LOGLIKELIHOOD | {"model": "auto"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "model"
+
+
+def test_echo_is_refused_when_streaming(http):
+    response = http.post("/v1/completions", json=TEXT | {"echo": True, "stream": True})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "echo"
