@@ -35,32 +35,55 @@ EXAMPLE_QUERY_CHARS = 600
 class FinetuneConfig(BaseModel):
     """Hyper-parameters of one LoRA fine-tune (defaults sized for a 2-core CPU)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    steps: int | None = Field(default=30, ge=1, description="Stop after this many optimizer steps (None: run "
-                              "every epoch to the end).")
-    epochs: int = Field(default=1, ge=1, description="Passes over the training rows.")
-    train_tokens: int | None = Field(default=None, ge=1, description="Train on the leading shuffled rows whose "
-                                     "tokens add up to this budget (None: every row).")
-    batch_size: int = Field(default=4, ge=1, description="Question/answer pairs per step.")
-    learning_rate: float = Field(default=1e-3, gt=0, description="AdamW peak learning rate (short warm-up, "
-                                 "then linear decay to a tenth).")
-    rank: int = Field(default=8, ge=1, le=256, description="LoRA rank.")
-    alpha: int = Field(default=16, ge=1, description="LoRA alpha (scaling = alpha / rank).")
+    steps: int | None = Field(default=30, ge=1)
+    """Stop after this many optimizer steps (None: run every epoch to the end)."""
+
+    epochs: int = Field(default=1, ge=1)
+    """Passes over the training rows."""
+
+    train_tokens: int | None = Field(default=None, ge=1)
+    """Train on the leading shuffled rows whose tokens add up to this budget (None: every row)."""
+
+    batch_size: int = Field(default=4, ge=1)
+    """Question/answer pairs per step."""
+
+    learning_rate: float = Field(default=1e-3, gt=0)
+    """AdamW peak learning rate (short warm-up, then linear decay to a tenth)."""
+
+    rank: int = Field(default=8, ge=1, le=256)
+    """LoRA rank."""
+
+    alpha: int = Field(default=16, ge=1)
+    """LoRA alpha (scaling = alpha / rank)."""
+
     target_modules: list[str] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="Linear layers that get LoRA adapters.")
-    top_layers: int | None = Field(
-        default=10, ge=1,
-        description="Adapt only the last N decoder layers (backward stops there: much faster on CPU); "
-                    "None adapts all layers.")
-    max_tokens: int = Field(default=96, ge=16, description="Question+answer tokens per row (longer rows are cut).")
-    heldout_rows: int = Field(default=16, ge=1, description="Rows kept out of training to measure loss.")
-    max_train_rows: int | None = Field(default=None, ge=1, description="Use at most this many training rows.")
-    seed: int = Field(default=0, description="Seed of the split, the batch order and the LoRA init.")
-    curve_points: int = Field(default=2, ge=2, description="Held-out loss measurements spread over training "
-                              "(the first is the base model's loss, the last the trained adapter's).")
-    example_queries: int = Field(default=24, ge=20, description="Example queries written into the manifest.")
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get LoRA adapters."""
+
+    top_layers: int | None = Field(default=10, ge=1)
+    """Adapt only the last N decoder layers (backward stops there: much faster on CPU); None adapts
+    all layers."""
+
+    max_tokens: int = Field(default=96, ge=16)
+    """Question+answer tokens per row (longer rows are cut)."""
+
+    heldout_rows: int = Field(default=16, ge=1)
+    """Rows kept out of training to measure loss."""
+
+    max_train_rows: int | None = Field(default=None, ge=1)
+    """Use at most this many training rows."""
+
+    seed: int = 0
+    """Seed of the split, the batch order and the LoRA init."""
+
+    curve_points: int = Field(default=2, ge=2)
+    """Held-out loss measurements spread over training (the first is the base model's loss, the
+    last the trained adapter's)."""
+
+    example_queries: int = Field(default=24, ge=20)
+    """Example queries written into the manifest."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ class RouterConfig(BaseModel):
     docs/benchmarks.md (``benchmarks/router.py``), choices in docs/decisions/router-neighbour-memory.md.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     # --- encoder -------------------------------------------------------------------------
     max_length: int = Field(default=64, ge=8, le=512)

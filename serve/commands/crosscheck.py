@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from jury.calibrator import CalibratorConfig
 from serve.commands._common import add_common_flags, emit, home_of
+from serve.commands._config_args import add_config_arguments, config_from_args
+
+# CalibratorConfig fields that are flags of `mose crosscheck train` (its seed is --seed, shared with the sample).
+CALIBRATOR_FLAGS = ("target_flag_precision", "max_flag_probability", "folds", "candidates", "boosted_trees",
+                    "probe_layer", "probe_average_folds", "off_topic_share", "recalibrate")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,8 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                description="Fit the calibrator that turns jury evidence into P(correct), and the "
                                "flag threshold. Only rows in the train bucket of their id hash are used.")
     _data_flags(train)
-    train.add_argument("--target-flag-precision", type=float, default=0.7,
-                       help="wanted share of flagged answers that are really wrong (default 0.7)")
     train.add_argument("--evidence", action="append", default=[], metavar="FILE",
                        help="reuse jury evidence saved earlier with --save-evidence (same experts and --k) "
                             "instead of scoring the rows again; scoring is the slow part (repeatable)")
@@ -31,20 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                             "on crosscheck_dev). --no-answer-only-adapters: adapters read the question too. "
                             "The calibrator remembers it: eval, check and the server then score the same way "
                             "(default: answer only)")
-    train.add_argument("--probe-layer", type=int, default=20, metavar="N",
-                       help="the truthfulness probe reads the base model's hidden states after N layers, "
-                            "averaged over the answer; its logit joins the jury's evidence (default 20: "
-                            "where the demo experts' adapters begin, so no layer runs for it)")
-    train.add_argument("--no-probe", dest="probe_layer", action="store_const", const=None,
+    add_config_arguments(train, CalibratorConfig, CALIBRATOR_FLAGS,
+                         names={"probe_average_folds": ("--probe-average-folds", "--average-probe-folds")},
+                         metavars={"probe_layer": "N", "candidates": "FAMILY"})
+    train.add_argument("--no-probe", action="store_true",
                        help="no truthfulness probe: the calibrator reads the jurors' likelihoods only")
-    train.add_argument("--recalibrate", action="store_true",
-                       help="Platt-scale the chosen model's log-odds, fitted on its out-of-fold predictions "
-                            "(off by default: the default fit is calibrated on unseen rows of crosscheck_dev; "
-                            "docs/decisions/jury-calibrator-fitting.md)")
-    train.add_argument("--average-probe-folds", action="store_true",
-                       help="keep the mean of the probe's cross-validation fold probes instead of a refit on "
-                            "every row (off by default: no reliable gain on crosscheck_dev; "
-                            "docs/decisions/jury-calibrator-fitting.md)")
     train.set_defaults(func=run_train)
 
     evaluate = actions.add_parser("eval", help="AUROC/ECE/flag precision against baselines on unseen rows",
@@ -95,8 +90,7 @@ def _data_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from experts.types import validate
-    from jury.calibrator import CalibratorConfig, save_calibrator
+    from jury.calibrator import save_calibrator
     from jury.crosscheck import (
         collect,
         load_evidence,
@@ -110,10 +104,8 @@ def run_train(args: argparse.Namespace) -> int:
     from jury.jury import JuryConfig
     from jury.negatives import NegativesConfig
 
-    config = validate(CalibratorConfig, {"target_flag_precision": args.target_flag_precision, "seed": args.seed,
-                                         "probe_layer": args.probe_layer, "recalibrate": args.recalibrate,
-                                         "probe_average_folds": args.average_probe_folds},
-                      "calibrator settings")  # before any loading
+    extra = {"probe_layer": None} if args.no_probe else {}
+    config = config_from_args(CalibratorConfig, args, what="calibrator settings", seed=args.seed, **extra)  # before any loading
     home = home_of(args)
     rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
     rows = with_negatives(rows, NegativesConfig(seed=args.seed) if args.negatives else None)

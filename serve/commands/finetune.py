@@ -13,7 +13,13 @@ import argparse
 import contextlib
 import sys
 
+from experts.finetune import FinetuneConfig
 from serve.commands._common import add_common_flags, emit, home_of
+from serve.commands._config_args import add_config_arguments, config_from_args
+
+# FinetuneConfig fields that are flags (the rest: a Python caller's choice).
+FINETUNE_FLAGS = ("steps", "epochs", "train_tokens", "batch_size", "learning_rate", "rank", "alpha", "top_layers",
+                  "max_tokens", "heldout_rows", "max_train_rows", "seed")
 
 
 def add_expert_subcommands(expert_sub: argparse._SubParsersAction) -> None:
@@ -25,13 +31,8 @@ def add_expert_subcommands(expert_sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--domain", required=True, help="taxonomy domain the expert serves (e.g. law)")
     parser.add_argument("--name", required=True, help="expert name (lowercase slug, e.g. my-law-expert)")
     parser.add_argument("--version", default="0.1.0", help="expert version (default 0.1.0)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default 30)")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 8)")
-    parser.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 4)")
-    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 1e-3)")
-    parser.add_argument("--max-tokens", type=int, default=None, help="tokens per question+answer (default 96)")
-    parser.add_argument("--heldout", type=int, default=None, help="held-out rows (default 16)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of split, order and init (default 0)")
+    add_config_arguments(parser, FinetuneConfig, FINETUNE_FLAGS,
+                         names={"learning_rate": ("--learning-rate", "--lr"), "heldout_rows": ("--heldout-rows", "--heldout")})
     parser.add_argument("--owner", default="local", help="owner recorded in the manifest")
     parser.add_argument("--license", default="Apache-2.0", help="licence recorded in the manifest")
     parser.add_argument("--out", default=None, help="output folder (default MOSE_HOME/finetuned/NAME-VERSION)")
@@ -39,17 +40,11 @@ def add_expert_subcommands(expert_sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-_CONFIG_FLAGS = {"steps": "steps", "rank": "rank", "batch_size": "batch_size", "lr": "learning_rate",
-                 "max_tokens": "max_tokens", "heldout": "heldout_rows", "seed": "seed"}
-
-
 def run(args: argparse.Namespace) -> int:
-    from experts.finetune import FinetuneConfig, finetune
-    from experts.types import validate
+    from experts.finetune import finetune
     from serve.activation import activate
 
-    overrides = {field: getattr(args, flag) for flag, field in _CONFIG_FLAGS.items() if getattr(args, flag) is not None}
-    config = validate(FinetuneConfig, overrides, "fine-tune options")
+    config = config_from_args(FinetuneConfig, args, what="fine-tune options")
     activations = []
 
     def activate_and_teach(registry, name: str, version: str, actor: str) -> None:

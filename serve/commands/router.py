@@ -1,6 +1,6 @@
 """``mose router``: train, update, evaluate, split and query the learned router.
 
-    mose router train [--data FILE ...] [--epochs N] [--fine-tune auto|yes|no]
+    mose router train [--data FILE ...] [--epochs N] [--fine-tune auto|yes|no] [RouterConfig flags]
     mose router update                       # add head rows for newly activated experts' domains
     mose router eval [--data FILE] --json [--plots DIR]
     mose router route "query" [--json]
@@ -15,7 +15,14 @@ import contextlib
 import json
 import sys
 
+from router_model.config import RouterConfig
 from serve.commands._common import add_common_flags, emit, home_of
+from serve.commands._config_args import add_config_arguments, config_from_args
+
+# RouterConfig fields that are flags of `mose router train` (the rest are set from Python).
+ROUTER_TRAIN_FLAGS = ("epochs", "fine_tune", "max_rows_per_label", "encoder_layers", "tune_layers", "max_length",
+                      "batch_size", "lr", "head_lr", "head_epochs", "lexical_bag", "neighbours", "seed", "threads",
+                      "heldout_fraction", "validation_fraction", "target_precision", "min_threshold", "quantize")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,10 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_common_flags(train)
     train.add_argument("--data", action="append", default=[], metavar="FILE",
                        help="labelled JSONL (query, domain, optional source/id); repeatable")
-    train.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default from RouterConfig)")
-    train.add_argument("--fine-tune", choices=["auto", "yes", "no"], default=None,
-                       help="fine-tune the encoder, head only, or choose on validation accuracy (default auto)")
-    train.add_argument("--max-rows-per-label", type=int, default=None, help="cap training rows per domain")
+    add_config_arguments(train, RouterConfig, ROUTER_TRAIN_FLAGS)
     train.add_argument("--exclude-domain", action="append", default=[], metavar="DOMAIN",
                        help="leave a domain out of training (e.g. to test incremental updates)")
     train.add_argument("--no-registry", action="store_true", help="ignore the registry's experts")
@@ -76,16 +80,10 @@ def open_registry(home, wanted: bool = True):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from router_model.config import RouterConfig
     from router_model.service import train_and_publish
 
     home = home_of(args)
-    overrides = {
-        key: value
-        for key, value in (("epochs", args.epochs), ("fine_tune", args.fine_tune), ("max_rows_per_label", args.max_rows_per_label))
-        if value is not None
-    }
-    config = RouterConfig(**overrides)
+    config = config_from_args(RouterConfig, args, what="router settings")
     registry = open_registry(home, not args.no_registry)
     with contextlib.redirect_stdout(sys.stderr):
         directory = train_and_publish(home, args.data, registry, config, exclude_domains=args.exclude_domain)

@@ -8,6 +8,8 @@ import sys
 import threading
 
 from serve.commands._common import add_common_flags
+from serve.commands._config_args import add_config_arguments, overrides_from_args
+from serve.config import ServeConfig
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,8 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "environment variables, then these flags.",
     )
     _add_config_flags(parser)
-    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port to bind (default 8000)")
+    add_config_arguments(parser, ServeConfig, ("http.host", "http.port"))
     parser.set_defaults(func=run_serve)
     actions = parser.add_subparsers(dest="serve_action", metavar="ACTION")
     build = actions.add_parser(
@@ -36,16 +37,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     add_common_flags(parser, json_flag=False)
     parser.add_argument("--config", default=None, help="server config YAML (see docs/operations.md)")
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join ('auto' or host:port); default: start an embedded local Ray")
+    add_config_arguments(parser, ServeConfig, ("ray.address",))
 
 
 def _load(args: argparse.Namespace):
     from serve.config import load_config
 
-    overrides = {"home": args.home, "ray": {"address": args.address},
-                 "http": {"host": getattr(args, "host", None), "port": getattr(args, "port", None)}}
-    return load_config(args.config, **overrides)
+    return load_config(args.config, home=args.home, **overrides_from_args(ServeConfig, args))
+
+
+def serve_namespace(home: str | None, config: str | None, port: int | None = None) -> argparse.Namespace:
+    """What ``mose serve [--home H] [--config C] [--port P]`` parses to (``mose up`` starts the server)."""
+    parser = argparse.ArgumentParser(prog="mose", add_help=False)
+    add_parser(parser.add_subparsers(dest="command"))
+    argv = ["serve"]
+    for flag, value in (("--home", home), ("--config", config), ("--port", port)):
+        if value is not None:
+            argv += [flag, str(value)]
+    return parser.parse_args(argv)
 
 
 def announce_admin(config) -> None:

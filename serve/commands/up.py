@@ -56,11 +56,10 @@ def run(args: argparse.Namespace) -> int:
     from experts.base_models import prepare_base_models
     from experts.demo import DemoConfig, build_demo, default_data_dir
     from registry import Registry
+    from serve.commands.serve import _load, serve_namespace
 
-    serve_args = argparse.Namespace(home=args.home, config=args.config, address=None, host=None, port=args.port)
+    serve_args = serve_namespace(args.home, args.config, args.port)
     if not args.prepare_only:
-        from serve.commands.serve import _load
-
         _load(serve_args)  # a server config that cannot serve fails now, not after minutes of preparing
     home = home_of(args)
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
