@@ -7,6 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+MIXED_DOMAIN_PROMPTS = [
+    "What are the symptoms of type 2 diabetes?",
+    "Solve for x: 3x + 5 = 20.",
+    "What is a fiduciary duty?",
+    "How does compound interest work?",
+    "Write a Python function that reverses a string.",
+    "What is the boiling point of water at sea level?",
+    "Who wrote Pride and Prejudice?",
+    "What is inflation?",
+]
+"""Short questions across the demo verticals that the speed benchmarks send in turn."""
+
 
 def print_table(title: str, rows: list[tuple[str, str, str]]) -> None:
     """``title``, then (measure, value, notes) rows as a markdown table (pasted into docs/benchmarks.md)."""

@@ -36,18 +36,8 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+from benchmarks._report import MIXED_DOMAIN_PROMPTS as PROMPTS  # noqa: E402
 from benchmarks._report import print_table, write_json  # noqa: E402
-
-PROMPTS = [
-    "What are the symptoms of type 2 diabetes?",
-    "Solve for x: 3x + 5 = 20.",
-    "What is a fiduciary duty?",
-    "How does compound interest work?",
-    "Write a Python function that reverses a string.",
-    "What is the boiling point of water at sea level?",
-    "Who wrote Pride and Prejudice?",
-    "What is inflation?",
-]
 
 
 def percentile(values: list[float], q: float) -> float:

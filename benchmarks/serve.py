@@ -40,19 +40,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from benchmarks._report import MIXED_DOMAIN_PROMPTS as PROMPTS  # noqa: E402
 from benchmarks._report import print_table, tree_rss_mib, write_json  # noqa: E402
 from tests._fixtures.serve import free_port, start_server, stop_server  # noqa: E402
 
-PROMPTS = [
-    "What are the symptoms of type 2 diabetes?",
-    "Solve for x: 3x + 5 = 20.",
-    "What is a fiduciary duty?",
-    "How does compound interest work?",
-    "Write a Python function that reverses a string.",
-    "What is the boiling point of water at sea level?",
-    "Who wrote Pride and Prejudice?",
-    "What is inflation?",
-]
 NEW_TOKENS = 16  # --max-tokens
 
 
