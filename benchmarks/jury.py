@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/jury.py speed [--home DIR] [--items 48] [--json FILE]
     .venv/bin/python benchmarks/jury.py precision [--home DIR] [--items 48] [--json FILE]
     .venv/bin/python benchmarks/jury.py reputation [--home DIR] [--feedback 30] [--heldout 40] [--json FILE]
+    .venv/bin/python benchmarks/jury.py own-answers [--home DIR] [--per-source 12] [--json FILE]
 
 ``speed``: short-answer rows (mmlu_mc, truthfulqa, halueval_qa), k=3 routed experts + the base
 model, evidence only (no own answers). Side by side in one run: the plain path (one full forward
@@ -31,6 +32,15 @@ through ``Jury.feedback`` into a scratch registry, so reputations move as in pro
 each juror's weight before and after, and the calibrated jury's AUROC on ``--heldout`` rows per
 source of the test bucket: without the bad juror, with it at its prior weight, and with it at
 the weight feedback gave it. The pool and router come from ``--home``; nothing there changes.
+
+``own-answers``: what the jurors' own answers would add. The router's k=3 experts and the base
+model each answer every question greedily (``JuryConfig.own_answer_tokens``), on ``--per-source``
+labelled test-bucket rows per source of crosscheck_dev and on the 40-question sanity suite
+(``tests/data/crosscheck_sanity.jsonl``). Side by side on the same rows: the AUROC of the home's
+calibrated P(correct), of the mean and highest MiniLM similarity of the candidate to the jurors'
+answers, and of the candidate sitting in the largest agreement cluster; on the sanity suite, the
+share of questions whose correct answer scores above the plainly wrong one, for each; and the
+seconds the answers cost per question.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -305,6 +316,59 @@ def reputation(args: argparse.Namespace) -> None:
                                "bad_over_median_after": relative_weight(after, bad)})
 
 
+# ---------------------------------------------------------------------------------- own answers
+
+def own_answers(args: argparse.Namespace) -> None:
+    from benchmarks.sanity import KINDS, load_suite
+    from jury.crosscheck import CheckRow, auroc, calibrator_inputs, collect
+    from jury.jury import largest_cluster_contains_candidate
+
+    jury = open_home_jury(args.home)
+    labelled = rows_of(None, args.per_source, test=True, seed=args.seed)
+    sanity = [CheckRow(question=r["question"], answer=r[kind], label=int(kind == "correct"), source="sanity_" + kind,
+                       domain=r["domain"]) for r in load_suite() for kind in KINDS]
+    rows = labelled + sanity
+    evidence = collect(jury, rows, progress=False)
+    p = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
+    questions = list(dict.fromkeys(r.question for r in rows))
+    panels = {q: jurors for q, jurors in zip(questions, jury.select_many(questions))}
+    requests = [req for q in questions for req in jury.own_answer_requests(q, [SimpleNamespace(expert=n) for n, _ in panels[q]])]
+    started = time.perf_counter()
+    texts = [r.text for r in jury.pool.generate(requests)]
+    seconds = (time.perf_counter() - started) / len(questions)
+    answers, at = {}, 0
+    for q in questions:
+        answers[q], at = texts[at:at + len(panels[q])], at + len(panels[q])
+    signals = {"calibrated P(correct)": list(p), "mean similarity to the jurors' answers": [],
+               "highest similarity": [], "in the largest agreement cluster": []}
+    for row in rows:
+        vectors = np.asarray(jury.embedder([row.answer] + answers[row.question]))
+        similarity = vectors @ vectors.T
+        signals["mean similarity to the jurors' answers"].append(float(similarity[0, 1:].mean()))
+        signals["highest similarity"].append(float(similarity[0, 1:].max()))
+        signals["in the largest agreement cluster"].append(
+            float(largest_cluster_contains_candidate(similarity, jury.config.similarity_threshold)))
+    sources = sorted({r.source for r in labelled})
+    figures, table = {}, []
+    for name, values in signals.items():
+        values = np.asarray(values)
+        lab = values[:len(labelled)]
+        per = {src: auroc([r.label for r in labelled if r.source == src],
+                          [v for r, v in zip(labelled, lab) if r.source == src]) for src in sources}
+        by_question = values[len(labelled):].reshape(-1, len(KINDS))
+        above = float(np.mean(by_question[:, 0] > by_question[:, 1]))
+        figures[name] = {"auroc": auroc([r.label for r in labelled], lab), "per_source": per,
+                         "sanity_correct_above_wrong": above}
+        per_text = ", ".join(f"{src} {per[src]:.2f}" for src in sources)
+        table.append((name, f"{figures[name]['auroc']:.3f}", f"{per_text}; sanity, correct above wrong: {above:.0%}"))
+    print_table(f"The jurors' own answers: AUROC on {len(labelled)} labelled test-bucket rows, and "
+                f"{len(sanity) // len(KINDS)} sanity questions; k=3 + base, {jury.config.own_answer_tokens} greedy "
+                f"tokens each, {seconds:.2f} s of answers per question (calibrator {jury.calibrator_version})", table)
+    write_json(args.json, {"labelled_rows": len(labelled), "sanity_questions": len(sanity) // len(KINDS),
+                           "seconds_per_question": seconds, "calibrator": jury.calibrator_version,
+                           "signals": figures})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -332,8 +396,14 @@ def main() -> None:
     bad.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     bad.add_argument("--save-evidence", default=None, metavar="FILE",
                      help="also write the jurors' evidence (bad juror included) as JSONL")
+    own = sub.add_parser("own-answers", help="the jurors' own answers as evidence: AUROC and sanity beside P(correct)")
+    own.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
+    own.add_argument("--per-source", type=int, default=12, help="labelled test-bucket rows per source")
+    own.add_argument("--seed", type=int, default=0)
+    own.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    {"speed": speed, "precision": precision, "reputation": reputation}[args.what](args)
+    {"speed": speed, "precision": precision, "reputation": reputation,
+     "own-answers": own_answers}[args.what](args)
 
 
 if __name__ == "__main__":
