@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
+from experts.pool import PoolConfig
 from registry.errors import MoseError
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
@@ -138,9 +139,10 @@ class DeploymentConfig(_Section):
 
 
 class PoolSettings(_Section):
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(PoolConfig.model_fields["max_batch_size"].default, ge=1)
     """Most requests the expert pool decodes together (per model); more wait for a free slot, and a
-    request leaves the batch as soon as it is done."""
+    request leaves the batch as soon as it is done. The default is the library's
+    (``experts.pool.PoolConfig.max_batch_size``): one number whether the pool serves or runs alone."""
 
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     """How long an idle pool waits after a first request for others to share its prefill pass;

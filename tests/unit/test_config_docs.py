@@ -154,7 +154,14 @@ def test_a_table_lists_every_field_with_its_default():
     for name, info in RouterConfig.model_fields.items():
         assert f"| `{name}` |" in table and info.description
     assert "| `epochs` | int | `2` | Passes over the training rows" in table
-    assert "| `pool.max_batch_size` | int | `8` |" in render_table(ServeConfig)
+    assert "| `pool.max_batch_size` | int | `16` |" in render_table(ServeConfig)
+
+
+def test_the_served_pool_and_the_library_pool_share_their_batch_default():
+    from experts.pool import PoolConfig
+    from serve.config import ServeConfig
+
+    assert ServeConfig().pool.max_batch_size == PoolConfig().max_batch_size
 
 
 def test_the_render_script_checks_and_rewrites(tmp_path):
