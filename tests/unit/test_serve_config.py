@@ -28,13 +28,13 @@ def test_layers_yaml_then_env_then_overrides(tmp_path, monkeypatch):
 
 
 def test_pool_precision_is_left_to_each_node_unless_set(monkeypatch):
-    from serve.deployments import _device_policy
+    from serve.deployments._common import device_policy
 
     assert load_config().pool.cpu_dtype is None
     monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")  # a node's own setting
-    assert _device_policy(None).cpu_dtype == "bfloat16"
+    assert device_policy(None).cpu_dtype == "bfloat16"
     monkeypatch.setenv("MOSE_SERVE__POOL__CPU_DTYPE", "float32")  # the application's, for every node
-    assert _device_policy(load_config().pool.cpu_dtype).cpu_dtype == "float32"
+    assert device_policy(load_config().pool.cpu_dtype).cpu_dtype == "float32"
 
 
 def test_admin_token_short_env_name_is_secret(monkeypatch):

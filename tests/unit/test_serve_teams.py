@@ -1,7 +1,7 @@
 """Team tokens over HTTP, on the real FastAPI app without Ray: the admin endpoints are served by
 ``serve.api.build_api`` against a backend that does what the Ray ingress does with the registry
-(``serve.deployments``' upload and status helpers). Team A gets 403 on every write to team B's
-experts and nothing changes; rotated and revoked tokens are refused; no token reaches a response,
+(``serve.deployments.ingress``' upload and status helpers). Team A gets 403 on every write to
+team B's experts and nothing changes; rotated and revoked tokens are refused; no token reaches a response,
 a log line or the audit log."""
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ class RegistryBackend(Backend):
         return self.registry.authenticate_team(token).name
 
     async def register(self, manifest, files, actor):
-        from serve.deployments import _record_json, _register_upload
+        from serve.deployments.ingress import _record_json, _register_upload
 
         return _record_json(_register_upload(self.registry, manifest, files, actor))
 
     async def set_status(self, name, action, actor, reason=None):
-        from serve.deployments import _change_status, _record_json
+        from serve.deployments.ingress import _change_status, _record_json
 
         return _record_json(_change_status(self.registry, name, action, actor, reason))
 
