@@ -16,7 +16,11 @@ trained on), in one run and on the same rows for every system:
 Metrics per vertical and overall: answer NLL per token, teacher-forced on the reference answer;
 on the first ``--gen-rows`` rows, the greedy answer's MiniLM cosine similarity to the reference,
 its degenerate rate (empty, echoed question, repetition loop: :func:`experts.sft_data.degenerate`)
-and, for math, whether its final number is the reference's. Printed beside them: a 95 %
+and, for math, whether its final number is the reference's; on ``--option-questions``
+multiple-choice questions per vertical (crosscheck_dev's ``mmlu_mc`` rows grouped by question: the
+right option and a distractor, questions of the experts' fine-tuning data left out), whether the
+system finds the right option likelier (mean answer-token log-prob) than the wrong one, chance
+being 50 %. Printed beside them: a 95 %
 bootstrap interval for ``auto`` minus ``generalist`` NLL and the router's share of questions per
 vertical. The generalist is cached under ``MOSE_HOME/benchmarks/`` (keyed by its training
 settings), so a second run only measures.
@@ -112,6 +116,27 @@ def final_number(text: str) -> str | None:
     return found[-1].replace(",", "").rstrip(".") if found else None
 
 
+def option_questions(data_dir: Path, verticals: list[str], per_vertical: int, seen: set[str]) -> list[tuple]:
+    """(vertical, question, [(option, is right)]) for up to ``per_vertical`` multiple-choice
+    questions per vertical from crosscheck_dev's ``mmlu_mc`` rows (one right option, at least one
+    distractor), first by question hash; a question in ``seen`` (the experts' data) is left out."""
+    path = Path(data_dir) / "crosscheck_dev.jsonl"
+    if per_vertical <= 0 or not path.is_file():
+        return []
+    grouped: dict[tuple[str, str], list[tuple[str, bool]]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line) if line.strip() else {}
+        if row.get("source") == "mmlu_mc" and row.get("domain") in verticals and row["question"].strip() not in seen:
+            grouped.setdefault((row["domain"], row["question"]), []).append((row["answer"], row["label"] == 1))
+    usable = sorted(((v, q, opts) for (v, q), opts in grouped.items()
+                     if sum(right for _, right in opts) == 1 and len(opts) >= 2),
+                    key=lambda item: hashlib.sha256(item[1].encode()).hexdigest())
+    out = []
+    for vertical in verticals:
+        out += [item for item in usable if item[0] == vertical][:per_vertical]
+    return out
+
+
 def bootstrap_difference(a: list[tuple[float, int]], b: list[tuple[float, int]], samples: int = 2000,
                          seed: int = 0) -> tuple[float, float, float]:
     """Token-weighted mean NLL of ``a`` minus ``b`` on the same rows: (estimate, 2.5 %, 97.5 %)."""
@@ -181,6 +206,32 @@ def run(args: argparse.Namespace) -> dict:
                                   "params": {"max_new_tokens": args.max_new_tokens}} for i, e in chunk])
         answers.update({job: r.text for job, r in zip(chunk, results)})
         log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
+    options = option_questions(config.data_dir, verticals, args.option_questions,
+                               {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout})
+    option_routes = router.route_batch([q for _, q, _ in options]) if options else []
+    option_expert = {"base": lambda i: "base", "generalist": lambda i: GENERALIST,
+                     "oracle": lambda i: demo_name(options[i][0]),
+                     "auto": lambda i: option_routes[i].expert if option_routes[i].expert in served else "base"}
+    option_pairs = [(q, text) for _, q, opts in options for text, _ in opts]
+    log(f"multiple-choice options: {len(options)} questions, {len(option_pairs)} options x {len(SYSTEMS)} systems")
+    option_nll = pool.answer_nll_rows(option_pairs, sorted({option_expert[s](i) for s in SYSTEMS
+                                                            for i in range(len(options))}),
+                                      max_tokens=settings.max_tokens) if options else {}
+
+    def option_right(system: str, index: int) -> bool:
+        """Whether ``system`` finds the right option of question ``index`` likeliest."""
+        start = sum(len(opts) for _, _, opts in options[:index])
+        scored = option_nll[option_expert[system](index)][start:start + len(options[index][2])]
+        best = min(range(len(scored)), key=lambda j: scored[j][0] / max(1, scored[j][1]))
+        return options[index][2][best][1]
+
+    def option_metrics(system: str, vertical: str) -> dict:
+        picked = [i for i, (v, _, _) in enumerate(options) if vertical in (v, "overall")]
+        if not picked:
+            return {}
+        return {"mmlu_option": sum(option_right(system, i) for i in picked) / len(picked),
+                "mmlu_option_questions": len(picked)}
+
     embed = MiniLMEmbedder()
     texts = sorted(set(answers.values()) | {rows[i][1].answer for i in gen_index})
     vectors = dict(zip(texts, embed(texts)))
@@ -208,7 +259,8 @@ def run(args: argparse.Namespace) -> dict:
     per_vertical = {}
     for vertical in verticals + ["overall"]:
         indices = [i for i, (v, _) in enumerate(rows) if vertical in (v, "overall")]
-        per_vertical[vertical] = {s: {"nll": nll_of(s, indices), **gen_metrics(s, indices)} for s in SYSTEMS}
+        per_vertical[vertical] = {s: {"nll": nll_of(s, indices), **gen_metrics(s, indices),
+                                      **option_metrics(s, vertical)} for s in SYSTEMS}
         per_vertical[vertical]["rows"] = len(indices)
         shares: dict[str, int] = {}
         for i in indices:
@@ -251,6 +303,14 @@ def table(result: dict) -> str:
         exact = math.get(system, {}).get("math_final_number")
         lines.append(f"| {system} | {m['similarity']:.3f} | {m['degenerate']:.1%} | {m['echo']:.1%} | "
                      f"{m['empty']:.1%} | {m['loop']:.1%} | {'-' if exact is None else f'{exact:.0%}'} |")
+    if any("mmlu_option" in result["per_vertical"][v].get("base", {}) for v in verticals):
+        counted = [v for v in verticals + ["overall"] if "mmlu_option" in result["per_vertical"][v]["base"]]
+        lines += ["", "| multiple-choice: right option likelier | " + " | ".join(
+            f"{v} ({result['per_vertical'][v]['base']['mmlu_option_questions']})" for v in counted) + " |",
+                  "|---|" + "---|" * len(counted)]
+        for system in SYSTEMS:
+            lines.append(f"| {system} | " + " | ".join(
+                f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted) + " |")
     d = result["auto_minus_generalist_nll"]
     lines += ["", f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
                   f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}"]
@@ -267,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=64, help="held-out rows per vertical for NLL (default 64)")
     parser.add_argument("--gen-rows", type=int, default=16, help="of those, rows answered greedily (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="greedy answer length (default 96)")
+    parser.add_argument("--option-questions", type=int, default=24,
+                        help="multiple-choice questions per vertical for the option check (default 24; 0: none)")
     parser.add_argument("--batch", type=int, default=16, help="generation requests per call (default 16)")
     parser.add_argument("--train-tokens", type=int, default=None,
                         help="tokens per vertical in the generalist's data (default: the experts' budget)")

@@ -21,7 +21,8 @@ def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, 
     out = tmp_path / "mixture.json"
     env = dict(os.environ, MOSE_SHARED_DATA=str(shared_data))
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixture.py"), "--home", str(router_home_copy.root),
-                          "--rows", "3", "--gen-rows", "2", "--max-new-tokens", "8", "--json", str(out), "--quiet"],
+                          "--rows", "3", "--gen-rows", "2", "--max-new-tokens", "8", "--option-questions", "2", "--json", str(out),
+                          "--quiet"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     for system in ("base", "generalist", "oracle", "auto"):
@@ -37,5 +38,10 @@ def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, 
             assert row[system]["nll"] > 0
             assert {"similarity", "degenerate", "echo", "empty", "loop"} <= set(row[system])
     assert "math_final_number" in result["per_vertical"]["math"]["oracle"]
+    assert "multiple-choice: right option likelier" in run.stdout
+    for vertical, questions in (("math", 2), ("code", 2), ("overall", 4)):
+        for system in ("base", "generalist", "oracle", "auto"):
+            row = result["per_vertical"][vertical][system]
+            assert row["mmlu_option_questions"] == questions and 0 <= row["mmlu_option"] <= 1
     low, high = result["auto_minus_generalist_nll"]["low"], result["auto_minus_generalist_nll"]["high"]
     assert low <= result["auto_minus_generalist_nll"]["estimate"] <= high
