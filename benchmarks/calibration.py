@@ -62,9 +62,13 @@ def figures(p: np.ndarray, labels: np.ndarray, threshold: np.ndarray | float) ->
     from router_model.calibration import expected_calibration_error
 
     flagged = p < threshold
-    return {"auroc": roc_auc_score(labels, p), "log_loss": log_loss(labels, p),
-            "ece": expected_calibration_error(p, labels), "ece_exact": ece_if_calibrated(p)["mean"],
-            "flag_precision": float((labels[flagged] == 0).mean()) if flagged.any() else float("nan")}
+    return {
+        "auroc": roc_auc_score(labels, p),
+        "log_loss": log_loss(labels, p),
+        "ece": expected_calibration_error(p, labels),
+        "ece_exact": ece_if_calibrated(p)["mean"],
+        "flag_precision": float((labels[flagged] == 0).mean()) if flagged.any() else float("nan"),
+    }
 
 
 def nested(x, labels, states, config, folds: int, seed: int) -> tuple[dict[str, float], list[float]]:
@@ -106,14 +110,34 @@ def main() -> None:
         held = figures(predict(calibrator, hx, hstates), hlabels, calibrator.threshold)
         slopes_note = f"Platt slopes {min(slopes):.2f}-{max(slopes):.2f}" if slopes else ""
         rows.append((f"{name}, nested CV (training rows)", _cells(inner), slopes_note))
-        rows.append((f"{name}, held-out rows", _cells(held), f"fitted on every training row: "
-                     f"{calibrator.trained_on['candidate']}"))
-        results[name] = {"nested_cv": inner, "heldout": held, "platt_slopes": slopes,
-                         "candidate": calibrator.trained_on["candidate"]}
-    print_table(f"Calibrator on saved evidence: nested {args.outer_folds}-fold CV on {len(labels)} training rows, "
-                f"{len(hlabels)} held-out rows; AUROC / log loss / ECE (if exactly calibrated) / flag precision", rows)
-    write_json(args.json, {"training_rows": len(labels), "heldout_rows": len(hlabels), "outer_folds": args.outer_folds,
-                           "seed": args.seed, "options": results})
+        rows.append(
+            (
+                f"{name}, held-out rows",
+                _cells(held),
+                f"fitted on every training row: {calibrator.trained_on['candidate']}",
+            )
+        )
+        results[name] = {
+            "nested_cv": inner,
+            "heldout": held,
+            "platt_slopes": slopes,
+            "candidate": calibrator.trained_on["candidate"],
+        }
+    print_table(
+        f"Calibrator on saved evidence: nested {args.outer_folds}-fold CV on {len(labels)} training rows, "
+        f"{len(hlabels)} held-out rows; AUROC / log loss / ECE (if exactly calibrated) / flag precision",
+        rows,
+    )
+    write_json(
+        args.json,
+        {
+            "training_rows": len(labels),
+            "heldout_rows": len(hlabels),
+            "outer_folds": args.outer_folds,
+            "seed": args.seed,
+            "options": results,
+        },
+    )
 
 
 def _cells(f: dict[str, float]) -> str:

@@ -65,7 +65,7 @@ def matmul_gflops(dtype, size: int = 1024, seconds: float = 2.0) -> float:
     while time.perf_counter() - started < seconds:
         torch.mm(a, b)
         runs += 1
-    return 2 * size ** 3 * runs / (time.perf_counter() - started) / 1e9
+    return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
 
 
 # ---------------------------------------------------------------- the engine
@@ -86,8 +86,11 @@ def engine_series(pool, adapters: list[str], level: int, count: int, new_tokens:
                 i = next(counter, None)
             if i is None:
                 return
-            request = GenerationRequest(expert=adapters[i % len(adapters)], params=params,
-                                        messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
+            request = GenerationRequest(
+                expert=adapters[i % len(adapters)],
+                params=params,
+                messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
+            )
             started = time.perf_counter()
             handle = pool.stream(request)
             times = []
@@ -110,11 +113,18 @@ def engine_series(pool, adapters: list[str], level: int, count: int, new_tokens:
         thread.join()
     seconds = time.perf_counter() - started
     steps = pool.engine.stats()["steps"] - steps_before
-    return {"clients": level, "requests": count, "tokens": sum(tokens), "seconds": seconds,
-            "tps": sum(tokens) / seconds, "steps": steps, "tokens_per_step": sum(tokens) / max(steps, 1),
-            "max_batch": max(batches, default=0),
-            "ttft_s": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
-            "itl_s": {"p50": percentile(itl, 0.5), "p99": percentile(itl, 0.99)}}
+    return {
+        "clients": level,
+        "requests": count,
+        "tokens": sum(tokens),
+        "seconds": seconds,
+        "tps": sum(tokens) / seconds,
+        "steps": steps,
+        "tokens_per_step": sum(tokens) / max(steps, 1),
+        "max_batch": max(batches, default=0),
+        "ttft_s": {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)},
+        "itl_s": {"p50": percentile(itl, 0.5), "p99": percentile(itl, 0.99)},
+    }
 
 
 # ---------------------------------------------------------------- Hugging Face generate
@@ -128,18 +138,29 @@ def hf_series(pool, keys: list[str], level: int, count: int, new_tokens: int) ->
 
     model, tokenizer = pool._shared_model(), pool.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = {tokenizer.eos_token_id, *(model.generation_config.eos_token_id
-                                     if isinstance(model.generation_config.eos_token_id, list)
-                                     else [model.generation_config.eos_token_id])} - {None}
+    eos = {
+        tokenizer.eos_token_id,
+        *(
+            model.generation_config.eos_token_id
+            if isinstance(model.generation_config.eos_token_id, list)
+            else [model.generation_config.eos_token_id]
+        ),
+    } - {None}
     total, started = 0, time.perf_counter()
     with pool._lock, torch.inference_mode():  # the engine loop is idle; keep it so
         for start in range(0, count, level):
             rows = list(range(start, min(start + level, count)))
             prompts = [prompt_ids(tokenizer, [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]) for i in rows]
             ids, mask, _ = left_pad(prompts, pad)
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=pad, adapter_names=[keys[i % len(keys)] for i in rows])
-            for row in out[:, ids.shape[1]:].tolist():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                adapter_names=[keys[i % len(keys)] for i in rows],
+            )
+            for row in out[:, ids.shape[1] :].tolist():
                 produced = 0
                 for token in row:
                     produced += 1
@@ -164,8 +185,9 @@ def llama_cpp_series(count: int, new_tokens: int, threads: int) -> dict | str:
     llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=1024, n_threads=threads, verbose=False)
     total, started = 0, time.perf_counter()
     for i in range(count):
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
-                                         max_tokens=new_tokens, temperature=0.0)
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens=new_tokens, temperature=0.0
+        )
         total += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - started
     return {"clients": 1, "requests": count, "tokens": total, "seconds": seconds, "tps": total / seconds}
@@ -204,14 +226,27 @@ def main() -> None:
     gflops = matmul_gflops(dtype)
     gflops_fp32 = gflops if dtype == torch.float32 else matmul_gflops(torch.float32)
     bound = gflops * 1e9 / (2 * params)
-    print(f"{threads} torch threads, {str(dtype).removeprefix('torch.')}; matmul {gflops:.0f} GFLOP/s; "
-          f"{params / 1e6:.1f} M parameters -> bound {bound:.0f} tok/s", file=sys.stderr)
+    print(
+        f"{threads} torch threads, {str(dtype).removeprefix('torch.')}; matmul {gflops:.0f} GFLOP/s; "
+        f"{params / 1e6:.1f} M parameters -> bound {bound:.0f} tok/s",
+        file=sys.stderr,
+    )
 
     engine_series(pool, adapters, 1, 1, 4)  # warm-up
-    figures: dict = {"threads": threads, "dtype": str(dtype).removeprefix("torch."), "adapters": args.adapters,
-                     "new_tokens": args.new_tokens, "matmul_gflops": gflops,
-                     "matmul_gflops_float32": gflops_fp32, "parameters": params,
-                     "bound_tps": bound, "engine_mixed": {}, "engine_single": {}, "hf_mixed": {}, "hf_single": {}}
+    figures: dict = {
+        "threads": threads,
+        "dtype": str(dtype).removeprefix("torch."),
+        "adapters": args.adapters,
+        "new_tokens": args.new_tokens,
+        "matmul_gflops": gflops,
+        "matmul_gflops_float32": gflops_fp32,
+        "parameters": params,
+        "bound_tps": bound,
+        "engine_mixed": {},
+        "engine_single": {},
+        "hf_mixed": {},
+        "hf_single": {},
+    }
     for level in levels:
         count = requests_for(level, args.min_requests)
         figures["engine_mixed"][level] = engine_series(pool, adapters, level, count, args.new_tokens)
@@ -220,34 +255,70 @@ def main() -> None:
             figures["hf_mixed"][level] = hf_series(pool, keys, level, count, args.new_tokens)
             figures["hf_single"][level] = hf_series(pool, keys[:1], level, count, args.new_tokens)
         print(f"{level} clients done", file=sys.stderr)
-    figures["llama_cpp"] = ("skipped (--no-llama)" if args.no_llama
-                            else llama_cpp_series(args.min_requests, args.new_tokens, threads))
+    figures["llama_cpp"] = (
+        "skipped (--no-llama)" if args.no_llama else llama_cpp_series(args.min_requests, args.new_tokens, threads)
+    )
 
-    rows = [("compute bound", f"{bound:.0f} tok/s",
-             f"matmul {gflops:.0f} GFLOP/s ({threads} threads, {figures['dtype']}) / (2 x {params / 1e6:.1f} M "
-             f"parameters) per token; float32 matmul {gflops_fp32:.0f} GFLOP/s")]
+    rows = [
+        (
+            "compute bound",
+            f"{bound:.0f} tok/s",
+            f"matmul {gflops:.0f} GFLOP/s ({threads} threads, {figures['dtype']}) / (2 x {params / 1e6:.1f} M "
+            f"parameters) per token; float32 matmul {gflops_fp32:.0f} GFLOP/s",
+        )
+    ]
     for level in levels:
         mixed, single = figures["engine_mixed"][level], figures["engine_single"][level]
         plural = "" if level == 1 else "s"
         penalty = 1 - mixed["tps"] / single["tps"]
         mixed["penalty_vs_single"] = penalty
-        rows.append((f"engine, {level} client{plural}, mixed adapters", f"{mixed['tps']:.1f} tok/s",
-                     f"{mixed['tps'] / bound:.1%} of bound; {mixed['tokens_per_step']:.1f} tokens/step"))
-        rows.append((f"engine, {level} client{plural}, one adapter", f"{single['tps']:.1f} tok/s",
-                     f"mixed-adapter penalty {penalty:.1%}"))
-        rows.append((f"engine, {level} client{plural}, TTFT p50 / p99", f"{mixed['ttft_s']['p50'] * 1000:.0f} / "
-                     f"{mixed['ttft_s']['p99'] * 1000:.0f} ms", "mixed adapters"))
-        rows.append((f"engine, {level} client{plural}, ITL p50 / p99", f"{mixed['itl_s']['p50'] * 1000:.0f} / "
-                     f"{mixed['itl_s']['p99'] * 1000:.0f} ms", "mixed adapters"))
+        rows.append(
+            (
+                f"engine, {level} client{plural}, mixed adapters",
+                f"{mixed['tps']:.1f} tok/s",
+                f"{mixed['tps'] / bound:.1%} of bound; {mixed['tokens_per_step']:.1f} tokens/step",
+            )
+        )
+        rows.append(
+            (
+                f"engine, {level} client{plural}, one adapter",
+                f"{single['tps']:.1f} tok/s",
+                f"mixed-adapter penalty {penalty:.1%}",
+            )
+        )
+        rows.append(
+            (
+                f"engine, {level} client{plural}, TTFT p50 / p99",
+                f"{mixed['ttft_s']['p50'] * 1000:.0f} / {mixed['ttft_s']['p99'] * 1000:.0f} ms",
+                "mixed adapters",
+            )
+        )
+        rows.append(
+            (
+                f"engine, {level} client{plural}, ITL p50 / p99",
+                f"{mixed['itl_s']['p50'] * 1000:.0f} / {mixed['itl_s']['p99'] * 1000:.0f} ms",
+                "mixed adapters",
+            )
+        )
         if not args.no_hf:
             hf_m, hf_s = figures["hf_mixed"][level], figures["hf_single"][level]
             hf_m["penalty_vs_single"] = 1 - hf_m["tps"] / hf_s["tps"]
-            rows.append((f"HF generate, batch {level}, mixed adapters", f"{hf_m['tps']:.1f} tok/s",
-                         f"one adapter {hf_s['tps']:.1f} tok/s (penalty {hf_m['penalty_vs_single']:.1%}); "
-                         f"engine x{mixed['tps'] / hf_m['tps']:.2f}"))
+            rows.append(
+                (
+                    f"HF generate, batch {level}, mixed adapters",
+                    f"{hf_m['tps']:.1f} tok/s",
+                    f"one adapter {hf_s['tps']:.1f} tok/s (penalty {hf_m['penalty_vs_single']:.1%}); "
+                    f"engine x{mixed['tps'] / hf_m['tps']:.2f}",
+                )
+            )
     llama = figures["llama_cpp"]
-    rows.append(("llama.cpp, 1 client, base GGUF", f"{llama['tps']:.1f} tok/s" if isinstance(llama, dict) else "—",
-                 "Q4_1 weights, no adapter" if isinstance(llama, dict) else llama))
+    rows.append(
+        (
+            "llama.cpp, 1 client, base GGUF",
+            f"{llama['tps']:.1f} tok/s" if isinstance(llama, dict) else "—",
+            "Q4_1 weights, no adapter" if isinstance(llama, dict) else llama,
+        )
+    )
     print_table(f"Decoding, {args.new_tokens} new tokens, greedy, {args.adapters} adapters", rows)
     write_json(args.json, figures)
 

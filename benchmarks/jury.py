@@ -88,8 +88,11 @@ def open_home_jury(home: str | None, registry_dir: Path | None = None, cpu_dtype
 def rows_of(sources: tuple[str, ...] | None, per_source: int, test: bool, seed: int):
     from jury.crosscheck import load_rows, stratified_sample
 
-    rows = [r for r in load_rows(DATA / "crosscheck_dev.jsonl")
-            if r.is_test() == test and (sources is None or r.source in sources)]
+    rows = [
+        r
+        for r in load_rows(DATA / "crosscheck_dev.jsonl")
+        if r.is_test() == test and (sources is None or r.source in sources)
+    ]
     return stratified_sample(rows, per_source, seed)
 
 
@@ -125,10 +128,12 @@ def speed(args: argparse.Namespace) -> None:
                 collect(jury, rows, progress=False, chunk=chunk)
                 results.setdefault((path, chunk), []).append(len(rows) / (time.perf_counter() - started))
     best = {key: max(values) for key, values in results.items()}
-    notes = {"plain": "a full forward pass per juror and text",
-             "ours, adapters read the question": "shared trunk + cached prefixes",
-             "ours (default: answer-only adapters)": "+ the question through the upper layers once",
-             "ours, default, without the probe's state": "what the probe's layer-20 state costs"}
+    notes = {
+        "plain": "a full forward pass per juror and text",
+        "ours, adapters read the question": "shared trunk + cached prefixes",
+        "ours (default: answer-only adapters)": "+ the question through the upper layers once",
+        "ours, default, without the probe's state": "what the probe's layer-20 state costs",
+    }
     table = []
     for path in SPEED_PATHS:
         for chunk in CHUNKS:
@@ -137,14 +142,24 @@ def speed(args: argparse.Namespace) -> None:
             calls = "one item per call" if chunk == 1 else f"{chunk} items per call"
             table.append((f"{path}, {calls}", f"{best[(path, chunk)]:.2f}", "; ".join(filter(None, (speedup, note)))))
     allocator = "glibc's default allocator" if args.glibc_allocator else "freed memory reused (the default)"
-    print_table(f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}, "
-                f"pool in {jury.pool.dtype}", table)
-    write_json(args.json, {"rows": len(rows), "pool_dtype": str(jury.pool.dtype), "allocator": allocator,
-                           "items_per_s": {path: {str(chunk): best[(path, chunk)] for chunk in CHUNKS}
-                                           for path in SPEED_PATHS}})
+    print_table(
+        f"Jury evidence, k=3 + base, {len(rows)} short-answer rows (items/s, best of 2), {allocator}, "
+        f"pool in {jury.pool.dtype}",
+        table,
+    )
+    write_json(
+        args.json,
+        {
+            "rows": len(rows),
+            "pool_dtype": str(jury.pool.dtype),
+            "allocator": allocator,
+            "items_per_s": {path: {str(chunk): best[(path, chunk)] for chunk in CHUNKS} for path in SPEED_PATHS},
+        },
+    )
 
 
 # ------------------------------------------------------------------------------------ precision
+
 
 def precision(args: argparse.Namespace) -> None:
     import torch
@@ -154,8 +169,9 @@ def precision(args: argparse.Namespace) -> None:
     from jury.crosscheck import calibrator_inputs, collect
 
     base, bf16 = "float32 (MOSE_CPU_DTYPE=float32)", "bf16 (MOSE_CPU_DTYPE=bfloat16)"
-    juries = {name: open_home_jury(args.home, cpu_dtype=dtype)
-              for name, dtype in ((base, "float32"), (bf16, "bfloat16"))}
+    juries = {
+        name: open_home_jury(args.home, cpu_dtype=dtype) for name, dtype in ((base, "float32"), (bf16, "bfloat16"))
+    }
     rows = rows_of(SHORT_SOURCES, args.items // len(SHORT_SOURCES), test=True, seed=1)
     rates, evidence = {}, {}
     for jury in juries.values():
@@ -165,30 +181,54 @@ def precision(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             evidence[name] = collect(jury, rows, progress=False, chunk=len(rows))
             rates[name] = max(rates.get(name, 0.0), len(rows) / (time.perf_counter() - started))
-    table = [(f"{name}, items/s ({len(rows)} per call, best of 2)", f"{rate:.2f}",
-              f"{rate / rates[base]:.2f}x fp32" if name == bf16 else "") for name, rate in rates.items()]
+    table = [
+        (
+            f"{name}, items/s ({len(rows)} per call, best of 2)",
+            f"{rate:.2f}",
+            f"{rate / rates[base]:.2f}x fp32" if name == bf16 else "",
+        )
+        for name, rate in rates.items()
+    ]
     gaps = {}
     for feature in EVIDENCE_FEATURES:
         ours = [e.values[feature] for e in evidence[base]]
         moved = _gap(ours, [e.values[feature] for e in evidence[bf16]])
         gaps[feature] = {"mean": moved.mean(), "max": moved.max(), "sd_float32": np.std(ours)}
-        table.append((f"|{feature} bf16 - fp32|: mean / max", f"{moved.mean():.4f} / {moved.max():.4f}",
-                      f"its spread (sd) over the rows: {np.std(ours):.3f}"))
+        table.append(
+            (
+                f"|{feature} bf16 - fp32|: mean / max",
+                f"{moved.mean():.4f} / {moved.max():.4f}",
+                f"its spread (sd) over the rows: {np.std(ours):.3f}",
+            )
+        )
     states = [np.array([e.answer_state for e in evidence[name]]) for name in (base, bf16)]
     state_gap = np.linalg.norm(states[1] - states[0]) / np.linalg.norm(states[0])
     table.append(("answer state (the probe's input): relative L2 gap", f"{state_gap:.4f}", ""))
     calibrator = juries[base].calibrator
     p = [calibrator.predict(calibrator_inputs(calibrator, evidence[name])) for name in (base, bf16)]
     moved = _gap(*p)
-    table.append((f"|P(correct)| moved, calibrator {calibrator.version}: mean / max",
-                  f"{moved.mean():.4f} / {moved.max():.4f}",
-                  f"fitted on {calibrator.trained_on.get('pool_dtype', 'float32')} evidence"))
-    print_table(f"Jury evidence on CPU, float32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
-                f"({torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {cpu_has_bf16_instructions()})", table)
-    write_json(args.json, {"rows": len(rows), "items_per_s": {"float32": rates[base], "bf16": rates[bf16]},
-                           "evidence_gap": gaps, "answer_state_relative_l2": state_gap,
-                           "p_correct_moved": {"mean": moved.mean(), "max": moved.max(),
-                                               "calibrator": calibrator.version}})
+    table.append(
+        (
+            f"|P(correct)| moved, calibrator {calibrator.version}: mean / max",
+            f"{moved.mean():.4f} / {moved.max():.4f}",
+            f"fitted on {calibrator.trained_on.get('pool_dtype', 'float32')} evidence",
+        )
+    )
+    print_table(
+        f"Jury evidence on CPU, float32 vs bf16: default path, k=3 + base, {len(rows)} short-answer rows "
+        f"({torch.backends.cpu.get_cpu_capability()}, bf16 instructions: {cpu_has_bf16_instructions()})",
+        table,
+    )
+    write_json(
+        args.json,
+        {
+            "rows": len(rows),
+            "items_per_s": {"float32": rates[base], "bf16": rates[bf16]},
+            "evidence_gap": gaps,
+            "answer_state_relative_l2": state_gap,
+            "p_correct_moved": {"mean": moved.mean(), "max": moved.max(), "calibrator": calibrator.version},
+        },
+    )
 
 
 def _gap(a, b) -> np.ndarray:
@@ -196,6 +236,7 @@ def _gap(a, b) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- reputation
+
 
 def train_bad_juror(jury, kind: str, steps: int, seed: int, exclude: set[str]) -> float:
     """Fine-tune the bad LoRA on pairs of ``kind`` (train-bucket rows outside ``exclude`` only)
@@ -248,8 +289,9 @@ def panel(item, bad: str | None, weights: dict[str, float]):
 def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> dict[str, float]:
     from jury.crosscheck import auroc
 
-    p = np.array([jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, None))
-                  for e in evidence])
+    p = np.array(
+        [jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, None)) for e in evidence]
+    )
     labels = np.array([e.row.label for e in evidence])
     sources = np.array([e.row.source for e in evidence])
     out = {"all": auroc(labels, p)}
@@ -276,7 +318,7 @@ def reputation(args: argparse.Namespace) -> None:
         evidence = collect(jury, feedback_rows + heldout_rows, extra=[bad])
         if args.save_evidence:
             save_evidence(evidence, args.save_evidence)
-        feedback_ev, heldout_ev = evidence[: len(feedback_rows)], evidence[len(feedback_rows):]
+        feedback_ev, heldout_ev = evidence[: len(feedback_rows)], evidence[len(feedback_rows) :]
         names = sorted({j.expert for e in evidence for j in e.jurors})
         before = {name: jury.weight(name) for name in names}
 
@@ -296,27 +338,46 @@ def reputation(args: argparse.Namespace) -> None:
             f"jury with it, after {len(order)} feedback events": jury_auroc(jury, heldout_ev, bad, after),
             "jury without it, after feedback": jury_auroc(jury, heldout_ev, None, after),
         }
-        print_table(f"Juror weights (reputation), {len(order)} feedback events; bad juror fine-tuned "
-                    f"{args.steps} steps ({args.bad_juror}, {seconds:.0f} s)",
-                    [(name, f"{before[name]:.2f} -> {after[name]:.2f}",
-                      "deliberately bad" if name == bad else "") for name in names])
+        print_table(
+            f"Juror weights (reputation), {len(order)} feedback events; bad juror fine-tuned "
+            f"{args.steps} steps ({args.bad_juror}, {seconds:.0f} s)",
+            [
+                (name, f"{before[name]:.2f} -> {after[name]:.2f}", "deliberately bad" if name == bad else "")
+                for name in names
+            ],
+        )
         sources = sorted(next(iter(scores.values())))
         print(f"\nCalibrated jury AUROC on {len(heldout_ev)} held-out rows (test bucket)\n")
         print("| jury | " + " | ".join(sources) + " |")
         print("|---|" + "---|" * len(sources))
         for label, per in scores.items():
             print(f"| {label} | " + " | ".join(f"{per[s]:.3f}" for s in sources) + " |")
-        print(f"\nbad juror's weight / the median expert's: {relative_weight(before, bad):.2f} -> "
-              f"{relative_weight(after, bad):.2f}")
-        gap = scores["jury without the bad juror"]["all"] - scores[f"jury with it, after {len(order)} feedback events"]["all"]
+        print(
+            f"\nbad juror's weight / the median expert's: {relative_weight(before, bad):.2f} -> "
+            f"{relative_weight(after, bad):.2f}"
+        )
+        gap = (
+            scores["jury without the bad juror"]["all"]
+            - scores[f"jury with it, after {len(order)} feedback events"]["all"]
+        )
         print(f"\ngap to the jury without it after feedback: {gap:+.3f} (target <= 0.02)")
-        write_json(args.json, {"bad_juror": bad, "feedback_events": len(order), "weights_before": before,
-                               "weights_after": after, "auroc": scores, "gap": gap,
-                               "bad_over_median_before": relative_weight(before, bad),
-                               "bad_over_median_after": relative_weight(after, bad)})
+        write_json(
+            args.json,
+            {
+                "bad_juror": bad,
+                "feedback_events": len(order),
+                "weights_before": before,
+                "weights_after": after,
+                "auroc": scores,
+                "gap": gap,
+                "bad_over_median_before": relative_weight(before, bad),
+                "bad_over_median_after": relative_weight(after, bad),
+            },
+        )
 
 
 # ---------------------------------------------------------------------------------- own answers
+
 
 def own_answers(args: argparse.Namespace) -> None:
     from benchmarks.sanity import KINDS, load_suite
@@ -325,60 +386,97 @@ def own_answers(args: argparse.Namespace) -> None:
 
     jury = open_home_jury(args.home)
     labelled = rows_of(None, args.per_source, test=True, seed=args.seed)
-    sanity = [CheckRow(question=r["question"], answer=r[kind], label=int(kind == "correct"), source="sanity_" + kind,
-                       domain=r["domain"]) for r in load_suite() for kind in KINDS]
+    sanity = [
+        CheckRow(
+            question=r["question"],
+            answer=r[kind],
+            label=int(kind == "correct"),
+            source="sanity_" + kind,
+            domain=r["domain"],
+        )
+        for r in load_suite()
+        for kind in KINDS
+    ]
     rows = labelled + sanity
     evidence = collect(jury, rows, progress=False)
     p = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
     questions = list(dict.fromkeys(r.question for r in rows))
     panels = {q: jurors for q, jurors in zip(questions, jury.select_many(questions))}
-    requests = [req for q in questions for req in jury.own_answer_requests(q, [SimpleNamespace(expert=n) for n, _ in panels[q]])]
+    requests = [
+        req for q in questions for req in jury.own_answer_requests(q, [SimpleNamespace(expert=n) for n, _ in panels[q]])
+    ]
     started = time.perf_counter()
     texts = [r.text for r in jury.pool.generate(requests)]
     seconds = (time.perf_counter() - started) / len(questions)
     answers, at = {}, 0
     for q in questions:
-        answers[q], at = texts[at:at + len(panels[q])], at + len(panels[q])
-    signals = {"calibrated P(correct)": list(p), "mean similarity to the jurors' answers": [],
-               "highest similarity": [], "in the largest agreement cluster": []}
+        answers[q], at = texts[at : at + len(panels[q])], at + len(panels[q])
+    signals = {
+        "calibrated P(correct)": list(p),
+        "mean similarity to the jurors' answers": [],
+        "highest similarity": [],
+        "in the largest agreement cluster": [],
+    }
     for row in rows:
         vectors = np.asarray(jury.embedder([row.answer] + answers[row.question]))
         similarity = vectors @ vectors.T
         signals["mean similarity to the jurors' answers"].append(float(similarity[0, 1:].mean()))
         signals["highest similarity"].append(float(similarity[0, 1:].max()))
         signals["in the largest agreement cluster"].append(
-            float(largest_cluster_contains_candidate(similarity, jury.config.similarity_threshold)))
+            float(largest_cluster_contains_candidate(similarity, jury.config.similarity_threshold))
+        )
     sources = sorted({r.source for r in labelled})
     figures, table = {}, []
     for name, values in signals.items():
         values = np.asarray(values)
-        lab = values[:len(labelled)]
-        per = {src: auroc([r.label for r in labelled if r.source == src],
-                          [v for r, v in zip(labelled, lab) if r.source == src]) for src in sources}
-        by_question = values[len(labelled):].reshape(-1, len(KINDS))
+        lab = values[: len(labelled)]
+        per = {
+            src: auroc(
+                [r.label for r in labelled if r.source == src], [v for r, v in zip(labelled, lab) if r.source == src]
+            )
+            for src in sources
+        }
+        by_question = values[len(labelled) :].reshape(-1, len(KINDS))
         above = float(np.mean(by_question[:, 0] > by_question[:, 1]))
-        figures[name] = {"auroc": auroc([r.label for r in labelled], lab), "per_source": per,
-                         "sanity_correct_above_wrong": above}
+        figures[name] = {
+            "auroc": auroc([r.label for r in labelled], lab),
+            "per_source": per,
+            "sanity_correct_above_wrong": above,
+        }
         per_text = ", ".join(f"{src} {per[src]:.2f}" for src in sources)
         table.append((name, f"{figures[name]['auroc']:.3f}", f"{per_text}; sanity, correct above wrong: {above:.0%}"))
-    print_table(f"The jurors' own answers: AUROC on {len(labelled)} labelled test-bucket rows, and "
-                f"{len(sanity) // len(KINDS)} sanity questions; k=3 + base, {jury.config.own_answer_tokens} greedy "
-                f"tokens each, {seconds:.2f} s of answers per question (calibrator {jury.calibrator_version})", table)
-    write_json(args.json, {"labelled_rows": len(labelled), "sanity_questions": len(sanity) // len(KINDS),
-                           "seconds_per_question": seconds, "calibrator": jury.calibrator_version,
-                           "signals": figures})
+    print_table(
+        f"The jurors' own answers: AUROC on {len(labelled)} labelled test-bucket rows, and "
+        f"{len(sanity) // len(KINDS)} sanity questions; k=3 + base, {jury.config.own_answer_tokens} greedy "
+        f"tokens each, {seconds:.2f} s of answers per question (calibrator {jury.calibrator_version})",
+        table,
+    )
+    write_json(
+        args.json,
+        {
+            "labelled_rows": len(labelled),
+            "sanity_questions": len(sanity) // len(KINDS),
+            "seconds_per_question": seconds,
+            "calibrator": jury.calibrator_version,
+            "signals": figures,
+        },
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     fast = sub.add_parser("speed", help="evidence items/s, plain vs shared trunk")
     fast.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     fast.add_argument("--items", type=int, default=48, help="short-answer rows (split over 3 sources)")
-    fast.add_argument("--glibc-allocator", action="store_true",
-                      help="leave glibc's allocator as it is instead of reusing freed memory (the pool's default): "
-                           "the baseline, which one process cannot run beside it")
+    fast.add_argument(
+        "--glibc-allocator",
+        action="store_true",
+        help="leave glibc's allocator as it is instead of reusing freed memory (the pool's default): "
+        "the baseline, which one process cannot run beside it",
+    )
     fast.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     dtype = sub.add_parser("precision", help="evidence on CPU in float32 vs bf16: speed and drift")
     dtype.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
@@ -389,21 +487,28 @@ def main() -> None:
     bad.add_argument("--feedback", type=int, default=30, help="feedback rows per source (train bucket)")
     bad.add_argument("--heldout", type=int, default=40, help="held-out rows per source (test bucket)")
     bad.add_argument("--steps", type=int, default=40, help="fine-tuning steps of the bad juror")
-    bad.add_argument("--bad-juror", choices=sorted(BAD_JURORS), default="shuffled",
-                     help="shuffled: shuffled general-knowledge pairs; shuffled-dev: the large model's answers dealt "
-                          "out among other questions of their source; misled: wrong answers to other questions")
+    bad.add_argument(
+        "--bad-juror",
+        choices=sorted(BAD_JURORS),
+        default="shuffled",
+        help="shuffled: shuffled general-knowledge pairs; shuffled-dev: the large model's answers dealt "
+        "out among other questions of their source; misled: wrong answers to other questions",
+    )
     bad.add_argument("--seed", type=int, default=0)
     bad.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
-    bad.add_argument("--save-evidence", default=None, metavar="FILE",
-                     help="also write the jurors' evidence (bad juror included) as JSONL")
+    bad.add_argument(
+        "--save-evidence",
+        default=None,
+        metavar="FILE",
+        help="also write the jurors' evidence (bad juror included) as JSONL",
+    )
     own = sub.add_parser("own-answers", help="the jurors' own answers as evidence: AUROC and sanity beside P(correct)")
     own.add_argument("--home", default=None, help="data directory (default $MOSE_HOME or ./.mose)")
     own.add_argument("--per-source", type=int, default=12, help="labelled test-bucket rows per source")
     own.add_argument("--seed", type=int, default=0)
     own.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
-    {"speed": speed, "precision": precision, "reputation": reputation,
-     "own-answers": own_answers}[args.what](args)
+    {"speed": speed, "precision": precision, "reputation": reputation, "own-answers": own_answers}[args.what](args)
 
 
 if __name__ == "__main__":

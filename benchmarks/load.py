@@ -83,8 +83,12 @@ def request_for(i: int, experts: list[str], max_tokens: int) -> tuple[str, str, 
     slot = i % 10
     if slot < 7:
         model = "auto" if slot < 4 else experts[i % len(experts)]
-        body = {"model": model, "max_tokens": max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": prompt}]}
+        body = {
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         return ("chat-auto" if model == "auto" else "chat-named"), "/v1/chat/completions", body
     if slot < 9:
         return "route", "/v1/route", {"query": prompt}
@@ -99,8 +103,7 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-async def one_request(client: httpx.AsyncClient, tally: Tally, i: int, experts: list[str],
-                      max_tokens: int) -> float:
+async def one_request(client: httpx.AsyncClient, tally: Tally, i: int, experts: list[str], max_tokens: int) -> float:
     """Send request i; returns how long the client should wait before its next one."""
     kind, path, body = request_for(i, experts, max_tokens)
     tally.sent += 1
@@ -124,8 +127,17 @@ async def one_request(client: httpx.AsyncClient, tally: Tally, i: int, experts: 
     return 0.0
 
 
-async def client_loop(url: str, tally: Tally, start: int, step: int, deadline: float, max_requests: int,
-                      experts: list[str], max_tokens: int, timeout_s: float) -> None:
+async def client_loop(
+    url: str,
+    tally: Tally,
+    start: int,
+    step: int,
+    deadline: float,
+    max_requests: int,
+    experts: list[str],
+    max_tokens: int,
+    timeout_s: float,
+) -> None:
     i = start
     async with httpx.AsyncClient(base_url=url, timeout=timeout_s) as client:
         while time.monotonic() < deadline and tally.sent < max_requests:
@@ -147,16 +159,28 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-async def run_load_async(url: str, clients: int, seconds: float, experts: list[str], max_requests: int = 100_000,
-                         max_tokens: int = 8, timeout_s: float = 120.0, server_pid: int | None = None,
-                         rss_mark_s: float = 60.0) -> dict:
+async def run_load_async(
+    url: str,
+    clients: int,
+    seconds: float,
+    experts: list[str],
+    max_requests: int = 100_000,
+    max_tokens: int = 8,
+    timeout_s: float = 120.0,
+    server_pid: int | None = None,
+    rss_mark_s: float = 60.0,
+) -> dict:
     check_loopback(url)
     tally, marks = Tally(), {}
     started = time.monotonic()
     deadline = started + seconds
     sampler = asyncio.create_task(sample_rss(server_pid, rss_mark_s, marks)) if server_pid else None
-    await asyncio.gather(*(client_loop(url, tally, c, clients, deadline, max_requests, experts, max_tokens,
-                                       timeout_s) for c in range(clients)))
+    await asyncio.gather(
+        *(
+            client_loop(url, tally, c, clients, deadline, max_requests, experts, max_tokens, timeout_s)
+            for c in range(clients)
+        )
+    )
     if sampler is not None:
         sampler.cancel()
         marks["rss_end_mb"] = tree_rss_mib(server_pid)
@@ -174,9 +198,13 @@ def summarize(tally: Tally, clients: int, elapsed: float, marks: dict[str, float
     growth = (end_mb - start_mb) / start_mb * 100 if start_mb and end_mb else None
     report = {k: v for k, v in asdict(tally).items() if k != "latencies"}
     return report | {
-        "clients": clients, "seconds": round(elapsed, 1), "answered_per_s": round(tally.answered / elapsed, 2),
-        "p50_s": p50 and round(p50, 3), "p99_s": p99 and round(p99, 3),
-        "rss_minute1_mb": start_mb and round(start_mb, 1), "rss_end_mb": end_mb and round(end_mb, 1),
+        "clients": clients,
+        "seconds": round(elapsed, 1),
+        "answered_per_s": round(tally.answered / elapsed, 2),
+        "p50_s": p50 and round(p50, 3),
+        "p99_s": p99 and round(p99, 3),
+        "rss_minute1_mb": start_mb and round(start_mb, 1),
+        "rss_end_mb": end_mb and round(end_mb, 1),
         "rss_growth_pct": growth if growth is None else round(growth, 2),
     }
 
@@ -238,8 +266,16 @@ def served_by_us(args: argparse.Namespace, experts: list[str]) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, proc, log)
-        return run_load(url, args.clients, args.seconds, experts, max_requests=args.max_requests,
-                        max_tokens=args.max_tokens, timeout_s=args.timeout, server_pid=proc.pid)
+        return run_load(
+            url,
+            args.clients,
+            args.seconds,
+            experts,
+            max_requests=args.max_requests,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+            server_pid=proc.pid,
+        )
     finally:
         stop_server(proc)
 
@@ -268,15 +304,27 @@ def main() -> int:
     parser.add_argument("--max-requests", type=int, default=100_000, help="stop after this many requests")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=120.0, help="client timeout per request (an error)")
-    parser.add_argument("--queue-limit", type=int, default=None,
-                        help="admission limit of the server this script starts (limits.max_queued_requests)")
+    parser.add_argument(
+        "--queue-limit",
+        type=int,
+        default=None,
+        help="admission limit of the server this script starts (limits.max_queued_requests)",
+    )
     parser.add_argument("--json", default=None, metavar="FILE", help="also write the figures to this JSON file")
     args = parser.parse_args()
 
     experts = [e for e in active_experts(args.home) if e != "base"] or ["base"]
     if args.url:
-        report = run_load(args.url, args.clients, args.seconds, experts, max_requests=args.max_requests,
-                          max_tokens=args.max_tokens, timeout_s=args.timeout, server_pid=args.server_pid)
+        report = run_load(
+            args.url,
+            args.clients,
+            args.seconds,
+            experts,
+            max_requests=args.max_requests,
+            max_tokens=args.max_tokens,
+            timeout_s=args.timeout,
+            server_pid=args.server_pid,
+        )
     else:
         report = served_by_us(args, experts)
     reasons = failed(report)

@@ -84,8 +84,9 @@ def train_generalist(home, data: dict, settings, progress: bool):
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
     rows = generalist_rows(data, settings, tokenizer)
-    key = hashlib.sha256((settings.model_dump_json() + "".join(p.question + p.answer for p in rows))
-                         .encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        (settings.model_dump_json() + "".join(p.question + p.answer for p in rows)).encode()
+    ).hexdigest()[:16]
     folder = home.root / "benchmarks" / f"generalist-{key}"
     if (folder / "adapter_model.safetensors").is_file():
         config = LoraConfig(**json.loads((folder / "adapter_config.json").read_text()))
@@ -99,8 +100,12 @@ def train_generalist(home, data: dict, settings, progress: bool):
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter.lora_config.to_dict().items()}
     (folder / "adapter_config.json").write_text(json.dumps(config, default=str))
     save_file({k: v.contiguous() for k, v in adapter.state_dict.items()}, str(folder / "adapter_model.safetensors"))
-    run = {"rows": len(rows), "train_tokens": adapter.train_tokens, "steps": len(adapter.train_losses),
-           "seconds": round(adapter.seconds, 1)}
+    run = {
+        "rows": len(rows),
+        "train_tokens": adapter.train_tokens,
+        "steps": len(adapter.train_losses),
+        "seconds": round(adapter.seconds, 1),
+    }
     (folder / "run.json").write_text(json.dumps(run))
     del model
     torch.set_grad_enabled(True)
@@ -128,17 +133,19 @@ def option_questions(data_dir: Path, verticals: list[str], per_vertical: int, se
         row = json.loads(line) if line.strip() else {}
         if row.get("source") == "mmlu_mc" and row.get("domain") in verticals and row["question"].strip() not in seen:
             grouped.setdefault((row["domain"], row["question"]), []).append((row["answer"], row["label"] == 1))
-    usable = sorted(((v, q, opts) for (v, q), opts in grouped.items()
-                     if sum(right for _, right in opts) == 1 and len(opts) >= 2),
-                    key=lambda item: hashlib.sha256(item[1].encode()).hexdigest())
+    usable = sorted(
+        ((v, q, opts) for (v, q), opts in grouped.items() if sum(right for _, right in opts) == 1 and len(opts) >= 2),
+        key=lambda item: hashlib.sha256(item[1].encode()).hexdigest(),
+    )
     out = []
     for vertical in verticals:
         out += [item for item in usable if item[0] == vertical][:per_vertical]
     return out
 
 
-def bootstrap_difference(a: list[tuple[float, int]], b: list[tuple[float, int]], samples: int = 2000,
-                         seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_difference(
+    a: list[tuple[float, int]], b: list[tuple[float, int]], samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Token-weighted mean NLL of ``a`` minus ``b`` on the same rows: (estimate, 2.5 %, 97.5 %)."""
     import numpy as np
 
@@ -169,8 +176,9 @@ def run(args: argparse.Namespace) -> dict:
     verticals = [v for v in (args.verticals.split(",") if args.verticals else report.experts) if v]
     config = DemoConfig(data_dir=args.data or DemoConfig().data_dir, profile=report.profile, verticals=verticals)
     built_with = report.settings or config.settings  # the generalist gets the experts' own budget
-    settings = built_with if args.train_tokens is None else \
-        built_with.model_copy(update={"train_tokens": args.train_tokens})
+    settings = (
+        built_with if args.train_tokens is None else built_with.model_copy(update={"train_tokens": args.train_tokens})
+    )
     data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, settings.seed) for v in verticals}
 
     lora_config, state, generalist_run = train_generalist(home, data, settings, progress=not args.quiet)
@@ -180,15 +188,14 @@ def run(args: argparse.Namespace) -> dict:
             pool.add_registered(registry, registry.active(demo_name(vertical)))
         pool.add_adapter(GENERALIST, lora_config, state)
         router = load_router(home, registry)
-        rows = [(v, p) for v in verticals for p in data[v].heldout[:args.rows]]
+        rows = [(v, p) for v in verticals for p in data[v].heldout[: args.rows]]
         decisions = router.route_batch([p.question for _, p in rows])
     served = set(pool.experts()) | {"base"}
     routed = [d.expert if d.expert in served else "base" for d in decisions]
 
     def system_expert(system: str, index: int) -> str:
         vertical = rows[index][0]
-        return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical),
-                "auto": routed[index]}[system]
+        return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical), "auto": routed[index]}[system]
 
     log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS)} systems")
     needed = sorted({system_expert(s, i) for s in SYSTEMS for i in range(len(rows))})
@@ -201,27 +208,48 @@ def run(args: argparse.Namespace) -> dict:
     log(f"greedy answers: {len(jobs)} distinct (question, expert) pairs, up to {args.max_new_tokens} tokens")
     answers = {}
     for start in range(0, len(jobs), args.batch):
-        chunk = jobs[start:start + args.batch]
-        results = pool.generate([{"expert": e, "messages": [{"role": "user", "content": rows[i][1].question}],
-                                  "params": {"max_new_tokens": args.max_new_tokens}} for i, e in chunk])
+        chunk = jobs[start : start + args.batch]
+        results = pool.generate(
+            [
+                {
+                    "expert": e,
+                    "messages": [{"role": "user", "content": rows[i][1].question}],
+                    "params": {"max_new_tokens": args.max_new_tokens},
+                }
+                for i, e in chunk
+            ]
+        )
         answers.update({job: r.text for job, r in zip(chunk, results)})
         log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
-    options = option_questions(config.data_dir, verticals, args.option_questions,
-                               {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout})
+    options = option_questions(
+        config.data_dir,
+        verticals,
+        args.option_questions,
+        {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout},
+    )
     option_routes = router.route_batch([q for _, q, _ in options]) if options else []
-    option_expert = {"base": lambda i: "base", "generalist": lambda i: GENERALIST,
-                     "oracle": lambda i: demo_name(options[i][0]),
-                     "auto": lambda i: option_routes[i].expert if option_routes[i].expert in served else "base"}
+    option_expert = {
+        "base": lambda i: "base",
+        "generalist": lambda i: GENERALIST,
+        "oracle": lambda i: demo_name(options[i][0]),
+        "auto": lambda i: option_routes[i].expert if option_routes[i].expert in served else "base",
+    }
     option_pairs = [(q, text) for _, q, opts in options for text, _ in opts]
     log(f"multiple-choice options: {len(options)} questions, {len(option_pairs)} options x {len(SYSTEMS)} systems")
-    option_nll = pool.answer_nll_rows(option_pairs, sorted({option_expert[s](i) for s in SYSTEMS
-                                                            for i in range(len(options))}),
-                                      max_tokens=settings.max_tokens) if options else {}
+    option_nll = (
+        pool.answer_nll_rows(
+            option_pairs,
+            sorted({option_expert[s](i) for s in SYSTEMS for i in range(len(options))}),
+            max_tokens=settings.max_tokens,
+        )
+        if options
+        else {}
+    )
 
     def option_right(system: str, index: int) -> bool:
         """Whether ``system`` finds the right option of question ``index`` likeliest."""
         start = sum(len(opts) for _, _, opts in options[:index])
-        scored = option_nll[option_expert[system](index)][start:start + len(options[index][2])]
+        scored = option_nll[option_expert[system](index)][start : start + len(options[index][2])]
         best = min(range(len(scored)), key=lambda j: scored[j][0] / max(1, scored[j][1]))
         return options[index][2][best][1]
 
@@ -229,8 +257,10 @@ def run(args: argparse.Namespace) -> dict:
         picked = [i for i, (v, _, _) in enumerate(options) if vertical in (v, "overall")]
         if not picked:
             return {}
-        return {"mmlu_option": sum(option_right(system, i) for i in picked) / len(picked),
-                "mmlu_option_questions": len(picked)}
+        return {
+            "mmlu_option": sum(option_right(system, i) for i in picked) / len(picked),
+            "mmlu_option_questions": len(picked),
+        }
 
     embed = MiniLMEmbedder()
     texts = sorted(set(answers.values()) | {rows[i][1].answer for i in gen_index})
@@ -243,11 +273,19 @@ def run(args: argparse.Namespace) -> dict:
         outs = [(i, answers[(i, system_expert(system, i))]) for i in picked]
         sims = [float(vectors[text] @ vectors[rows[i][1].answer]) for i, text in outs]
         reasons = [degenerate(rows[i][1].question, text) for i, text in outs]
-        metrics = {"similarity": sum(sims) / len(sims), "degenerate": sum(r is not None for r in reasons) / len(outs),
-                   "echo": reasons.count("echo") / len(outs), "empty": reasons.count("empty") / len(outs),
-                   "loop": reasons.count("loop") / len(outs), "answers": len(outs)}
-        numeric = [(text, rows[i][1].answer) for i, text in outs if rows[i][0] == "math"
-                   and final_number(rows[i][1].answer) is not None]
+        metrics = {
+            "similarity": sum(sims) / len(sims),
+            "degenerate": sum(r is not None for r in reasons) / len(outs),
+            "echo": reasons.count("echo") / len(outs),
+            "empty": reasons.count("empty") / len(outs),
+            "loop": reasons.count("loop") / len(outs),
+            "answers": len(outs),
+        }
+        numeric = [
+            (text, rows[i][1].answer)
+            for i, text in outs
+            if rows[i][0] == "math" and final_number(rows[i][1].answer) is not None
+        ]
         if numeric:
             metrics["math_final_number"] = sum(final_number(t) == final_number(r) for t, r in numeric) / len(numeric)
         return metrics
@@ -259,20 +297,26 @@ def run(args: argparse.Namespace) -> dict:
     per_vertical = {}
     for vertical in verticals + ["overall"]:
         indices = [i for i, (v, _) in enumerate(rows) if vertical in (v, "overall")]
-        per_vertical[vertical] = {s: {"nll": nll_of(s, indices), **gen_metrics(s, indices),
-                                      **option_metrics(s, vertical)} for s in SYSTEMS}
+        per_vertical[vertical] = {
+            s: {"nll": nll_of(s, indices), **gen_metrics(s, indices), **option_metrics(s, vertical)} for s in SYSTEMS
+        }
         per_vertical[vertical]["rows"] = len(indices)
         shares: dict[str, int] = {}
         for i in indices:
             shares[routed[i]] = shares.get(routed[i], 0) + 1
         per_vertical[vertical]["routing"] = {k: v / len(indices) for k, v in sorted(shares.items())}
-        per_vertical[vertical]["routed_to_own"] = sum(
-            routed[i] == demo_name(rows[i][0]) for i in indices) / len(indices)
+        per_vertical[vertical]["routed_to_own"] = sum(routed[i] == demo_name(rows[i][0]) for i in indices) / len(
+            indices
+        )
     auto_minus_generalist = bootstrap_difference(nll["auto"], nll["generalist"])
     return {
-        "home": str(home.root), "profile": report.profile, "verticals": verticals,
-        "rows_per_vertical": args.rows, "gen_rows_per_vertical": args.gen_rows,
-        "max_new_tokens": args.max_new_tokens, "generalist": generalist_run,
+        "home": str(home.root),
+        "profile": report.profile,
+        "verticals": verticals,
+        "rows_per_vertical": args.rows,
+        "gen_rows_per_vertical": args.gen_rows,
+        "max_new_tokens": args.max_new_tokens,
+        "generalist": generalist_run,
         "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts),
         "per_vertical": per_vertical,
         "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
@@ -289,11 +333,16 @@ def table(result: dict) -> str:
     for system in SYSTEMS:
         cells = [f"{result['per_vertical'][v][system]['nll']:.3f}" for v in verticals + ["overall"]]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
-    lines.append("| routed to own expert | " + " | ".join(
-        f"{result['per_vertical'][v]['routed_to_own']:.0%}" for v in verticals + ["overall"]) + " |")
-    lines += ["", "| system (greedy answers) | MiniLM similarity | degenerate | echo | empty | loop "
-                  "| math final number |",
-              "|---|---|---|---|---|---|---|"]
+    lines.append(
+        "| routed to own expert | "
+        + " | ".join(f"{result['per_vertical'][v]['routed_to_own']:.0%}" for v in verticals + ["overall"])
+        + " |"
+    )
+    lines += [
+        "",
+        "| system (greedy answers) | MiniLM similarity | degenerate | echo | empty | loop | math final number |",
+        "|---|---|---|---|---|---|---|",
+    ]
     overall = result["per_vertical"]["overall"]
     math = result["per_vertical"].get("math", {})
     for system in SYSTEMS:
@@ -301,37 +350,61 @@ def table(result: dict) -> str:
         if "similarity" not in m:
             continue
         exact = math.get(system, {}).get("math_final_number")
-        lines.append(f"| {system} | {m['similarity']:.3f} | {m['degenerate']:.1%} | {m['echo']:.1%} | "
-                     f"{m['empty']:.1%} | {m['loop']:.1%} | {'-' if exact is None else f'{exact:.0%}'} |")
+        lines.append(
+            f"| {system} | {m['similarity']:.3f} | {m['degenerate']:.1%} | {m['echo']:.1%} | "
+            f"{m['empty']:.1%} | {m['loop']:.1%} | {'-' if exact is None else f'{exact:.0%}'} |"
+        )
     if any("mmlu_option" in result["per_vertical"][v].get("base", {}) for v in verticals):
         counted = [v for v in verticals + ["overall"] if "mmlu_option" in result["per_vertical"][v]["base"]]
-        lines += ["", "| multiple-choice: right option likelier | " + " | ".join(
-            f"{v} ({result['per_vertical'][v]['base']['mmlu_option_questions']})" for v in counted) + " |",
-                  "|---|" + "---|" * len(counted)]
+        lines += [
+            "",
+            "| multiple-choice: right option likelier | "
+            + " | ".join(f"{v} ({result['per_vertical'][v]['base']['mmlu_option_questions']})" for v in counted)
+            + " |",
+            "|---|" + "---|" * len(counted),
+        ]
         for system in SYSTEMS:
-            lines.append(f"| {system} | " + " | ".join(
-                f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted) + " |")
+            lines.append(
+                f"| {system} | "
+                + " | ".join(f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted)
+                + " |"
+            )
     d = result["auto_minus_generalist_nll"]
-    lines += ["", f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
-                  f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}"]
+    lines += [
+        "",
+        f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
+        f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}",
+    ]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
-                        help="data directory with the demo experts and the router (default $MOSE_HOME or .mose)")
-    parser.add_argument("--data", default=None,
-                        help="folder holding sft/ (default $MOSE_SHARED_DATA or ../shared/data)")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
+        help="data directory with the demo experts and the router (default $MOSE_HOME or .mose)",
+    )
+    parser.add_argument(
+        "--data", default=None, help="folder holding sft/ (default $MOSE_SHARED_DATA or ../shared/data)"
+    )
     parser.add_argument("--verticals", default=None, help="comma-separated subset (default: every demo expert)")
     parser.add_argument("--rows", type=int, default=64, help="held-out rows per vertical for NLL (default 64)")
     parser.add_argument("--gen-rows", type=int, default=16, help="of those, rows answered greedily (default 16)")
     parser.add_argument("--max-new-tokens", type=int, default=96, help="greedy answer length (default 96)")
-    parser.add_argument("--option-questions", type=int, default=24,
-                        help="multiple-choice questions per vertical for the option check (default 24; 0: none)")
+    parser.add_argument(
+        "--option-questions",
+        type=int,
+        default=24,
+        help="multiple-choice questions per vertical for the option check (default 24; 0: none)",
+    )
     parser.add_argument("--batch", type=int, default=16, help="generation requests per call (default 16)")
-    parser.add_argument("--train-tokens", type=int, default=None,
-                        help="tokens per vertical in the generalist's data (default: the experts' budget)")
+    parser.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="tokens per vertical in the generalist's data (default: the experts' budget)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)

@@ -29,8 +29,13 @@ from tests._fixtures.registry import build_lora_expert, write_manifest  # noqa: 
 
 def _cli(home: Path, *args: str) -> float:
     start = time.perf_counter()
-    subprocess.run([str(REPO_ROOT / ".venv/bin/mose"), *args], env={**os.environ, "MOSE_HOME": str(home)},
-                   check=True, stdout=subprocess.DEVNULL, cwd=REPO_ROOT)
+    subprocess.run(
+        [str(REPO_ROOT / ".venv/bin/mose"), *args],
+        env={**os.environ, "MOSE_HOME": str(home)},
+        check=True,
+        stdout=subprocess.DEVNULL,
+        cwd=REPO_ROOT,
+    )
     return time.perf_counter() - start
 
 
@@ -57,7 +62,12 @@ def bench_register_2mb(work: Path, repeats: int) -> dict[str, float]:
         expert = build_lora_expert(work / f"2mb-cli-{i}", name=f"cli-law-{i}", layers=30, rank=9, seed=100 + i)
         cli.append(_cli(home, "expert", "add", str(expert.manifest_path)))
     size = (work / "2mb-0" / "adapter_model.safetensors").stat().st_size
-    return {"size_mb": size / 1e6, "api": statistics.median(api), "cli": statistics.median(cli), "raw": statistics.median(raw)}
+    return {
+        "size_mb": size / 1e6,
+        "api": statistics.median(api),
+        "cli": statistics.median(cli),
+        "raw": statistics.median(raw),
+    }
 
 
 def bench_list_1000(work: Path, count: int, repeats: int) -> dict[str, float]:
@@ -68,7 +78,9 @@ def bench_list_1000(work: Path, count: int, repeats: int) -> dict[str, float]:
     with Registry.open(home) as reg:
         for i in range(count):
             path = base.root / f"manifest-{i}.yaml"
-            write_manifest(path, {**base.manifest, "name": f"many-{i}", "domains": [["law", "medicine", "code", "math"][i % 4]]})
+            write_manifest(
+                path, {**base.manifest, "name": f"many-{i}", "domains": [["law", "medicine", "code", "math"][i % 4]]}
+            )
             reg.add(path)
             if i % 200 == 199:
                 print(f"  registered {i + 1}/{count}", file=sys.stderr)
@@ -79,15 +91,24 @@ def bench_list_1000(work: Path, count: int, repeats: int) -> dict[str, float]:
     text = [_cli(home, "expert", "list") for _ in range(repeats)]
     as_json = [_cli(home, "expert", "list", "--json") for _ in range(repeats)]
     help_only = [_cli(home, "--help") for _ in range(repeats)]
-    return {"fill_per_expert": fill / count, "api": api_list, "cli": statistics.median(text),
-            "cli_json": statistics.median(as_json), "cli_startup": statistics.median(help_only)}
+    return {
+        "fill_per_expert": fill / count,
+        "api": api_list,
+        "cli": statistics.median(text),
+        "cli_json": statistics.median(as_json),
+        "cli_startup": statistics.median(help_only),
+    }
 
 
 def _register_in_processes(home: Path, batches: list[list[str]], go: Path) -> float:
-    code = ("import sys, json; from tests._fixtures.registry import register_many; "
-            "register_many(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(home), json.dumps(batch), str(go)], cwd=REPO_ROOT)
-             for batch in batches]
+    code = (
+        "import sys, json; from tests._fixtures.registry import register_many; "
+        "register_many(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(home), json.dumps(batch), str(go)], cwd=REPO_ROOT)
+        for batch in batches
+    ]
     while len(list(go.parent.glob(f"{go.name}.ready.*"))) < len(procs):  # all imported and open
         if any(proc.poll() not in (None, 0) for proc in procs):
             raise SystemExit("a worker failed")
@@ -127,25 +148,43 @@ def main() -> None:
         conc = bench_concurrency(work, args.concurrent, 4)
     rows = [
         ("metric", "mose", "baseline / target"),
-        (f"register {reg2['size_mb']:.1f} MB LoRA expert, API (median)", f"{reg2['api'] * 1000:.0f} ms",
-         f"target <= 1000 ms; raw sha256+copy+fsync {reg2['raw'] * 1000:.0f} ms"),
-        (f"register {reg2['size_mb']:.1f} MB LoRA expert, `mose expert add`", f"{reg2['cli'] * 1000:.0f} ms",
-         "target <= 1000 ms"),
-        (f"`mose expert list`, {args.experts} experts", f"{lst['cli'] * 1000:.0f} ms",
-         f"target <= 1000 ms; `mose --help` {lst['cli_startup'] * 1000:.0f} ms"),
+        (
+            f"register {reg2['size_mb']:.1f} MB LoRA expert, API (median)",
+            f"{reg2['api'] * 1000:.0f} ms",
+            f"target <= 1000 ms; raw sha256+copy+fsync {reg2['raw'] * 1000:.0f} ms",
+        ),
+        (
+            f"register {reg2['size_mb']:.1f} MB LoRA expert, `mose expert add`",
+            f"{reg2['cli'] * 1000:.0f} ms",
+            "target <= 1000 ms",
+        ),
+        (
+            f"`mose expert list`, {args.experts} experts",
+            f"{lst['cli'] * 1000:.0f} ms",
+            f"target <= 1000 ms; `mose --help` {lst['cli_startup'] * 1000:.0f} ms",
+        ),
         (f"`mose expert list --json`, {args.experts} experts", f"{lst['cli_json'] * 1000:.0f} ms", "target <= 1000 ms"),
         (f"Registry.list(), {args.experts} experts (in process)", f"{lst['api'] * 1000:.0f} ms", "-"),
         ("register one small expert (fill phase, mean)", f"{lst['fill_per_expert'] * 1000:.1f} ms", "-"),
-        (f"registration throughput, 4 processes ({args.concurrent} experts)", f"{conc['many']:.1f} experts/s",
-         f"1 process: {conc['one']:.1f} experts/s"),
+        (
+            f"registration throughput, 4 processes ({args.concurrent} experts)",
+            f"{conc['many']:.1f} experts/s",
+            f"1 process: {conc['one']:.1f} experts/s",
+        ),
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for n, row in enumerate(rows):
         print(" | ".join(cell.ljust(width) for cell, width in zip(row, widths)))
         if n == 0:
             print("-+-".join("-" * width for width in widths))
-    write_json(args.json, {"register": reg2, "list": lst | {"experts": args.experts},
-                           "concurrency": conc | {"experts": args.concurrent, "processes": 4}})  # seconds, experts/s
+    write_json(
+        args.json,
+        {
+            "register": reg2,
+            "list": lst | {"experts": args.experts},
+            "concurrency": conc | {"experts": args.concurrent, "processes": 4},
+        },
+    )  # seconds, experts/s
 
 
 if __name__ == "__main__":

@@ -69,20 +69,30 @@ def measure(graphs: dict[str, Path], vocab: int, batch: int, calls: int) -> list
     cuda, cpu = choose_providers(use_cuda=True), choose_providers(use_cuda=False)
     results = []
     for graph, path in graphs.items():
-        for providers in ([cuda, cpu] if cuda != cpu else [cpu]):
+        for providers in [cuda, cpu] if cuda != cpu else [cpu]:
             session = open_session(path, providers)
             one = timed(session, feed(1, vocab, 0), calls)
             many = timed(session, feed(batch, vocab, 1), max(10, calls // 4))
-            results.append({"graph": graph, "provider": session.get_providers()[0],
-                            "p50_ms": 1000 * float(np.median(one)), "p95_ms": 1000 * float(np.percentile(one, 95)),
-                            "batch_queries_s": batch / float(np.median(many))})
+            results.append(
+                {
+                    "graph": graph,
+                    "provider": session.get_providers()[0],
+                    "p50_ms": 1000 * float(np.median(one)),
+                    "p95_ms": 1000 * float(np.percentile(one, 95)),
+                    "batch_queries_s": batch / float(np.median(many)),
+                }
+            )
     return results
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--encoder-config", type=Path, default=None,
-                        help="all-MiniLM-L6-v2's config.json (default: the installed package's)")
+    parser.add_argument(
+        "--encoder-config",
+        type=Path,
+        default=None,
+        help="all-MiniLM-L6-v2's config.json (default: the installed package's)",
+    )
     parser.add_argument("--layers", type=int, default=3, help="encoder layers the router keeps (RouterConfig default)")
     parser.add_argument("--batch", type=int, default=64, help="queries per call in the throughput test")
     parser.add_argument("--calls", type=int, default=200, help="timed calls of one query")
@@ -98,10 +108,18 @@ def main() -> None:
         results = measure(graphs, vocab, args.batch, args.calls)
     from benchmarks._report import print_table, write_json
 
-    print_table(f"Router graph (MiniLM architecture, {args.layers} layers, random weights), {QUERY_TOKENS}-token "
-                f"queries, {os.cpu_count()} CPU cores",
-                [(f"{r['graph']} on {r['provider']}", f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f})",
-                  f"{r['batch_queries_s']:,.0f} queries/s in batches of {args.batch}") for r in results])
+    print_table(
+        f"Router graph (MiniLM architecture, {args.layers} layers, random weights), {QUERY_TOKENS}-token "
+        f"queries, {os.cpu_count()} CPU cores",
+        [
+            (
+                f"{r['graph']} on {r['provider']}",
+                f"p50 {r['p50_ms']:.2f} ms (p95 {r['p95_ms']:.2f})",
+                f"{r['batch_queries_s']:,.0f} queries/s in batches of {args.batch}",
+            )
+            for r in results
+        ],
+    )
     write_json(args.json, {"results": results, "layers": args.layers, "batch": args.batch, "cpu_count": os.cpu_count()})
 
 

@@ -55,20 +55,28 @@ def summary(scored: list[dict]) -> dict:
         "off_topic_flagged": sum(r["off_topic"]["flagged"] for r in scored) / n,
         "wrong_flagged": sum(r["wrong"]["flagged"] for r in scored) / n,
         "correct_flagged": sum(r["correct"]["flagged"] for r in scored) / n,
-        "misses": [{"question": r["question"], **{k: round(r[k]["p_correct"], 3) for k in KINDS}}
-                   for r in scored if r not in best or not r["off_topic"]["flagged"]],
+        "misses": [
+            {"question": r["question"], **{k: round(r[k]["p_correct"], 3) for k in KINDS}}
+            for r in scored
+            if r not in best or not r["off_topic"]["flagged"]
+        ],
     }
 
 
 def table(result: dict) -> str:
-    lines = ["| measure | value | target |", "|---|---|---|",
-             f"| correct answer gets the highest P(correct) | {result['correct_highest']:.0%} | >= 90 % |",
-             f"| off-topic answers flagged | {result['off_topic_flagged']:.0%} | 100 % |",
-             f"| plainly wrong answers flagged | {result['wrong_flagged']:.0%} | |",
-             f"| correct answers flagged | {result['correct_flagged']:.0%} | |"]
+    lines = [
+        "| measure | value | target |",
+        "|---|---|---|",
+        f"| correct answer gets the highest P(correct) | {result['correct_highest']:.0%} | >= 90 % |",
+        f"| off-topic answers flagged | {result['off_topic_flagged']:.0%} | 100 % |",
+        f"| plainly wrong answers flagged | {result['wrong_flagged']:.0%} | |",
+        f"| correct answers flagged | {result['correct_flagged']:.0%} | |",
+    ]
     lines += ["", "misses (P(correct) of correct / wrong / off-topic):"]
-    lines += [f"  {m['question'][:60]:60s} {m['correct']:.2f} / {m['wrong']:.2f} / {m['off_topic']:.2f}"
-              for m in result["misses"]]
+    lines += [
+        f"  {m['question'][:60]:60s} {m['correct']:.2f} / {m['wrong']:.2f} / {m['off_topic']:.2f}"
+        for m in result["misses"]
+    ]
     return "\n".join(lines)
 
 
@@ -77,8 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     from registry.home import MoseHome
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--home", default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
-                        help="data directory with experts, router and calibrator (default $MOSE_HOME or .mose)")
+    parser.add_argument(
+        "--home",
+        default=os.environ.get("MOSE_HOME", str(REPO / ".mose")),
+        help="data directory with experts, router and calibrator (default $MOSE_HOME or .mose)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     jury = open_jury(MoseHome.from_env(args.home), require_calibrator=True)

@@ -70,17 +70,24 @@ class InProcess:
 
     def answer(self, prompt: str) -> float:
         started = time.perf_counter()
-        request = self.request_type(expert=self.router.route(prompt).expert,
-                                    messages=[{"role": "user", "content": prompt}], params=self.params)
+        request = self.request_type(
+            expert=self.router.route(prompt).expert, messages=[{"role": "user", "content": prompt}], params=self.params
+        )
         self.pool.generate([request])
         return time.perf_counter() - started
 
 
 def chat(client: httpx.Client, prompt: str, model: str = "auto") -> tuple[float, int]:
     started = time.perf_counter()
-    response = client.post("/v1/chat/completions", json={
-        "model": model, "max_tokens": NEW_TOKENS, "temperature": 0,
-        "messages": [{"role": "user", "content": prompt}]})
+    response = client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": prompt}],
+        },
+    )
     response.raise_for_status()
     return time.perf_counter() - started, response.json()["usage"]["completion_tokens"]
 
@@ -106,10 +113,18 @@ def chat_stream(client: httpx.Client, prompt: str, model: str) -> tuple[int, lis
     Tokens from the final usage chunk (``stream_options.include_usage``), else one per chunk."""
     started = time.perf_counter()
     times, usage = [], None
-    with client.stream("POST", "/v1/chat/completions", json={
-            "model": model, "max_tokens": NEW_TOKENS, "temperature": 0, "stream": True,
+    with client.stream(
+        "POST",
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "max_tokens": NEW_TOKENS,
+            "temperature": 0,
+            "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": prompt}]}) as response:
+            "messages": [{"role": "user", "content": prompt}],
+        },
+    ) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data:") or line.strip() == "data: [DONE]":
@@ -124,8 +139,11 @@ def chat_stream(client: httpx.Client, prompt: str, model: str) -> tuple[int, lis
 
 def batch_stats(url: str) -> tuple[float, float]:
     text = httpx.get(f"{url}/metrics").text
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
-              if line.startswith("mose_expert_batch_size_")}
+    values = {
+        line.split()[0]: float(line.split()[1])
+        for line in text.splitlines()
+        if line.startswith("mose_expert_batch_size_")
+    }
     return values.get("mose_expert_batch_size_sum", 0.0), values.get("mose_expert_batch_size_count", 0.0)
 
 
@@ -154,8 +172,15 @@ def throughput(url: str, clients: int, requests: int, experts: list[str], stream
     seconds = time.perf_counter() - started
     after_sum, after_count = batch_stats(url)
     batches = max(after_count - before_count, 1)
-    figures = {"clients": clients, "requests": requests, "tokens": tokens, "seconds": seconds,
-               "rps": requests / seconds, "tps": tokens / seconds, "batch": (after_sum - before_sum) / batches}
+    figures = {
+        "clients": clients,
+        "requests": requests,
+        "tokens": tokens,
+        "seconds": seconds,
+        "rps": requests / seconds,
+        "tps": tokens / seconds,
+        "batch": (after_sum - before_sum) / batches,
+    }
     if streamed_share:
         figures["ttft_s"] = {"p50": percentile(ttft, 0.5), "p99": percentile(ttft, 0.99)} if ttft else None
         figures["itl_s"] = {"p50": percentile(itl, 0.5), "p99": percentile(itl, 0.99)} if itl else None
@@ -198,8 +223,10 @@ def main() -> None:
         series = {}
         for level in levels:
             count = max(args.requests, 2 * level)
-            series[level] = {"non_streaming": throughput(url, level, count, experts),
-                             "mixed_1_1": throughput(url, level, count, experts, streamed_share=2)}
+            series[level] = {
+                "non_streaming": throughput(url, level, count, experts),
+                "mixed_1_1": throughput(url, level, count, experts, streamed_share=2),
+            }
             print(f"{level} clients done", file=sys.stderr)
         top = max(levels)
         one_expert = throughput(url, top, max(args.requests, 2 * top), experts[:1])
@@ -224,31 +251,59 @@ def main() -> None:
         plain, mixed = series[level]["non_streaming"], series[level]["mixed_1_1"]
         mixed["share_of_non_streaming"] = mixed["tps"] / plain["tps"]
         label = f"{level} client{'' if level == 1 else 's'}"
-        rows.append((f"throughput, {label}, mixed experts", f"{plain['rps']:.2f} req/s, {plain['tps']:.1f} tok/s",
-                     f"avg batch {plain['batch']:.2f}; x{plain['tps'] / single['tps']:.2f} vs {min(levels)} "
-                     f"client{'' if min(levels) == 1 else 's'}"))
-        rows.append((f"throughput, {label}, streaming + non-streaming 1:1", f"{mixed['tps']:.1f} tok/s",
-                     f"{mixed['share_of_non_streaming']:.0%} of all non-streaming (target >= 90 %)"))
+        rows.append(
+            (
+                f"throughput, {label}, mixed experts",
+                f"{plain['rps']:.2f} req/s, {plain['tps']:.1f} tok/s",
+                f"avg batch {plain['batch']:.2f}; x{plain['tps'] / single['tps']:.2f} vs {min(levels)} "
+                f"client{'' if min(levels) == 1 else 's'}",
+            )
+        )
+        rows.append(
+            (
+                f"throughput, {label}, streaming + non-streaming 1:1",
+                f"{mixed['tps']:.1f} tok/s",
+                f"{mixed['share_of_non_streaming']:.0%} of all non-streaming (target >= 90 %)",
+            )
+        )
         ttft, itl = mixed.get("ttft_s"), mixed.get("itl_s")
-        rows.append((f"TTFT / ITL p50, {label}, streamed",
-                     f"{ttft['p50'] * 1000:.0f} / {itl['p50'] * 1000:.0f} ms" if ttft and itl else "—",
-                     f"p99 {ttft['p99'] * 1000:.0f} / {itl['p99'] * 1000:.0f} ms" if ttft and itl else ""))
+        rows.append(
+            (
+                f"TTFT / ITL p50, {label}, streamed",
+                f"{ttft['p50'] * 1000:.0f} / {itl['p50'] * 1000:.0f} ms" if ttft and itl else "—",
+                f"p99 {ttft['p99'] * 1000:.0f} / {itl['p99'] * 1000:.0f} ms" if ttft and itl else "",
+            )
+        )
     top_plain = series[top]["non_streaming"]
     penalty = 1 - top_plain["tps"] / one_expert["tps"]
     rows += [
-        (f"throughput, {top} clients, one expert", f"{one_expert['rps']:.2f} req/s, {one_expert['tps']:.1f} tok/s",
-         f"mixed-expert penalty {penalty:.1%} (target <= 20 %)"),
+        (
+            f"throughput, {top} clients, one expert",
+            f"{one_expert['rps']:.2f} req/s, {one_expert['tps']:.1f} tok/s",
+            f"mixed-expert penalty {penalty:.1%} (target <= 20 %)",
+        ),
         ("mose serve -> first answer, first start", f"{cold:.1f} s", ""),
         ("mose serve -> first answer, restart", f"{warm:.1f} s" if warm is not None else "—", ""),
         ("RSS of the application (all processes)", f"{rss:.0f} MiB", f"{len(experts)} experts loaded"),
     ]
     print_table(f"Serving over HTTP, {NEW_TOKENS} new tokens, greedy, {len(experts)} experts", rows)
-    write_json(args.json, {"experts": len(experts), "clients": levels, "requests": args.requests,
-                           "max_tokens": NEW_TOKENS,
-                           "in_process_s": {"p50": a50, "p99": a99}, "http_auto_s": {"p50": b50, "p99": b99},
-                           "overhead_ratio_p50": b50 / a50, "series": series, "one_expert": one_expert,
-                           "one_expert_penalty": penalty,
-                           "first_answer_s": {"first_start": cold, "restart": warm}, "rss_mib": rss})
+    write_json(
+        args.json,
+        {
+            "experts": len(experts),
+            "clients": levels,
+            "requests": args.requests,
+            "max_tokens": NEW_TOKENS,
+            "in_process_s": {"p50": a50, "p99": a99},
+            "http_auto_s": {"p50": b50, "p99": b99},
+            "overhead_ratio_p50": b50 / a50,
+            "series": series,
+            "one_expert": one_expert,
+            "one_expert_penalty": penalty,
+            "first_answer_s": {"first_start": cold, "restart": warm},
+            "rss_mib": rss,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ class PrepareReport(BaseModel):
         return any(m.action in ("converted", "rebuilt") for m in self.models)
 
     def text(self) -> str:
-        lines = [f"{m.id}: {m.action} ({m.path}, {m.seconds:.1f}s){' - ' + m.detail if m.detail else ''}"
-                 for m in self.models]
+        lines = [
+            f"{m.id}: {m.action} ({m.path}, {m.seconds:.1f}s){' - ' + m.detail if m.detail else ''}"
+            for m in self.models
+        ]
         if not self.changed:
             lines.append("base models already prepared: nothing to do")
         return "\n".join(lines)
@@ -248,12 +250,18 @@ def _prepare_smollm2(home: MoseHome) -> PrepareAction:
     existed = manifest.exists()
     problem = _check_entry(_read_entry(manifest), source_sha) if existed else "not converted yet"
     if not problem:
-        return PrepareAction(id=SMOLLM2_ID, action="already prepared", path=final,
-                             seconds=time.perf_counter() - started)
+        return PrepareAction(
+            id=SMOLLM2_ID, action="already prepared", path=final, seconds=time.perf_counter() - started
+        )
     _clean_leftovers(home)
     _build_smollm2(home, gguf, source_sha, final)
-    return PrepareAction(id=SMOLLM2_ID, action="rebuilt" if existed else "converted", path=final,
-                         seconds=time.perf_counter() - started, detail=problem)
+    return PrepareAction(
+        id=SMOLLM2_ID,
+        action="rebuilt" if existed else "converted",
+        path=final,
+        seconds=time.perf_counter() - started,
+        detail=problem,
+    )
 
 
 def _prepare_minilm(home: MoseHome) -> PrepareAction:
@@ -262,8 +270,7 @@ def _prepare_minilm(home: MoseHome) -> PrepareAction:
     record = home.cache_dir / f"{MINILM_ID}.{MANIFEST_NAME}"
     entry = _read_entry(record)
     if entry is not None and entry.path == path and _check_entry(entry, entry.source_sha256) == "":
-        return PrepareAction(id=MINILM_ID, action="already prepared", path=path,
-                             seconds=time.perf_counter() - started)
+        return PrepareAction(id=MINILM_ID, action="already prepared", path=path, seconds=time.perf_counter() - started)
     entry = BaseModelEntry(id=MINILM_ID, path=path, source=MINILM_PACKAGE, files=_digest_tree(path))
     tmp = record.with_suffix(".tmp")
     tmp.write_text(entry.model_dump_json(indent=2))
@@ -299,12 +306,15 @@ def list_base_models(home: MoseHome | None = None) -> list[dict]:
         (MINILM_ID, home.cache_dir / f"{MINILM_ID}.{MANIFEST_NAME}"),
     ):
         entry = _read_entry(manifest)
-        rows.append({
-            "id": model_id,
-            "status": "prepared" if entry else "not prepared (run `mose models prepare`)",
-            "path": str(entry.path) if entry else "",
-            "files": len(entry.files) if entry else 0,
-            "bytes": sum((entry.path / f).stat().st_size for f in entry.files if (entry.path / f).exists())
-            if entry else 0,
-        })
+        rows.append(
+            {
+                "id": model_id,
+                "status": "prepared" if entry else "not prepared (run `mose models prepare`)",
+                "path": str(entry.path) if entry else "",
+                "files": len(entry.files) if entry else 0,
+                "bytes": sum((entry.path / f).stat().st_size for f in entry.files if (entry.path / f).exists())
+                if entry
+                else 0,
+            }
+        )
     return rows

@@ -29,8 +29,12 @@ def supported(peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None
     wanted = {k for k in keys if k != BASE_ADAPTER}
     for key in wanted:
         config = peft_model.peft_config.get(key)
-        if config is None or getattr(config, "use_dora", False) or getattr(config, "peft_type", None) is None \
-                or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
+        if (
+            config is None
+            or getattr(config, "use_dora", False)
+            or getattr(config, "peft_type", None) is None
+            or str(getattr(config.peft_type, "value", config.peft_type)) != "LORA"
+        ):
             return False
     for layer in layers if layers is not None else lora_layers(peft_model):
         if any(key in getattr(layer, "lora_embedding_A", {}) for key in wanted):
@@ -86,8 +90,9 @@ class BatchedLoRA:
     after that need a new context).
     """
 
-    def __init__(self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None,
-                 token_mask: Any = None) -> None:
+    def __init__(
+        self, peft_model: Any, keys: Sequence[str], layers: Sequence[Any] | None = None, token_mask: Any = None
+    ) -> None:
         self.keys = list(keys)
         self.token_mask = None if token_mask is None else token_mask.unsqueeze(-1)
         self.layers = list(layers) if layers is not None else lora_layers(peft_model)
@@ -133,8 +138,11 @@ class BatchedLoRA:
     def _segment_hook(self, layer: Any, segments: list[tuple[str, slice]]) -> Any:
         """A forward hook for ``layer``: each adapter's rows get x @ A.T @ (scaling * B).T on their
         slice; None when no adapter of the batch adapts this layer."""
-        parts = [(rows, layer.lora_A[key].weight, layer.lora_B[key].weight * layer.scaling[key])
-                 for key, rows in segments if key in layer.lora_A]
+        parts = [
+            (rows, layer.lora_A[key].weight, layer.lora_B[key].weight * layer.scaling[key])
+            for key, rows in segments
+            if key in layer.lora_A
+        ]
         if not parts:
             return None
 
@@ -169,8 +177,10 @@ class BatchedLoRA:
         enter the same context at every decoding step of the same rows without restacking."""
         if self._hooks is None:
             segments = self._segments()
-            hooks = [(layer, self._segment_hook(layer, segments) if segments is not None else self._stack_hook(layer))
-                     for layer in self.layers]
+            hooks = [
+                (layer, self._segment_hook(layer, segments) if segments is not None else self._stack_hook(layer))
+                for layer in self.layers
+            ]
             self._hooks = [(layer, hook) for layer, hook in hooks if hook is not None]
         return self._hooks
 

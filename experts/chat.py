@@ -62,7 +62,7 @@ def encode_pair(tokenizer: Any, question: str | None, answer: str, max_tokens: i
     prompt = prompt_ids(tokenizer, messages)
     answer_ids = tokenizer(answer + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
     answer_ids = answer_ids[: max(1, max_tokens - min(len(prompt), max_tokens // 2))]
-    prompt = prompt[-max(1, max_tokens - len(answer_ids)):]
+    prompt = prompt[-max(1, max_tokens - len(answer_ids)) :]
     return EncodedPair(input_ids=list(prompt) + list(answer_ids), answer_len=len(answer_ids))
 
 
@@ -75,8 +75,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int):
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, row in enumerate(rows):
         if row:
-            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-            mask[i, width - len(row):] = 1
+            ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids, mask, positions
 
@@ -86,8 +86,13 @@ def forward_kwargs(adapter_names: Sequence[str] | None) -> dict:
     return {"adapter_names": list(adapter_names)} if adapter_names is not None else {}
 
 
-def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
-                    adapter_names: Sequence[str] | None = None, state_layer: int | None = None):
+def answer_logprobs(
+    model: Any,
+    pairs: Sequence[EncodedPair],
+    pad_id: int,
+    adapter_names: Sequence[str] | None = None,
+    state_layer: int | None = None,
+):
     """Per-row (sum of answer-token log-probs, answer-token count), one forward pass.
 
     Rows are left-padded so every answer ends at the last position; only the last
@@ -100,9 +105,15 @@ def answer_logprobs(model: Any, pairs: Sequence[EncodedPair], pad_id: int,
     device = next(model.parameters()).device
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     keep = max(p.answer_len for p in pairs)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
-                logits_to_keep=keep + 1, output_hidden_states=state_layer is not None,
-                **forward_kwargs(adapter_names))
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=keep + 1,
+        output_hidden_states=state_layer is not None,
+        **forward_kwargs(adapter_names),
+    )
     sums, counts = answer_token_logprobs(out.logits, ids, pairs)
     if state_layer is None:
         return sums, counts

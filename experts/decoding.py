@@ -96,7 +96,7 @@ def advance(row: RowState, logits: Any, tokenizer: Any, eos_ids: set[int]) -> in
     if row.params.logprobs is not None:
         _record_logprobs(row, logits, token)
     _apply_stops(row, tokenizer, eos_ids)
-    del row.logprobs[len(row.token_ids):]  # end-of-turn was dropped from the tokens
+    del row.logprobs[len(row.token_ids) :]  # end-of-turn was dropped from the tokens
     return token
 
 
@@ -119,7 +119,7 @@ def score_prompt(logits: Any, prompt: Sequence[int], k: int) -> list[tuple[int, 
     prompt's last token (left padding before it)."""
     import torch
 
-    rows = logits[-len(prompt):-1].float() if len(prompt) > 1 else logits[:0].float()
+    rows = logits[-len(prompt) : -1].float() if len(prompt) > 1 else logits[:0].float()
     logprobs = torch.log_softmax(rows, dim=-1)
     targets = torch.tensor(prompt[1:], dtype=torch.long, device=logprobs.device)
     chosen = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).tolist() if len(prompt) > 1 else []
@@ -192,11 +192,18 @@ def ready_text(row: RowState) -> str:
             if text.endswith(stop[:length]):
                 held = length
                 break
-    return text[:len(text) - held]
+    return text[: len(text) - held]
 
 
-def decode(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
-           adapter_names: Sequence[str] | None, eos_ids: set[int], pad_id: int) -> Iterator[list[RowState]]:
+def decode(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    adapter_names: Sequence[str] | None,
+    eos_ids: set[int],
+    pad_id: int,
+) -> Iterator[list[RowState]]:
     """Yield the row states after every decoding step until every row is done (a static batch:
     finished rows are fed padding until the last one ends)."""
     import torch
@@ -208,8 +215,15 @@ def decode(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], params:
     steps = max(p.max_new_tokens for p in params)
     with torch.inference_mode():
         for _ in range(steps):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1, **forward_kwargs(adapter_names))
+            out = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                **forward_kwargs(adapter_names),
+            )
             cache = out.past_key_values
             logits = out.logits[:, -1, :]
             next_ids = []

@@ -39,8 +39,17 @@ from registry.home import MoseHome
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_ENV = "MOSE_SHARED_DATA"
-VERTICALS = ("medicine", "law", "finance", "math", "code", "science", "humanities", "social_science",
-             "general_knowledge")
+VERTICALS = (
+    "medicine",
+    "law",
+    "finance",
+    "math",
+    "code",
+    "science",
+    "humanities",
+    "social_science",
+    "general_knowledge",
+)
 DEMO_OWNER = "mose-demo"
 DEMO_VERSION = "0.3.0"
 
@@ -61,8 +70,18 @@ def profile_finetune(profile: Profile) -> FinetuneConfig:
     fits the first ``mose up``'s budget; docs/experts.md shows the curves and where held-out loss
     still falls). ``full``: 64k tokens, two epochs."""
     budget, epochs, points = {"start": (12_000, 1, 3), "full": (64_000, 2, 8)}[profile]
-    return FinetuneConfig(steps=None, epochs=epochs, train_tokens=budget, batch_size=8, learning_rate=2e-3,
-                          rank=8, alpha=16, top_layers=10, max_tokens=128, curve_points=points)
+    return FinetuneConfig(
+        steps=None,
+        epochs=epochs,
+        train_tokens=budget,
+        batch_size=8,
+        learning_rate=2e-3,
+        rank=8,
+        alpha=16,
+        top_layers=10,
+        max_tokens=128,
+        curve_points=points,
+    )
 
 
 class DemoConfig(BaseModel):
@@ -72,14 +91,19 @@ class DemoConfig(BaseModel):
 
     data_dir: Path = Field(default_factory=default_data_dir, description="Folder holding sft/<vertical>.jsonl.")
     verticals: list[str] = Field(default=list(VERTICALS), description="Verticals that get an expert.")
-    profile: Profile = Field(default="start", description="Training budget: 'start' (what `mose up` builds) or "
-                             "'full' (4x the tokens, 2 epochs).")
-    finetune: FinetuneConfig | None = Field(default=None, description="Fine-tune settings per expert (None: the "
-                                            "profile's).")
-    heldout_fraction: float = Field(default=HELDOUT_FRACTION, gt=0, lt=1,
-                                    description="Share of questions (by hash) never trained on.")
-    eval_rows: int = Field(default=64, ge=1, description="Held-out rows (the first by hash) each expert is "
-                           "measured on.")
+    profile: Profile = Field(
+        default="start",
+        description="Training budget: 'start' (what `mose up` builds) or 'full' (4x the tokens, 2 epochs).",
+    )
+    finetune: FinetuneConfig | None = Field(
+        default=None, description="Fine-tune settings per expert (None: the profile's)."
+    )
+    heldout_fraction: float = Field(
+        default=HELDOUT_FRACTION, gt=0, lt=1, description="Share of questions (by hash) never trained on."
+    )
+    eval_rows: int = Field(
+        default=64, ge=1, description="Held-out rows (the first by hash) each expert is measured on."
+    )
     version: str = Field(default=DEMO_VERSION, description="Version of the demo experts.")
 
     @model_validator(mode="after")
@@ -101,8 +125,10 @@ class ExpertResult(BaseModel):
     base_heldout_loss: float = Field(description="The base model's held-out loss on the same rows.")
     heldout_rows: int = Field(description="Held-out rows measured.")
     train_rows: int = Field(description="Training rows available after shaping.")
-    dropped_rows: int = Field(description="Source rows dropped by shaping (echoes, empty answers, options "
-                              "that need their question's choices).")
+    dropped_rows: int = Field(
+        description="Source rows dropped by shaping (echoes, empty answers, options "
+        "that need their question's choices)."
+    )
     train_tokens: int = Field(description="Training tokens seen (all epochs).")
     steps: int = Field(description="Optimizer steps.")
     seconds: float = Field(description="Training wall time, trunk cache included.")
@@ -126,18 +152,25 @@ class DemoReport(BaseModel):
         return {v: r.heldout_loss < r.base_heldout_loss for v, r in self.experts.items()}
 
     def text(self) -> str:
-        head = "demo experts already built (nothing to do)" if self.already_built else \
-            f"built {len(self.built)} demo expert(s) in {self.seconds.get('total', 0):.0f}s ({self.profile} profile)"
+        head = (
+            "demo experts already built (nothing to do)"
+            if self.already_built
+            else f"built {len(self.built)} demo expert(s) in {self.seconds.get('total', 0):.0f}s ({self.profile} profile)"
+        )
         return head + "\n\n" + results_table(self)
 
 
 def results_table(report: DemoReport) -> str:
     """Markdown table: per vertical, held-out loss of the base model and of its expert."""
-    lines = ["| vertical | held-out rows | base loss | expert loss | change | train tokens | steps |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| vertical | held-out rows | base loss | expert loss | change | train tokens | steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for vertical, r in report.experts.items():
-        lines.append(f"| {vertical} | {r.heldout_rows} | {r.base_heldout_loss:.3f} | {r.heldout_loss:.3f} | "
-                     f"{r.heldout_loss - r.base_heldout_loss:+.3f} | {r.train_tokens:,} | {r.steps} |")
+        lines.append(
+            f"| {vertical} | {r.heldout_rows} | {r.base_heldout_loss:.3f} | {r.heldout_loss:.3f} | "
+            f"{r.heldout_loss - r.base_heldout_loss:+.3f} | {r.train_tokens:,} | {r.steps} |"
+        )
     return "\n".join(lines)
 
 
@@ -203,8 +236,9 @@ def build_demo(home: MoseHome | None = None, config: DemoConfig | None = None, p
 
     home = home or MoseHome.from_env()
     config = config or DemoConfig()
-    data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, config.settings.seed)
-            for v in config.verticals}
+    data = {
+        v: load_vertical(config.data_dir, v, config.heldout_fraction, config.settings.seed) for v in config.verticals
+    }
     with Registry.open(home) as registry:
         active = _active_demo_versions(registry, config)
     saved = load_report(home)
@@ -212,29 +246,49 @@ def build_demo(home: MoseHome | None = None, config: DemoConfig | None = None, p
         return saved.model_copy(update={"already_built": True, "built": []})
     missing = [v for v in config.verticals if v not in active]
     report = saved if saved is not None and saved.version == config.version else DemoReport(version=config.version)
-    report = report.model_copy(update={"profile": config.profile, "settings": config.settings, "built": [],
-                                      "already_built": False})
+    report = report.model_copy(
+        update={"profile": config.profile, "settings": config.settings, "built": [], "already_built": False}
+    )
     return _build(home, config, data, missing, report, progress)
 
 
-def _build(home: MoseHome, config: DemoConfig, data: dict[str, VerticalData], missing: list[str],
-           report: DemoReport, progress: bool) -> DemoReport:
+def _build(
+    home: MoseHome,
+    config: DemoConfig,
+    data: dict[str, VerticalData],
+    missing: list[str],
+    report: DemoReport,
+    progress: bool,
+) -> DemoReport:
     started = time.perf_counter()
     settings = config.settings
     model, tokenizer = load_base_for_training(home)
     trunk = new_trunk(model, tokenizer, settings)
     for i, vertical in enumerate(missing, 1):
         rows = data[vertical]
-        heldout = rows.heldout[:config.eval_rows]
-        peft_model, adapter = train_lora(model, tokenizer, rows.train, settings, progress,
-                                         label=f"[{i}/{len(missing)}] {demo_name(vertical)}", heldout=heldout,
-                                         trunk=trunk)
+        heldout = rows.heldout[: config.eval_rows]
+        peft_model, adapter = train_lora(
+            model,
+            tokenizer,
+            rows.train,
+            settings,
+            progress,
+            label=f"[{i}/{len(missing)}] {demo_name(vertical)}",
+            heldout=heldout,
+            trunk=trunk,
+        )
         model = peft_model.unload()  # LoRA leaves the base weights untouched: reuse them
         result = ExpertResult(
-            heldout_loss=adapter.heldout_loss, base_heldout_loss=adapter.base_heldout_loss,
-            heldout_rows=len(heldout), train_rows=len(rows.train), dropped_rows=rows.dropped,
-            train_tokens=adapter.train_tokens, steps=len(adapter.train_losses), seconds=round(adapter.seconds, 1),
-            curve=[(p.step, p.tokens, p.heldout_loss) for p in adapter.curve])
+            heldout_loss=adapter.heldout_loss,
+            base_heldout_loss=adapter.base_heldout_loss,
+            heldout_rows=len(heldout),
+            train_rows=len(rows.train),
+            dropped_rows=rows.dropped,
+            train_tokens=adapter.train_tokens,
+            steps=len(adapter.train_losses),
+            seconds=round(adapter.seconds, 1),
+            curve=[(p.step, p.tokens, p.heldout_loss) for p in adapter.curve],
+        )
         _register(home, config, vertical, adapter, rows.train, result)
         report.experts[vertical] = result
         report.built.append(demo_name(vertical))
@@ -243,22 +297,40 @@ def _build(home: MoseHome, config: DemoConfig, data: dict[str, VerticalData], mi
     _save(home, report)
     losers = [v for v in missing if not report.wins[v]]
     if losers:
-        raise MoseError(f"demo experts for {', '.join(losers)} do not beat the base model on their own vertical; "
-                        "run `mose demo build --profile full` to train longer")
+        raise MoseError(
+            f"demo experts for {', '.join(losers)} do not beat the base model on their own vertical; "
+            "run `mose demo build --profile full` to train longer"
+        )
     return report
 
 
-def _register(home: MoseHome, config: DemoConfig, vertical: str, adapter: Any, train: list[QAPair],
-              result: ExpertResult) -> None:
-    metrics = {"heldout_loss": result.heldout_loss, "base_heldout_loss": result.base_heldout_loss,
-               "heldout_rows": result.heldout_rows, "train_steps": result.steps,
-               "train_tokens": result.train_tokens, "final_train_loss": adapter.train_losses[-1]}
+def _register(
+    home: MoseHome, config: DemoConfig, vertical: str, adapter: Any, train: list[QAPair], result: ExpertResult
+) -> None:
+    metrics = {
+        "heldout_loss": result.heldout_loss,
+        "base_heldout_loss": result.base_heldout_loss,
+        "heldout_rows": result.heldout_rows,
+        "train_steps": result.steps,
+        "train_tokens": result.train_tokens,
+        "final_train_loss": adapter.train_losses[-1],
+    }
     out = home.root / "demo" / demo_name(vertical)
-    manifest = write_expert(out, demo_name(vertical), vertical, adapter, train, metrics, config.settings,
-                            version=config.version, owner=DEMO_OWNER, license="Apache-2.0",
-                            description=f"Demo LoRA expert for {vertical.replace('_', ' ')}, fine-tuned on "
-                                        f"{config.data_dir.name}/sft/{vertical}.jsonl (see docs/experts.md "
-                                        "for data sources and licences).")
+    manifest = write_expert(
+        out,
+        demo_name(vertical),
+        vertical,
+        adapter,
+        train,
+        metrics,
+        config.settings,
+        version=config.version,
+        owner=DEMO_OWNER,
+        license="Apache-2.0",
+        description=f"Demo LoRA expert for {vertical.replace('_', ' ')}, fine-tuned on "
+        f"{config.data_dir.name}/sft/{vertical}.jsonl (see docs/experts.md "
+        "for data sources and licences).",
+    )
     register_expert(manifest, home, actor="demo-build")
 
 
@@ -280,8 +352,11 @@ def _attribution(data_dir: Path) -> str:
     except OSError:
         return "See the data README for sources and licences."
     marker = "## Sources and licences"
-    return text[text.index(marker):].replace(marker, "### Sources and licences", 1).strip() \
-        if marker in text else "See the data README for sources and licences."
+    return (
+        text[text.index(marker) :].replace(marker, "### Sources and licences", 1).strip()
+        if marker in text
+        else "See the data README for sources and licences."
+    )
 
 
 def curves_table(report: DemoReport) -> str:
@@ -340,7 +415,7 @@ LoRA rank {ft.rank} (alpha {ft.alpha}) on {", ".join(ft.target_modules)} of the 
 epoch(s), batches of {ft.batch_size} length-bucketed rows, AdamW peak lr {ft.learning_rate} with a
 short warm-up and linear decay, loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
 below the adapters run once per row (`experts/lora_training.py`). Build time on the 2-core CPU:
-{report.seconds.get('total', 0):.0f} s for the experts this report's last run built.
+{report.seconds.get("total", 0):.0f} s for the experts this report's last run built.
 {extra}
 ## Data
 

@@ -272,8 +272,8 @@ class _Batch:
         self.tokenizer, self.eos_ids, self.pad_id = first.tokenizer, set(first.eos_ids), first.pad_id
         self.rows: list[_Row] = []
         self.cache: Any = None
-        self.mask: Any = None       # [rows, cached tokens]
-        self.next_ids: Any = None   # [rows, 1]: each row's last token, fed at the next step
+        self.mask: Any = None  # [rows, cached tokens]
+        self.next_ids: Any = None  # [rows, 1]: each row's last token, fed at the next step
         self.positions: Any = None  # [rows, 1]: its position
 
     @property
@@ -293,9 +293,15 @@ class _Batch:
             self.rows, self.cache, self.mask, self.next_ids, self.positions = rows, cache, mask, next_ids, positions
             return
         width = max(self.mask.shape[1], mask.shape[1])
-        self.cache = _cache([(torch.cat([_pad_left(k0, width, -2), _pad_left(k1, width, -2)]),
-                              torch.cat([_pad_left(v0, width, -2), _pad_left(v1, width, -2)]))
-                             for (k0, v0), (k1, v1) in zip(_layers(self.cache), _layers(cache))])
+        self.cache = _cache(
+            [
+                (
+                    torch.cat([_pad_left(k0, width, -2), _pad_left(k1, width, -2)]),
+                    torch.cat([_pad_left(v0, width, -2), _pad_left(v1, width, -2)]),
+                )
+                for (k0, v0), (k1, v1) in zip(_layers(self.cache), _layers(cache))
+            ]
+        )
         self.mask = torch.cat([_pad_left(self.mask, width, -1), _pad_left(mask, width, -1)])
         self.next_ids = torch.cat([self.next_ids, next_ids])
         self.positions = torch.cat([self.positions, positions])
@@ -387,9 +393,13 @@ class EngineLoop:
 
     def stats(self) -> dict[str, Any]:
         """Steps, tokens and finished rows by reason so far; rows running and waiting now."""
-        return {"steps": self._steps, "tokens": self._tokens, "finished": dict(self._finished),
-                "running": sum(len(b.rows) for b in list(self._batches.values())),
-                "waiting": len(self._waiting) + self._queue.qsize()}
+        return {
+            "steps": self._steps,
+            "tokens": self._tokens,
+            "finished": dict(self._finished),
+            "running": sum(len(b.rows) for b in list(self._batches.values())),
+            "waiting": len(self._waiting) + self._queue.qsize(),
+        }
 
     def _put(self, item: Any) -> None:
         with self._start_lock:
@@ -528,12 +538,19 @@ class EngineLoop:
         try:
             model, context, names = host._forward_setup(group, batch.model, [row.admission.key for row in rows])
             device = next(model.parameters()).device
-            ids, mask, positions = (t.to(device) for t in left_pad([row.admission.prompt for row in rows],
-                                                                    batch.pad_id))
+            ids, mask, positions = (
+                t.to(device) for t in left_pad([row.admission.prompt for row in rows], batch.pad_id)
+            )
             scored = any(row.request.params.prompt_logprobs is not None for row in rows)
             with context:
-                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                            logits_to_keep=0 if scored else 1, **forward_kwargs(names))
+                out = model(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    position_ids=positions,
+                    use_cache=True,
+                    logits_to_keep=0 if scored else 1,
+                    **forward_kwargs(names),
+                )
         except Exception as exc:
             logger.exception("prefill failed")
             for row in rows:
@@ -544,8 +561,9 @@ class EngineLoop:
         for i, row in enumerate(rows):
             row.state = new_row(row.request.params)
             if row.request.params.prompt_logprobs is not None:  # the prompt's own positions of this pass
-                row.state.prompt_logprobs = score_prompt(out.logits[i], row.admission.prompt,
-                                                         row.request.params.prompt_logprobs)
+                row.state.prompt_logprobs = score_prompt(
+                    out.logits[i], row.admission.prompt, row.request.params.prompt_logprobs
+                )
             row.handle.batch_size = max(row.handle.batch_size, len(rows))
             tokens.append(self._advance(batch, row, logits[i]))
         keep = [i for i, row in enumerate(rows) if not row.state.done]
@@ -579,8 +597,15 @@ class EngineLoop:
         try:
             model, context, names = host._forward_setup(batch.group, batch.model, batch.keys)
             with context:
-                out = model(input_ids=batch.next_ids, attention_mask=mask, position_ids=batch.positions,
-                            past_key_values=batch.cache, use_cache=True, logits_to_keep=1, **forward_kwargs(names))
+                out = model(
+                    input_ids=batch.next_ids,
+                    attention_mask=mask,
+                    position_ids=batch.positions,
+                    past_key_values=batch.cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **forward_kwargs(names),
+                )
         except Exception as exc:
             logger.exception("decoding step failed")
             for row in batch.rows:
@@ -590,9 +615,13 @@ class EngineLoop:
         batch.cache, batch.mask = out.past_key_values, mask
         logits = out.logits[:, -1, :]
         self._steps += 1
-        record = StepRecord(step=self._steps, group=batch.group, rows=tuple(row.handle.id for row in batch.rows),
-                            streamed=tuple(row.handle.id for row in batch.rows if row.handle.streamed),
-                            admitted=admitted)
+        record = StepRecord(
+            step=self._steps,
+            group=batch.group,
+            rows=tuple(row.handle.id for row in batch.rows),
+            streamed=tuple(row.handle.id for row in batch.rows if row.handle.streamed),
+            admitted=admitted,
+        )
         tokens = []
         for i, row in enumerate(batch.rows):
             row.handle.batch_size = max(row.handle.batch_size, len(batch.rows))
@@ -609,16 +638,23 @@ class EngineLoop:
         if row.handle.streamed:
             ready = ready_text(row.state)
             if len(ready) > len(row.sent) and ready.startswith(row.sent):
-                row.handle._push(ready[len(row.sent):])
+                row.handle._push(ready[len(row.sent) :])
                 row.sent = ready
         if row.state.done:
             self._finished[row.state.finish_reason] += 1
-            row.handle._finish(GenerationResult(
-                expert=row.request.expert, text=row.state.text, finish_reason=row.state.finish_reason,
-                prompt_tokens=len(row.admission.prompt), completion_tokens=len(row.state.token_ids),
-                logprobs=result_logprobs(row.state, batch.tokenizer),
-                prompt_logprobs=None if row.state.prompt_logprobs is None else
-                as_entries(row.state.prompt_logprobs, batch.tokenizer)))
+            row.handle._finish(
+                GenerationResult(
+                    expert=row.request.expert,
+                    text=row.state.text,
+                    finish_reason=row.state.finish_reason,
+                    prompt_tokens=len(row.admission.prompt),
+                    completion_tokens=len(row.state.token_ids),
+                    logprobs=result_logprobs(row.state, batch.tokenizer),
+                    prompt_logprobs=None
+                    if row.state.prompt_logprobs is None
+                    else as_entries(row.state.prompt_logprobs, batch.tokenizer),
+                )
+            )
         return token
 
     # ------------------------------------------------------------ ending rows

@@ -59,7 +59,8 @@ class FinetuneConfig(BaseModel):
     """LoRA alpha (scaling = alpha / rank)."""
 
     target_modules: list[str] = Field(
-        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+        default=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     """Linear layers that get LoRA adapters."""
 
     top_layers: int | None = Field(default=10, ge=1)
@@ -165,8 +166,12 @@ def load_pairs(path: str | Path) -> list[QAPair]:
             except json.JSONDecodeError as exc:
                 raise MoseError(f"{path.name} line {number}: not valid JSON ({exc.msg})") from None
             question, answer = (row.get("question"), row.get("answer")) if isinstance(row, dict) else (None, None)
-            if not isinstance(question, str) or not isinstance(answer, str) or not question.strip() \
-                    or not answer.strip():
+            if (
+                not isinstance(question, str)
+                or not isinstance(answer, str)
+                or not question.strip()
+                or not answer.strip()
+            ):
                 raise MoseError(f"{path.name} line {number}: needs non-empty string fields 'question' and 'answer'")
             source = row.get("source")
             pairs.append(QAPair(question.strip(), answer.strip(), source if isinstance(source, str) else ""))
@@ -204,14 +209,27 @@ def lora_config_for(config: FinetuneConfig, num_layers: int) -> Any:
     layers = None
     if config.top_layers is not None and config.top_layers < num_layers:
         layers = list(range(num_layers - config.top_layers, num_layers))
-    return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                      target_modules=list(config.target_modules), layers_to_transform=layers,
-                      task_type="CAUSAL_LM")
+    return LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=0.0,
+        bias="none",
+        target_modules=list(config.target_modules),
+        layers_to_transform=layers,
+        task_type="CAUSAL_LM",
+    )
 
 
-def train_lora(model: Any, tokenizer: Any, train: list[QAPair], config: FinetuneConfig,
-               progress: bool = True, label: str = "finetune", heldout: list[QAPair] | None = None,
-               trunk: Any = None) -> tuple[Any, TrainedAdapter]:
+def train_lora(
+    model: Any,
+    tokenizer: Any,
+    train: list[QAPair],
+    config: FinetuneConfig,
+    progress: bool = True,
+    label: str = "finetune",
+    heldout: list[QAPair] | None = None,
+    trunk: Any = None,
+) -> tuple[Any, TrainedAdapter]:
     """Train a LoRA adapter on ``model`` (wrapped in place); return (peft model, adapter).
 
     The frozen layers below the adapted ones run once per row (:mod:`experts.lora_training`);
@@ -229,13 +247,25 @@ def train_lora(model: Any, tokenizer: Any, train: list[QAPair], config: Finetune
     num_layers = model.config.num_hidden_layers
     peft_model = get_peft_model(model, lora_config_for(config, num_layers), adapter_name=ADAPTER_KEY)
     rows = train[: config.max_train_rows] if config.max_train_rows else train
-    encoded = take_tokens([encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows],
-                          config.train_tokens)
+    encoded = take_tokens(
+        [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows], config.train_tokens
+    )
     held = [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in heldout or []]
     trunk = trunk or new_trunk(peft_model.base_model.model, tokenizer, config)
-    run = train_cached(peft_model, trunk, encoded, held, batch_size=config.batch_size, epochs=config.epochs,
-                       max_steps=config.steps, learning_rate=config.learning_rate, seed=config.seed + 1,
-                       curve_points=config.curve_points, progress=progress, label=label)
+    run = train_cached(
+        peft_model,
+        trunk,
+        encoded,
+        held,
+        batch_size=config.batch_size,
+        epochs=config.epochs,
+        max_steps=config.steps,
+        learning_rate=config.learning_rate,
+        seed=config.seed + 1,
+        curve_points=config.curve_points,
+        progress=progress,
+        label=label,
+    )
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(peft_model, adapter_name=ADAPTER_KEY).items()}
     lora_config = peft_model.peft_config[ADAPTER_KEY]
     lora_config.base_model_name_or_path = SMOLLM2_ID  # an id, never a path or hub name to fetch
@@ -263,16 +293,28 @@ def example_queries(pairs: list[QAPair], count: int, seed: int) -> list[str]:
     """``count`` distinct questions from the data (shortened), seeded."""
     questions = list(dict.fromkeys(p.question for p in pairs))
     random.Random(seed + 2).shuffle(questions)
-    chosen = [q if len(q) <= EXAMPLE_QUERY_CHARS else q[:EXAMPLE_QUERY_CHARS].rsplit(" ", 1)[0] + " ..."
-              for q in questions[:count]]
+    chosen = [
+        q if len(q) <= EXAMPLE_QUERY_CHARS else q[:EXAMPLE_QUERY_CHARS].rsplit(" ", 1)[0] + " ..."
+        for q in questions[:count]
+    ]
     if len(chosen) < 20:
         raise MoseError(f"the data has only {len(chosen)} distinct questions; a manifest needs 20 example queries")
     return chosen
 
 
-def write_expert(out_dir: str | Path, name: str, domain: str, adapter: TrainedAdapter, pairs: list[QAPair],
-                 metrics: dict[str, float], config: FinetuneConfig, version: str = "0.1.0",
-                 owner: str = "local", license: str = "Apache-2.0", description: str | None = None) -> Path:
+def write_expert(
+    out_dir: str | Path,
+    name: str,
+    domain: str,
+    adapter: TrainedAdapter,
+    pairs: list[QAPair],
+    metrics: dict[str, float],
+    config: FinetuneConfig,
+    version: str = "0.1.0",
+    owner: str = "local",
+    license: str = "Apache-2.0",
+    description: str | None = None,
+) -> Path:
     """Write adapter_config.json, adapter_model.safetensors and manifest.yaml; return the manifest path."""
     from safetensors.torch import save_file
 
@@ -284,16 +326,26 @@ def write_expert(out_dir: str | Path, name: str, domain: str, adapter: TrainedAd
     config_data = adapter.lora_config.to_dict()
     config_data = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config_data.items()}
     (out / "adapter_config.json").write_text(json.dumps(config_data, indent=2, sort_keys=True, default=str))
-    save_file({k: v.contiguous() for k, v in adapter.state_dict.items()}, str(out / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in adapter.state_dict.items()},
+        str(out / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     files = {rel: sha256_file(out / rel) for rel in ("adapter_config.json", "adapter_model.safetensors")}
     manifest = ExpertManifest(
-        name=name, version=version, kind="lora", base_model=SMOLLM2_ID, files=files, domains=[domain],
-        description=description or f"LoRA expert for {domain} questions, fine-tuned on {len(pairs)} "
-                                   f"question/answer pairs.",
-        owner=owner, license=license,
+        name=name,
+        version=version,
+        kind="lora",
+        base_model=SMOLLM2_ID,
+        files=files,
+        domains=[domain],
+        description=description
+        or f"LoRA expert for {domain} questions, fine-tuned on {len(pairs)} question/answer pairs.",
+        owner=owner,
+        license=license,
         example_queries=example_queries(pairs, config.example_queries, config.seed),
-        quantization="none", resources={"memory_mb": max(1, math.ceil(adapter.nbytes / (1 << 20)))},
+        quantization="none",
+        resources={"memory_mb": max(1, math.ceil(adapter.nbytes / (1 << 20)))},
         metrics={k: round(float(v), 4) for k, v in metrics.items()},
     )
     path = out / "manifest.yaml"
@@ -301,8 +353,12 @@ def write_expert(out_dir: str | Path, name: str, domain: str, adapter: TrainedAd
     return path
 
 
-def register_expert(manifest_path: Path, home: MoseHome | None = None, actor: str = "finetune",
-                    activate: Callable[[Any, str, str, str], Any] | None = None) -> str:
+def register_expert(
+    manifest_path: Path,
+    home: MoseHome | None = None,
+    actor: str = "finetune",
+    activate: Callable[[Any, str, str, str], Any] | None = None,
+) -> str:
     """Register the folder of ``manifest_path`` and activate it; return ``name@version``.
     ``activate(registry, name, version, actor)`` activates it (default: ``Registry.activate``; the
     CLI passes ``serve.activation.activate``, which also teaches the router the expert's domain)."""
@@ -320,10 +376,20 @@ def register_expert(manifest_path: Path, home: MoseHome | None = None, actor: st
         registry.close()
 
 
-def finetune(data: str | Path, domain: str, name: str, config: FinetuneConfig | None = None,
-             out_dir: str | Path | None = None, home: MoseHome | None = None, register: bool = False,
-             version: str = "0.1.0", owner: str = "local", license: str = "Apache-2.0",
-             progress: bool = True, activate: Callable[[Any, str, str, str], Any] | None = None) -> FinetuneResult:
+def finetune(
+    data: str | Path,
+    domain: str,
+    name: str,
+    config: FinetuneConfig | None = None,
+    out_dir: str | Path | None = None,
+    home: MoseHome | None = None,
+    register: bool = False,
+    version: str = "0.1.0",
+    owner: str = "local",
+    license: str = "Apache-2.0",
+    progress: bool = True,
+    activate: Callable[[Any, str, str, str], Any] | None = None,
+) -> FinetuneResult:
     """Fine-tune a LoRA expert on ``data`` and write it (and optionally register + activate it,
     with ``activate`` as :func:`register_expert` takes it)."""
     import torch
@@ -338,15 +404,29 @@ def finetune(data: str | Path, domain: str, name: str, config: FinetuneConfig | 
     peft_model, adapter = train_lora(model, tokenizer, train, config, progress, label=name, heldout=heldout)
     loss, base_loss = adapter.heldout_loss, adapter.base_heldout_loss
     out = Path(out_dir) if out_dir else home.root / "finetuned" / f"{name}-{version}"
-    metrics = {"heldout_loss": loss, "base_heldout_loss": base_loss, "heldout_rows": len(heldout),
-               "train_steps": len(adapter.train_losses), "final_train_loss": adapter.train_losses[-1]}
+    metrics = {
+        "heldout_loss": loss,
+        "base_heldout_loss": base_loss,
+        "heldout_rows": len(heldout),
+        "train_steps": len(adapter.train_losses),
+        "final_train_loss": adapter.train_losses[-1],
+    }
     manifest_path = write_expert(out, name, domain, adapter, pairs, metrics, config, version, owner, license)
     del peft_model, model
     torch.set_grad_enabled(True)
     registered = register_expert(manifest_path, home, activate=activate) if register else None
-    return FinetuneResult(name=name, out_dir=out, manifest_path=manifest_path, heldout_loss=loss,
-                          base_heldout_loss=base_loss, heldout_rows=len(heldout), train_rows=len(train),
-                          steps=config.steps, train_seconds=adapter.seconds, registered=registered)
+    return FinetuneResult(
+        name=name,
+        out_dir=out,
+        manifest_path=manifest_path,
+        heldout_loss=loss,
+        base_heldout_loss=base_loss,
+        heldout_rows=len(heldout),
+        train_rows=len(train),
+        steps=config.steps,
+        train_seconds=adapter.seconds,
+        registered=registered,
+    )
 
 
 def _check_domain(home: MoseHome, domain: str) -> None:

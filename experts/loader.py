@@ -49,8 +49,10 @@ def _refuse_unsafe(ref: str, relpath: str, data: bytes) -> None:
     """Only safetensors and small text/JSON files; nothing that runs code when loaded."""
     suffix = PurePosixPath(relpath).suffix.lower()
     if suffix not in ALLOWED_SUFFIXES:
-        raise ArtifactError(f"{ref}: {relpath} has file type {suffix or '(none)'}; the loader only "
-                            f"reads {', '.join(sorted(ALLOWED_SUFFIXES))} files (no pickles, no code)")
+        raise ArtifactError(
+            f"{ref}: {relpath} has file type {suffix or '(none)'}; the loader only "
+            f"reads {', '.join(sorted(ALLOWED_SUFFIXES))} files (no pickles, no code)"
+        )
     # A safetensors file starts with its header length, which may look like a pickle opcode:
     # those are checked by parsing them with safetensors instead.
     if suffix != SAFETENSORS and (data[:1] == b"\x80" or data[:4] == b"PK\x03\x04"):
@@ -62,8 +64,10 @@ def _refuse_unsafe(ref: str, relpath: str, data: bytes) -> None:
             raise ArtifactError(f"{ref}: {relpath} is not valid JSON ({exc})") from None
         key = find_remote_code_key(parsed)
         if key:
-            raise ArtifactError(f"{ref}: {relpath} sets {key!r} (remote code); the loader never runs "
-                                "code shipped with a model: re-register without it")
+            raise ArtifactError(
+                f"{ref}: {relpath} sets {key!r} (remote code); the loader never runs "
+                "code shipped with a model: re-register without it"
+            )
 
 
 def read_verified(registry: Any, record: Any, actor: str = LOADER_ACTOR) -> VerifiedFiles:
@@ -83,14 +87,18 @@ def read_verified(registry: Any, record: Any, actor: str = LOADER_ACTOR) -> Veri
             data = None
         if data is None:
             _quarantine(registry, record, actor, f"{relpath} is missing from the artifact store")
-            raise StoredArtifactError(f"{ref}: {relpath} is missing from the artifact store; the expert was "
-                                "quarantined: register it again")
+            raise StoredArtifactError(
+                f"{ref}: {relpath} is missing from the artifact store; the expert was quarantined: register it again"
+            )
         got = hashlib.sha256(data).hexdigest()
         if got != want:
             _quarantine(registry, record, actor, f"{relpath}: sha256 {got} != manifest {want}")
-            raise StoredArtifactError(f"{ref}: {relpath} does not match its registered sha256 (file changed after "
-                                "registration: expected " f"{want[:12]}..., found {got[:12]}...); the expert was "
-                                "quarantined: register a new version with the correct files")
+            raise StoredArtifactError(
+                f"{ref}: {relpath} does not match its registered sha256 (file changed after "
+                "registration: expected "
+                f"{want[:12]}..., found {got[:12]}...); the expert was "
+                "quarantined: register a new version with the correct files"
+            )
         _refuse_unsafe(ref, relpath, data)
         files[relpath] = data
     return VerifiedFiles(ref=ref, files=files)
@@ -113,8 +121,11 @@ def lora_config_from_dict(ref: str, data: dict) -> Any:
     if peft_type != "LORA":
         raise ArtifactError(f"{ref}: {LORA_CONFIG} has peft_type {peft_type!r}; only LoRA adapters are supported")
     known = {f.name for f in dataclasses.fields(LoraConfig)}
-    kwargs = {k: v for k, v in data.items() if k in known and k not in ("peft_type", "base_model_name_or_path",
-                                                                          "revision", "auto_mapping")}
+    kwargs = {
+        k: v
+        for k, v in data.items()
+        if k in known and k not in ("peft_type", "base_model_name_or_path", "revision", "auto_mapping")
+    }
     kwargs["inference_mode"] = True
     try:
         return LoraConfig(**kwargs)
@@ -161,8 +172,9 @@ def full_model_from_verified(verified: VerifiedFiles, plan: Any) -> Any:
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))]
     if missing or unexpected:
-        raise ArtifactError(f"{verified.ref}: weights do not fit config.json (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]})")
+        raise ArtifactError(
+            f"{verified.ref}: weights do not fit config.json (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     model.tie_weights()
     return model.to(device=plan.device, dtype=plan.dtype).eval()
 
@@ -191,9 +203,11 @@ def tokenizer_from_verified(verified: VerifiedFiles) -> Any | None:
 
     kwargs = {}
     if "tokenizer_config.json" in verified.files:
-        kwargs = {k: v for k, v in verified.json("tokenizer_config.json").items()
-                  if k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template",
-                           "model_max_length")}
+        kwargs = {
+            k: v
+            for k, v in verified.json("tokenizer_config.json").items()
+            if k in ("bos_token", "eos_token", "pad_token", "unk_token", "chat_template", "model_max_length")
+        }
     if "chat_template.jinja" in verified.files:
         kwargs["chat_template"] = verified.files["chat_template.jinja"].decode("utf-8")
     backend = Tokenizer.from_str(verified.files["tokenizer.json"].decode("utf-8"))

@@ -83,10 +83,11 @@ class TrunkCache:
         with torch.inference_mode(), autocast(self.dtype):
             for chunk in tqdm(passes, desc=label, unit="pass", file=sys.stderr, disable=not progress):
                 ids, mask, positions = (t.to(device) for t in left_pad(chunk, self.pad_id))
-                hidden, _ = run_layers(self.decoder, self.decoder.embed_tokens(ids), mask, positions,
-                                        self.decoder.layers[:self.split])
+                hidden, _ = run_layers(
+                    self.decoder, self.decoder.embed_tokens(ids), mask, positions, self.decoder.layers[: self.split]
+                )
                 for i, row in enumerate(chunk):
-                    self._states[row] = hidden[i, -len(row):].to(torch.float32).clone()
+                    self._states[row] = hidden[i, -len(row) :].to(torch.float32).clone()
 
     def batch(self, rows: Sequence[EncodedPair]) -> tuple[Any, Any, Any, Any]:
         """Left-padded (trunk states, input ids, attention mask, positions) of ``rows``."""
@@ -97,7 +98,7 @@ class TrunkCache:
         first = self._states[tuple(rows[0].input_ids)]
         hidden = torch.zeros((len(rows), width, first.shape[-1]), dtype=first.dtype)
         for i, row in enumerate(rows):
-            hidden[i, width - len(row.input_ids):] = self._states[tuple(row.input_ids)]
+            hidden[i, width - len(row.input_ids) :] = self._states[tuple(row.input_ids)]
         device = next(self.lm.parameters()).device
         return hidden.to(device), ids.to(device), mask.to(device), positions.to(device)
 
@@ -108,11 +109,11 @@ class TrunkCache:
 
         hidden, ids, mask, positions = self.batch(rows)
         with autocast(self.dtype):
-            hidden, _ = run_layers(self.decoder, hidden, mask, positions, self.decoder.layers[self.split:])
+            hidden, _ = run_layers(self.decoder, hidden, mask, positions, self.decoder.layers[self.split :])
             lengths = torch.tensor([r.answer_len for r in rows], device=ids.device)
             keep = int(lengths.max())
             in_answer = answer_positions(lengths, keep).bool()
-            predicting = hidden[:, -keep - 1:-1][in_answer]
+            predicting = hidden[:, -keep - 1 : -1][in_answer]
             logits = self.lm.lm_head(self.decoder.norm(predicting)).float()
         targets = ids[:, -keep:][in_answer]
         return torch.nn.functional.cross_entropy(logits, targets, reduction="sum"), int(lengths.sum())
@@ -125,13 +126,14 @@ class TrunkCache:
         ordered = sorted(rows, key=lambda r: len(r.input_ids))
         with torch.inference_mode():
             for start in range(0, len(ordered), batch_size):
-                nll, n = self.answer_nll(ordered[start:start + batch_size])
+                nll, n = self.answer_nll(ordered[start : start + batch_size])
                 total, count = total + float(nll), count + n
         return total / max(count, 1)
 
 
-def length_batches(rows: Sequence[EncodedPair], batch_size: int, epochs: int, seed: int,
-                   bucket: int = 16) -> list[list[int]]:
+def length_batches(
+    rows: Sequence[EncodedPair], batch_size: int, epochs: int, seed: int, bucket: int = 16
+) -> list[list[int]]:
     """Seeded batches of row indices over ``epochs``: each epoch shuffled, cut into buckets of
     ``bucket`` batches, length-sorted within a bucket, and the batches shuffled again."""
     rng = random.Random(seed)
@@ -142,8 +144,8 @@ def length_batches(rows: Sequence[EncodedPair], batch_size: int, epochs: int, se
         epoch = []
         span = batch_size * bucket
         for start in range(0, len(order), span):
-            chunk = sorted(order[start:start + span], key=lambda i: len(rows[i].input_ids))
-            epoch += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            chunk = sorted(order[start : start + span], key=lambda i: len(rows[i].input_ids))
+            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(epoch)
         batches += epoch
     return batches
@@ -156,10 +158,21 @@ def curve_steps(total: int, points: int) -> set[int]:
     return {round(total * i / (points - 1)) for i in range(points)}
 
 
-def train_cached(peft_model: Any, trunk: TrunkCache, train: Sequence[EncodedPair], heldout: Sequence[EncodedPair],
-                 *, batch_size: int, epochs: int, learning_rate: float, seed: int, max_steps: int | None = None,
-                 curve_points: int = 2,
-                 progress: bool = True, label: str = "finetune") -> TrainingRun:
+def train_cached(
+    peft_model: Any,
+    trunk: TrunkCache,
+    train: Sequence[EncodedPair],
+    heldout: Sequence[EncodedPair],
+    *,
+    batch_size: int,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+    max_steps: int | None = None,
+    curve_points: int = 2,
+    progress: bool = True,
+    label: str = "finetune",
+) -> TrainingRun:
     """Train ``peft_model``'s LoRA weights (above the trunk) on ``train``; the held-out loss is
     measured at ``curve_points`` steps (step 0 is the base model: LoRA starts as the identity)."""
     import torch
@@ -173,7 +186,8 @@ def train_cached(peft_model: Any, trunk: TrunkCache, train: Sequence[EncodedPair
     batches = length_batches(train, batch_size, epochs, seed)[:max_steps]
     warmup = max(1, len(batches) // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.1, (len(batches) - s) / max(1, len(batches) - warmup))))
+        optimizer, lambda s: min((s + 1) / warmup, max(0.1, (len(batches) - s) / max(1, len(batches) - warmup)))
+    )
     evaluate_at = curve_steps(len(batches), curve_points) if heldout else set()
     peft_model.train()
     bar = tqdm(total=len(batches), desc=label, unit="step", file=sys.stderr, disable=not progress)

@@ -47,30 +47,37 @@ class DevicePolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="'auto' picks CUDA when available, else CPU.")
+        default="auto", description="'auto' picks CUDA when available, else CPU."
+    )
     cuda_dtype: Literal["bfloat16", "float16"] = Field(
-        default="bfloat16", description="Compute dtype on CUDA (and of the 4-bit compute).")
+        default="bfloat16", description="Compute dtype on CUDA (and of the 4-bit compute)."
+    )
     base_quantization: Quantization = Field(
-        default="none", description="Quantisation of the shared base model on CUDA.")
+        default="none", description="Quantisation of the shared base model on CUDA."
+    )
     cpu_threads: int | None = Field(
         default_factory=lambda: int(os.environ[THREADS_ENV]) if os.environ.get(THREADS_ENV) else None,
         description="torch intra-op threads on CPU (default $MOSE_CPU_THREADS, else torch's default). "
-                    "On a CPU shared with other busy processes, 1 thread can be several times faster "
-                    "than 2: parallel regions wait for the slowest thread.")
+        "On a CPU shared with other busy processes, 1 thread can be several times faster "
+        "than 2: parallel regions wait for the slowest thread.",
+    )
     cpu_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        default_factory=lambda: os.environ.get(CPU_DTYPE_ENV) or "auto", validate_default=True,
+        default_factory=lambda: os.environ.get(CPU_DTYPE_ENV) or "auto",
+        validate_default=True,
         description="Weights and activations on CPU (default $MOSE_CPU_DTYPE, else auto). 'auto': bfloat16 "
-                    "where the CPU has bf16 instructions (AVX-512 bf16 or AMX), else float32 (emulated bf16 "
-                    "is slower). Measured on 2 cores with AVX-512 bf16: the jury's evidence 1.6-1.75x faster, "
-                    "held-out AUROC and ECE of a calibrator fitted on float32 evidence unchanged within "
-                    "0.003 (benchmarks/jury.py precision, docs/benchmarks.md). Fine-tuning stays float32.")
+        "where the CPU has bf16 instructions (AVX-512 bf16 or AMX), else float32 (emulated bf16 "
+        "is slower). Measured on 2 cores with AVX-512 bf16: the jury's evidence 1.6-1.75x faster, "
+        "held-out AUROC and ECE of a calibrator fitted on float32 evidence unchanged within "
+        "0.003 (benchmarks/jury.py precision, docs/benchmarks.md). Fine-tuning stays float32.",
+    )
     cpu_reuse_freed_memory: bool = Field(
         default=True,
         description="On CPU with glibc: keep freed blocks up to 32 MB in the process for reuse instead of "
-                    "handing them back to the OS at once. Scoring allocates and frees tens of MB per layer, "
-                    "and memory fresh from the OS is paid for again page by page (measured on 2 cores: the "
-                    "jury's evidence 7-13 % faster at 16-48 items per call). The process's RSS then stays "
-                    "near its peak.")
+        "handing them back to the OS at once. Scoring allocates and frees tens of MB per layer, "
+        "and memory fresh from the OS is paid for again page by page (measured on 2 cores: the "
+        "jury's evidence 7-13 % faster at 16-48 items per call). The process's RSS then stays "
+        "near its peak.",
+    )
 
     def resolve_device(self) -> str:
         import torch
@@ -107,8 +114,12 @@ class DevicePolicy(BaseModel):
         compute = getattr(torch, self.compute_dtype(device))
         if quantization == "none":
             return LoadPlan(device=device, dtype=compute, quantization="none")
-        return LoadPlan(device=device, dtype=compute, quantization=quantization,
-                        quantization_config=bnb_config(quantization, compute))
+        return LoadPlan(
+            device=device,
+            dtype=compute,
+            quantization=quantization,
+            quantization_config=bnb_config(quantization, compute),
+        )
 
     def base_plan(self) -> LoadPlan:
         return self.plan(self.base_quantization)
@@ -145,6 +156,10 @@ def bnb_config(quantization: Quantization, compute_dtype: Any):
     from transformers import BitsAndBytesConfig
 
     if quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)

@@ -63,25 +63,47 @@ class PoolConfig(BaseModel):
     base_model: str = Field(default=SMOLLM2_ID, description="Base model id that LoRA experts attach to.")
     max_new_tokens_limit: int = Field(default=512, ge=1, description="Upper bound on max_new_tokens.")
     max_prompt_tokens: int = Field(default=1024, ge=8, description="Longer prompts are cut from the left.")
-    max_batch_size: int = Field(default=16, ge=1, description="Most rows decoded together per model; more "
-                                "wait for a free slot (a row leaves the batch as soon as it is done).")
-    batch_wait_s: float = Field(default=0.0, ge=0, description="How long an idle pool waits after a first "
-                                "request for others to share its prefill pass; requests that arrive while a "
-                                "batch runs join it at the next step without waiting.")
+    max_batch_size: int = Field(
+        default=16,
+        ge=1,
+        description="Most rows decoded together per model; more "
+        "wait for a free slot (a row leaves the batch as soon as it is done).",
+    )
+    batch_wait_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="How long an idle pool waits after a first "
+        "request for others to share its prefill pass; requests that arrive while a "
+        "batch runs join it at the next step without waiting.",
+    )
     score_max_tokens: int = Field(default=256, ge=8, description="Token budget of one scored question+answer.")
-    score_batch_tokens: int | None = Field(default=None, ge=64, description="Padded tokens per scoring forward "
-                                           "pass (rows of several items are length-sorted and packed up to "
-                                           "this). None: 4096 on CPU, 32768 on CUDA (measured best on each).")
-    full_expert_budget_bytes: int = Field(default=2 << 30, ge=0,
-                                          description="Memory budget of the full-weight expert LRU.")
-    load_base: bool = Field(default=True, description="Load the base model's weights. False: a pool of "
-                            "full-weight experts only (the base's tokenizer is still loaded, for experts "
-                            "that ship none); it serves no LoRA experts and no 'base'.")
-    batched_lora: bool = Field(default=True, description="Decode mixed-adapter batches with stacked per-row "
-                               "LoRA matmuls (experts.batched_lora) instead of peft's per-adapter loop.")
-    shared_trunk: bool = Field(default=True, description="Score a text under several LoRA experts with the "
-                               "layers none of them adapts run once (experts.shared_trunk); False: one "
-                               "full forward pass per expert.")
+    score_batch_tokens: int | None = Field(
+        default=None,
+        ge=64,
+        description="Padded tokens per scoring forward "
+        "pass (rows of several items are length-sorted and packed up to "
+        "this). None: 4096 on CPU, 32768 on CUDA (measured best on each).",
+    )
+    full_expert_budget_bytes: int = Field(
+        default=2 << 30, ge=0, description="Memory budget of the full-weight expert LRU."
+    )
+    load_base: bool = Field(
+        default=True,
+        description="Load the base model's weights. False: a pool of "
+        "full-weight experts only (the base's tokenizer is still loaded, for experts "
+        "that ship none); it serves no LoRA experts and no 'base'.",
+    )
+    batched_lora: bool = Field(
+        default=True,
+        description="Decode mixed-adapter batches with stacked per-row "
+        "LoRA matmuls (experts.batched_lora) instead of peft's per-adapter loop.",
+    )
+    shared_trunk: bool = Field(
+        default=True,
+        description="Score a text under several LoRA experts with the "
+        "layers none of them adapts run once (experts.shared_trunk); False: one "
+        "full forward pass per expert.",
+    )
     policy: DevicePolicy = Field(default_factory=DevicePolicy, description="Device and precision policy.")
 
 
@@ -126,8 +148,10 @@ class FullExpertLRU:
     def make_room(self, nbytes: int) -> list[str]:
         """Evict least recently used experts until ``nbytes`` more fit; return the evicted names."""
         if nbytes > self.budget_bytes:
-            raise MoseError(f"a full expert of {nbytes >> 20} MiB does not fit the full-expert memory budget "
-                            f"({self.budget_bytes >> 20} MiB): raise PoolConfig.full_expert_budget_bytes")
+            raise MoseError(
+                f"a full expert of {nbytes >> 20} MiB does not fit the full-expert memory budget "
+                f"({self.budget_bytes >> 20} MiB): raise PoolConfig.full_expert_budget_bytes"
+            )
         evicted = []
         while self._entries and self.used_bytes + nbytes > self.budget_bytes:
             name, _ = self._entries.popitem(last=False)
@@ -165,10 +189,10 @@ class ExpertPool:
             if plan.quantization_config is None:
                 base = base.to(plan.device)
             self._base = base.eval()
-        self._peft: Any = None                      # PeftModel once the first adapter is added
-        self._trunk: TrunkScorer | None = None      # scoring state of the current adapter set
+        self._peft: Any = None  # PeftModel once the first adapter is added
+        self._trunk: TrunkScorer | None = None  # scoring state of the current adapter set
         self._contexts: OrderedDict[tuple, tuple[Any, list[str] | None]] = OrderedDict()  # decoding contexts
-        self._adapters: dict[str, str] = {}         # expert name -> peft adapter key
+        self._adapters: dict[str, str] = {}  # expert name -> peft adapter key
         self._adapter_bytes: dict[str, int] = {}
         self._full_sources: dict[str, tuple[Any, Any]] = {}  # expert name -> (registry, record)
         self._full = FullExpertLRU(self.config.full_expert_budget_bytes)
@@ -179,8 +203,7 @@ class ExpertPool:
     # ------------------------------------------------------------ loading experts
 
     @classmethod
-    def from_registry(cls, registry: Any, config: PoolConfig | None = None,
-                      home: MoseHome | None = None) -> ExpertPool:
+    def from_registry(cls, registry: Any, config: PoolConfig | None = None, home: MoseHome | None = None) -> ExpertPool:
         """A pool holding every active expert of ``registry`` that it can serve."""
         pool = cls(config, home)
         pool.load_registry(registry)
@@ -219,8 +242,10 @@ class ExpertPool:
             return
         self._require_base(record.name)
         if record.base_model != self.config.base_model:
-            raise MoseError(f"{record.name}: adapter for base model {record.base_model!r}, but this pool "
-                            f"serves {self.config.base_model!r}")
+            raise MoseError(
+                f"{record.name}: adapter for base model {record.base_model!r}, but this pool "
+                f"serves {self.config.base_model!r}"
+            )
         lora_config, state = lora_from_verified(read_verified(registry, record))
         self.add_adapter(record.name, lora_config, state)
 
@@ -249,8 +274,10 @@ class ExpertPool:
             unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
             if unexpected or missing:
                 self._drop_adapter(key)
-                raise MoseError(f"{name}: adapter weights do not fit its adapter_config.json / the base model "
-                               f"(unexpected {unexpected[:3]}, missing {missing[:3]})")
+                raise MoseError(
+                    f"{name}: adapter weights do not fit its adapter_config.json / the base model "
+                    f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
+                )
             self._peft.eval()
             self._trunk = None
             self._contexts.clear()
@@ -283,8 +310,10 @@ class ExpertPool:
 
     def _require_base(self, name: str) -> None:
         if self._shared_model() is None:
-            raise MoseError(f"{name}: this pool holds full-weight experts only (PoolConfig.load_base=False); "
-                            "LoRA experts need a pool with the base model loaded")
+            raise MoseError(
+                f"{name}: this pool holds full-weight experts only (PoolConfig.load_base=False); "
+                "LoRA experts need a pool with the base model loaded"
+            )
 
     def _check_name(self, name: str) -> None:
         if name in (BASE_EXPERT, self.config.base_model):
@@ -307,7 +336,8 @@ class ExpertPool:
         """Bytes held by the base model, the adapters and the full-expert LRU."""
         return {
             "base_bytes": model_bytes(self._shared_model()) - sum(self._adapter_bytes.values())
-            if self._shared_model() is not None else 0,
+            if self._shared_model() is not None
+            else 0,
             "adapter_bytes": sum(self._adapter_bytes.values()),
             "adapters": len(self._adapters),
             "full_loaded": self._full.names(),
@@ -349,8 +379,9 @@ class ExpertPool:
         # otherwise peft would apply the active adapter to base-model rows.
         return list(keys) if self._peft is not None else None
 
-    def _adapter_context(self, adapters: list[str] | None,
-                         answers_only: Sequence[EncodedPair] | None = None) -> tuple[Any, list[str] | None]:
+    def _adapter_context(
+        self, adapters: list[str] | None, answers_only: Sequence[EncodedPair] | None = None
+    ) -> tuple[Any, list[str] | None]:
         """(context, adapter_names): stacked per-row LoRA matmuls when every adapter allows it,
         else peft's own per-adapter loop through ``adapter_names``.
 
@@ -363,11 +394,15 @@ class ExpertPool:
             width = max(len(pair.input_ids) for pair in answers_only)
             lengths = torch.tensor([pair.answer_len + 1 for pair in answers_only])  # + the unscored last column
             device = next(self._peft.parameters()).device
-            return batched_lora.BatchedLoRA(self._peft, adapters,
-                                            token_mask=answer_positions(lengths.to(device), width)), None
+            return batched_lora.BatchedLoRA(
+                self._peft, adapters, token_mask=answer_positions(lengths.to(device), width)
+            ), None
         if adapters is not None and answers_only is not None:
-            warnings.warn(f"adapters {sorted(set(adapters) - {BASE_ADAPTER})} are not plain LoRA and cannot be "
-                          "limited to the answer tokens: they read the question too", stacklevel=2)
+            warnings.warn(
+                f"adapters {sorted(set(adapters) - {BASE_ADAPTER})} are not plain LoRA and cannot be "
+                "limited to the answer tokens: they read the question too",
+                stacklevel=2,
+            )
         if stackable and self.config.batched_lora:
             return batched_lora.BatchedLoRA(self._peft, adapters), None
         return contextlib.nullcontext(), adapters
@@ -410,15 +445,17 @@ class ExpertPool:
         request = validate(GenerationRequest, request, "generation request")
         limit = self.config.max_new_tokens_limit
         if request.params.max_new_tokens > limit:
-            raise MoseError(f"invalid generation request: max_new_tokens={request.params.max_new_tokens} is above "
-                            f"this pool's limit of {limit}")
+            raise MoseError(
+                f"invalid generation request: max_new_tokens={request.params.max_new_tokens} is above "
+                f"this pool's limit of {limit}"
+            )
         self._resolve(request.expert)
         return request
 
     def _prompt(self, tokenizer: Any, request: GenerationRequest) -> list[int]:
         if request.prompt is None:
             ids = prompt_ids(tokenizer, [m.model_dump() for m in request.messages])
-            return ids[-self.config.max_prompt_tokens:]
+            return ids[-self.config.max_prompt_tokens :]
         if isinstance(request.prompt, str):
             ids = tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         else:
@@ -428,8 +465,10 @@ class ExpertPool:
         if not ids:
             raise MoseError("invalid generation request: the prompt is empty")
         if len(ids) > self.config.max_prompt_tokens:  # not cut: its tokens may be scored
-            raise MoseError(f"invalid generation request: the prompt is {len(ids)} tokens; this pool takes at "
-                            f"most {self.config.max_prompt_tokens}")
+            raise MoseError(
+                f"invalid generation request: the prompt is {len(ids)} tokens; this pool takes at "
+                f"most {self.config.max_prompt_tokens}"
+            )
         return ids
 
     def submit(self, request: Any, stream: bool = False) -> RowHandle:
@@ -463,9 +502,15 @@ class ExpertPool:
         model, tokenizer = self._model_for(group)
         eos = {tokenizer.eos_token_id, *_as_list(getattr(model.generation_config, "eos_token_id", None))}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        return Admission(group=group, key=key, prompt=self._prompt(tokenizer, request),
-                         model=model if group else None, tokenizer=tokenizer,
-                         eos_ids=frozenset(e for e in eos if e is not None), pad_id=pad)
+        return Admission(
+            group=group,
+            key=key,
+            prompt=self._prompt(tokenizer, request),
+            model=model if group else None,
+            tokenizer=tokenizer,
+            eos_ids=frozenset(e for e in eos if e is not None),
+            pad_id=pad,
+        )
 
     def _forward_setup(self, group: str, held_model: Any, keys: Sequence[str]) -> tuple[Any, Any, list[str] | None]:
         if group:
@@ -491,21 +536,24 @@ class ExpertPool:
 
     # ------------------------------------------------------------ scoring
 
-    def answer_loss(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
-                    batch_size: int = 8) -> dict[str, float]:
+    def answer_loss(
+        self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96, batch_size: int = 8
+    ) -> dict[str, float]:
         """Held-out answer loss (token-weighted mean NLL) of each shared-base expert on the same pairs."""
         rows = self.answer_nll_rows(pairs, experts, max_tokens, batch_size)
         return {name: sum(n for n, _ in per_row) / max(1, sum(c for _, c in per_row)) for name, per_row in rows.items()}
 
-    def answer_nll_rows(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96,
-                        batch_size: int = 8) -> dict[str, list[tuple[float, int]]]:
+    def answer_nll_rows(
+        self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96, batch_size: int = 8
+    ) -> dict[str, list[tuple[float, int]]]:
         """Per shared-base expert, per pair: (summed answer-token NLL, answer tokens), every
         (pair, expert) row in mixed-adapter batches (teacher-forced, truncated to ``max_tokens``).
         Runs on the engine loop's thread, between decoding steps."""
         return self.engine.call(self._answer_nll_rows, pairs, experts, max_tokens, batch_size)
 
-    def _answer_nll_rows(self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int,
-                         batch_size: int) -> dict[str, list[tuple[float, int]]]:
+    def _answer_nll_rows(
+        self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int, batch_size: int
+    ) -> dict[str, list[tuple[float, int]]]:
         import torch
 
         keys = {}
@@ -516,22 +564,30 @@ class ExpertPool:
             keys[name] = key
         encoded = [encode_pair(self.tokenizer, q, a, max_tokens) for q, a in pairs]
         # one adapter per batch where possible (peft runs each adapter of a mixed batch apart), short rows together
-        jobs = sorted(((name, i) for name in keys for i in range(len(encoded))),
-                      key=lambda job: (keys[job[0]], len(encoded[job[1]].input_ids)))
+        jobs = sorted(
+            ((name, i) for name in keys for i in range(len(encoded))),
+            key=lambda job: (keys[job[0]], len(encoded[job[1]].input_ids)),
+        )
         out: dict[str, list[tuple[float, int]]] = {name: [(0.0, 0)] * len(encoded) for name in keys}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():
             model = self._shared_model()
             for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
+                chunk = jobs[start : start + batch_size]
                 names = self._adapter_names([keys[name] for name, _ in chunk])
                 sums, counts = answer_logprobs(model, [encoded[i] for _, i in chunk], pad, names)
                 for (name, i), total, count in zip(chunk, sums.tolist(), counts.tolist()):
                     out[name][i] = (-total, int(count))
         return out
 
-    def score(self, question: str, answer: str, experts: Sequence[str],
-              adapt_question: bool = True, state_layer: int | None = None) -> list[ExpertScore]:
+    def score(
+        self,
+        question: str,
+        answer: str,
+        experts: Sequence[str],
+        adapt_question: bool = True,
+        state_layer: int | None = None,
+    ) -> list[ExpertScore]:
         """Per expert: mean log-prob of the answer tokens with and without the question, and PMI.
 
         ``adapt_question=False``: a LoRA expert's adapter applies only where an answer token is
@@ -542,8 +598,12 @@ class ExpertPool:
         """
         return self.score_many([(question, answer, experts)], adapt_question, state_layer)[0]
 
-    def score_many(self, items: Sequence[tuple[str, str, Sequence[str]]],
-                   adapt_question: bool = True, state_layer: int | None = None) -> list[list[ExpertScore]]:
+    def score_many(
+        self,
+        items: Sequence[tuple[str, str, Sequence[str]]],
+        adapt_question: bool = True,
+        state_layer: int | None = None,
+    ) -> list[list[ExpertScore]]:
         """:meth:`score` for several (question, answer, experts) items at once.
 
         Every (item, with/without question) text of a model is length-sorted and packed into
@@ -555,8 +615,9 @@ class ExpertPool:
         """
         return self.engine.call(self._score_many, items, adapt_question, state_layer)
 
-    def _score_many(self, items: Sequence[tuple[str, str, Sequence[str]]], adapt_question: bool,
-                    state_layer: int | None) -> list[list[ExpertScore]]:
+    def _score_many(
+        self, items: Sequence[tuple[str, str, Sequence[str]]], adapt_question: bool, state_layer: int | None
+    ) -> list[list[ExpertScore]]:
         items = [(q, a, list(e) or [BASE_EXPERT]) for q, a, e in items]
         depth = self._base.config.num_hidden_layers if self._base is not None else None
         if state_layer is not None and depth is not None and not 0 <= state_layer <= depth:
@@ -583,11 +644,17 @@ class ExpertPool:
                     if with_q:
                         answer_lens[i] = pair.answer_len
         return [
-            [ExpertScore(expert=name, logp_given_question=means[(i, j, True)],
-                         logp_without_question=means[(i, j, False)],
-                         pmi=means[(i, j, True)] - means[(i, j, False)], answer_tokens=answer_lens[i],
-                         answer_state=states.get((i, j)) if name == BASE_EXPERT else None)
-             for j, name in enumerate(experts)]
+            [
+                ExpertScore(
+                    expert=name,
+                    logp_given_question=means[(i, j, True)],
+                    logp_without_question=means[(i, j, False)],
+                    pmi=means[(i, j, True)] - means[(i, j, False)],
+                    answer_tokens=answer_lens[i],
+                    answer_state=states.get((i, j)) if name == BASE_EXPERT else None,
+                )
+                for j, name in enumerate(experts)
+            ]
             for i, (_, _, experts) in enumerate(items)
         ]
 
@@ -629,8 +696,9 @@ class ExpertPool:
         if batch:
             yield batch
 
-    def _score_batch(self, group: str, model: Any, pad: int, batch: list[tuple],
-                     adapt_question: bool, state_layer: int | None = None) -> list[list[tuple[float, int, Any]]]:
+    def _score_batch(
+        self, group: str, model: Any, pad: int, batch: list[tuple], adapt_question: bool, state_layer: int | None = None
+    ) -> list[list[tuple[float, int, Any]]]:
         """Per text of ``batch``, per expert: (sum of answer-token log-probs, answer-token count,
         the base model's answer state at ``state_layer`` or None)."""
         import torch
@@ -649,8 +717,13 @@ class ExpertPool:
                 sums, counts, *states = answer_logprobs(model, rows, pad, adapters, state_layer)
         row_states = states[0] if states else [None] * len(rows)
         flat = iter(zip(sums.tolist(), counts.tolist(), row_states, flat_keys))
-        return [[(total, count, state if key == BASE_ADAPTER else None) for total, count, state, key in
-                 (next(flat) for _ in row)] for row in keys]
+        return [
+            [
+                (total, count, state if key == BASE_ADAPTER else None)
+                for total, count, state, key in (next(flat) for _ in row)
+            ]
+            for row in keys
+        ]
 
 
 def _as_list(value: Any) -> list:

@@ -24,12 +24,14 @@ HELDOUT_FRACTION = 0.1
 """Share of questions (by hash) kept out of training: 60 or more rows in each demo vertical
 (the smallest has 920)."""
 
-_FUNCTION_WORDS = frozenset("""
+_FUNCTION_WORDS = frozenset(
+    """
 a an the and or but if of to in on at by for with from as is are was were be been being am do does did
 it its this that these those there here what which who whom whose when where why how can
 could should would will shall may might must i you he she we they me him her us them my your our their
 s t so than then too very just also about into over under up down out answer
-""".split())
+""".split()
+)
 """Words that restate a question without answering it."""
 
 SENTENCE_MIN_WORDS = 4
@@ -59,7 +61,7 @@ def normalise(text: str) -> str:
 def heldout_bucket(question: str, fraction: float = HELDOUT_FRACTION) -> bool:
     """True when ``question`` belongs to the held-out split (a hash of its normalised text)."""
     digest = hashlib.sha256(normalise(question).encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") < fraction * 2 ** 64
+    return int.from_bytes(digest[:8], "big") < fraction * 2**64
 
 
 def hash_order(question: str) -> bytes:
@@ -97,8 +99,8 @@ def loops(answer: str, max_period: int = 24) -> bool:
     words = normalise(answer).split()
     for period in range(1, min(max_period, len(words) // 3) + 1):
         for start in range(0, len(words) - 3 * period + 1):
-            chunk = words[start:start + period]
-            if chunk == words[start + period:start + 2 * period] == words[start + 2 * period:start + 3 * period]:
+            chunk = words[start : start + period]
+            if chunk == words[start + period : start + 2 * period] == words[start + 2 * period : start + 3 * period]:
                 return True
     sentences = [normalise(s) for s in re.split(r"(?<=[.!?])\s+|\n+", answer)]
     seen: set[str] = set()
@@ -170,7 +172,7 @@ def solution_answer(solution: str) -> str:
     text = _CALCULATOR.sub("", solution).strip()
     match = _FINAL_NUMBER.search(text)
     if match:
-        text = text[:match.start()].rstrip() + f"\nThe answer is {match.group(1)}."
+        text = text[: match.start()].rstrip() + f"\nThe answer is {match.group(1)}."
     return text
 
 

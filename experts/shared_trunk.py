@@ -36,8 +36,15 @@ _PREFIX_CACHE_ENTRIES = 256
 """Adapters whose prefix keys/values are kept; each is ~1.1-1.3 MB for SmolLM2's 24- and 29-token prefixes."""
 
 
-def run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Sequence[Any],
-                cache: Any = None, capture: int | None = None) -> tuple[Any, Any]:
+def run_layers(
+    decoder: Any,
+    hidden: Any,
+    mask: Any,
+    positions: Any,
+    layers: Sequence[Any],
+    cache: Any = None,
+    capture: int | None = None,
+) -> tuple[Any, Any]:
     """``layers`` of ``decoder`` on ``hidden`` (left-padded rows; the 2-D ``mask`` also covers the
     tokens already in ``cache``, whose layers then gain this call's keys and values): (output,
     the hidden states after the first ``capture`` of them, or None)."""
@@ -46,13 +53,24 @@ def run_layers(decoder: Any, hidden: Any, mask: Any, positions: Any, layers: Seq
     captured = hidden if capture == 0 else None
     if not layers:
         return hidden, captured
-    causal_mask = create_causal_mask(config=decoder.config, inputs_embeds=hidden, attention_mask=mask,
-                                     past_key_values=cache, position_ids=positions,
-                                     layer_idx=layers[0].self_attn.layer_idx)
+    causal_mask = create_causal_mask(
+        config=decoder.config,
+        inputs_embeds=hidden,
+        attention_mask=mask,
+        past_key_values=cache,
+        position_ids=positions,
+        layer_idx=layers[0].self_attn.layer_idx,
+    )
     position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
     for done, layer in enumerate(layers, start=1):
-        hidden = layer(hidden, attention_mask=causal_mask, position_embeddings=position_embeddings,
-                       position_ids=positions, past_key_values=cache, use_cache=cache is not None)
+        hidden = layer(
+            hidden,
+            attention_mask=causal_mask,
+            position_embeddings=position_embeddings,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
         if done == capture:
             captured = hidden
     return hidden, captured
@@ -89,14 +107,24 @@ class TrunkScorer:
         """Index of the lowest decoder layer any adapter in ``keys`` changes (layer count if none)."""
         layers = self.decoder.layers
         for key in set(keys) - set(self._first_layer):
-            self._first_layer[key] = next((i for i, layer in enumerate(layers)
-                                           if any(key in getattr(m, "lora_A", {})
-                                                  for m in batched_lora.lora_layers(layer))), len(layers))
+            self._first_layer[key] = next(
+                (
+                    i
+                    for i, layer in enumerate(layers)
+                    if any(key in getattr(m, "lora_A", {}) for m in batched_lora.lora_layers(layer))
+                ),
+                len(layers),
+            )
         return min((self._first_layer[key] for key in keys), default=len(layers))
 
-    def score(self, texts: Sequence[EncodedPair], keys_per_text: Sequence[Sequence[str]],
-              pad_id: int, adapt_question: bool = True,
-              state_layer: int | None = None) -> list[list[tuple[float, int, Any]]]:
+    def score(
+        self,
+        texts: Sequence[EncodedPair],
+        keys_per_text: Sequence[Sequence[str]],
+        pad_id: int,
+        adapt_question: bool = True,
+        state_layer: int | None = None,
+    ) -> list[list[tuple[float, int, Any]]]:
         """Per text, per adapter key: (sum of answer-token log-probs, answer-token count, state).
 
         ``state_layer``: the state of each text's ``__base__`` row is its mean hidden state after
@@ -115,8 +143,9 @@ class TrunkScorer:
         import torch
 
         # branch rows (text, key) sorted by key: each adapter's rows are one slice (BatchedLoRA)
-        rows = sorted(((key, i, j) for i, row in enumerate(keys_per_text) for j, key in enumerate(row)),
-                      key=lambda r: r[0])
+        rows = sorted(
+            ((key, i, j) for i, row in enumerate(keys_per_text) for j, key in enumerate(row)), key=lambda r: r[0]
+        )
         keys = [key for key, _, _ in rows]
         split = self.first_adapted_layer(keys)
         branch = range(split, len(self.decoder.layers))
@@ -138,8 +167,15 @@ class TrunkScorer:
         trunk_state = state_layer if state_layer is not None and state_layer <= split else None
         branch_state = state_layer - split if state_layer is not None and trunk_state is None else None
         with batched_lora.AdaptersOff(self.lora):
-            hidden, states = run_layers(self.decoder, self.decoder.embed_tokens(inputs), mask, positions,
-                                         self.decoder.layers[:split], trunk_cache, trunk_state)
+            hidden, states = run_layers(
+                self.decoder,
+                self.decoder.embed_tokens(inputs),
+                mask,
+                positions,
+                self.decoder.layers[:split],
+                trunk_cache,
+                trunk_state,
+            )
         if adapt_question:
             cache, token_mask = self._cache(prefix, keys, branch), None
         else:
@@ -147,8 +183,15 @@ class TrunkScorer:
             cache = _select_rows(cache, row_text, branch, self.decoder.config)
             token_mask = answer_positions(row_lengths, hidden.shape[1])
         with batched_lora.BatchedLoRA(self.peft_model, keys, self.lora, token_mask):
-            hidden, branch_states = run_layers(self.decoder, hidden[row_text], mask[row_text], positions[row_text],
-                                                self.decoder.layers[split:], cache, branch_state)
+            hidden, branch_states = run_layers(
+                self.decoder,
+                hidden[row_text],
+                mask[row_text],
+                positions[row_text],
+                self.decoder.layers[split:],
+                cache,
+                branch_state,
+            )
         keep = int(lengths.max())
         sums = self._answer_logprob_sums(hidden[:, -keep:], ids[row_text, -keep:], row_lengths)
         if branch_states is not None:
@@ -162,8 +205,9 @@ class TrunkScorer:
             results[i][j] = (total, count, answer_mean(state, count) if state is not None else None)
         return results
 
-    def _unadapted_context(self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any,
-                           branch: range) -> tuple[Any, Any, Any]:
+    def _unadapted_context(
+        self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any, branch: range
+    ) -> tuple[Any, Any, Any]:
         """Run the columns before the answer positions through the branch unadapted, once per text:
         (cache holding their keys and values after the prefix's, hidden and positions of the rest)."""
         from transformers.cache_utils import DynamicCache
@@ -172,8 +216,14 @@ class TrunkScorer:
         width = int(lengths.max())  # the answer-predicting columns of the longest answer
         if hidden.shape[1] > width:
             with batched_lora.AdaptersOff(self.lora):
-                run_layers(self.decoder, hidden[:, :-width], mask[:, :-width], positions[:, :-width],
-                            self.decoder.layers[branch.start:], cache)
+                run_layers(
+                    self.decoder,
+                    hidden[:, :-width],
+                    mask[:, :-width],
+                    positions[:, :-width],
+                    self.decoder.layers[branch.start :],
+                    cache,
+                )
         return cache, hidden[:, -width:], positions[:, -width:]
 
     def _answer_logprob_sums(self, hidden: Any, targets: Any, lengths: Any) -> Any:
@@ -215,8 +265,14 @@ class TrunkScorer:
         positions = torch.arange(len(prefix), device=device).unsqueeze(0)
         cache = DynamicCache(config=self.decoder.config)
         with batched_lora.BatchedLoRA(self.peft_model, [key], self.lora):
-            run_layers(self.decoder, self.decoder.embed_tokens(ids), torch.ones_like(ids), positions,
-                        self.decoder.layers, cache)
+            run_layers(
+                self.decoder,
+                self.decoder.embed_tokens(ids),
+                torch.ones_like(ids),
+                positions,
+                self.decoder.layers,
+                cache,
+            )
         self._prefixes[entry] = [(layer.keys, layer.values) for layer in cache.layers]
         while len(self._prefixes) > _PREFIX_CACHE_ENTRIES:
             self._prefixes.popitem(last=False)

@@ -18,17 +18,34 @@ class SamplingParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(default=64, ge=1, description="Most tokens to generate (the pool caps it).")
-    temperature: float = Field(default=0.0, ge=0.0, allow_inf_nan=False, description="0 = greedy; higher = more random.")
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass, in (0, 1].")
-    stop: list[str] = Field(default_factory=list, max_length=8,
-                            description="Strings that end the completion (not included in the text).")
+    temperature: float = Field(
+        default=0.0, ge=0.0, allow_inf_nan=False, description="0 = greedy; higher = more random."
+    )
+    top_p: float = Field(
+        default=1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="Nucleus sampling mass, in (0, 1]."
+    )
+    stop: list[str] = Field(
+        default_factory=list, max_length=8, description="Strings that end the completion (not included in the text)."
+    )
     seed: int | None = Field(default=None, description="Seed for sampling; same seed, same completion.")
-    logprobs: int | None = Field(default=None, ge=0, le=20, description=(
-        "Record each generated token's log-probability and this many most likely alternatives "
-        "(None: record nothing)."))
-    prompt_logprobs: int | None = Field(default=None, ge=0, le=20, description=(
-        "Also score the prompt: each prompt token's log-probability given the tokens before it and "
-        "this many most likely alternatives (None: do not score the prompt)."))
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description=(
+            "Record each generated token's log-probability and this many most likely alternatives "
+            "(None: record nothing)."
+        ),
+    )
+    prompt_logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description=(
+            "Also score the prompt: each prompt token's log-probability given the tokens before it and "
+            "this many most likely alternatives (None: do not score the prompt)."
+        ),
+    )
 
     @field_validator("stop")
     @classmethod
@@ -55,17 +72,21 @@ class GenerationRequest(BaseModel):
     expert: str = Field(default=BASE_EXPERT, description="Expert name, or 'base' for the base model.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
     params: SamplingParams = Field(default_factory=SamplingParams, description="Sampling parameters.")
-    prompt: str | list[int] | None = Field(None, description=(
-        "Text or token ids to continue as they are, instead of the chat-formatted ``messages``."))
+    prompt: str | list[int] | None = Field(
+        None, description=("Text or token ids to continue as they are, instead of the chat-formatted ``messages``.")
+    )
 
 
 class TopLogprob(BaseModel):
     """One candidate token at a position and its log-probability."""
 
     token: str = Field(description="The token's text.")
-    logprob: float | None = Field(description=(
-        "Natural-log probability under the model (float32 log-softmax of the logits); None for the "
-        "prompt's first token, which nothing predicts."))
+    logprob: float | None = Field(
+        description=(
+            "Natural-log probability under the model (float32 log-softmax of the logits); None for the "
+            "prompt's first token, which nothing predicts."
+        )
+    )
     bytes: list[int] = Field(description="The token's UTF-8 bytes (a token can hold part of a character).")
 
 
@@ -83,10 +104,13 @@ class GenerationResult(BaseModel):
     finish_reason: Literal["stop", "length"] = Field(description="'stop': end of turn or stop string.")
     prompt_tokens: int = Field(description="Tokens in the formatted prompt.")
     completion_tokens: int = Field(description="Tokens generated.")
-    logprobs: list[TokenLogprob] | None = Field(None, description=(
-        "With ``params.logprobs``: one entry per generated token (end-of-turn excluded)."))
-    prompt_logprobs: list[TokenLogprob] | None = Field(None, description=(
-        "With ``params.prompt_logprobs``: one entry per prompt token (the first has no log-probability)."))
+    logprobs: list[TokenLogprob] | None = Field(
+        None, description=("With ``params.logprobs``: one entry per generated token (end-of-turn excluded).")
+    )
+    prompt_logprobs: list[TokenLogprob] | None = Field(
+        None,
+        description=("With ``params.prompt_logprobs``: one entry per prompt token (the first has no log-probability)."),
+    )
 
 
 class ExpertScore(BaseModel):
@@ -97,9 +121,14 @@ class ExpertScore(BaseModel):
     logp_without_question: float = Field(description="Mean log-prob of the answer tokens without it.")
     pmi: float = Field(description="logp_given_question - logp_without_question.")
     answer_tokens: int = Field(description="Answer tokens scored (after truncation).")
-    answer_state: list[float] | None = Field(None, repr=False, description=(
-        "Base model only, when asked (``state_layer``): its mean hidden state over the positions "
-        "that predict the answer, given the question; the jury's truthfulness probe reads it."))
+    answer_state: list[float] | None = Field(
+        None,
+        repr=False,
+        description=(
+            "Base model only, when asked (``state_layer``): its mean hidden state over the positions "
+            "that predict the answer, given the question; the jury's truthfulness probe reads it."
+        ),
+    )
 
 
 def validate(model: type[BaseModel], data: object, what: str) -> BaseModel:

@@ -54,7 +54,8 @@ FORMAT_FEATURES: tuple[str, ...] = ("log_answer_tokens", "log_question_chars", "
 5 tokens is not one over 200)."""
 
 FEATURES: tuple[str, ...] = (
-    EVIDENCE_FEATURES + FORMAT_FEATURES
+    EVIDENCE_FEATURES
+    + FORMAT_FEATURES
     + tuple(f"{name}_x_long" for name in EVIDENCE_FEATURES)
     + tuple(f"{name}_x_log_answer_tokens" for name in EVIDENCE_FEATURES)
 )
@@ -87,7 +88,8 @@ class CalibratorConfig(BaseModel):
     cross-validated log loss is kept."""
 
     candidates: tuple[Literal["logistic", "monotone logistic", "boosted", "isotonic", "base rate"], ...] = Field(
-        ("logistic", "monotone logistic", "boosted", "isotonic", "base rate"), min_length=1)
+        ("logistic", "monotone logistic", "boosted", "isotonic", "base rate"), min_length=1
+    )
     """Families of candidates tried (each logistic family at every strength of :attr:`regularisation`)."""
 
     boosted_trees: int = Field(100, ge=0)
@@ -281,15 +283,22 @@ TREE_FEATURES: tuple[str, ...] = EVIDENCE_FEATURES + FORMAT_FEATURES
 """What the boosted trees see: the interactions of :data:`FEATURES` are theirs to find."""
 
 
-MONOTONE_FEATURES: tuple[str, ...] = ("jury_pmi", "jury_logp_given", "contrast_pmi", "contrast_logp_given",
-                                      "contrast_logp_given_max", "agreement")
+MONOTONE_FEATURES: tuple[str, ...] = (
+    "jury_pmi",
+    "jury_logp_given",
+    "contrast_pmi",
+    "contrast_logp_given",
+    "contrast_logp_given_max",
+    "agreement",
+)
 """Support for the answer from the experts who read the question: with everything else equal, more
 of it must not lower P(correct). The boosted trees are constrained to it, the isotonic candidate is
 increasing, and a logistic candidate that breaks it on the training rows is not chosen."""
 
 
-def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
-                names: Sequence[str] = FEATURES) -> Calibrator:
+def fit_boosted(
+    x: np.ndarray, labels: np.ndarray, config: CalibratorConfig, names: Sequence[str] = FEATURES
+) -> Calibrator:
     """Gradient-boosted trees (scikit-learn's histogram boosting, log loss) on :data:`TREE_FEATURES`
     (and the probe's column when ``names``, the columns of ``x``, have it), increasing in
     :data:`MONOTONE_FEATURES`, stored as plain arrays."""
@@ -298,21 +307,36 @@ def fit_boosted(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
     seen = [name for name in TREE_FEATURES + (PROBE_FEATURE,) if name in names]
     columns = [list(names).index(name) for name in seen]
     model = HistGradientBoostingClassifier(
-        max_iter=config.boosted_trees, max_depth=config.boosted_depth, learning_rate=config.boosted_learning_rate,
-        min_samples_leaf=config.boosted_min_leaf, early_stopping=False, random_state=config.seed,
-        monotonic_cst=[1 if name in MONOTONE_FEATURES else 0 for name in seen])
+        max_iter=config.boosted_trees,
+        max_depth=config.boosted_depth,
+        learning_rate=config.boosted_learning_rate,
+        min_samples_leaf=config.boosted_min_leaf,
+        early_stopping=False,
+        random_state=config.seed,
+        monotonic_cst=[1 if name in MONOTONE_FEATURES else 0 for name in seen],
+    )
     model.fit(x[:, columns], labels)
     trees = []
     for (predictor,) in model._predictors:  # one tree per iteration for a binary task
         nodes = predictor.nodes
         leaf = nodes["is_leaf"].astype(bool)
-        trees.append(Tree(feature=nodes["feature_idx"].tolist(), threshold=nodes["num_threshold"].tolist(),
-                          left=np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
-                          right=np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
-                          value=nodes["value"].tolist()))
+        trees.append(
+            Tree(
+                feature=nodes["feature_idx"].tolist(),
+                threshold=nodes["num_threshold"].tolist(),
+                left=np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
+                right=np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
+                value=nodes["value"].tolist(),
+            )
+        )
     # leaf values already carry the learning rate; the trees start from the baseline log-odds
-    return Calibrator(method="boosted", columns=columns, trees=trees, learning_rate=1.0,
-                      intercept=float(np.ravel(model._baseline_prediction)[0]))
+    return Calibrator(
+        method="boosted",
+        columns=columns,
+        trees=trees,
+        learning_rate=1.0,
+        intercept=float(np.ravel(model._baseline_prediction)[0]),
+    )
 
 
 def raise_support(x: np.ndarray, names: Sequence[str], feature: str, delta: float) -> np.ndarray:
@@ -330,8 +354,11 @@ def raise_support(x: np.ndarray, names: Sequence[str], feature: str, delta: floa
 def is_monotone(calibrator: Calibrator, x: np.ndarray, delta: float = 0.5) -> bool:
     """True when raising any of :data:`MONOTONE_FEATURES` by ``delta`` lowers P(correct) on no row of ``x``."""
     p = calibrator.predict(x)
-    return all(np.all(calibrator.predict(raise_support(x, calibrator.features, feature, delta)) >= p - 1e-9)
-               for feature in MONOTONE_FEATURES if feature in calibrator.features)
+    return all(
+        np.all(calibrator.predict(raise_support(x, calibrator.features, feature, delta)) >= p - 1e-9)
+        for feature in MONOTONE_FEATURES
+        if feature in calibrator.features
+    )
 
 
 def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrator:
@@ -339,8 +366,13 @@ def fit_logistic(x: np.ndarray, labels: np.ndarray, strength: float) -> Calibrat
     return Calibrator(method="logistic", **standardised_logistic(x, labels, strength))
 
 
-def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig | None = None,
-                   states: np.ndarray | None = None, constructed: np.ndarray | None = None) -> Calibrator:
+def fit_calibrator(
+    x: np.ndarray,
+    labels: np.ndarray,
+    config: CalibratorConfig | None = None,
+    states: np.ndarray | None = None,
+    constructed: np.ndarray | None = None,
+) -> Calibrator:
     """Choose the candidate (logistic at each strength, boosted trees, isotonic, the base rate) by
     cross-validated log loss on the labelled rows, refit it on them, gate it with a
     :class:`RelevanceGate` when there are constructed rows, and set the flag threshold on
@@ -361,8 +393,7 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
     if labels[constructed].any():
         raise MoseError("constructed rows are wrong answers: their label must be 0")
     labelled = ~constructed
-    best, p_oof = _fit_candidate(x[labelled], labels[labelled], config,
-                                 None if states is None else states[labelled])
+    best, p_oof = _fit_candidate(x[labelled], labels[labelled], config, None if states is None else states[labelled])
     p_all = np.empty(len(labels))
     p_all[labelled] = p_oof
     if constructed.any():  # the candidate never saw these rows: its predictions are out of sample
@@ -373,16 +404,23 @@ def fit_calibrator(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig |
         best.gate, gate_oof = fit_gate(x, constructed, config)
         p_all *= gate_oof
         best.metrics["gate_validation_auroc"] = float(roc_auc_score(labelled, gate_oof))
-    flag_cut = choose_threshold(1.0 - p_all, labels == 0, config.target_flag_precision,
-                                1.0 - config.max_flag_probability, _row_weights(constructed, config))
+    flag_cut = choose_threshold(
+        1.0 - p_all,
+        labels == 0,
+        config.target_flag_precision,
+        1.0 - config.max_flag_probability,
+        _row_weights(constructed, config),
+    )
     best.threshold = float(1.0 - flag_cut)
-    best.metrics.update({
-        "validation_auroc": float(roc_auc_score(labels[labelled], p_all[labelled])),
-        "validation_ece": expected_calibration_error(p_all[labelled], labels[labelled]),
-        "train_rows": float(labelled.sum()),
-        "validation_rows": float(labelled.sum()),
-        "constructed_rows": float(constructed.sum()),
-    })
+    best.metrics.update(
+        {
+            "validation_auroc": float(roc_auc_score(labels[labelled], p_all[labelled])),
+            "validation_ece": expected_calibration_error(p_all[labelled], labels[labelled]),
+            "train_rows": float(labelled.sum()),
+            "validation_rows": float(labelled.sum()),
+            "constructed_rows": float(constructed.sum()),
+        }
+    )
     if best.probe is not None:
         best.voter = fit_calibrator(x, labels, config, None, constructed)
     return best
@@ -398,8 +436,9 @@ def _row_weights(constructed: np.ndarray, config: CalibratorConfig) -> np.ndarra
     return weight
 
 
-def _fit_candidate(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
-                   states: np.ndarray | None) -> tuple[Calibrator, np.ndarray]:
+def _fit_candidate(
+    x: np.ndarray, labels: np.ndarray, config: CalibratorConfig, states: np.ndarray | None
+) -> tuple[Calibrator, np.ndarray]:
     """The best candidate by cross-validated log loss that keeps :data:`MONOTONE_FEATURES`'
     direction, refitted on every row, and its out-of-fold predictions."""
     from sklearn.metrics import log_loss, roc_auc_score
@@ -412,20 +451,26 @@ def _fit_candidate(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
     if states is not None:
         if config.probe_layer is None:
             raise MoseError("answer states were given but probe_layer is None")
-        probe, probe_logits = fit_probe(states, labels, config.probe_layer, config.probe_strengths, folds,
-                                        config.seed, config.probe_average_folds)
+        probe, probe_logits = fit_probe(
+            states, labels, config.probe_layer, config.probe_strengths, folds, config.seed, config.probe_average_folds
+        )
         x, names = np.column_stack([x, probe_logits]), names + [PROBE_FEATURE]
     pmi = FEATURES.index("jury_pmi")
     families = {
         **{f"logistic C={c:g}": (lambda xs, ys, c=c: fit_logistic(xs, ys, c)) for c in config.regularisation},
-        **{f"monotone logistic C={c:g}": (lambda xs, ys, c=c: fit_monotone_logistic(xs, ys, c, names))
-           for c in config.regularisation},
+        **{
+            f"monotone logistic C={c:g}": (lambda xs, ys, c=c: fit_monotone_logistic(xs, ys, c, names))
+            for c in config.regularisation
+        },
         "boosted": lambda xs, ys: fit_boosted(xs, ys, config, names),
         "isotonic": lambda xs, ys: fit_isotonic(xs[:, pmi], ys),
         "base rate": lambda xs, ys: fit_constant(ys),
     }
-    candidates = {name: fit for name, fit in families.items()
-                  if name.split(" C=")[0] in config.candidates and (name != "boosted" or config.boosted_trees)}
+    candidates = {
+        name: fit
+        for name, fit in families.items()
+        if name.split(" C=")[0] in config.candidates and (name != "boosted" or config.boosted_trees)
+    }
     if not candidates:
         raise MoseError("no calibrator candidate left: boosted_trees is 0 and no other family is in candidates")
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
@@ -450,7 +495,8 @@ def _fit_candidate(x: np.ndarray, labels: np.ndarray, config: CalibratorConfig,
         best.recalibration = fit_platt(p_oof, labels)
         p_oof = _cross_fitted_platt(p_oof, labels, split)  # the metrics stay out-of-fold
         best.metrics["validation_log_loss_recalibrated"] = float(
-            log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1]))
+            log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])
+        )
     if probe is not None:
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
     best.trained_on = {"candidate": chosen}
@@ -483,17 +529,25 @@ def _fit_gate(x: np.ndarray, belongs: np.ndarray, config: CalibratorConfig) -> R
     """The gate's weighted logistic regression, every weight >= 0."""
     unknown = set(config.gate_features) - set(MONOTONE_FEATURES)
     if unknown:
-        raise MoseError(f"gate features must be support features ({', '.join(MONOTONE_FEATURES)}): "
-                        f"{', '.join(sorted(unknown))} is not")
+        raise MoseError(
+            f"gate features must be support features ({', '.join(MONOTONE_FEATURES)}): "
+            f"{', '.join(sorted(unknown))} is not"
+        )
     share = config.off_topic_share
     weight = np.where(belongs == 1, (1 - share) / belongs.sum(), share / (1 - belongs).sum())
     fit = bounded_logistic(x, belongs, weight, [True] * x.shape[1], config.gate_strength)
-    return RelevanceGate(features=list(config.gate_features), mean=fit["mean"], scale=fit["scale"],
-                         coef=fit["coef"], intercept=fit["intercept"])
+    return RelevanceGate(
+        features=list(config.gate_features),
+        mean=fit["mean"],
+        scale=fit["scale"],
+        coef=fit["coef"],
+        intercept=fit["intercept"],
+    )
 
 
-def bounded_logistic(x: np.ndarray, labels: np.ndarray, weight: np.ndarray | None, non_negative: Sequence[bool],
-                     strength: float) -> dict[str, object]:
+def bounded_logistic(
+    x: np.ndarray, labels: np.ndarray, weight: np.ndarray | None, non_negative: Sequence[bool], strength: float
+) -> dict[str, object]:
     """L2 logistic regression on standardised columns, the weights of the ``non_negative`` columns
     kept >= 0 (L-BFGS-B bounds): mean, scale, coef and intercept, as :func:`standardised_logistic`."""
     from scipy.optimize import minimize
@@ -522,8 +576,9 @@ learn which source a row comes from (HaluEval's wrong answers are the long ones)
 hand-written wrong answers above right ones."""
 
 
-def fit_monotone_logistic(x: np.ndarray, labels: np.ndarray, strength: float,
-                          names: Sequence[str] = FEATURES) -> Calibrator:
+def fit_monotone_logistic(
+    x: np.ndarray, labels: np.ndarray, strength: float, names: Sequence[str] = FEATURES
+) -> Calibrator:
     """Logistic regression on :data:`MONOTONE_LOGISTIC_FEATURES` (and the probe's column when
     ``names`` has it) with non-negative weights on :data:`MONOTONE_FEATURES`; the other columns of
     ``names`` get weight 0."""
@@ -532,8 +587,9 @@ def fit_monotone_logistic(x: np.ndarray, labels: np.ndarray, strength: float,
     fit = bounded_logistic(x[:, columns], labels, None, [name in MONOTONE_FEATURES for name in used], strength)
     mean, scale, coef = np.zeros(len(names)), np.ones(len(names)), np.zeros(len(names))
     mean[columns], scale[columns], coef[columns] = fit["mean"], fit["scale"], fit["coef"]
-    return Calibrator(method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=coef.tolist(),
-                      intercept=fit["intercept"])
+    return Calibrator(
+        method="logistic", mean=mean.tolist(), scale=scale.tolist(), coef=coef.tolist(), intercept=fit["intercept"]
+    )
 
 
 def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:
@@ -570,16 +626,22 @@ def load_calibrator(directory: Path) -> Calibrator:
     """The current calibrator; a clear MoseError when there is none or it is damaged."""
     pointer = directory / CURRENT_FILE
     if not pointer.is_file():
-        raise UnavailableError(f"no cross-check calibrator in {directory}: train one with "
-                        "`mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl`")
+        raise UnavailableError(
+            f"no cross-check calibrator in {directory}: train one with "
+            "`mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl`"
+        )
     path = directory / f"{pointer.read_text().strip()}.json"
     try:
         payload = json.loads(path.read_text())
         probe_columns = [PROBE_FEATURE] if isinstance(payload, dict) and payload.get("probe") else []
         if isinstance(payload, dict) and payload.get("features") != list(FEATURES) + probe_columns:
-            raise ServerError(f"cross-check calibrator {path} was trained on other features (an older mose?): "
-                            "retrain it with `mose crosscheck train`")
+            raise ServerError(
+                f"cross-check calibrator {path} was trained on other features (an older mose?): "
+                "retrain it with `mose crosscheck train`"
+            )
         return Calibrator.model_validate(payload)
     except (OSError, ValueError) as exc:
-        raise ServerError(f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
-                        "retrain with `mose crosscheck train`") from None
+        raise ServerError(
+            f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
+            "retrain with `mose crosscheck train`"
+        ) from None

@@ -122,8 +122,9 @@ def load_rows(path: str | Path) -> list[CheckRow]:
         try:
             row = CheckRow.model_validate_json(line)
         except ValidationError as exc:
-            raise MoseError(f"{path}:{number}: not a labelled row ({exc.errors()[0]['loc']}: "
-                            f"{exc.errors()[0]['msg']})") from None
+            raise MoseError(
+                f"{path}:{number}: not a labelled row ({exc.errors()[0]['loc']}: {exc.errors()[0]['msg']})"
+            ) from None
         if row.label not in (0, 1):
             raise MoseError(f"{path}:{number}: label must be 1 (correct) or 0 (wrong), got {row.label}")
         rows.append(row)
@@ -149,8 +150,9 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
     for source in sorted(by_source):
         group = by_source[source]
         by_label = {label: [row for row in group if row.label == label] for label in (0, 1)}
-        counts = proportional_counts({label: len(members) for label, members in by_label.items()},
-                                     min(per_source, len(group)))
+        counts = proportional_counts(
+            {label: len(members) for label, members in by_label.items()}, min(per_source, len(group))
+        )
         for label in (0, 1):
             sample.extend(rng.sample(by_label[label], counts[label]))
     return sample
@@ -166,8 +168,15 @@ def proportional_counts(sizes: dict[int, int], total: int) -> dict[int, int]:
     return counts
 
 
-def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: Sequence[str] = (),
-            progress: bool = True, chunk: int = 48, state_layer: int | None = None) -> list[RowEvidence]:
+def collect(
+    jury: Jury,
+    rows: Sequence[CheckRow],
+    k: int | None = None,
+    extra: Sequence[str] = (),
+    progress: bool = True,
+    chunk: int = 48,
+    state_layer: int | None = None,
+) -> list[RowEvidence]:
     """Jury evidence for every row (``extra`` experts are scored too, outside the jury), with the
     base model's answer state at ``state_layer`` (default: the layer the jury's probe reads).
 
@@ -178,22 +187,30 @@ def collect(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, extra: S
     out: list[RowEvidence] = []
     bar = tqdm(total=len(rows), desc="cross-check evidence", unit="row", disable=not progress, file=sys.stderr)
     for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+        part = rows[start : start + chunk]
         started = time.perf_counter()
         juries = jury.select_many([row.question for row in part], k)
-        panels = [jurors + [(name, None) for name in extra if name not in {n for n, _ in jurors}]
-                  for jurors in juries]
-        evidence = jury.evidence_many([(row.question, row.answer[: jury.config.max_answer_chars], panel)
-                                       for row, panel in zip(part, panels)], layer)
+        panels = [jurors + [(name, None) for name in extra if name not in {n for n, _ in jurors}] for jurors in juries]
+        evidence = jury.evidence_many(
+            [(row.question, row.answer[: jury.config.max_answer_chars], panel) for row, panel in zip(part, panels)],
+            layer,
+        )
         seconds = (time.perf_counter() - started) / len(part)
         for row, jurors, found in zip(part, juries, evidence):
             in_jury = found[: len(jurors)]  # observers' evidence is kept for the baselines only
             state = next(j.answer_state for j in found if j.expert == BASE_EXPERT)
-            out.append(RowEvidence(row=row, jurors=found, values=features(in_jury, row.question, None),
-                                   seconds=seconds, jury_size=len(jurors),
-                                   adapters_read_question=jury.adapters_read_question,
-                                   state_layer=layer if state is not None else None,
-                                   answer_state=state))
+            out.append(
+                RowEvidence(
+                    row=row,
+                    jurors=found,
+                    values=features(in_jury, row.question, None),
+                    seconds=seconds,
+                    jury_size=len(jurors),
+                    adapters_read_question=jury.adapters_read_question,
+                    state_layer=layer if state is not None else None,
+                    answer_state=state,
+                )
+            )
         bar.update(len(part))
     bar.close()
     return out
@@ -208,25 +225,36 @@ def answer_states(evidence: Sequence[RowEvidence], layer: int) -> np.ndarray:
     evidence was collected without them (or at another layer)."""
     missing = sum(not e.has_state(layer) for e in evidence)
     if missing:
-        raise MoseError(f"{missing} of {len(evidence)} rows of evidence have no base-model answer state at layer "
-                        f"{layer} (collected without one, or at another layer): collect them again, or train "
-                        "without the probe (--no-probe)")
+        raise MoseError(
+            f"{missing} of {len(evidence)} rows of evidence have no base-model answer state at layer "
+            f"{layer} (collected without one, or at another layer): collect them again, or train "
+            "without the probe (--no-probe)"
+        )
     return np.array([e.answer_state for e in evidence], dtype=np.float64)
 
 
-def fill_answer_states(jury: Jury, evidence: Sequence[RowEvidence], layer: int, progress: bool = True,
-                       chunk: int = 48) -> int:
+def fill_answer_states(
+    jury: Jury, evidence: Sequence[RowEvidence], layer: int, progress: bool = True, chunk: int = 48
+) -> int:
     """Give evidence saved without the base model's answer state at ``layer`` (before the probe
     existed, or at another layer) that state, in place: the base model alone scores each such
     row (on crosscheck_dev's long answers about two thirds of the time of scoring the jury again:
     the vocabulary-wide log-softmax over every answer token is most of it). Returns the rows filled."""
     todo = [e for e in evidence if not e.has_state(layer)]
-    bar = tqdm(total=len(todo), desc=f"answer states (layer {layer})", unit="row",
-               disable=not progress or not todo, file=sys.stderr)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"answer states (layer {layer})",
+        unit="row",
+        disable=not progress or not todo,
+        file=sys.stderr,
+    )
     for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        scores = jury.pool.score_many([(e.row.question, e.row.answer[: jury.config.max_answer_chars], [BASE_EXPERT])
-                                       for e in part], jury.adapters_read_question, layer)
+        part = todo[start : start + chunk]
+        scores = jury.pool.score_many(
+            [(e.row.question, e.row.answer[: jury.config.max_answer_chars], [BASE_EXPERT]) for e in part],
+            jury.adapters_read_question,
+            layer,
+        )
         for item, (base,) in zip(part, scores):
             item.answer_state, item.state_layer = base.answer_state, layer
         bar.update(len(part))
@@ -257,8 +285,11 @@ def best_single_expert(evidence: Sequence[RowEvidence], min_rows: int = 20) -> s
             if juror.expert != BASE_EXPERT:
                 per_expert[juror.expert][0].append(item.row.label)
                 per_expert[juror.expert][1].append(juror.pmi)
-    scored = {name: auroc(labels, pmis) for name, (labels, pmis) in per_expert.items()
-              if len(labels) >= min_rows and len(set(labels)) > 1}
+    scored = {
+        name: auroc(labels, pmis)
+        for name, (labels, pmis) in per_expert.items()
+        if len(labels) >= min_rows and len(set(labels)) > 1
+    }
     return max(scored, key=scored.get) if scored else None
 
 
@@ -279,8 +310,9 @@ def saved_evidence(path: str | Path) -> list[tuple[int, RowEvidence]]:
     return out
 
 
-def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str],
-                  adapters_read_question: bool = True) -> list[RowEvidence]:
+def load_evidence(
+    paths: Sequence[str | Path], rows: Sequence[CheckRow], servable: set[str], adapters_read_question: bool = True
+) -> list[RowEvidence]:
     """Evidence collected earlier (:func:`save_evidence`) for ``rows``, first file winning.
 
     Refused when a juror is not an expert this pool serves (the evidence came from other experts),
@@ -294,11 +326,15 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
         for number, item in saved_evidence(path):
             unknown = {j.expert for j in item.jurors} - servable
             if unknown:
-                raise MoseError(f"{path}:{number}: evidence from experts this pool does not serve "
-                                f"({', '.join(sorted(unknown))}): collect it again")
+                raise MoseError(
+                    f"{path}:{number}: evidence from experts this pool does not serve "
+                    f"({', '.join(sorted(unknown))}): collect it again"
+                )
             if item.adapters_read_question != adapters_read_question:
-                raise MoseError(f"{path}:{number}: evidence collected with adapters_read_question="
-                                f"{item.adapters_read_question}, this jury scores with {adapters_read_question}")
+                raise MoseError(
+                    f"{path}:{number}: evidence collected with adapters_read_question="
+                    f"{item.adapters_read_question}, this jury scores with {adapters_read_question}"
+                )
             digest = item.row.digest()
             if digest in wanted and digest not in found:
                 item.refresh_values()
@@ -309,8 +345,14 @@ def load_evidence(paths: Sequence[str | Path], rows: Sequence[CheckRow], servabl
     return [found[digest] for digest in wanted]
 
 
-def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None = None, k: int | None = None,
-          progress: bool = True, evidence: Sequence[RowEvidence] | None = None) -> Calibrator:
+def train(
+    jury: Jury,
+    rows: Sequence[CheckRow],
+    config: CalibratorConfig | None = None,
+    k: int | None = None,
+    progress: bool = True,
+    evidence: Sequence[RowEvidence] | None = None,
+) -> Calibrator:
     """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped); ``evidence``:
     already collected for exactly those rows (:func:`load_evidence`), else it is collected here.
     With a probe (``config.probe_layer``), rows of ``evidence`` without the base model's answer
@@ -326,8 +368,9 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
         fill_answer_states(jury, evidence, config.probe_layer, progress)
         states = answer_states(evidence, config.probe_layer)
     constructed = np.array([e.row.origin() != e.row.digest() for e in evidence])
-    calibrator = fit_calibrator(matrix(evidence), np.array([e.row.label for e in evidence]), config, states,
-                                constructed)
+    calibrator = fit_calibrator(
+        matrix(evidence), np.array([e.row.label for e in evidence]), config, states, constructed
+    )
     calibrator.trained_on = {
         **calibrator.trained_on,
         "rows": len(rows),
@@ -342,8 +385,9 @@ def train(jury: Jury, rows: Sequence[CheckRow], config: CalibratorConfig | None 
     return calibrator
 
 
-def evaluation_evidence(jury: Jury, rows: Sequence[CheckRow], k: int | None = None,
-                        progress: bool = True) -> list[RowEvidence]:
+def evaluation_evidence(
+    jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True
+) -> list[RowEvidence]:
     """The jury's evidence on the rows of ``rows`` the calibrator never saw, with the calibrator's
     best single expert scoring beside the jury (a baseline of :func:`evaluate`)."""
     if jury.calibrator is None:
@@ -356,8 +400,14 @@ def evaluation_evidence(jury: Jury, rows: Sequence[CheckRow], k: int | None = No
     return collect(jury, rows, k, extra=[best] if best else [], progress=progress)
 
 
-def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progress: bool = True,
-             evidence: Sequence[RowEvidence] | None = None, plots_dir: Path | None = None) -> dict[str, Any]:
+def evaluate(
+    jury: Jury,
+    rows: Sequence[CheckRow],
+    k: int | None = None,
+    progress: bool = True,
+    evidence: Sequence[RowEvidence] | None = None,
+    plots_dir: Path | None = None,
+) -> dict[str, Any]:
     """The contract JSON of ``mose crosscheck eval`` on rows the calibrator never saw.
 
     ``evidence``: :func:`evaluation_evidence` of ``rows``, collected earlier (saved and loaded
@@ -375,8 +425,10 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
         raise MoseError("every row of the saved evidence was used to train the calibrator: evaluate on other rows")
     best = jury.calibrator.trained_on.get("best_single_expert")
     if best and any(all(j.expert != best for j in e.jurors) for e in evidence):
-        raise MoseError(f"the saved evidence has no scores from {best}, this calibrator's best single expert "
-                        "(saved by `train`, or under another calibrator): evaluate without --evidence")
+        raise MoseError(
+            f"the saved evidence has no scores from {best}, this calibrator's best single expert "
+            "(saved by `train`, or under another calibrator): evaluate without --evidence"
+        )
     p_all = jury.calibrator.predict(calibrator_inputs(jury.calibrator, evidence))
     constructed = [(e, p) for e, p in zip(evidence, p_all) if is_constructed(e.row.source)]
     kept = [i for i, e in enumerate(evidence) if not is_constructed(e.row.source)]
@@ -390,10 +442,14 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
     per_source: dict[str, dict[str, Any]] = {}
     for source in sorted({e.row.source for e in evidence}):
         mask = np.array([e.row.source == source for e in evidence])
-        per_source[source] = {"n": int(mask.sum()), "auroc": _round(auroc(labels[mask], p[mask])),
-                              "positive_rate": _round(float(labels[mask].mean()))}
-    per_source.update(constructed_figures(constructed, dict(zip((e.row.digest() for e in evidence), p)),
-                                          jury.calibrator.threshold))
+        per_source[source] = {
+            "n": int(mask.sum()),
+            "auroc": _round(auroc(labels[mask], p[mask])),
+            "positive_rate": _round(float(labels[mask].mean())),
+        }
+    per_source.update(
+        constructed_figures(constructed, dict(zip((e.row.digest() for e in evidence), p)), jury.calibrator.threshold)
+    )
     from sklearn.metrics import average_precision_score
 
     base_pmi = [next(j.pmi for j in e.jurors if j.expert == BASE_EXPERT) for e in evidence]
@@ -424,8 +480,13 @@ def evaluate(jury: Jury, rows: Sequence[CheckRow], k: int | None = None, progres
     return report
 
 
-def jury_plots(evidence: Sequence[RowEvidence], p: np.ndarray, constructed: Sequence[tuple[RowEvidence, float]],
-               plots_dir: Path, ece: float) -> list[str]:
+def jury_plots(
+    evidence: Sequence[RowEvidence],
+    p: np.ndarray,
+    constructed: Sequence[tuple[RowEvidence, float]],
+    plots_dir: Path,
+    ece: float,
+) -> list[str]:
     """reliability.png (labelled rows) and roc.png (each labelled source; each constructed source
     against the rows it was made from)."""
     from router_model.calibration import reliability_bins
@@ -442,13 +503,19 @@ def jury_plots(evidence: Sequence[RowEvidence], p: np.ndarray, constructed: Sequ
         made = [q for e, q in constructed if e.row.source == source]
         origins = sorted({e.row.origin() for e, _ in constructed if e.row.source == source} & set(p_of_row))
         curves[source] = ([1] * len(origins) + [0] * len(made), [p_of_row[d] for d in origins] + made)
-    return [str(reliability_plot(reliability_bins(p, labels), ece or 0.0, plots_dir / "reliability.png",
-                                 title="jury reliability")),
-            str(roc_plot(curves, plots_dir / "roc.png", "jury ROC per source (AUROC)"))]
+    return [
+        str(
+            reliability_plot(
+                reliability_bins(p, labels), ece or 0.0, plots_dir / "reliability.png", title="jury reliability"
+            )
+        ),
+        str(roc_plot(curves, plots_dir / "roc.png", "jury ROC per source (AUROC)")),
+    ]
 
 
-def constructed_figures(constructed: Sequence[tuple[RowEvidence, float]], p_of_row: dict[str, float],
-                        threshold: float) -> dict[str, dict[str, Any]]:
+def constructed_figures(
+    constructed: Sequence[tuple[RowEvidence, float]], p_of_row: dict[str, float], threshold: float
+) -> dict[str, dict[str, Any]]:
     """Per constructed source: how many, their AUROC against the correct rows they were made from
     (all wrong, so 1.0 is every one below every origin), and the share flagged."""
     out: dict[str, dict[str, Any]] = {}
@@ -456,9 +523,12 @@ def constructed_figures(constructed: Sequence[tuple[RowEvidence, float]], p_of_r
         made = [(e, p) for e, p in constructed if e.row.source == source]
         origins = sorted({e.row.origin() for e, _ in made if e.row.origin() in p_of_row})
         scores = [p_of_row[d] for d in origins] + [p for _, p in made]
-        out[source] = {"n": len(made), "constructed": True,
-                       "auroc": _round(auroc([1] * len(origins) + [0] * len(made), scores)),
-                       "flagged": _round(float(np.mean([p < threshold for _, p in made])))}
+        out[source] = {
+            "n": len(made),
+            "constructed": True,
+            "auroc": _round(auroc([1] * len(origins) + [0] * len(made), scores)),
+            "flagged": _round(float(np.mean([p < threshold for _, p in made]))),
+        }
     return out
 
 

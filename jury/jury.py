@@ -178,8 +178,15 @@ class Jury:
     reputations. None of them needs Ray.
     """
 
-    def __init__(self, pool: Any, router: Any, registry: Any, calibrator: Calibrator | None = None,
-                 config: JuryConfig | None = None, embedder: Embedder | None = None) -> None:
+    def __init__(
+        self,
+        pool: Any,
+        router: Any,
+        registry: Any,
+        calibrator: Calibrator | None = None,
+        config: JuryConfig | None = None,
+        embedder: Embedder | None = None,
+    ) -> None:
         self.pool, self.router, self.registry = pool, router, registry
         self.calibrator = calibrator
         self.config = config or JuryConfig()
@@ -221,21 +228,31 @@ class Jury:
     def evidence(self, question: str, answer: str, jurors: Sequence[tuple[str, str | None]]) -> list[JurorEvidence]:
         return self.evidence_many([(question, answer, jurors)])[0]
 
-    def evidence_many(self, items: Sequence[tuple[str, str, Sequence[tuple[str, str | None]]]],
-                      state_layer: int | None = None) -> list[list[JurorEvidence]]:
+    def evidence_many(
+        self, items: Sequence[tuple[str, str, Sequence[tuple[str, str | None]]]], state_layer: int | None = None
+    ) -> list[list[JurorEvidence]]:
         """Evidence for several (question, answer, jurors) items, scored in shared passes, with
         the base model's answer state at ``state_layer`` (default: the layer the probe reads)."""
-        scores = self.pool.score_many([(q, a, [name for name, _ in jurors]) for q, a, jurors in items],
-                                      self.adapters_read_question,
-                                      self.state_layer if state_layer is None else state_layer)
+        scores = self.pool.score_many(
+            [(q, a, [name for name, _ in jurors]) for q, a, jurors in items],
+            self.adapters_read_question,
+            self.state_layer if state_layer is None else state_layer,
+        )
         return [self.weigh(jurors, item_scores) for (_, _, jurors), item_scores in zip(items, scores)]
 
     def weigh(self, jurors: Sequence[tuple[str, str | None]], scores: Sequence[ExpertScore]) -> list[JurorEvidence]:
         """Scores (same order as ``jurors``) -> evidence with reputation weights."""
         return [
-            JurorEvidence(expert=s.expert, domain=domain, weight=self.weight(s.expert),
-                          logp_given_question=s.logp_given_question, logp_without_question=s.logp_without_question,
-                          pmi=s.pmi, answer_tokens=s.answer_tokens, answer_state=s.answer_state)
+            JurorEvidence(
+                expert=s.expert,
+                domain=domain,
+                weight=self.weight(s.expert),
+                logp_given_question=s.logp_given_question,
+                logp_without_question=s.logp_without_question,
+                pmi=s.pmi,
+                answer_tokens=s.answer_tokens,
+                answer_state=s.answer_state,
+            )
             for s, (_, domain) in zip(scores, jurors)
         ]
 
@@ -259,8 +276,9 @@ class Jury:
             if juror is base:
                 juror.vote = self.probability(base_values) > 0.5  # the probe is the base model's own
                 continue
-            alone = self.probability(self.evidence_values([juror.model_copy(update={"weight": 1.0}), base],
-                                                          question, agreement), voter)
+            alone = self.probability(
+                self.evidence_values([juror.model_copy(update={"weight": 1.0}), base], question, agreement), voter
+            )
             juror.vote = alone > reference if alone != reference else reference > 0.5
 
     def own_answers(self, question: str, answer: str, jurors: list[JurorEvidence]) -> bool:
@@ -273,8 +291,10 @@ class Jury:
     def own_answer_requests(self, question: str, jurors: Sequence[JurorEvidence]) -> list[GenerationRequest]:
         """One short greedy answer to ``question`` per juror."""
         params = SamplingParams(max_new_tokens=self.config.own_answer_tokens, temperature=0.0)
-        return [GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)],
-                                  params=params) for j in jurors]
+        return [
+            GenerationRequest(expert=j.expert, messages=[ChatMessage(role="user", content=question)], params=params)
+            for j in jurors
+        ]
 
     def agreement(self, jurors: Sequence[JurorEvidence], texts: Sequence[str], vectors: np.ndarray) -> bool:
         """Record each juror's answer and its similarity to the candidate (``vectors[0]``); True
@@ -303,29 +323,45 @@ class Jury:
 
     def empty_answer_verdict(self, question: str, answer: str) -> Verdict:
         """An empty answer is wrong by definition: say so without scoring anything."""
-        return Verdict(id=new_verdict_id(question, answer), p_correct=0.0, flagged=True,
-                       threshold=self._threshold(), jurors=[], calibrator=self.calibrator_version,
-                       evidence={"empty_answer": 1.0})
+        return Verdict(
+            id=new_verdict_id(question, answer),
+            p_correct=0.0,
+            flagged=True,
+            threshold=self._threshold(),
+            jurors=[],
+            calibrator=self.calibrator_version,
+            evidence={"empty_answer": 1.0},
+        )
 
     def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
         """Aggregate the jurors' evidence into a calibrated verdict."""
         values = self.evidence_values(jurors, question, agreement)
         p_correct = self.probability(values)
         self.cast_votes(question, jurors, agreement)
-        return Verdict(id=new_verdict_id(question, answer), p_correct=p_correct,
-                       flagged=p_correct < self._threshold(), threshold=self._threshold(), jurors=jurors,
-                       agreement=agreement, calibrator=self.calibrator_version, evidence=values)
+        return Verdict(
+            id=new_verdict_id(question, answer),
+            p_correct=p_correct,
+            flagged=p_correct < self._threshold(),
+            threshold=self._threshold(),
+            jurors=jurors,
+            agreement=agreement,
+            calibrator=self.calibrator_version,
+            evidence=values,
+        )
 
-    def evidence_values(self, jurors: Sequence[JurorEvidence], question: str, agreement: bool | None
-                        ) -> dict[str, float]:
+    def evidence_values(
+        self, jurors: Sequence[JurorEvidence], question: str, agreement: bool | None
+    ) -> dict[str, float]:
         """:func:`features`, plus the truthfulness probe's logit when the calibrator has a probe."""
         values = features(jurors, question, agreement)
         probe = self.calibrator.probe if self.calibrator is not None else None
         if probe is not None:
             state = next(j.answer_state for j in jurors if j.expert == BASE_EXPERT)
             if state is None:
-                raise ServerError(f"calibrator {self.calibrator.version} reads the base model's answer state at "
-                                f"layer {probe.layer}, and the evidence has none: score with state_layer={probe.layer}")
+                raise ServerError(
+                    f"calibrator {self.calibrator.version} reads the base model's answer state at "
+                    f"layer {probe.layer}, and the evidence has none: score with state_layer={probe.layer}"
+                )
             values[PROBE_FEATURE] = float(probe.logits(np.asarray(state))[0])
         return values
 
@@ -337,9 +373,11 @@ class Jury:
         model = model or self.calibrator
         fitted_with = calibrated_reading(self.calibrator)
         if fitted_with != self.adapters_read_question:
-            raise ServerError(f"calibrator {self.calibrator.version} was fitted on evidence with "
-                            f"adapters_read_question={fitted_with}, but this jury scores "
-                            f"with {self.adapters_read_question}: drop the setting or train a calibrator with it")
+            raise ServerError(
+                f"calibrator {self.calibrator.version} was fitted on evidence with "
+                f"adapters_read_question={fitted_with}, but this jury scores "
+                f"with {self.adapters_read_question}: drop the setting or train a calibrator with it"
+            )
         return float(model.predict(np.array([[values[f] for f in model.features]]))[0])
 
     def _threshold(self) -> float:
@@ -364,10 +402,12 @@ class Jury:
         """
         payload, _ = self.registry.verdict(verdict_id)
         verdict = Verdict.model_validate(payload)
-        updates = {j.expert: (float(j.vote == correct), float(j.vote != correct))
-                   for j in verdict.jurors if j.vote is not None}
-        reputations = self.registry.record_feedback(verdict_id, correct, updates, actor,
-                                                    prior=self.config.reputation_prior)
+        updates = {
+            j.expert: (float(j.vote == correct), float(j.vote != correct)) for j in verdict.jurors if j.vote is not None
+        }
+        reputations = self.registry.record_feedback(
+            verdict_id, correct, updates, actor, prior=self.config.reputation_prior
+        )
         return {name: reliability_weight(r, self.config.reputation_sharpness) for name, r in reputations.items()}
 
 

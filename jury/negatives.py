@@ -109,8 +109,16 @@ def _swaps(correct: Sequence, share: float, rng: random.Random, cross_domain: bo
         other = _other(pool, row, rng)
         if other is None:
             continue
-        out.append(CheckRow(question=row.question, answer=other.answer, label=0, source=source, domain=row.domain,
-                            id=f"{row.digest()}~swap~{other.digest()}"))
+        out.append(
+            CheckRow(
+                question=row.question,
+                answer=other.answer,
+                label=0,
+                source=source,
+                domain=row.domain,
+                id=f"{row.digest()}~swap~{other.digest()}",
+            )
+        )
     return out
 
 
@@ -136,8 +144,16 @@ def _perturbations(correct: Sequence, share: float, rng: random.Random) -> list:
         changed = perturb(row.answer, rng, years, names)
         if changed is None or changed == row.answer:
             continue
-        out.append(CheckRow(question=row.question, answer=changed, label=0, source=PERTURBED + row.source,
-                            domain=row.domain, id=f"{row.digest()}~perturb~{rng.randrange(1 << 30)}"))
+        out.append(
+            CheckRow(
+                question=row.question,
+                answer=changed,
+                label=0,
+                source=PERTURBED + row.source,
+                domain=row.domain,
+                id=f"{row.digest()}~perturb~{rng.randrange(1 << 30)}",
+            )
+        )
     return out
 
 
@@ -149,20 +165,26 @@ def perturb(answer: str, rng: random.Random, years: Sequence[str] = (), names: S
     if year and len(years) > 1:
         match = year[-1]
         replacement = rng.choice([y for y in years if y != match.group(1)])
-        return answer[:match.start()] + replacement + answer[match.end():]
+        return answer[: match.start()] + replacement + answer[match.end() :]
     numbers = list(_NUMBER.finditer(answer))
     if numbers:
         match = numbers[-1]
         value = int(match.group(1).replace(",", ""))
-        moved = rng.choice([value + rng.randint(1, 9), value * 2 + 1, max(0, value - rng.randint(1, 9)),
-                            value // 2 if value > 3 else value + 10])
+        moved = rng.choice(
+            [
+                value + rng.randint(1, 9),
+                value * 2 + 1,
+                max(0, value - rng.randint(1, 9)),
+                value // 2 if value > 3 else value + 10,
+            ]
+        )
         if moved == value:
             moved = value + 1
         text = f"{moved:,}" if "," in match.group(1) else str(moved)
-        return answer[:match.start()] + text + (match.group(2) or "") + answer[match.end():]
+        return answer[: match.start()] + text + (match.group(2) or "") + answer[match.end() :]
     found = entities(answer)
     options = [name for name in names if found and name != found[-1].group(1)]
     if found and options:
         match = found[-1]
-        return answer[:match.start()] + rng.choice(options) + answer[match.end():]
+        return answer[: match.start()] + rng.choice(options) + answer[match.end() :]
     return None

@@ -41,8 +41,10 @@ class Probe(BaseModel):
         """The probe's log-odds of 'correct' for each row of ``states`` ([rows, hidden])."""
         states = np.atleast_2d(np.asarray(states, dtype=np.float64))
         if states.shape[1] != len(self.coef):
-            raise MoseError(f"the truthfulness probe reads {len(self.coef)}-wide states, got {states.shape[1]}: "
-                            "was the calibrator trained on another base model?")
+            raise MoseError(
+                f"the truthfulness probe reads {len(self.coef)}-wide states, got {states.shape[1]}: "
+                "was the calibrator trained on another base model?"
+            )
         return ((states - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.coef) + self.intercept
 
 
@@ -54,8 +56,12 @@ def standardised_logistic(x: np.ndarray, labels: np.ndarray, strength: float) ->
     mean, scale = x.mean(axis=0), x.std(axis=0)
     scale[scale < 1e-9] = 1.0
     model = LogisticRegression(C=strength, max_iter=5000).fit((x - mean) / scale, labels)
-    return {"mean": mean.tolist(), "scale": scale.tolist(), "coef": model.coef_[0].tolist(),
-            "intercept": float(model.intercept_[0])}
+    return {
+        "mean": mean.tolist(),
+        "scale": scale.tolist(),
+        "coef": model.coef_[0].tolist(),
+        "intercept": float(model.intercept_[0]),
+    }
 
 
 def _fit(states: np.ndarray, labels: np.ndarray, strength: float, layer: int) -> Probe:
@@ -68,12 +74,25 @@ def average_probes(probes: Sequence[Probe]) -> Probe:
     weights = [np.asarray(p.coef) / np.asarray(p.scale) for p in probes]
     offsets = [p.intercept - float(w @ np.asarray(p.mean)) for p, w in zip(probes, weights, strict=True)]
     width = len(weights[0])
-    return Probe(layer=probes[0].layer, strength=probes[0].strength, mean=[0.0] * width, scale=[1.0] * width,
-                 coef=np.mean(weights, axis=0).tolist(), intercept=float(np.mean(offsets)))
+    return Probe(
+        layer=probes[0].layer,
+        strength=probes[0].strength,
+        mean=[0.0] * width,
+        scale=[1.0] * width,
+        coef=np.mean(weights, axis=0).tolist(),
+        intercept=float(np.mean(offsets)),
+    )
 
 
-def fit_probe(states: np.ndarray, labels: np.ndarray, layer: int, strengths: Sequence[float],
-              folds: int = 5, seed: int = 0, average_folds: bool = False) -> tuple[Probe, np.ndarray]:
+def fit_probe(
+    states: np.ndarray,
+    labels: np.ndarray,
+    layer: int,
+    strengths: Sequence[float],
+    folds: int = 5,
+    seed: int = 0,
+    average_folds: bool = False,
+) -> tuple[Probe, np.ndarray]:
     """(probe, its out-of-fold logits): the strength with the lowest cross-validated log loss is
     kept. The calibrator learns from the out-of-fold logits, so it weighs the probe as it reads
     rows it was not fitted on. The probe is refitted on every row, or with ``average_folds`` is the

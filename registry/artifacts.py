@@ -76,11 +76,21 @@ class ArtifactStore:
         if self.has(expected_sha256):
             return self.put_chunks(iter(()), expected_sha256, source.name)
         with open(source, "rb") as src:
-            return self.put_chunks(iter(lambda: src.read(CHUNK_BYTES), b""), expected_sha256, source.name,
-                                   hint="make sure nothing writes to the expert folder and retry")
+            return self.put_chunks(
+                iter(lambda: src.read(CHUNK_BYTES), b""),
+                expected_sha256,
+                source.name,
+                hint="make sure nothing writes to the expert folder and retry",
+            )
 
-    def put_chunks(self, chunks: Iterator[bytes], expected_sha256: str, what: str,
-                   problem: str = "changed while it was being copied", hint: str = "retry") -> Path:
+    def put_chunks(
+        self,
+        chunks: Iterator[bytes],
+        expected_sha256: str,
+        what: str,
+        problem: str = "changed while it was being copied",
+        hint: str = "retry",
+    ) -> Path:
         """Write ``chunks`` as the blob ``expected_sha256`` (temp file, fsync, verify, rename); an
         existing blob is reused and the chunks are not read. Bytes that hash otherwise are refused."""
         final = self.path_for(expected_sha256)
@@ -93,10 +103,7 @@ class ArtifactStore:
         try:
             actual = self._write_hashing(chunks, fd)
             if actual != expected_sha256:
-                raise ArtifactError(
-                    f"{what}: {problem} (sha256 {actual}, expected "
-                    f"{expected_sha256}); {hint}"
-                )
+                raise ArtifactError(f"{what}: {problem} (sha256 {actual}, expected {expected_sha256}); {hint}")
             final.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o444)
             os.replace(tmp, final)  # atomic: readers see nothing or the whole blob

@@ -44,8 +44,13 @@ class AuditEntry(BaseModel):
     @classmethod
     def from_row(cls, row: AuditRow) -> AuditEntry:
         return cls(
-            seq=row.seq, ts=row.ts, actor=row.actor, action=row.action, subject=row.subject,
-            details=json.loads(row.details_json), hash=row.hash,
+            seq=row.seq,
+            ts=row.ts,
+            actor=row.actor,
+            action=row.action,
+            subject=row.subject,
+            details=json.loads(row.details_json),
+            hash=row.hash,
         )
 
 
@@ -98,11 +103,15 @@ def verify_chain(store: RegistryStore) -> AuditReport:
         if row.seq != expected_seq:
             return _broken(count, expected_seq, f"audit entry {expected_seq} is missing: the log jumps to {label}")
         if row.prev_hash != prev_hash:
-            return _broken(count, row.seq, f"{label} does not follow entry {row.seq - 1}: the chain was cut or rewritten there")
+            return _broken(
+                count, row.seq, f"{label} does not follow entry {row.seq - 1}: the chain was cut or rewritten there"
+            )
         recomputed = entry_hash(prev_hash, row.seq, row.ts, row.actor, row.action, row.subject, row.details_json)
         if recomputed != row.hash:
             return _broken(
-                count, row.seq, f"{label} was altered: its content no longer matches its hash (stored {row.hash[:12]}…, recomputed {recomputed[:12]}…)"
+                count,
+                row.seq,
+                f"{label} was altered: its content no longer matches its hash (stored {row.hash[:12]}…, recomputed {recomputed[:12]}…)",
             )
         prev_hash = row.hash
     return AuditReport(ok=True, entries=count, message=f"audit chain intact ({count} entries)")

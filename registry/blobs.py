@@ -44,8 +44,9 @@ class SharedBlobs(ABC):
         """Delete blobs no expert refers to, unused for ``stale_after_s``; return their digests."""
 
 
-def upload(shared: SharedBlobs, artifacts: ArtifactStore, digests: Iterable[str],
-           chunk_hook: Callable[[], None] | None = None) -> list[str]:
+def upload(
+    shared: SharedBlobs, artifacts: ArtifactStore, digests: Iterable[str], chunk_hook: Callable[[], None] | None = None
+) -> list[str]:
     """Upload these local blobs (already verified in ``artifacts``); returns those uploaded now."""
     return [sha for sha in dict.fromkeys(digests) if shared.put_blob(sha, artifacts.path_for(sha), chunk_hook)]
 
@@ -61,9 +62,13 @@ def fetch_missing(shared: SharedBlobs, artifacts: ArtifactStore, digests: Iterab
         if artifacts.has(sha) or not shared.has_blob(sha):
             continue
         try:
-            artifacts.put_chunks(shared.read_blob(sha), sha, what=f"blob {sha} from the registry database",
-                                 problem="does not hash to its address",
-                                 hint="its copy in the database is damaged: register the expert again")
+            artifacts.put_chunks(
+                shared.read_blob(sha),
+                sha,
+                what=f"blob {sha} from the registry database",
+                problem="does not hash to its address",
+                hint="its copy in the database is damaged: register the expert again",
+            )
         except ArtifactError as exc:
             logger.error("blob %s not fetched: %s", sha, exc)
             continue  # stays missing: the loader quarantines the expert and says which file

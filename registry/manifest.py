@@ -152,9 +152,7 @@ class ExpertManifest(BaseModel):
     def _check_queries(cls, queries: list[str]) -> list[str]:
         blank = [i for i, q in enumerate(queries) if not q.strip()]
         if blank:
-            raise PydanticCustomError(
-                "blank_query", "example query {index} is empty", {"index": blank[0]}
-            )
+            raise PydanticCustomError("blank_query", "example query {index} is empty", {"index": blank[0]})
         if len(queries) < MIN_EXAMPLE_QUERIES:
             raise PydanticCustomError(
                 "too_few_queries",

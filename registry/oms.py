@@ -59,8 +59,14 @@ class OmsVerification:
 
     def details(self) -> dict[str, object]:
         """The audit-log form (no key material, only its fingerprint)."""
-        return {"format": "oms-v1", "status": "verified", "key": self.key, "fingerprint": self.fingerprint,
-                "bundle": self.bundle.name, "files": len(self.files)}
+        return {
+            "format": "oms-v1",
+            "status": "verified",
+            "key": self.key,
+            "fingerprint": self.fingerprint,
+            "bundle": self.bundle.name,
+            "files": len(self.files),
+        }
 
 
 # ------------------------------------------------------------------------------------------- keys
@@ -175,12 +181,20 @@ def sign_folder(folder: str | Path, bundle_path: str | Path | None, private_key_
     ignored = [rel] if (rel := _inside(bundle, folder)) is not None else []
     hashing = model_signing.hashing.Config().set_ignored_paths(paths=ignored)
     try:
-        (model_signing.signing.Config().set_hashing_config(hashing)
-         .use_elliptic_key_signer(private_key=Path(private_key_path)).sign(folder, bundle))
+        (
+            model_signing.signing.Config()
+            .set_hashing_config(hashing)
+            .use_elliptic_key_signer(private_key=Path(private_key_path))
+            .sign(folder, bundle)
+        )
     except ValueError as exc:  # e.g. a symbolic link in the folder
         raise SignatureError(f"{folder}: cannot sign the folder: {exc}") from None
-    return OmsVerification(key=Path(private_key_path).name, fingerprint=fingerprint(key.public_key()),
-                           bundle=bundle, files=_read_bundle(bundle)[1])
+    return OmsVerification(
+        key=Path(private_key_path).name,
+        fingerprint=fingerprint(key.public_key()),
+        bundle=bundle,
+        files=_read_bundle(bundle)[1],
+    )
 
 
 def _inside(path: Path, folder: Path) -> str | None:
@@ -209,10 +223,11 @@ def verify_folder(folder: str | Path, bundle_path: str | Path, public_keys: Mapp
             f"no ECDSA P-256 key to check the OMS bundle {bundle.name} with (allowed keys: {named}); "
             "OMS bundles need a P-256 key (`mose keys generate TEAM --type p256`)"
         )
-    candidates = {label: key for label, key in keys.items()
-                  if hint is None or fingerprint(key).removeprefix("sha256:") == hint}
+    candidates = {
+        label: key for label, key in keys.items() if hint is None or fingerprint(key).removeprefix("sha256:") == hint
+    }
     if not candidates:
-        allowed = ", ".join(f"{label} {fingerprint(key)[:7 + _SHORT]}" for label, key in sorted(keys.items()))
+        allowed = ", ".join(f"{label} {fingerprint(key)[: 7 + _SHORT]}" for label, key in sorted(keys.items()))
         raise SignatureError(
             f"the OMS bundle {bundle.name} was signed with key sha256:{hint[:_SHORT]}, which is none of the "
             f"allowed keys ({allowed})"
@@ -291,8 +306,16 @@ def _read_bundle(bundle: Path) -> tuple[dict, dict[str, str], str | None]:
         serialization = statement["predicate"]["serialization"]
         method = (serialization.get("method"), serialization.get("hash_type"))
         hint = (data.get("verificationMaterial") or {}).get("publicKey", {}).get("hint")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, binascii.Error, KeyError, TypeError, ValueError,
-            AttributeError):
+    except (
+        OSError,
+        UnicodeDecodeError,
+        json.JSONDecodeError,
+        binascii.Error,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+    ):
         raise SignatureError(
             f"{bundle.name} is not an OMS bundle (expected a Sigstore bundle with a DSSE envelope listing the "
             "model's files)"
@@ -322,11 +345,15 @@ def _describe_mismatch(folder: Path, bundle: Path, statement: dict, signed: dict
         elif name not in signed:
             problems.append(f"{name}: not covered by the bundle (an unsigned file)")
         elif signed[name] != actual[name]:
-            problems.append(f"{name}: sha256 {actual[name][:_SHORT]} on disk, {signed[name][:_SHORT]} signed"
-                            + ("" if other_files else " (changed after signing)"))
+            problems.append(
+                f"{name}: sha256 {actual[name][:_SHORT]} on disk, {signed[name][:_SHORT]} signed"
+                + ("" if other_files else " (changed after signing)")
+            )
     if other_files:
-        return (f"the OMS bundle {bundle.name} was signed for other files (none of its {len(signed)} files is in "
-                "this folder): " + "; ".join(problems))
+        return (
+            f"the OMS bundle {bundle.name} was signed for other files (none of its {len(signed)} files is in "
+            "this folder): " + "; ".join(problems)
+        )
     return f"the OMS bundle {bundle.name} does not match the expert's files: " + "; ".join(problems)
 
 
@@ -348,8 +375,7 @@ def check_covers_expert(verification: OmsVerification, folder: str | Path, manif
             raise SignatureError(f"{relpath}: listed in the manifest but not covered by the OMS bundle {name}")
         if signed != digest:
             raise SignatureError(
-                f"{relpath}: the manifest says sha256 {digest[:_SHORT]}, the OMS bundle {name} signed "
-                f"{signed[:_SHORT]}"
+                f"{relpath}: the manifest says sha256 {digest[:_SHORT]}, the OMS bundle {name} signed {signed[:_SHORT]}"
             )
     present = [n for n in MANIFEST_NAMES if n in verification.files]
     if not present:

@@ -74,9 +74,13 @@ def _check_regular(relpath: str, path: Path) -> None:
 
 def _refuse_serialized_code(relpath: str, head: bytes) -> None:
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        raise ArtifactError(f"{relpath}: contains a Python pickle, which can run code when loaded; only safetensors weights are accepted")
+        raise ArtifactError(
+            f"{relpath}: contains a Python pickle, which can run code when loaded; only safetensors weights are accepted"
+        )
     if head.startswith(b"PK\x03\x04"):
-        raise ArtifactError(f"{relpath}: is a zip archive (the torch.save format holds a pickle); only safetensors weights are accepted")
+        raise ArtifactError(
+            f"{relpath}: is a zip archive (the torch.save format holds a pickle); only safetensors weights are accepted"
+        )
     if head.startswith(b"\x93NUMPY"):
         raise ArtifactError(f"{relpath}: is a numpy array file, not safetensors")
 

@@ -102,9 +102,15 @@ class ExpertRecord(BaseModel):
     def from_stored(cls, row: StoredExpert) -> ExpertRecord:
         manifest = ExpertManifest.model_validate_json(row.manifest_json)
         return cls(
-            name=row.name, version=row.version, kind=row.kind, base_model=row.base_model,
-            status=row.status, domains=list(manifest.domains), manifest=manifest,
-            created_at=row.created_at, updated_at=row.updated_at,
+            name=row.name,
+            version=row.version,
+            kind=row.kind,
+            base_model=row.base_model,
+            status=row.status,
+            domains=list(manifest.domains),
+            manifest=manifest,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
         )
 
 
@@ -200,8 +206,9 @@ class Registry:
         self._taxonomy: tuple[int, Taxonomy] | None = None  # (added-domain count, taxonomy)
 
     @classmethod
-    def open(cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None,
-             url: str | None = None) -> Registry:
+    def open(
+        cls, home: MoseHome | str | Path | None = None, settings: RegistrySettings | None = None, url: str | None = None
+    ) -> Registry:
         """Open (creating if needed) the registry of ``home`` (default: ``$MOSE_HOME`` or ``./.mose``);
         its records live where ``url`` or ``$MOSE_REGISTRY_URL`` says (default: SQLite in the home,
         see :mod:`registry.stores`)."""
@@ -245,8 +252,11 @@ class Registry:
 
     # ------------------------------------------------------------- registration
     def add(
-        self, manifest_or_path: ExpertManifest | str | Path, files_dir: str | Path | None = None,
-        actor: str | Principal = "cli", bundle: str | Path | None = None,
+        self,
+        manifest_or_path: ExpertManifest | str | Path,
+        files_dir: str | Path | None = None,
+        actor: str | Principal = "cli",
+        bundle: str | Path | None = None,
     ) -> ExpertRecord:
         """Register an expert as ``pending``; the same ``name@version`` with the same files is a no-op.
 
@@ -282,13 +292,23 @@ class Registry:
                 return existing
             now = utc_now()
             row = StoredExpert(
-                manifest.name, manifest.version, manifest.kind, manifest.base_model, "pending",
-                manifest.model_dump_json(), now, now,
+                manifest.name,
+                manifest.version,
+                manifest.kind,
+                manifest.base_model,
+                "pending",
+                manifest.model_dump_json(),
+                now,
+                now,
             )
             self.store.insert_expert(row, files)
             details = {
-                "kind": manifest.kind, "base_model": manifest.base_model, "domains": list(manifest.domains),
-                "owner": manifest.owner, "files": dict(sorted(manifest.files.items())), "signature": signature,
+                "kind": manifest.kind,
+                "base_model": manifest.base_model,
+                "domains": list(manifest.domains),
+                "owner": manifest.owner,
+                "files": dict(sorted(manifest.files.items())),
+                "signature": signature,
             }
             if oms_check is not None:
                 details["oms"] = oms_check
@@ -454,7 +474,11 @@ class Registry:
             row = self.store.get_expert(name, version)
             if row is None:
                 known = [r.version for r in self.store.list_experts(name=name)]
-                hint = f"registered versions: {', '.join(sorted(known, key=version_key))}" if known else "see `mose expert list`"
+                hint = (
+                    f"registered versions: {', '.join(sorted(known, key=version_key))}"
+                    if known
+                    else "see `mose expert list`"
+                )
                 raise NotFoundError(f"{name}@{version} is not registered ({hint})")
             return ExpertRecord.from_stored(row)
         rows = self.store.list_experts(name=name)
@@ -480,8 +504,11 @@ class Registry:
         problems = []
         if self.shared_blobs is not None:
             self.fetch_blobs(f.sha256 for f in files)
-            problems = [f"{f.relpath}: blob {f.sha256} is missing from the registry database"
-                        for f in files if not self.shared_blobs.has_blob(f.sha256)]
+            problems = [
+                f"{f.relpath}: blob {f.sha256} is missing from the registry database"
+                for f in files
+                if not self.shared_blobs.has_blob(f.sha256)
+            ]
         problems += [f"{f.relpath}: {problem}" for f in files if (problem := self.artifacts.verify(f.sha256))]
         return FileCheck(ref=record.ref, ok=not problems, files=len(files), problems=problems)
 
@@ -497,13 +524,15 @@ class Registry:
                 return record
             self._check_transition(record, "active")
             for other in self.store.list_experts(status="active", name=name):
-                self._set_status(ExpertRecord.from_stored(other), "retired", who.actor,
-                                 {"reason": f"superseded by {record.ref}"})
+                self._set_status(
+                    ExpertRecord.from_stored(other), "retired", who.actor, {"reason": f"superseded by {record.ref}"}
+                )
             self._set_status(record, "active", who.actor, {})
         return self.get(name, record.version)
 
-    def retire(self, name: str, version: str | None = None, actor: str | Principal = "cli",
-               reason: str | None = None) -> ExpertRecord:
+    def retire(
+        self, name: str, version: str | None = None, actor: str | Principal = "cli", reason: str | None = None
+    ) -> ExpertRecord:
         """Take a version out of service for good (default: the active one, else the highest).
         A team may retire the experts it owns."""
         return self._transition(name, version, "retired", as_principal(actor), {"reason": reason} if reason else {})
@@ -525,7 +554,9 @@ class Registry:
             if record.status == "active":
                 raise StatusError(f"{record.ref} is active; retire it first (`mose expert retire {record.ref}`)")
             self.store.delete_expert(name, version)
-            append_entry(self.store, "remove", record.ref, {"status": record.status, "files": dict(record.manifest.files)}, actor)
+            append_entry(
+                self.store, "remove", record.ref, {"status": record.status, "files": dict(record.manifest.files)}, actor
+            )
 
     def gc(self, min_age_s: float = 3600.0) -> list[str]:
         """Delete blobs no record refers to and stale temp files, older than ``min_age_s`` (here,
@@ -564,8 +595,9 @@ class Registry:
             append_entry(self.store, action, subject, {**details, "catalog_generation": generation}, actor)
         return generation
 
-    def _transition(self, name: str, version: str | None, target: str, who: Principal,
-                    details: dict[str, Any]) -> ExpertRecord:
+    def _transition(
+        self, name: str, version: str | None, target: str, who: Principal, details: dict[str, Any]
+    ) -> ExpertRecord:
         with self.store.transaction():
             record = self.get(name, version) if version is not None else (self.active(name) or self.get(name))
             if who.team is not None:
@@ -602,8 +634,9 @@ class Registry:
         )
 
     # -------------------------------------------------------------------- teams
-    def create_team(self, name: str, public_keys: list[str] | tuple[str, ...] = (),
-                    actor: str | Principal = OPERATOR) -> tuple[Team, str]:
+    def create_team(
+        self, name: str, public_keys: list[str] | tuple[str, ...] = (), actor: str | Principal = OPERATOR
+    ) -> tuple[Team, str]:
         """Create a team with its public keys (ed25519: PEM or base64; ECDSA P-256: PEM); returns the
         team and its token, which is stored only as a salted hash: the caller must hand it over now."""
         who = as_principal(actor)
@@ -626,8 +659,15 @@ class Registry:
         with self.store.transaction():
             current = self._stored_team(name)
             token, salt = new_token(name), new_salt()
-            row = StoredTeam(name, salt, hash_token(token, salt), current.public_keys_json, current.created_at,
-                             rotated_at=utc_now(), revoked_at=None)
+            row = StoredTeam(
+                name,
+                salt,
+                hash_token(token, salt),
+                current.public_keys_json,
+                current.created_at,
+                rotated_at=utc_now(),
+                revoked_at=None,
+            )
             self.store.update_team(row)
             append_entry(self.store, "team-rotate", name, {"reinstated": current.revoked_at is not None}, who.actor)
         return Team.from_stored(row), token
@@ -667,8 +707,7 @@ class Registry:
             keys = keys + [key] if add else [k for k in keys if k != key]
             row = dataclasses.replace(current, public_keys_json=json.dumps(keys))
             self.store.update_team(row)
-            append_entry(self.store, "team-add-key" if add else "team-remove-key", name, {"public_key": key},
-                         who.actor)
+            append_entry(self.store, "team-add-key" if add else "team-remove-key", name, {"public_key": key}, who.actor)
         return Team.from_stored(row)
 
     def teams(self) -> list[Team]:
@@ -693,14 +732,20 @@ class Registry:
         row = self.store.get_team(name) if name is not None else None
         if row is None:
             token_matches(token, _DUMMY_SALT, _DUMMY_HASH)  # the same work as for a known team
-            raise AccessDeniedError("not a valid team token (no such team, or a mistyped token); "
-                                    "team tokens come from `mose team create` or `mose team rotate`")
+            raise AccessDeniedError(
+                "not a valid team token (no such team, or a mistyped token); "
+                "team tokens come from `mose team create` or `mose team rotate`"
+            )
         if not token_matches(token, row.token_salt, row.token_hash):
-            raise AccessDeniedError(f"the token is not valid for team {name!r} (a wrong token, or one replaced by "
-                                    "`mose team rotate`); ask the operator for the current one")
+            raise AccessDeniedError(
+                f"the token is not valid for team {name!r} (a wrong token, or one replaced by "
+                "`mose team rotate`); ask the operator for the current one"
+            )
         if row.revoked_at is not None:
-            raise AccessDeniedError(f"the token of team {name!r} was revoked at {row.revoked_at}; ask the operator "
-                                    f"for a new one (`mose team rotate {name}`)")
+            raise AccessDeniedError(
+                f"the token of team {name!r} was revoked at {row.revoked_at}; ask the operator "
+                f"for a new one (`mose team rotate {name}`)"
+            )
         return Team.from_stored(row)
 
     def _stored_team(self, name: str) -> StoredTeam:
@@ -713,8 +758,9 @@ class Registry:
     def _team_in_good_standing(self, team: str) -> None:
         row = self.store.get_team(team)
         if row is None or row.revoked_at is not None:
-            raise AccessDeniedError(f"team {team!r} {'does not exist' if row is None else 'was revoked'}; "
-                                    "it may not change the registry")
+            raise AccessDeniedError(
+                f"team {team!r} {'does not exist' if row is None else 'was revoked'}; it may not change the registry"
+            )
 
     @staticmethod
     def _normalise_key(text: str, team: str) -> str:
@@ -752,8 +798,14 @@ class Registry:
         if row is None:
             return Reputation(expert=name, alpha=prior[0], beta=prior[1], alpha_wrong=prior[0], beta_wrong=prior[1])
         wrong = (row.alpha_wrong, row.beta_wrong) if row.alpha_wrong is not None else prior
-        return Reputation(expert=row.expert, alpha=row.alpha, beta=row.beta, alpha_wrong=wrong[0],
-                          beta_wrong=wrong[1], updated_at=row.updated_at)
+        return Reputation(
+            expert=row.expert,
+            alpha=row.alpha,
+            beta=row.beta,
+            alpha_wrong=wrong[0],
+            beta_wrong=wrong[1],
+            updated_at=row.updated_at,
+        )
 
     # --------------------------------------------------------------- verdicts
     def record_verdict(self, verdict_id: str, payload: dict[str, Any]) -> None:
@@ -768,24 +820,40 @@ class Registry:
             raise NotFoundError(f"no verdict {verdict_id!r}: feedback needs the id of a verdict this server returned")
         return json.loads(found[0]), found[1]
 
-    def record_feedback(self, verdict_id: str, correct: bool, updates: dict[str, tuple[float, float]],
-                        actor: str = "feedback", prior: tuple[float, float] = (1.0, 1.0)) -> dict[str, Reputation]:
+    def record_feedback(
+        self,
+        verdict_id: str,
+        correct: bool,
+        updates: dict[str, tuple[float, float]],
+        actor: str = "feedback",
+        prior: tuple[float, float] = (1.0, 1.0),
+    ) -> dict[str, Reputation]:
         """Mark a verdict's outcome once and add each juror's (successes, failures) to the half of
         its reputation for answers like this one (correct or wrong), in one transaction."""
         with self.store.transaction():
             _, given = self.verdict(verdict_id)
             if given is not None:
-                raise ConflictError(f"feedback for verdict {verdict_id!r} was already recorded "
-                                    f"(correct={str(given).lower()}); each verdict counts once")
+                raise ConflictError(
+                    f"feedback for verdict {verdict_id!r} was already recorded "
+                    f"(correct={str(given).lower()}); each verdict counts once"
+                )
             self.store.set_verdict_feedback(verdict_id, correct, utc_now())
-            reputations = {name: self.update_reputation(name, s, f, actor=actor, prior=prior, answer_correct=correct)
-                           for name, (s, f) in updates.items()}
+            reputations = {
+                name: self.update_reputation(name, s, f, actor=actor, prior=prior, answer_correct=correct)
+                for name, (s, f) in updates.items()
+            }
             append_entry(self.store, "feedback", verdict_id, {"correct": correct}, actor)
         return reputations
 
     def update_reputation(
-        self, name: str, successes: float = 0.0, failures: float = 0.0, actor: str = "feedback",
-        prior: tuple[float, float] = (1.0, 1.0), audit: bool = True, answer_correct: bool = True,
+        self,
+        name: str,
+        successes: float = 0.0,
+        failures: float = 0.0,
+        actor: str = "feedback",
+        prior: tuple[float, float] = (1.0, 1.0),
+        audit: bool = True,
+        answer_correct: bool = True,
     ) -> Reputation:
         """Add observed successes/failures atomically (safe against concurrent updaters) to the
         half of the reputation for correct answers (``answer_correct``) or for wrong ones."""
@@ -794,17 +862,29 @@ class Registry:
         with self.store.transaction():
             current = self.reputation(name, prior)
             if answer_correct:
-                current = current.model_copy(update={"alpha": current.alpha + successes, "beta": current.beta + failures})
+                current = current.model_copy(
+                    update={"alpha": current.alpha + successes, "beta": current.beta + failures}
+                )
             else:
-                current = current.model_copy(update={"alpha_wrong": current.alpha_wrong + successes,
-                                                     "beta_wrong": current.beta_wrong + failures})
+                current = current.model_copy(
+                    update={"alpha_wrong": current.alpha_wrong + successes, "beta_wrong": current.beta_wrong + failures}
+                )
             row = ReputationRow(name, current.alpha, current.beta, utc_now(), current.alpha_wrong, current.beta_wrong)
             self.store.put_reputation(row)
             if audit:
                 append_entry(
-                    self.store, "reputation", name,
-                    {"successes": successes, "failures": failures, "answer_correct": answer_correct,
-                     "alpha": row.alpha, "beta": row.beta, "alpha_wrong": row.alpha_wrong,
-                     "beta_wrong": row.beta_wrong}, actor,
+                    self.store,
+                    "reputation",
+                    name,
+                    {
+                        "successes": successes,
+                        "failures": failures,
+                        "answer_correct": answer_correct,
+                        "alpha": row.alpha,
+                        "beta": row.beta,
+                        "alpha_wrong": row.alpha_wrong,
+                        "beta_wrong": row.beta_wrong,
+                    },
+                    actor,
                 )
         return current.model_copy(update={"updated_at": row.updated_at})

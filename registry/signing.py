@@ -43,7 +43,9 @@ def generate_keypair(team: str, keys_dir: Path, overwrite: bool = False) -> KeyP
     keys_dir.mkdir(parents=True, exist_ok=True)
     private_path, public_path = keys_dir / f"{team}.key", keys_dir / f"{team}.pub"
     if private_path.exists() and not overwrite:
-        raise ConflictError(f"{private_path} already exists; pass --force to replace it (old signatures stop verifying)")
+        raise ConflictError(
+            f"{private_path} already exists; pass --force to replace it (old signatures stop verifying)"
+        )
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
@@ -166,9 +168,7 @@ def verify_manifest(manifest: ExpertManifest, trusted_keys: dict[str, str], requ
     from cryptography.exceptions import InvalidSignature
 
     try:
-        load_public_key(key_text, signature.team).verify(
-            base64.b64decode(signature.value), canonical_bytes(manifest)
-        )
+        load_public_key(key_text, signature.team).verify(base64.b64decode(signature.value), canonical_bytes(manifest))
     except InvalidSignature:
         raise SignatureError(
             f"{ref}: the signature of team {signature.team!r} does not match the manifest "
@@ -194,8 +194,7 @@ def _verifies(key_text: str, team: str, signature: bytes, payload: bytes) -> boo
     return True
 
 
-def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[str, list[str]],
-                          required: bool) -> str:
+def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[str, list[str]], required: bool) -> str:
     """Check the signature of a manifest whose ``owner`` is a registered team: only a key of that team
     (``team_keys[owner]``) may sign it. Returns ``verified``, ``unsigned`` or ``untrusted-team``.
 
@@ -206,8 +205,12 @@ def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[
     has_p256 = any(_is_p256(key) for key in team_keys.get(owner, []))
     if signature is None:
         if required:
-            oms_hint = (f", or sign the expert folder with its P-256 key (`mose expert sign MANIFEST --format oms "
-                        f"--key {owner}.p256.key`)" if has_p256 else "")
+            oms_hint = (
+                f", or sign the expert folder with its P-256 key (`mose expert sign MANIFEST --format oms "
+                f"--key {owner}.p256.key`)"
+                if has_p256
+                else ""
+            )
             raise SignatureError(
                 f"{ref}: this registry requires signed manifests and this one has no signature; "
                 f"sign it with a key of team {owner!r}, its owner (`mose expert sign MANIFEST --key {owner}.key`)"
@@ -222,9 +225,14 @@ def verify_owned_manifest(manifest: ExpertManifest, owner: str, team_keys: dict[
     owner_keys = [key for key in team_keys.get(owner, []) if not _is_p256(key)]
     if any(_verifies(key, owner, value, payload) for key in owner_keys):
         return "verified"
-    signer = next((team for team, keys in sorted(team_keys.items())
-                   if team != owner and any(_verifies(key, team, value, payload) for key in keys
-                                            if not _is_p256(key))), None)
+    signer = next(
+        (
+            team
+            for team, keys in sorted(team_keys.items())
+            if team != owner and any(_verifies(key, team, value, payload) for key in keys if not _is_p256(key))
+        ),
+        None,
+    )
     if signer is not None:
         raise SignatureError(
             f"{ref}: the signature is valid but was made with a key of team {signer!r}, and {ref} is owned by "

@@ -370,8 +370,16 @@ class SQLiteStore(RegistryStore):
         self._write(
             "INSERT INTO experts (name, version, kind, base_model, status, manifest_json, created_at, updated_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (expert.name, expert.version, expert.kind, expert.base_model, expert.status,
-             expert.manifest_json, expert.created_at, expert.updated_at),
+            (
+                expert.name,
+                expert.version,
+                expert.kind,
+                expert.base_model,
+                expert.status,
+                expert.manifest_json,
+                expert.created_at,
+                expert.updated_at,
+            ),
         )
         self._conn.executemany(
             "INSERT INTO expert_files (name, version, relpath, sha256, size) VALUES (?, ?, ?, ?, ?)",
@@ -451,8 +459,10 @@ class SQLiteStore(RegistryStore):
         )
 
     def insert_verdict(self, verdict_id: str, payload_json: str, created_at: str) -> None:
-        self._write("INSERT INTO verdicts (id, payload_json, created_at) VALUES (?, ?, ?)",
-                    (verdict_id, payload_json, created_at))
+        self._write(
+            "INSERT INTO verdicts (id, payload_json, created_at) VALUES (?, ?, ?)",
+            (verdict_id, payload_json, created_at),
+        )
 
     def get_verdict(self, verdict_id: str) -> tuple[str, bool | None] | None:
         rows = self._read("SELECT payload_json, feedback FROM verdicts WHERE id = ?", (verdict_id,))
@@ -479,16 +489,30 @@ class SQLiteStore(RegistryStore):
         self._write(
             "INSERT INTO teams (name, token_salt, token_hash, public_keys_json, created_at, rotated_at, revoked_at)"
             " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (team.name, team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
-             team.revoked_at),
+            (
+                team.name,
+                team.token_salt,
+                team.token_hash,
+                team.public_keys_json,
+                team.created_at,
+                team.rotated_at,
+                team.revoked_at,
+            ),
         )
 
     def update_team(self, team: StoredTeam) -> None:
         self._write(
             "UPDATE teams SET token_salt = ?, token_hash = ?, public_keys_json = ?, created_at = ?, rotated_at = ?,"
             " revoked_at = ? WHERE name = ?",
-            (team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
-             team.revoked_at, team.name),
+            (
+                team.token_salt,
+                team.token_hash,
+                team.public_keys_json,
+                team.created_at,
+                team.rotated_at,
+                team.revoked_at,
+                team.name,
+            ),
         )
 
     def close(self) -> None:

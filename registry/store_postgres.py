@@ -171,13 +171,16 @@ class PostgresStore(RegistryStore, SharedBlobs):
         import psycopg
 
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                                   application_name="mose-registry")
+            conn = psycopg.connect(
+                self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="mose-registry"
+            )
             conn.execute(f"SET lock_timeout = '{int(self.lock_timeout_s * 1000)}ms'")
             return conn
         except psycopg.OperationalError as exc:
-            raise MoseError(f"cannot reach the registry database {redact_url(self.url)}: "
-                            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}") from None
+            raise MoseError(
+                f"cannot reach the registry database {redact_url(self.url)}: "
+                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else exc}"
+            ) from None
 
     def _live(self) -> Any:
         """The connection, reopened when the server closed it (restart, idle timeout) between calls."""
@@ -193,8 +196,10 @@ class PostgresStore(RegistryStore, SharedBlobs):
             if row is None:
                 self._conn.execute("INSERT INTO mose_schema (id, version) VALUES (1, %s)", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
-                raise MoseError(f"the registry database {redact_url(self.url)} has schema {row[0]}, newer "
-                                f"than this mose understands ({SCHEMA_VERSION}): upgrade mose")
+                raise MoseError(
+                    f"the registry database {redact_url(self.url)} has schema {row[0]}, newer "
+                    f"than this mose understands ({SCHEMA_VERSION}): upgrade mose"
+                )
             elif row[0] < SCHEMA_VERSION:  # the tables above were added: an older mose now refuses it
                 self._conn.execute("UPDATE mose_schema SET version = %s WHERE id = 1", (SCHEMA_VERSION,))
 
@@ -223,8 +228,10 @@ class PostgresStore(RegistryStore, SharedBlobs):
                 try:
                     conn.execute(f"SELECT pg_advisory_xact_lock(%s::int4, {lock_sql})", lock)
                 except psycopg.errors.LockNotAvailable:
-                    raise MoseError(f"the registry database is busy: another writer held its lock for over "
-                                    f"{self.lock_timeout_s:g} s; retry, or look for a stuck `mose` process") from None
+                    raise MoseError(
+                        f"the registry database is busy: another writer held its lock for over "
+                        f"{self.lock_timeout_s:g} s; retry, or look for a stuck `mose` process"
+                    ) from None
                 yield
                 conn.execute("COMMIT")
             except BaseException:
@@ -270,15 +277,24 @@ class PostgresStore(RegistryStore, SharedBlobs):
             params.append(name)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
         # Byte order, as SQLite sorts, whatever the database's collation.
-        rows = self._read(f'SELECT {_EXPERT_COLUMNS} FROM experts {where} ORDER BY name COLLATE "C", created_at',
-                          tuple(params))
+        rows = self._read(
+            f'SELECT {_EXPERT_COLUMNS} FROM experts {where} ORDER BY name COLLATE "C", created_at', tuple(params)
+        )
         return [StoredExpert(*row) for row in rows]
 
     def insert_expert(self, expert: StoredExpert, files: list[StoredFile]) -> None:
         self._write(
             f"INSERT INTO experts ({_EXPERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-            (expert.name, expert.version, expert.kind, expert.base_model, expert.status,
-             expert.manifest_json, expert.created_at, expert.updated_at),
+            (
+                expert.name,
+                expert.version,
+                expert.kind,
+                expert.base_model,
+                expert.status,
+                expert.manifest_json,
+                expert.created_at,
+                expert.updated_at,
+            ),
         )
         with self._conn.cursor() as cursor:
             cursor.executemany(
@@ -288,8 +304,10 @@ class PostgresStore(RegistryStore, SharedBlobs):
         self.bump_catalog_generation()
 
     def set_status(self, name: str, version: str, status: str, updated_at: str) -> None:
-        self._write("UPDATE experts SET status = %s, updated_at = %s WHERE name = %s AND version = %s",
-                    (status, updated_at, name, version))
+        self._write(
+            "UPDATE experts SET status = %s, updated_at = %s WHERE name = %s AND version = %s",
+            (status, updated_at, name, version),
+        )
         self.bump_catalog_generation()
 
     def delete_expert(self, name: str, version: str) -> None:
@@ -301,12 +319,16 @@ class PostgresStore(RegistryStore, SharedBlobs):
         return self._read("SELECT generation FROM catalog WHERE id = 1")[0][0]
 
     def bump_catalog_generation(self) -> int:
-        return self._write("UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation"
-                           ).fetchone()[0]
+        return self._write(
+            "UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation"
+        ).fetchone()[0]
 
     def expert_files(self, name: str, version: str) -> list[StoredFile]:
-        rows = self._read('SELECT relpath, sha256, size FROM expert_files WHERE name = %s AND version = %s'
-                          ' ORDER BY relpath COLLATE "C"', (name, version))
+        rows = self._read(
+            "SELECT relpath, sha256, size FROM expert_files WHERE name = %s AND version = %s"
+            ' ORDER BY relpath COLLATE "C"',
+            (name, version),
+        )
         return [StoredFile(*row) for row in rows]
 
     def referenced_blobs(self) -> set[str]:
@@ -353,8 +375,10 @@ class PostgresStore(RegistryStore, SharedBlobs):
 
     # ----------------------------------------------------------------- verdicts
     def insert_verdict(self, verdict_id: str, payload_json: str, created_at: str) -> None:
-        self._write("INSERT INTO verdicts (id, payload_json, created_at) VALUES (%s, %s, %s)",
-                    (verdict_id, payload_json, created_at))
+        self._write(
+            "INSERT INTO verdicts (id, payload_json, created_at) VALUES (%s, %s, %s)",
+            (verdict_id, payload_json, created_at),
+        )
 
     def get_verdict(self, verdict_id: str) -> tuple[str, bool | None] | None:
         rows = self._read("SELECT payload_json, feedback FROM verdicts WHERE id = %s", (verdict_id,))
@@ -377,16 +401,30 @@ class PostgresStore(RegistryStore, SharedBlobs):
     def insert_team(self, team: StoredTeam) -> None:
         self._write(
             f"INSERT INTO teams ({_TEAM_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            (team.name, team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
-             team.revoked_at),
+            (
+                team.name,
+                team.token_salt,
+                team.token_hash,
+                team.public_keys_json,
+                team.created_at,
+                team.rotated_at,
+                team.revoked_at,
+            ),
         )
 
     def update_team(self, team: StoredTeam) -> None:
         self._write(
             "UPDATE teams SET token_salt = %s, token_hash = %s, public_keys_json = %s, created_at = %s,"
             " rotated_at = %s, revoked_at = %s WHERE name = %s",
-            (team.token_salt, team.token_hash, team.public_keys_json, team.created_at, team.rotated_at,
-             team.revoked_at, team.name),
+            (
+                team.token_salt,
+                team.token_hash,
+                team.public_keys_json,
+                team.created_at,
+                team.rotated_at,
+                team.revoked_at,
+                team.name,
+            ),
         )
 
     # -------------------------------------------------------------------- blobs
@@ -399,16 +437,16 @@ class PostgresStore(RegistryStore, SharedBlobs):
 
     def put_blob(self, sha256: str, source: Path, chunk_hook: Callable[[], None] | None = None) -> bool:
         with self._blob_transaction(sha256):
-            if self._conn.execute("UPDATE blobs SET touched_at = %s WHERE sha256 = %s",
-                                  (time.time(), sha256)).rowcount:
+            if self._conn.execute("UPDATE blobs SET touched_at = %s WHERE sha256 = %s", (time.time(), sha256)).rowcount:
                 return False  # already there (fresh touch: gc leaves it alone)
             digest, size, index = hashlib.sha256(), 0, 0
             with open(source, "rb") as handle:
                 while chunk := handle.read(CHUNK_BYTES):
                     digest.update(chunk)
                     size += len(chunk)
-                    self._conn.execute("INSERT INTO blob_chunks (sha256, idx, data) VALUES (%s, %s, %s)",
-                                       (sha256, index, chunk))
+                    self._conn.execute(
+                        "INSERT INTO blob_chunks (sha256, idx, data) VALUES (%s, %s, %s)", (sha256, index, chunk)
+                    )
                     index += 1
                     if chunk_hook is not None:
                         chunk_hook()
@@ -438,7 +476,9 @@ class PostgresStore(RegistryStore, SharedBlobs):
         with self.transaction():  # with the write lock: no registration commits in between
             rows = self._write(
                 "DELETE FROM blobs WHERE touched_at < %s AND sha256 NOT IN (SELECT sha256 FROM expert_files)"
-                " RETURNING sha256", (cutoff,)).fetchall()
+                " RETURNING sha256",
+                (cutoff,),
+            ).fetchall()
         return sorted(row[0] for row in rows)
 
     def close(self) -> None:

@@ -61,8 +61,10 @@ def open_store(home: MoseHome, url: str | None = None) -> RegistryStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         return SQLiteStore(path)
     scheme = chosen.split("://", 1)[0] if "://" in chosen else chosen.split(":", 1)[0]
-    raise MoseError(f"{REGISTRY_URL_ENV}: unsupported registry URL scheme {scheme!r}; use postgresql://user@host/db "
-                    "or sqlite:///path/to/registry.db (unset: SQLite in MOSE_HOME)")
+    raise MoseError(
+        f"{REGISTRY_URL_ENV}: unsupported registry URL scheme {scheme!r}; use postgresql://user@host/db "
+        "or sqlite:///path/to/registry.db (unset: SQLite in MOSE_HOME)"
+    )
 
 
 def node_home(home_root: str | Path) -> MoseHome:

@@ -62,8 +62,7 @@ class Taxonomy:
         if name in self:
             if self.parent(name) != parent:
                 raise ManifestError(
-                    f"domain {name!r} already exists under {self.parent(name) or 'the root'}; "
-                    "a domain has one parent"
+                    f"domain {name!r} already exists under {self.parent(name) or 'the root'}; a domain has one parent"
                 )
             return
         self.graph.add_node(name)

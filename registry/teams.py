@@ -81,8 +81,13 @@ class Team(BaseModel):
 
     @classmethod
     def from_stored(cls, row: StoredTeam) -> Team:
-        return cls(name=row.name, public_keys=json.loads(row.public_keys_json), created_at=row.created_at,
-                   rotated_at=row.rotated_at, revoked_at=row.revoked_at)
+        return cls(
+            name=row.name,
+            public_keys=json.loads(row.public_keys_json),
+            created_at=row.created_at,
+            rotated_at=row.rotated_at,
+            revoked_at=row.revoked_at,
+        )
 
 
 def new_token(team: str) -> str:
@@ -113,7 +118,7 @@ def team_of_token(token: str) -> str | None:
     """The team name a token claims, or None when it is not shaped like a team token."""
     if not looks_like_team_token(token) or len(token) < len(TOKEN_PREFIX) + SECRET_CHARS + 2:
         return None
-    head, sep = token[len(TOKEN_PREFIX):-SECRET_CHARS - 1], token[-SECRET_CHARS - 1]
+    head, sep = token[len(TOKEN_PREFIX) : -SECRET_CHARS - 1], token[-SECRET_CHARS - 1]
     if sep != "_" or not re.fullmatch(NAME_PATTERN, head) or len(head) > 64:
         return None
     if not re.fullmatch(r"[A-Za-z0-9_-]+", token[-SECRET_CHARS:]):
@@ -123,5 +128,7 @@ def team_of_token(token: str) -> str | None:
 
 def check_team_name(name: str) -> None:
     if not re.fullmatch(NAME_PATTERN, name) or len(name) > 64:
-        raise MoseError(f"team {name!r}: use a lowercase slug of letters, digits, '-' or '_' (e.g. law-team), "
-                            "at most 64 characters; it is the `owner` its experts' manifests name")
+        raise MoseError(
+            f"team {name!r}: use a lowercase slug of letters, digits, '-' or '_' (e.g. law-team), "
+            "at most 64 characters; it is the `owner` its experts' manifests name"
+        )

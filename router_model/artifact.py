@@ -146,7 +146,9 @@ def read_metadata(directory: Path, verify: bool = True) -> RouterMetadata:
     try:
         metadata = RouterMetadata.model_validate_json(path.read_text())
     except FileNotFoundError:
-        raise ServerError(f"router artifact {directory} has no {METADATA_FILE}: retrain with `mose router train`") from None
+        raise ServerError(
+            f"router artifact {directory} has no {METADATA_FILE}: retrain with `mose router train`"
+        ) from None
     except ValueError as exc:
         raise MoseError(
             f"router artifact {directory}: {METADATA_FILE} is corrupted ({exc.__class__.__name__}): "

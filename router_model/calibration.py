@@ -66,8 +66,9 @@ def reliability_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = 15
     return out
 
 
-def choose_threshold(confidence: np.ndarray, correct: np.ndarray, target: float, floor: float,
-                     weight: np.ndarray | None = None) -> float:
+def choose_threshold(
+    confidence: np.ndarray, correct: np.ndarray, target: float, floor: float, weight: np.ndarray | None = None
+) -> float:
     """Smallest threshold whose answered rows (confidence >= threshold) reach ``target``
     precision, never below ``floor``; the most precise threshold when none reaches it. ``weight``:
     how much each row counts (default: all alike)."""

@@ -183,9 +183,7 @@ def registry_rows(registry) -> tuple[list[LabelledQuery], list[str]]:
         experts.append(f"{record.name}@{record.version}")
         domain = record.domains[0]
         for i, query in enumerate(record.manifest.example_queries):
-            rows.append(
-                LabelledQuery(query=query, domain=domain, source=REGISTRY_SOURCE, id=f"{record.name}/{i}")
-            )
+            rows.append(LabelledQuery(query=query, domain=domain, source=REGISTRY_SOURCE, id=f"{record.name}/{i}"))
     return rows, sorted(experts)
 
 

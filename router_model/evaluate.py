@@ -144,7 +144,9 @@ def evaluate(
     report = {
         "n": len(rows),
         "accuracy": round(float(hits.mean()), 4),
-        "macro_f1": round(float(f1_score(gold, predicted, labels=sorted(set(gold)), average="macro", zero_division=0)), 4),
+        "macro_f1": round(
+            float(f1_score(gold, predicted, labels=sorted(set(gold)), average="macro", zero_division=0)), 4
+        ),
         "ece": round(expected_calibration_error(confidence, top_hit), 4),
         "abstain_rate": round(float(1 - answered.mean()), 4),
         "accuracy_when_answered": round(float(top_hit[answered].mean()), 4) if answered.any() else 0.0,

@@ -125,12 +125,12 @@ def check_and_quantize(
     if config.quantize:
         quantize_int8(staging / ONNX_FP32, staging / ONNX_INT8)
         int8_probs, int8_seconds = timed_probs(
-            open_session(staging / ONNX_INT8, choose_providers(use_cuda=False), config.threads), token_ids)
+            open_session(staging / ONNX_INT8, choose_providers(use_cuda=False), config.threads), token_ids
+        )
         metrics["val_accuracy_int8"] = float((int8_probs.argmax(1) == gold).mean())
         metrics["int8_speedup"] = round(fp32_seconds / max(int8_seconds, 1e-9), 2)
-        keep = (
-            metrics["val_accuracy_fp32"] - metrics["val_accuracy_int8"] <= config.quantize_tolerance
-            and (int8_seconds < fp32_seconds or not require_speedup)
+        keep = metrics["val_accuracy_fp32"] - metrics["val_accuracy_int8"] <= config.quantize_tolerance and (
+            int8_seconds < fp32_seconds or not require_speedup
         )
         if keep:
             metrics["onnx_file"] = ONNX_INT8
@@ -184,8 +184,14 @@ def write_artifact(
             metrics={**trained.metrics, **export_metrics},
             data={
                 "files": data.files,
-                "rows": {name: len(rows) for name, rows in
-                         ((TRAIN_ROWS, data.train), (VALIDATION_ROWS, data.validation), (HELDOUT_ROWS, data.heldout))},
+                "rows": {
+                    name: len(rows)
+                    for name, rows in (
+                        (TRAIN_ROWS, data.train),
+                        (VALIDATION_ROWS, data.validation),
+                        (HELDOUT_ROWS, data.heldout),
+                    )
+                },
                 "rows_sha256": {TRAIN_ROWS: rows_sha256(data.train)},
                 "files_sha256": hashes,
             },

@@ -60,8 +60,9 @@ class RouterNet(nn.Module):
         self.register_buffer("neighbours", torch.zeros((), dtype=torch.long))
         self.k = 0
 
-    def set_memory(self, embeddings: torch.Tensor, labels: torch.Tensor, neighbours: int, temperature: float,
-                   weight: float = 0.0) -> None:
+    def set_memory(
+        self, embeddings: torch.Tensor, labels: torch.Tensor, neighbours: int, temperature: float, weight: float = 0.0
+    ) -> None:
         """Remember ``embeddings`` (normalised here) with one-hot ``labels`` [rows, num_labels]."""
         self.memory = F.normalize(embeddings, dim=-1, eps=1e-9)
         self.memory_labels = labels.to(self.memory.dtype)
@@ -127,7 +128,9 @@ def additive_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Ten
     return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
-def run_layers(net: RouterNet, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+def run_layers(
+    net: RouterNet, hidden: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int
+) -> torch.Tensor:
     """Hidden states after encoder layers ``start:stop`` (layer outputs at real tokens do not
     depend on padding, so lower layers can be run once and cached)."""
     mask = additive_mask(attention_mask, hidden.dtype)
@@ -146,9 +149,7 @@ def load_encoder(layers: int, source: str | os.PathLike | None = None) -> nn.Mod
     (exports cleanly to ONNX)."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(
-        str(source or minilm_dir()), local_files_only=True, attn_implementation="eager"
-    )
+    model = AutoModel.from_pretrained(str(source or minilm_dir()), local_files_only=True, attn_implementation="eager")
     model.encoder.layer = model.encoder.layer[:layers]
     model.pooler = None  # the router mean-pools; the [CLS] pooler is dead weight
     model.config.num_hidden_layers = layers

@@ -38,8 +38,15 @@ def confusion_plot(gold: Sequence[str], predicted: Sequence[str], path: Path) ->
     for i in range(len(rows)):
         for j in range(len(cols)):
             if counts[i, j]:
-                ax.text(j, i, f"{share[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if share[i, j] > 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{share[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("router confusion matrix (row share)")
@@ -55,9 +62,18 @@ def reliability_plot(bins: list[dict], ece: float, path: Path, title: str = "rou
     used = [b for b in bins if b["n"]]
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.bar([b["low"] for b in used], [b["accuracy"] for b in used], width=[b["high"] - b["low"] for b in used],
-           align="edge", alpha=0.6, edgecolor="black", label="accuracy per bin")
-    ax.plot([b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", color="C1", label="bin mean confidence")
+    ax.bar(
+        [b["low"] for b in used],
+        [b["accuracy"] for b in used],
+        width=[b["high"] - b["low"] for b in used],
+        align="edge",
+        alpha=0.6,
+        edgecolor="black",
+        label="accuracy per bin",
+    )
+    ax.plot(
+        [b["confidence"] for b in used], [b["accuracy"] for b in used], "o-", color="C1", label="bin mean confidence"
+    )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("calibrated confidence")

@@ -179,8 +179,9 @@ def open_session(path: Path, providers: Sequence[str], threads: int = 0):
 class OnnxRouter(BaseRouter):
     """The learned router: tokenizer + one ONNX graph + threshold + expert directory."""
 
-    def __init__(self, directory: Path, registry=None, config: RouterConfig | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, directory: Path, registry=None, config: RouterConfig | None = None, threads: int | None = None
+    ) -> None:
         """``threads`` overrides the config's ONNX Runtime intra-op threads (a server sharing its
         cores with decoders wants 1: an idle thread pool spin-waits and steals their CPU)."""
         self.directory = Path(directory)
@@ -198,8 +199,7 @@ class OnnxRouter(BaseRouter):
         self.experts = ExpertDirectory(registry, self.config.fallback_expert, self.config.expert_refresh_s)
 
     @classmethod
-    def load(cls, home, registry=None, config: RouterConfig | None = None,
-             threads: int | None = None) -> OnnxRouter:
+    def load(cls, home, registry=None, config: RouterConfig | None = None, threads: int | None = None) -> OnnxRouter:
         """The current version in ``home.router_dir``; MoseError when missing or corrupted."""
         return cls(current_dir(home.router_dir), registry=registry, config=config, threads=threads)
 
@@ -268,17 +268,16 @@ class FallbackRouter(BaseRouter):
         self.fallback = fallback
 
     def route_batch(self, queries: Sequence[str]) -> list[RouteDecision]:
-        return [
-            RouteDecision(domain="unknown", expert=self.fallback, confidence=0.0, abstained=True) for _ in queries
-        ]
+        return [RouteDecision(domain="unknown", expert=self.fallback, confidence=0.0, abstained=True) for _ in queries]
 
 
 ROUTERS = MappingProxyType({"onnx": OnnxRouter, "fallback": FallbackRouter})
 """Router implementations by name."""
 
 
-def load_router(home, registry=None, config: RouterConfig | None = None, strict: bool = True,
-                threads: int | None = None) -> BaseRouter:
+def load_router(
+    home, registry=None, config: RouterConfig | None = None, strict: bool = True, threads: int | None = None
+) -> BaseRouter:
     """The current learned router; with ``strict=False`` a missing or corrupted artifact gives a
     :class:`FallbackRouter` instead of raising (what the server does)."""
     try:

@@ -102,8 +102,9 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
     train_emb, val_emb = train.embeddings(net), val.embeddings(net)
     min_support, val_support = set_centroids(net, train_emb, y_train, val_emb, len(labels), config)
     log(f"out-of-distribution guard: min support {min_support:.3f}")
-    calibrated, memory_metrics = fit_memory(net, train_emb, y_train, val_emb, softmax(val_logits, temperature),
-                                            y_val, config)
+    calibrated, memory_metrics = fit_memory(
+        net, train_emb, y_train, val_emb, softmax(val_logits, temperature), y_val, config
+    )
     metrics.update(memory_metrics)
     correct = calibrated.argmax(1) == y_val
     threshold = choose_threshold(calibrated.max(1), correct, config.target_precision, config.min_threshold)
@@ -131,8 +132,9 @@ def train_router(data: TrainingData, config: RouterConfig, progress: bool = True
 
 
 @torch.no_grad()
-def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, num_labels,
-                  config) -> tuple[float, np.ndarray]:
+def set_centroids(
+    net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, num_labels, config
+) -> tuple[float, np.ndarray]:
     """Store each label's normalised mean training embedding; return the support threshold
     (``support_quantile`` of the validation rows' support) and those supports."""
     centroids = torch.stack([train_emb[y_train == k].mean(0) for k in range(num_labels)])
@@ -142,24 +144,34 @@ def set_centroids(net, train_emb: torch.Tensor, y_train, val_emb: torch.Tensor, 
 
 
 @torch.no_grad()
-def fit_memory(net, train_emb: torch.Tensor, y_train: torch.Tensor, val_emb: torch.Tensor, val_probs: np.ndarray,
-               y_val: np.ndarray, config: RouterConfig) -> tuple[np.ndarray, dict]:
+def fit_memory(
+    net,
+    train_emb: torch.Tensor,
+    y_train: torch.Tensor,
+    val_emb: torch.Tensor,
+    val_probs: np.ndarray,
+    y_val: np.ndarray,
+    config: RouterConfig,
+) -> tuple[np.ndarray, dict]:
     """Remember the training embeddings and keep the mixing weight with the lowest validation log
     loss; returns the validation probabilities with the memory mixed in, and what was measured."""
     if config.neighbours == 0:
         return val_probs, {}
     num_labels = val_probs.shape[1]
-    net.set_memory(train_emb, torch.nn.functional.one_hot(y_train, num_labels), config.neighbours,
-                   config.neighbour_temperature)
+    net.set_memory(
+        train_emb, torch.nn.functional.one_hot(y_train, num_labels), config.neighbours, config.neighbour_temperature
+    )
     neighbour = net.neighbour_probs(val_emb).numpy()
     mixes = {weight: (1 - weight) * val_probs + weight * neighbour for weight in config.neighbour_weights}
     losses = {weight: log_loss(mixed, y_val) for weight, mixed in mixes.items()}
     best = min(losses, key=losses.get)
     net.memory_weight.fill_(best)
     without = accuracy(val_probs, y_val)
-    log(f"memory of {len(train_emb)} queries, k={net.k}: weight {best}; validation log loss "
+    log(
+        f"memory of {len(train_emb)} queries, k={net.k}: weight {best}; validation log loss "
         f"{log_loss(val_probs, y_val):.4f} -> {losses[best]:.4f}, accuracy {without:.4f} -> "
-        f"{accuracy(mixes[best], y_val):.4f}")
+        f"{accuracy(mixes[best], y_val):.4f}"
+    )
     return mixes[best], {"memory_weight": best, "val_accuracy_without_memory": without}
 
 
@@ -171,7 +183,9 @@ def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((np.asarray(logits).argmax(1) == labels).mean())
 
 
-def fit_head(net: RouterNet, embeddings: torch.Tensor, tokens: PaddedTokens, labels: torch.Tensor, config: RouterConfig) -> None:
+def fit_head(
+    net: RouterNet, embeddings: torch.Tensor, tokens: PaddedTokens, labels: torch.Tensor, config: RouterConfig
+) -> None:
     """Train the linear head and the lexical bag on cached embeddings (mini-batch Adam)."""
     generator = torch.Generator().manual_seed(config.seed)
     groups = [{"params": net.head.parameters(), "lr": config.head_lr}]
@@ -261,7 +275,9 @@ def bucketed_batches(lengths: list[int], batch_size: int, rng: random.Random) ->
 
 
 @torch.no_grad()
-def lower_states(net: RouterNet, token_ids: list[list[int]], split: int, progress: str | None = None) -> list[torch.Tensor]:
+def lower_states(
+    net: RouterNet, token_ids: list[list[int]], split: int, progress: str | None = None
+) -> list[torch.Tensor]:
     """Per row, the (length, hidden) output of the frozen part: embeddings + layers ``:split``."""
     from tqdm.auto import tqdm
 

@@ -79,8 +79,14 @@ def fit_new_rows(
 
 
 @torch.no_grad()
-def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor,
-         memory_rows: torch.Tensor, memory_targets: torch.Tensor) -> None:
+def grow(
+    net,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    centroids: torch.Tensor,
+    memory_rows: torch.Tensor,
+    memory_targets: torch.Tensor,
+) -> None:
     """Append output rows to the head, zero columns to the lexical bag, rows to the centroids,
     and the new example queries (embeddings, label indexes) to the memory."""
     old = net.head
@@ -94,8 +100,13 @@ def grow(net, weight: torch.Tensor, bias: torch.Tensor, centroids: torch.Tensor,
     if net.k:
         labels = torch.nn.functional.one_hot(memory_targets, net.head.out_features).to(net.memory_labels.dtype)
         old_labels = torch.nn.functional.pad(net.memory_labels, (0, len(weight)))
-        net.set_memory(torch.cat([net.memory, memory_rows]), torch.cat([old_labels, labels]), net.k,
-                       float(net.memory_temperature), float(net.memory_weight))
+        net.set_memory(
+            torch.cat([net.memory, memory_rows]),
+            torch.cat([old_labels, labels]),
+            net.k,
+            float(net.memory_temperature),
+            float(net.memory_weight),
+        )
 
 
 def update_router(home, registry, progress: bool = True) -> UpdateResult:

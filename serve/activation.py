@@ -61,8 +61,13 @@ class RouterChange:
     """The generation the new version was published at (None when nothing was published)."""
 
     def as_json(self) -> dict[str, Any]:
-        return {"version": self.version, "previous": self.previous, "added_domains": list(self.added_domains),
-                "example_queries": self.example_queries, "seconds": self.seconds}
+        return {
+            "version": self.version,
+            "previous": self.previous,
+            "added_domains": list(self.added_domains),
+            "example_queries": self.example_queries,
+            "seconds": self.seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,10 @@ class Activation:
         if self.router is None:
             return "no router yet: `mose router train` (or `mose up`) trains one that knows every active expert"
         if self.router.added_domains:
-            return (f"router {self.router.version} learned {', '.join(self.router.added_domains)} "
-                    f"(from {self.router.previous}, {self.router.seconds:g} s): routable now")
+            return (
+                f"router {self.router.version} learned {', '.join(self.router.added_domains)} "
+                f"(from {self.router.previous}, {self.router.seconds:g} s): routable now"
+            )
         return f"router {self.router.version} already routes {self.record.domains[0]}: routable now"
 
     def router_json(self) -> dict[str, Any] | None:
@@ -101,8 +108,9 @@ class Activation:
         return self.router.as_json() if self.router is not None else None
 
 
-def activate(registry: Any, name: str, version: str | None = None, actor: str | Principal = "cli",
-             progress: bool = False) -> Activation:
+def activate(
+    registry: Any, name: str, version: str | None = None, actor: str | Principal = "cli", progress: bool = False
+) -> Activation:
     """Activate ``name`` (``version`` or the highest), then teach the router its domain if it
     does not know it yet, then publish the new router version. A failure of the router step
     leaves the expert active and is reported in :attr:`Activation.router_error`; a failure of
@@ -117,7 +125,9 @@ def activate(registry: Any, name: str, version: str | None = None, actor: str | 
     return Activation(record, registry.catalog_generation(), change, error)
 
 
-def teach_router(home: Any, registry: Any, actor: str | Principal = "cli", progress: bool = False) -> RouterChange | None:
+def teach_router(
+    home: Any, registry: Any, actor: str | Principal = "cli", progress: bool = False
+) -> RouterChange | None:
     """Add the router's head rows for active experts' domains it does not know, and publish
     (steps 2 and 3 of :func:`activate`); None when there is no router artifact yet."""
     from router_model.artifact import CURRENT_FILE, current_dir, read_metadata
@@ -135,13 +145,19 @@ def teach_router(home: Any, registry: Any, actor: str | Principal = "cli", progr
     if not result.added_domains:
         return RouterChange(version=result.version, previous=result.previous)
     generation = registry.publish(
-        ROUTER_UPDATE_ACTION, result.version,
+        ROUTER_UPDATE_ACTION,
+        result.version,
         {"previous": result.previous, "added_domains": result.added_domains, "example_queries": result.example_queries},
         as_principal(actor).actor,
     )
-    return RouterChange(version=result.version, previous=result.previous, added_domains=list(result.added_domains),
-                        example_queries=result.example_queries, seconds=round(time.perf_counter() - started, 1),
-                        catalog_generation=generation)
+    return RouterChange(
+        version=result.version,
+        previous=result.previous,
+        added_domains=list(result.added_domains),
+        example_queries=result.example_queries,
+        seconds=round(time.perf_counter() - started, 1),
+        catalog_generation=generation,
+    )
 
 
 def _unknown_domains(registry: Any, labels: list[str]) -> list[str]:

@@ -34,13 +34,17 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0)) if ray.is_initialized() else 0.0
 
 
-def deployment_options(name: str, deployment: DeploymentConfig, gpus_available: bool,
-                       home_root: str) -> dict[str, Any]:
+def deployment_options(name: str, deployment: DeploymentConfig, gpus_available: bool, home_root: str) -> dict[str, Any]:
     """Ray Serve options for one role from its config section."""
     actor: dict[str, Any] = {
         "num_cpus": deployment.num_cpus,
-        "runtime_env": {"env_vars": {**OFFLINE_ENV, "MOSE_HOME": home_root,
-                                     **({"MOSE_CACHE": os.environ["MOSE_CACHE"]} if "MOSE_CACHE" in os.environ else {})}},
+        "runtime_env": {
+            "env_vars": {
+                **OFFLINE_ENV,
+                "MOSE_HOME": home_root,
+                **({"MOSE_CACHE": os.environ["MOSE_CACHE"]} if "MOSE_CACHE" in os.environ else {}),
+            }
+        },
     }
     if gpus_available and deployment.num_gpus > 0:
         actor["num_gpus"] = deployment.num_gpus
@@ -93,17 +97,35 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
     home_root = str(config.home or MoseHome.from_env().root)
     config = config.model_copy(update={"home": home_root})
 
-    router = serve.deployment(RouterDeployment).options(
-        **deployment_options("Router", config.router, gpus, home_root)).bind(home_root)
+    router = (
+        serve.deployment(RouterDeployment)
+        .options(**deployment_options("Router", config.router, gpus, home_root))
+        .bind(home_root)
+    )
     pool_options = deployment_options(f"ExpertPool-{SMOLLM2_ID}", config.expert_pool, gpus, home_root)
-    pool = serve.deployment(ExpertPoolDeployment).options(**pool_options).bind(
-        home_root, SMOLLM2_ID, config.pool.max_batch_size, config.pool.batch_wait_timeout_s,
-        config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
-    full = serve.deployment(full_expert_deployment(config.pool.max_full_experts_per_replica)).options(
-        **deployment_options("FullExperts", config.full_experts, gpus, home_root)).bind(
-        home_root, config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
-    checker = serve.deployment(CrossCheckDeployment).options(
-        **deployment_options("CrossCheck", config.crosscheck, gpus, home_root)).bind(home_root, router, pool)
+    pool = (
+        serve.deployment(ExpertPoolDeployment)
+        .options(**pool_options)
+        .bind(
+            home_root,
+            SMOLLM2_ID,
+            config.pool.max_batch_size,
+            config.pool.batch_wait_timeout_s,
+            config.limits.max_tokens,
+            config.pool.torch_threads,
+            config.pool.cpu_dtype,
+        )
+    )
+    full = (
+        serve.deployment(full_expert_deployment(config.pool.max_full_experts_per_replica))
+        .options(**deployment_options("FullExperts", config.full_experts, gpus, home_root))
+        .bind(home_root, config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
+    )
+    checker = (
+        serve.deployment(CrossCheckDeployment)
+        .options(**deployment_options("CrossCheck", config.crosscheck, gpus, home_root))
+        .bind(home_root, router, pool)
+    )
     ingress = serve.deployment(Ingress).options(**ingress_options(config, gpus, home_root))
     return ingress.bind(config, router, pool, full, checker)
 
@@ -130,8 +152,9 @@ def start(config: ServeConfig, blocking: bool = False) -> str:
                 object_store_memory=config.ray.object_store_memory_mb * 1024 * 1024,
                 log_to_driver=False,
             )
-    serve.start(http_options={"host": config.http.host, "port": config.http.port},
-                proxy_location=config.http.proxy_location)
+    serve.start(
+        http_options={"host": config.http.host, "port": config.http.port}, proxy_location=config.http.proxy_location
+    )
     serve.run(build_application(config), name=APP_NAME, route_prefix="/", blocking=blocking)
     if not blocking:
         for line in damage_report():

@@ -41,8 +41,9 @@ class Backend(ABC):
         """Record whether a checked answer was correct; returns the jurors' new weights."""
 
     @abstractmethod
-    async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
-                            temperature: float) -> dict[str, Any]:
+    async def upstream_chat(
+        self, name: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+    ) -> dict[str, Any]:
         """The named upstream model's chat completion (OpenAI JSON)."""
 
     @abstractmethod

@@ -133,8 +133,11 @@ class Catalogue:
 
     def page(self, name: str, version: str | None, routed: dict[str, int]) -> ExpertPage:
         """One version (default: the active one, else the highest); NotFoundError when unknown."""
-        record = (self.registry.get(name, version) if version is not None
-                  else self.registry.active(name) or self.registry.get(name))
+        record = (
+            self.registry.get(name, version)
+            if version is not None
+            else self.registry.active(name) or self.registry.get(name)
+        )
         versions = sorted(self.registry.list(name=name), key=lambda r: version_key(r.version), reverse=True)
         manifest = record.manifest.model_dump(mode="json", exclude_none=True)
         with self._lock:
@@ -196,8 +199,11 @@ def signature_info(record: ExpertRecord, registered: Any) -> SignatureInfo:
     signature = record.manifest.signature
     if isinstance(registered, dict):
         signer = registered.get("key") or registered.get("team") or (signature.team if signature else None)
-        return SignatureInfo(signer=str(signer) if signer else None, format=str(registered.get("format") or "unknown"),
-                             status=str(registered.get("status") or "unknown"))
+        return SignatureInfo(
+            signer=str(signer) if signer else None,
+            format=str(registered.get("format") or "unknown"),
+            status=str(registered.get("status") or "unknown"),
+        )
     status = str(registered or ("unsigned" if signature is None else "unknown"))
     if signature is None:
         return SignatureInfo(signer=None, format=None, status=status)
@@ -208,8 +214,13 @@ def live_panel(metrics: IngressMetrics) -> LivePanel:
     """Recent routing decisions and the flag rate, from this replica's metrics."""
     recent = list(reversed(metrics.recent))
     flagged, crosschecks = metrics.crosscheck_counts()
-    return LivePanel(recent=recent, routed=sum(metrics.routed_counts().values()),
-                     abstained_recent=sum(d.abstained for d in recent), flagged=flagged, crosschecks=crosschecks)
+    return LivePanel(
+        recent=recent,
+        routed=sum(metrics.routed_counts().values()),
+        abstained_recent=sum(d.abstained for d in recent),
+        flagged=flagged,
+        crosschecks=crosschecks,
+    )
 
 
 def utc_time(seconds: float) -> str:

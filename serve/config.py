@@ -60,14 +60,18 @@ class AuthConfig(_Section):
             raise ValueError(
                 "admin_enabled is true but no admin token is configured: set MOSE_ADMIN_TOKEN "
                 "(or auth.admin_token), or for a sandbox on this machine only set auth.insecure_local: true "
-                "(MOSE_SERVE__AUTH__INSECURE_LOCAL=true) to open the admin endpoints without a token")
+                "(MOSE_SERVE__AUTH__INSECURE_LOCAL=true) to open the admin endpoints without a token"
+            )
         return self
 
     @property
     def admin_mode(self) -> Literal["token", "insecure", "off"]:
         """How the admin endpoints are guarded: by the token, by nothing (insecure_local), or absent."""
-        enabled = self.admin_enabled if self.admin_enabled is not None else (
-            self.admin_token is not None or self.insecure_local)
+        enabled = (
+            self.admin_enabled
+            if self.admin_enabled is not None
+            else (self.admin_token is not None or self.insecure_local)
+        )
         if not enabled:
             return "off"
         return "token" if self.admin_token is not None else "insecure"
@@ -95,9 +99,7 @@ class LimitsConfig(_Section):
     @model_validator(mode="after")
     def _default_within_max(self) -> LimitsConfig:
         if self.default_max_tokens > self.max_tokens:
-            raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})"
-            )
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds max_tokens ({self.max_tokens})")
         return self
 
 
@@ -220,11 +222,13 @@ class ServeConfig(BaseSettings):
     """The router deployment (ONNX Runtime)."""
 
     expert_pool: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=1.0, num_gpus=0.5, max_ongoing_requests=64))
+        default_factory=lambda: DeploymentConfig(num_cpus=1.0, num_gpus=0.5, max_ongoing_requests=64)
+    )
     """One deployment per base model hosting its LoRA experts."""
 
     full_experts: DeploymentConfig = Field(
-        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0.25, max_ongoing_requests=32))
+        default_factory=lambda: DeploymentConfig(num_cpus=0.25, num_gpus=0.25, max_ongoing_requests=32)
+    )
     """Full-weight experts, loaded on demand per replica (Ray Serve model multiplexing)."""
 
     crosscheck: DeploymentConfig = Field(default_factory=DeploymentConfig)
@@ -252,7 +256,8 @@ class ServeConfig(BaseSettings):
         if self.auth.admin_mode == "insecure" and self.http.host not in LOOPBACK_HOSTS:
             raise ValueError(
                 f"auth.insecure_local opens the admin endpoints without a token, so http.host must be a "
-                f"loopback address ({', '.join(LOOPBACK_HOSTS)}), not {self.http.host!r}; set MOSE_ADMIN_TOKEN instead")
+                f"loopback address ({', '.join(LOOPBACK_HOSTS)}), not {self.http.host!r}; set MOSE_ADMIN_TOKEN instead"
+            )
         return self
 
     @classmethod
@@ -285,9 +290,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Serv
 
 def _environment_layer() -> dict[str, Any]:
     """``MOSE_SERVE__*`` variables as a nested dict, plus the short secret names."""
-    layer: dict[str, Any] = EnvSettingsSource(
-        ServeConfig, env_prefix="MOSE_SERVE__", env_nested_delimiter="__"
-    )()
+    layer: dict[str, Any] = EnvSettingsSource(ServeConfig, env_prefix="MOSE_SERVE__", env_nested_delimiter="__")()
     token = os.environ.get("MOSE_ADMIN_TOKEN")
     if token is not None:
         layer = _deep_merge(layer, {"auth": {"admin_token": token}})
@@ -329,4 +332,3 @@ def _describe(exc: Exception) -> str:
         message = str(err.get("msg")).removeprefix("Value error, ")
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
-

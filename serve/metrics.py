@@ -41,33 +41,52 @@ class IngressMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "mose_requests", "HTTP requests by endpoint, expert and status code.",
-            ["endpoint", "expert", "status"], registry=self.registry,
+            "mose_requests",
+            "HTTP requests by endpoint, expert and status code.",
+            ["endpoint", "expert", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
-            "mose_request_latency_seconds", "Request latency by endpoint and expert.",
-            ["endpoint", "expert"], buckets=LATENCY_BUCKETS, registry=self.registry,
+            "mose_request_latency_seconds",
+            "Request latency by endpoint and expert.",
+            ["endpoint", "expert"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.route_confidence = Histogram(
-            "mose_route_confidence", "Calibrated confidence of routing decisions.",
-            buckets=CONFIDENCE_BUCKETS, registry=self.registry,
+            "mose_route_confidence",
+            "Calibrated confidence of routing decisions.",
+            buckets=CONFIDENCE_BUCKETS,
+            registry=self.registry,
         )
         self.abstentions = Counter(
-            "mose_route_abstentions", "Queries the router sent to the fallback.", registry=self.registry,
+            "mose_route_abstentions",
+            "Queries the router sent to the fallback.",
+            registry=self.registry,
         )
         self.crosschecks = Counter(
-            "mose_crosschecks", "Cross-check verdicts by outcome.", ["flagged"], registry=self.registry,
+            "mose_crosschecks",
+            "Cross-check verdicts by outcome.",
+            ["flagged"],
+            registry=self.registry,
         )
         self.batch_size = Histogram(
-            "mose_expert_batch_size", "Requests answered together in one expert-pool forward pass.",
-            buckets=BATCH_BUCKETS, registry=self.registry,
+            "mose_expert_batch_size",
+            "Requests answered together in one expert-pool forward pass.",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
         )
         self.rejected = Counter(
-            "mose_rejected", "Requests refused before any work, by reason.", ["reason"], registry=self.registry,
+            "mose_rejected",
+            "Requests refused before any work, by reason.",
+            ["reason"],
+            registry=self.registry,
         )
         self.routed = Counter(
-            "mose_routed", "Routing decisions of this ingress (POST /v1/route and model 'auto'), by chosen expert.",
-            ["expert"], registry=self.registry,
+            "mose_routed",
+            "Routing decisions of this ingress (POST /v1/route and model 'auto'), by chosen expert.",
+            ["expert"],
+            registry=self.registry,
         )
         self.recent: deque[RoutedDecision] = deque(maxlen=RECENT_DECISIONS)
 
@@ -95,8 +114,12 @@ class IngressMetrics:
         return counts.get("true", 0), sum(counts.values())
 
     def _samples(self, name: str) -> list[tuple[dict[str, str], float]]:
-        return [(sample.labels, sample.value) for metric in self.registry.collect()
-                for sample in metric.samples if sample.name == name]
+        return [
+            (sample.labels, sample.value)
+            for metric in self.registry.collect()
+            for sample in metric.samples
+            if sample.name == name
+        ]
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -48,13 +48,17 @@ def _refuse_unsupported(data: Any) -> Any:
         return data
     for name, (unused, why) in _UNSUPPORTED.items():
         if name in data and not any(data[name] == value for value in unused):
-            raise PydanticCustomError("unsupported_field", "unsupported field {field}: {why}",
-                                      {"field": name, "why": why})
+            raise PydanticCustomError(
+                "unsupported_field", "unsupported field {field}: {why}", {"field": name, "why": why}
+            )
     fmt = data.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
         raise PydanticCustomError(
-            "unsupported_field", "unsupported field {field}: mose answers in plain text only (no JSON mode "
-            "or JSON schema); send type 'text' or leave it out", {"field": "response_format"})
+            "unsupported_field",
+            "unsupported field {field}: mose answers in plain text only (no JSON mode "
+            "or JSON schema); send type 'text' or leave it out",
+            {"field": "response_format"},
+        )
     return data
 
 
@@ -64,8 +68,10 @@ def _encodable(value: str) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise PydanticCustomError(
-            "unpaired_surrogate", "text holds an unpaired UTF-16 surrogate at position {pos}, which is not a character",
-            {"pos": exc.start}) from None
+            "unpaired_surrogate",
+            "text holds an unpaired UTF-16 surrogate at position {pos}, which is not a character",
+            {"pos": exc.start},
+        ) from None
     return value
 
 
@@ -134,8 +140,11 @@ class SamplingFields(_Request):
     @classmethod
     def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and len(value) > MAX_STOP_SEQUENCES:
-            raise PydanticCustomError("too_many_stops", "at most {limit} stop sequences (got {count})",
-                                      {"limit": MAX_STOP_SEQUENCES, "count": len(value)})
+            raise PydanticCustomError(
+                "too_many_stops",
+                "at most {limit} stop sequences (got {count})",
+                {"limit": MAX_STOP_SEQUENCES, "count": len(value)},
+            )
         for item in [value] if isinstance(value, str) else value or []:
             if not item:
                 raise PydanticCustomError("empty_stop", "stop sequences must not be empty")
@@ -167,8 +176,9 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
-            raise PydanticCustomError("top_logprobs_without_logprobs",
-                                      "top_logprobs needs logprobs: true", {"field": "top_logprobs"})
+            raise PydanticCustomError(
+                "top_logprobs_without_logprobs", "top_logprobs needs logprobs: true", {"field": "top_logprobs"}
+            )
         return self
 
     def logprob_alternatives(self) -> int | None:
@@ -209,8 +219,11 @@ class CompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def _best_of(self) -> CompletionRequest:
         if self.best_of not in (None, 1, self.n):
-            raise PydanticCustomError("unsupported_field", "unsupported field {field}: mose returns every choice; "
-                                      "send best_of equal to n or leave it out", {"field": "best_of"})
+            raise PydanticCustomError(
+                "unsupported_field",
+                "unsupported field {field}: mose returns every choice; send best_of equal to n or leave it out",
+                {"field": "best_of"},
+            )
         return self
 
     @field_validator("prompt")
@@ -229,8 +242,9 @@ class CompletionRequest(SamplingFields):
 
     def prompt_ids(self) -> list[int] | None:
         """The prompt's token ids, when it was sent as token ids."""
-        one = self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) \
-            else self.prompt
+        one = (
+            self.prompt[0] if isinstance(self.prompt, list) and isinstance(self.prompt[0], (str, list)) else self.prompt
+        )
         return list(one) if isinstance(one, list) else None
 
     def prompt_text(self) -> str:

@@ -33,7 +33,7 @@ REFRESH_S = 30
 """The catalogue page reloads itself this often (a meta refresh: no script)."""
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
-                               "form-action 'none'; frame-ancestors 'none'",
+    "form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -49,8 +49,9 @@ def mount_catalogue(api: FastAPI, backend: Backend, metrics: IngressMetrics) -> 
 
 def templates() -> Jinja2Templates:
     """The page templates, autoescaped, with the filters they use."""
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True,
-                             undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES_DIR), autoescape=True, undefined=jinja2.StrictUndefined
+    )
     env.filters.update(pct=percent, utc=utc_time, size=human_size)
     return Jinja2Templates(env=env)
 
@@ -88,8 +89,9 @@ class _Pages:
         return Response(css, media_type="text/css", headers=SECURITY_HEADERS)
 
     def _render(self, request: Request, template: str, status: int = 200, **context: Any) -> Response:
-        return self.templates.TemplateResponse(request, template, {"prefix": UI_PREFIX, **context},
-                                               status_code=status, headers=SECURITY_HEADERS)
+        return self.templates.TemplateResponse(
+            request, template, {"prefix": UI_PREFIX, **context}, status_code=status, headers=SECURITY_HEADERS
+        )
 
 
 def percent(value: float | None, digits: int = 0) -> str:

@@ -25,12 +25,14 @@ class UpstreamClient:
         if name not in self._clients:
             config = self.upstreams[name]
             headers = {"Authorization": f"Bearer {config.api_key.get_secret_value()}"} if config.api_key else {}
-            self._clients[name] = httpx.AsyncClient(base_url=config.base_url.rstrip("/") + "/",
-                                                    headers=headers, timeout=config.timeout_s)
+            self._clients[name] = httpx.AsyncClient(
+                base_url=config.base_url.rstrip("/") + "/", headers=headers, timeout=config.timeout_s
+            )
         return self._clients[name]
 
-    async def chat(self, name: str, model: str, messages: list[dict[str, str]], max_tokens: int,
-                   temperature: float) -> dict[str, Any]:
+    async def chat(
+        self, name: str, model: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+    ) -> dict[str, Any]:
         """The upstream's chat completion (non-streaming) as JSON."""
         body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         try:

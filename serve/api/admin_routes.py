@@ -55,14 +55,21 @@ class QuarantineRequest(BaseModel):
 def authorize_admin(auth: AuthConfig, authorization: str | None) -> str:
     """Constant-time check of the operator's bearer token; returns the operator's name for the audit log."""
     if auth.admin_mode == "off":
-        raise ApiError(403, "admin endpoints are disabled on this server (start it with MOSE_ADMIN_TOKEN set)",
-                       kind="permission_error")
+        raise ApiError(
+            403,
+            "admin endpoints are disabled on this server (start it with MOSE_ADMIN_TOKEN set)",
+            kind="permission_error",
+        )
     if auth.admin_mode == "insecure":
         return "insecure-local-admin"
     if not authorization or not authorization.startswith("Bearer "):
-        raise ApiError(401, "admin endpoints need 'Authorization: Bearer <token>'", kind="authentication_error",
-                       headers={"WWW-Authenticate": "Bearer"})
-    given = authorization[len("Bearer "):].encode()
+        raise ApiError(
+            401,
+            "admin endpoints need 'Authorization: Bearer <token>'",
+            kind="authentication_error",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    given = authorization[len("Bearer ") :].encode()
     if not hmac.compare_digest(given, auth.admin_token.get_secret_value().encode()):
         raise ApiError(403, "the admin token is not valid", kind="permission_error")
     return OPERATOR
@@ -75,7 +82,7 @@ async def authenticate(auth: AuthConfig, authorization: str | None, backend: Bac
     try:
         return Principal.operator(authorize_admin(auth, authorization))
     except ApiError as refused:
-        token = authorization[len("Bearer "):] if refused.status == 403 and authorization else ""
+        token = authorization[len("Bearer ") :] if refused.status == 403 and authorization else ""
         if auth.admin_mode == "off" or not looks_like_team_token(token):
             raise
     try:
@@ -93,12 +100,15 @@ def admin_router(config: ServeConfig, backend: Backend) -> APIRouter:
     router = APIRouter()
     admin = errors(400, 401, 403, 404, 409, 413, 429)
     router.post(ADMIN_PREFIX, response_model=ExpertRecordOut, responses=admin)(handlers.register_expert)
-    router.post(f"{ADMIN_PREFIX}/{{name}}/activate", response_model=ExpertRecordOut,
-                responses=admin)(handlers.activate_expert)
-    router.post(f"{ADMIN_PREFIX}/{{name}}/retire", response_model=ExpertRecordOut,
-                responses=admin)(handlers.retire_expert)
-    router.post(f"{ADMIN_PREFIX}/{{name}}/quarantine", response_model=ExpertRecordOut,
-                responses=admin)(handlers.quarantine_expert)
+    router.post(f"{ADMIN_PREFIX}/{{name}}/activate", response_model=ExpertRecordOut, responses=admin)(
+        handlers.activate_expert
+    )
+    router.post(f"{ADMIN_PREFIX}/{{name}}/retire", response_model=ExpertRecordOut, responses=admin)(
+        handlers.retire_expert
+    )
+    router.post(f"{ADMIN_PREFIX}/{{name}}/quarantine", response_model=ExpertRecordOut, responses=admin)(
+        handlers.quarantine_expert
+    )
     return router
 
 
@@ -116,20 +126,29 @@ class _AdminHandlers:
             return principal
         return await authenticate(self.config.auth, authorization, self.backend)
 
-    async def register_expert(self, body: RegisterExpertRequest, request: Request,
-                              authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    async def register_expert(
+        self, body: RegisterExpertRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
         actor = await self._principal(request, authorization)
         if actor.team is not None:  # refused before any file is decoded or written (the registry checks again)
             owner = body.manifest.get("owner")
             if owner != actor.team:
                 shown = repr(owner) if isinstance(owner, str) else "none"
-                raise ApiError(403, f"team {actor.team!r} may only register experts it owns, and this manifest "
-                               f"names owner {shown}; set `owner: {actor.team}` in the manifest",
-                               kind="permission_error")
+                raise ApiError(
+                    403,
+                    f"team {actor.team!r} may only register experts it owns, and this manifest "
+                    f"names owner {shown}; set `owner: {actor.team}` in the manifest",
+                    kind="permission_error",
+                )
             if body.activate:
-                raise ApiError(403, f"activating an expert is for the registry operator; register it without "
-                               f"'activate' (team {actor.team!r} may register, update and retire the experts "
-                               "it owns)", kind="permission_error", param="activate")
+                raise ApiError(
+                    403,
+                    f"activating an expert is for the registry operator; register it without "
+                    f"'activate' (team {actor.team!r} may register, update and retire the experts "
+                    "it owns)",
+                    kind="permission_error",
+                    param="activate",
+                )
         files: dict[str, bytes] = {}
         for path, encoded in body.files.items():
             try:
@@ -141,15 +160,19 @@ class _AdminHandlers:
             record = await self.backend.set_status(record["name"], "activate", actor)
         return record
 
-    async def activate_expert(self, name: str, request: Request,
-                              authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    async def activate_expert(
+        self, name: str, request: Request, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
         return await self.backend.set_status(name, "activate", await self._principal(request, authorization))
 
-    async def retire_expert(self, name: str, request: Request,
-                            authorization: str | None = Header(default=None)) -> dict[str, Any]:
+    async def retire_expert(
+        self, name: str, request: Request, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
         return await self.backend.set_status(name, "retire", await self._principal(request, authorization))
 
-    async def quarantine_expert(self, name: str, body: QuarantineRequest, request: Request,
-                                authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        return await self.backend.set_status(name, "quarantine", await self._principal(request, authorization),
-                                             body.reason)
+    async def quarantine_expert(
+        self, name: str, body: QuarantineRequest, request: Request, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        return await self.backend.set_status(
+            name, "quarantine", await self._principal(request, authorization), body.reason
+        )

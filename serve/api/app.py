@@ -25,8 +25,9 @@ def build_api(config: ServeConfig, backend: Backend, metrics: IngressMetrics | N
         description="Mixture of small experts: OpenAI-compatible completions routed to vertical experts.",
     )
     api.add_middleware(AdmissionMiddleware, limit=config.limits.max_queued_requests, metrics=metrics)
-    api.add_middleware(BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes,
-                       max_upload_bytes=config.limits.max_upload_bytes)
+    api.add_middleware(
+        BodyLimitMiddleware, max_bytes=config.limits.max_body_bytes, max_upload_bytes=config.limits.max_upload_bytes
+    )
     api.add_middleware(AdminGateMiddleware, auth=config.auth, backend=backend)  # added last: runs first
     install_error_handlers(api)
     api.include_router(mose_router(config, backend, metrics))

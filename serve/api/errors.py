@@ -35,7 +35,7 @@ ERROR_DESCRIPTIONS = {
     400: "The request is malformed or over a limit; the message names the field.",
     401: "Admin endpoint called without 'Authorization: Bearer <token>'.",
     403: "Wrong, rotated or revoked token; a team token used on another team's expert or for an operator-only "
-         "action; or admin endpoints are disabled on this server.",
+    "action; or admin endpoints are disabled on this server.",
     404: "Unknown model, expert, verdict or endpoint.",
     409: "Conflicts with the registry's or the verdict's current state.",
     413: "Request body over the server's limit.",
@@ -48,14 +48,25 @@ ERROR_DESCRIPTIONS = {
 class ApiError(Exception):
     """An error with its HTTP status, raised inside handlers and rendered as OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.headers = status, message, kind, param, headers
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param, code=str(status)))
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
@@ -81,7 +92,8 @@ def mose_error_status(exc: BaseException) -> int:
 def _error_kind(status: int) -> str:
     """The OpenAI-style ``error.type`` of a status."""
     return {403: "permission_error", 502: "upstream_error", 503: "unavailable_error"}.get(
-        status, "server_error" if status >= 500 else "invalid_request_error")
+        status, "server_error" if status >= 500 else "invalid_request_error"
+    )
 
 
 def find_mose_error(exc: BaseException) -> MoseError | None:
@@ -192,8 +204,12 @@ def install_error_handlers(api: FastAPI) -> None:
                 logger.error("server fault: %s", known)
             return error_response(status, str(known), kind=_error_kind(status))
         if _is_backpressure(exc):
-            return error_response(503, "the expert pool is overloaded; retry shortly", kind="overloaded_error",
-                                  headers={"Retry-After": "1"})
+            return error_response(
+                503,
+                "the expert pool is overloaded; retry shortly",
+                kind="overloaded_error",
+                headers={"Retry-After": "1"},
+            )
         logger.exception("unhandled error")
         return error_response(500, "internal error; the server log has details", kind="server_error")
 

@@ -26,7 +26,8 @@ class AdminGateMiddleware:
             header = dict(scope.get("headers") or []).get(b"authorization")
             try:
                 scope[PRINCIPAL_SCOPE_KEY] = await authenticate(
-                    self.auth, header.decode("latin-1") if header is not None else None, self.backend)
+                    self.auth, header.decode("latin-1") if header is not None else None, self.backend
+                )
             except ApiError as exc:
                 response = error_response(exc.status, exc.message, exc.kind, exc.param, exc.headers)
                 return await response(scope, receive, send)
@@ -86,8 +87,10 @@ class AdmissionMiddleware:
         if self.in_flight >= self.limit:
             self.metrics.rejected.labels("queue_full").inc()
             response = error_response(
-                429, f"server is at capacity ({self.limit} requests in flight); retry shortly",
-                kind="rate_limit_error", headers={"Retry-After": "1"},
+                429,
+                f"server is at capacity ({self.limit} requests in flight); retry shortly",
+                kind="rate_limit_error",
+                headers={"Retry-After": "1"},
             )
             return await response(scope, receive, send)
         self.in_flight += 1

@@ -25,14 +25,18 @@ def mose_router(config: ServeConfig, backend: Backend, metrics: IngressMetrics) 
     handlers = _MoseHandlers(config, backend, metrics)
     router = APIRouter()
     router.get("/healthz", response_model=Health)(handlers.healthz)
-    router.get("/metrics", response_class=Response,
-               responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                                "description": "Prometheus metrics"}})(handlers.metrics_text)
+    router.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus metrics"}
+        },
+    )(handlers.metrics_text)
     router.post("/v1/route", response_model=RouteDecision, responses=errors(400, 413, 429, 503))(handlers.route)
-    router.post("/v1/crosscheck", response_model=Verdict,
-                responses=errors(400, 413, 429, 503))(handlers.crosscheck)
-    router.post("/v1/feedback", response_model=FeedbackResponse,
-                responses=errors(400, 404, 409, 413, 429))(handlers.feedback)
+    router.post("/v1/crosscheck", response_model=Verdict, responses=errors(400, 413, 429, 503))(handlers.crosscheck)
+    router.post("/v1/feedback", response_model=FeedbackResponse, responses=errors(400, 404, 409, 413, 429))(
+        handlers.feedback
+    )
     return router
 
 
@@ -68,4 +72,3 @@ class _MoseHandlers:
     async def feedback(self, body: FeedbackRequest) -> dict[str, Any]:
         weights = await self.backend.feedback(body.verdict_id, body.correct)
         return {"verdict_id": body.verdict_id, "correct": body.correct, "weights": weights}
-

@@ -72,9 +72,13 @@ async def _single(source: AsyncIterator[Any]) -> AsyncIterator[tuple[int, Any]]:
             await close()
 
 
-async def _sse(endpoint: str, info: MoseInfo,
-               pieces: AsyncIterator[str | GenerationResult] | Sequence[AsyncIterator[str | GenerationResult]],
-               observe: Callable[[int], None], include_usage: bool = False) -> AsyncIterator[bytes]:
+async def _sse(
+    endpoint: str,
+    info: MoseInfo,
+    pieces: AsyncIterator[str | GenerationResult] | Sequence[AsyncIterator[str | GenerationResult]],
+    observe: Callable[[int], None],
+    include_usage: bool = False,
+) -> AsyncIterator[bytes]:
     """OpenAI server-sent events: per choice a role chunk, one chunk per text piece and a finish
     chunk with the completion's own finish reason (from the :class:`GenerationResult` that ends its
     stream); with ``include_usage``, a last chunk with no choices and the request's usage; [DONE].
@@ -95,12 +99,24 @@ async def _sse(endpoint: str, info: MoseInfo,
     def chunk(index: int, delta: dict[str, Any] | str, finish: str | None) -> bytes:
         if chat:
             choice = {"index": index, "delta": delta, "finish_reason": finish}
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": info.expert,
-                    "choices": [choice], "mose": info.model_dump(mode="json")}
+            body = {
+                "id": ident,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": info.expert,
+                "choices": [choice],
+                "mose": info.model_dump(mode="json"),
+            }
         else:
             choice = {"index": index, "text": delta, "finish_reason": finish, "logprobs": None}
-            body = {"id": ident, "object": "text_completion", "created": created, "model": info.expert,
-                    "choices": [choice], "mose": info.model_dump(mode="json")}
+            body = {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": info.expert,
+                "choices": [choice],
+                "mose": info.model_dump(mode="json"),
+            }
         if include_usage:
             body["usage"] = None
         return event(body)
@@ -131,9 +147,17 @@ async def _sse(endpoint: str, info: MoseInfo,
                 yield chunk(index, {} if chat else "", "stop")
         if include_usage:
             usage = usage_of([results[i] for i in sorted(results)]).model_dump()
-            yield event({"id": ident, "object": "chat.completion.chunk" if chat else "text_completion",
-                         "created": created, "model": info.expert, "choices": [], "usage": usage,
-                         "mose": info.model_dump(mode="json")})
+            yield event(
+                {
+                    "id": ident,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": created,
+                    "model": info.expert,
+                    "choices": [],
+                    "usage": usage,
+                    "mose": info.model_dump(mode="json"),
+                }
+            )
         yield b"data: [DONE]\n\n"
     finally:
         observe(status)

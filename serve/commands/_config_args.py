@@ -163,8 +163,9 @@ def add_config_arguments(
         elif "action" not in kwargs and "choices" not in kwargs:
             kwargs["metavar"] = path.rsplit(".", 1)[-1].upper()
         text = description(info).replace("%", "%%")
-        parser.add_argument(*option_strings, dest=dest, default=None,
-                            help=f"{text} (default: {format_default(default)})", **kwargs)
+        parser.add_argument(
+            *option_strings, dest=dest, default=None, help=f"{text} (default: {format_default(default)})", **kwargs
+        )
         registered.append((path, dest))
     current = dict(parser.get_default(_REGISTERED) or {})
     current[config_cls.__name__] = current.get(config_cls.__name__, []) + registered
@@ -248,8 +249,10 @@ def render_table(config_cls: type[BaseModel]) -> str:
         return text.replace("|", "\\|")
 
     lines = ["| field | type | default | description |", "|---|---|---|---|"]
-    lines += [f"| `{name}` | {cell(kind)} | {f'`{cell(value)}`' if value else ''} | {cell(text)} |"
-              for name, kind, value, text in table_rows(config_cls)]
+    lines += [
+        f"| `{name}` | {cell(kind)} | {f'`{cell(value)}`' if value else ''} | {cell(text)} |"
+        for name, kind, value, text in table_rows(config_cls)
+    ]
     return "\n".join(lines)
 
 

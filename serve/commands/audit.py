@@ -18,7 +18,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
     verify = sub.add_parser(
-        "verify", help="recompute the hash chain",
+        "verify",
+        help="recompute the hash chain",
         description="Recompute every entry's hash; exit 1 and name the first altered entry if the chain is broken.",
     )
     add_common_flags(verify)

@@ -18,28 +18,49 @@ from serve.commands._common import add_common_flags, emit, home_of
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("demo", help="build the demo experts", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "demo", help="build the demo experts", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     demo_sub = parser.add_subparsers(dest="demo_command", metavar="SUBCOMMAND")
-    build = demo_sub.add_parser("build", help="fine-tune and register one expert per vertical (cached)",
-                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    build = demo_sub.add_parser(
+        "build",
+        help="fine-tune and register one expert per vertical (cached)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_flags(build)
-    build.add_argument("--data", default=None, help="folder holding sft/<vertical>.jsonl "
-                                                    "(default $MOSE_SHARED_DATA or <repo>/../shared/data)")
-    build.add_argument("--profile", choices=["start", "full"], default="start",
-                       help="training budget: 'start' (12k tokens per expert, what `mose up` builds) or "
-                            "'full' (64k tokens, 2 epochs) (default start)")
-    build.add_argument("--train-tokens", type=int, default=None,
-                       help="training tokens per expert (default: the profile's)")
+    build.add_argument(
+        "--data",
+        default=None,
+        help="folder holding sft/<vertical>.jsonl (default $MOSE_SHARED_DATA or <repo>/../shared/data)",
+    )
+    build.add_argument(
+        "--profile",
+        choices=["start", "full"],
+        default="start",
+        help="training budget: 'start' (12k tokens per expert, what `mose up` builds) or "
+        "'full' (64k tokens, 2 epochs) (default start)",
+    )
+    build.add_argument(
+        "--train-tokens", type=int, default=None, help="training tokens per expert (default: the profile's)"
+    )
     build.add_argument("--verticals", default=None, help="comma-separated subset of verticals (default: all nine)")
     build.set_defaults(func=run_build)
-    docs = demo_sub.add_parser("docs", help="write docs/experts.md from the last build's report",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    docs = demo_sub.add_parser(
+        "docs",
+        help="write docs/experts.md from the last build's report",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_common_flags(docs)
     docs.add_argument("--data", default=None, help="folder holding the data README (attribution)")
     docs.add_argument("--out", default=None, help="page to write (default <repo>/docs/experts.md)")
-    docs.add_argument("--append", metavar="FILE", default=None,
-                      help="markdown to add before the data section (e.g. the table of benchmarks/mixture.py)")
+    docs.add_argument(
+        "--append",
+        metavar="FILE",
+        default=None,
+        help="markdown to add before the data section (e.g. the table of benchmarks/mixture.py)",
+    )
     docs.set_defaults(func=run_docs)
     parser.set_defaults(func=lambda args: parser.print_help() or 0)
 

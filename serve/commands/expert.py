@@ -25,18 +25,30 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = parser.add_subparsers(dest="expert_command", metavar="SUBCOMMAND")
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
-    add = _sub(sub, "add", _add, "register an expert from its manifest (status: pending)",
-               "Validate MANIFEST (YAML or JSON), check every listed file's sha256 and safety (safetensors "
-               "and small JSON/tokenizer files only; no pickles, no remote code), verify the team signature "
-               "(the manifest's ed25519 signature, and an OMS bundle: --bundle, or model.sig in the files "
-               "folder when present) when the registry requires one, copy the files into the content-addressed "
-               "store and record the expert as pending. Registering the same name@version with the same files "
-               "again is a no-op.")
-    add.add_argument("manifest", type=Path,
-                     help="path to manifest.yaml / manifest.json, or the expert folder holding it")
-    add.add_argument("--files", type=Path, default=None, help="folder holding the files (default: the manifest's folder)")
-    add.add_argument("--bundle", type=Path, default=None,
-                     help="OMS bundle of the files folder (default: model.sig in that folder, when present)")
+    add = _sub(
+        sub,
+        "add",
+        _add,
+        "register an expert from its manifest (status: pending)",
+        "Validate MANIFEST (YAML or JSON), check every listed file's sha256 and safety (safetensors "
+        "and small JSON/tokenizer files only; no pickles, no remote code), verify the team signature "
+        "(the manifest's ed25519 signature, and an OMS bundle: --bundle, or model.sig in the files "
+        "folder when present) when the registry requires one, copy the files into the content-addressed "
+        "store and record the expert as pending. Registering the same name@version with the same files "
+        "again is a no-op.",
+    )
+    add.add_argument(
+        "manifest", type=Path, help="path to manifest.yaml / manifest.json, or the expert folder holding it"
+    )
+    add.add_argument(
+        "--files", type=Path, default=None, help="folder holding the files (default: the manifest's folder)"
+    )
+    add.add_argument(
+        "--bundle",
+        type=Path,
+        default=None,
+        help="OMS bundle of the files folder (default: model.sig in that folder, when present)",
+    )
     add.add_argument("--actor", default="cli", help="who is registering (recorded in the audit log)")
 
     lst = _sub(sub, "list", _list, "list registered experts", "List every registered name@version.")
@@ -47,54 +59,103 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     show.add_argument("ref", metavar="NAME[@VERSION]", help="expert (default version: the highest)")
 
     for verb, func, text in (
-        ("activate", _activate, "make a version active (default: the highest); the previously active version is "
-         "retired, and the router learns the expert's domain if it did not know it (routable at once, also by a "
-         "running server)"),
+        (
+            "activate",
+            _activate,
+            "make a version active (default: the highest); the previously active version is "
+            "retired, and the router learns the expert's domain if it did not know it (routable at once, also by a "
+            "running server)",
+        ),
         ("retire", _retire, "retire a version (default: the active one)"),
     ):
         cmd = _sub(sub, verb, func, text.split(";")[0], text[0].upper() + text[1:] + ".")
         cmd.add_argument("ref", metavar="NAME[@VERSION]")
         cmd.add_argument("--actor", default="cli", help="who makes the change (audit log)")
 
-    quarantine = _sub(sub, "quarantine", _quarantine, "take a version out of service pending review",
-                      "Quarantine an expert version (default: the active one).")
+    quarantine = _sub(
+        sub,
+        "quarantine",
+        _quarantine,
+        "take a version out of service pending review",
+        "Quarantine an expert version (default: the active one).",
+    )
     quarantine.add_argument("ref", metavar="NAME[@VERSION]")
     quarantine.add_argument("--reason", required=True, help="why (recorded in the audit log)")
     quarantine.add_argument("--actor", default="cli", help="who makes the change (audit log)")
 
-    remove = _sub(sub, "remove", _remove, "delete a non-active version's record",
-                  "Remove a pending, retired or quarantined NAME@VERSION (audited).")
+    remove = _sub(
+        sub,
+        "remove",
+        _remove,
+        "delete a non-active version's record",
+        "Remove a pending, retired or quarantined NAME@VERSION (audited).",
+    )
     remove.add_argument("ref", metavar="NAME@VERSION")
     remove.add_argument("--actor", default="cli", help="who makes the change (audit log)")
 
-    verify = _sub(sub, "verify", _verify, "re-hash an expert's stored files",
-                  "Re-hash the stored blobs of NAME[@VERSION]; exit 1 if any is missing or corrupted.")
+    verify = _sub(
+        sub,
+        "verify",
+        _verify,
+        "re-hash an expert's stored files",
+        "Re-hash the stored blobs of NAME[@VERSION]; exit 1 if any is missing or corrupted.",
+    )
     verify.add_argument("ref", metavar="NAME[@VERSION]")
 
-    sign = _sub(sub, "sign", _sign, "sign a manifest (ed25519) or an expert folder (OMS bundle) with a team key",
-                "--format ed25519 (default): add an ed25519 signature (over the manifest, file digests "
-                "included) to MANIFEST, in place unless --output is given; make the key with `mose keys "
-                "generate TEAM`. --format oms: write an OpenSSF Model Signing bundle (ECDSA P-256, offline) "
-                "over every file of the expert folder, MANIFEST included, to FOLDER/model.sig or --bundle; make "
-                "the key with `mose keys generate TEAM --type p256`. With both, sign ed25519 first: it rewrites "
-                "the manifest, which the bundle covers.")
+    sign = _sub(
+        sub,
+        "sign",
+        _sign,
+        "sign a manifest (ed25519) or an expert folder (OMS bundle) with a team key",
+        "--format ed25519 (default): add an ed25519 signature (over the manifest, file digests "
+        "included) to MANIFEST, in place unless --output is given; make the key with `mose keys "
+        "generate TEAM`. --format oms: write an OpenSSF Model Signing bundle (ECDSA P-256, offline) "
+        "over every file of the expert folder, MANIFEST included, to FOLDER/model.sig or --bundle; make "
+        "the key with `mose keys generate TEAM --type p256`. With both, sign ed25519 first: it rewrites "
+        "the manifest, which the bundle covers.",
+    )
     sign.add_argument("manifest", type=Path)
-    sign.add_argument("--key", type=Path, required=True,
-                      help="the team's private key file (TEAM.key, or TEAM.p256.key for --format oms)")
-    sign.add_argument("--format", dest="sig_format", choices=("ed25519", "oms"), default="ed25519",
-                      help="ed25519 signature in the manifest (default), or an OMS bundle of the folder")
+    sign.add_argument(
+        "--key",
+        type=Path,
+        required=True,
+        help="the team's private key file (TEAM.key, or TEAM.p256.key for --format oms)",
+    )
+    sign.add_argument(
+        "--format",
+        dest="sig_format",
+        choices=("ed25519", "oms"),
+        default="ed25519",
+        help="ed25519 signature in the manifest (default), or an OMS bundle of the folder",
+    )
     sign.add_argument("--team", default=None, help="team name (default: the key file's name; ed25519 only)")
     sign.add_argument("--output", type=Path, default=None, help="write the signed manifest here (ed25519 only)")
-    sign.add_argument("--files", type=Path, default=None,
-                      help="the expert folder to sign (oms only; default: the manifest's folder, which must hold it)")
-    sign.add_argument("--bundle", type=Path, default=None, help="where to write the bundle (oms only; default: "
-                      "FOLDER/model.sig)")
+    sign.add_argument(
+        "--files",
+        type=Path,
+        default=None,
+        help="the expert folder to sign (oms only; default: the manifest's folder, which must hold it)",
+    )
+    sign.add_argument(
+        "--bundle", type=Path, default=None, help="where to write the bundle (oms only; default: FOLDER/model.sig)"
+    )
 
-    schema = _sub(sub, "schema", _schema, "print the manifest JSON Schema",
-                  "Print the JSON Schema of expert manifests (for editors and CI of expert teams).", json_flag=False)
+    schema = _sub(
+        sub,
+        "schema",
+        _schema,
+        "print the manifest JSON Schema",
+        "Print the JSON Schema of expert manifests (for editors and CI of expert teams).",
+        json_flag=False,
+    )
 
-    domains = _sub(sub, "domains", _domains, "list (or add) taxonomy domains",
-                   "Show the domain taxonomy: verticals and their sub-domains. With --add, add a domain.")
+    domains = _sub(
+        sub,
+        "domains",
+        _domains,
+        "list (or add) taxonomy domains",
+        "Show the domain taxonomy: verticals and their sub-domains. With --add, add a domain.",
+    )
     domains.add_argument("--add", metavar="NAME", help="add this domain")
     domains.add_argument("--parent", help="parent of the added domain (default: a new vertical)")
     domains.add_argument("--actor", default="cli", help="who makes the change (audit log)")
@@ -124,9 +185,15 @@ def _ref(text: str) -> tuple[str, str | None]:
 
 def _summary(record) -> dict:
     return {
-        "name": record.name, "version": record.version, "status": record.status, "kind": record.kind,
-        "base_model": record.base_model, "domains": record.domains, "owner": record.manifest.owner,
-        "created_at": record.created_at.isoformat(), "updated_at": record.updated_at.isoformat(),
+        "name": record.name,
+        "version": record.version,
+        "status": record.status,
+        "kind": record.kind,
+        "base_model": record.base_model,
+        "domains": record.domains,
+        "owner": record.manifest.owner,
+        "created_at": record.created_at.isoformat(),
+        "updated_at": record.updated_at.isoformat(),
     }
 
 
@@ -199,8 +266,14 @@ def _show(args: argparse.Namespace) -> int:
         f"quantization: {record.manifest.quantization}   memory: {record.manifest.resources.memory_mb} MiB",
         "  domains: " + "; ".join(" -> ".join(chain) for chain in chains.values()),
         f"  signed by: {record.manifest.signature.team if record.manifest.signature else '(unsigned)'}",
-        *([f"  OMS bundle: {oms['status']}" + (f" with the key of {oms['key']} ({oms['fingerprint']})"
-                                              if oms.get("fingerprint") else "")] if oms else []),
+        *(
+            [
+                f"  OMS bundle: {oms['status']}"
+                + (f" with the key of {oms['key']} ({oms['fingerprint']})" if oms.get("fingerprint") else "")
+            ]
+            if oms
+            else []
+        ),
         f"  registered {record.created_at:%Y-%m-%d %H:%M:%S} UTC, updated {record.updated_at:%Y-%m-%d %H:%M:%S} UTC",
         "  files:",
         *(f"    {rel}  sha256:{record.manifest.files[rel]}" for rel in blobs),
@@ -229,8 +302,15 @@ def _activate(args: argparse.Namespace) -> int:
 
     with _open(args) as reg, contextlib.redirect_stdout(sys.stderr):  # the router update's progress
         activation = activate(reg, *_ref(args.ref), actor=args.actor, progress=not args.json)
-    emit(args, {**_summary(activation.record), "router": activation.router_json(),
-                "catalog_generation": activation.catalog_generation}, activation.text())
+    emit(
+        args,
+        {
+            **_summary(activation.record),
+            "router": activation.router_json(),
+            "catalog_generation": activation.catalog_generation,
+        },
+        activation.text(),
+    )
     return 1 if activation.router_error is not None else 0
 
 
@@ -257,8 +337,11 @@ def _remove(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     with _open(args) as reg:
         check = reg.verify_files(*_ref(args.ref))
-    text = (f"{check.ref}: all {check.files} files intact" if check.ok
-            else f"{check.ref}: {len(check.problems)} of {check.files} files bad:\n  " + "\n  ".join(check.problems))
+    text = (
+        f"{check.ref}: all {check.files} files intact"
+        if check.ok
+        else f"{check.ref}: {len(check.problems)} of {check.files} files bad:\n  " + "\n  ".join(check.problems)
+    )
     emit(args, check.model_dump(), text)
     return 0 if check.ok else 1
 
@@ -272,14 +355,18 @@ def _sign(args: argparse.Namespace) -> int:
     if args.files is not None or args.bundle is not None:
         from registry.errors import SignatureError
 
-        raise SignatureError("--files and --bundle are for OMS bundles (--format oms); an ed25519 signature goes "
-                             "into the manifest")
+        raise SignatureError(
+            "--files and --bundle are for OMS bundles (--format oms); an ed25519 signature goes into the manifest"
+        )
     team = args.team or args.key.stem
     signed = sign_manifest(load_manifest(args.manifest), load_private_key(args.key), team)
     output = args.output or args.manifest
     dump_manifest(signed, output)
-    emit(args, {"manifest": str(output), "team": team, "signature": signed.signature.value},
-         f"signed {signed.ref} as team {team!r} -> {output}")
+    emit(
+        args,
+        {"manifest": str(output), "team": team, "signature": signed.signature.value},
+        f"signed {signed.ref} as team {team!r} -> {output}",
+    )
     return 0
 
 
@@ -294,20 +381,24 @@ def _sign_oms(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     folder = args.files if args.files is not None else args.manifest.parent
     if args.manifest.resolve().parent != folder.resolve() or args.manifest.name not in MANIFEST_NAMES:
-        raise SignatureError(f"{args.manifest}: an OMS bundle covers the manifest too, so the manifest must be "
-                             f"{' or '.join(MANIFEST_NAMES)} at the top of the folder it signs ({folder})")
+        raise SignatureError(
+            f"{args.manifest}: an OMS bundle covers the manifest too, so the manifest must be "
+            f"{' or '.join(MANIFEST_NAMES)} at the top of the folder it signs ({folder})"
+        )
     for relpath, digest in sorted(manifest.files.items()):  # a stale manifest would be signed as it is
         path = folder / relpath
         actual = sha256_file(path) if path.is_file() else "absent"
         if actual != digest:
-            raise ArtifactError(f"{relpath}: the manifest says sha256 {digest}, the file has {actual}; "
-                                "fix the manifest before signing")
+            raise ArtifactError(
+                f"{relpath}: the manifest says sha256 {digest}, the file has {actual}; fix the manifest before signing"
+            )
     signed = sign_folder(folder, args.bundle, args.key)
     check_covers_expert(signed, folder, manifest)
-    emit(args, {"bundle": str(signed.bundle), "format": "oms-v1", "fingerprint": signed.fingerprint,
-                "files": signed.files},
-         f"signed {manifest.ref}: OMS bundle {signed.bundle} over {len(signed.files)} files "
-         f"(key {signed.fingerprint})")
+    emit(
+        args,
+        {"bundle": str(signed.bundle), "format": "oms-v1", "fingerprint": signed.fingerprint, "files": signed.files},
+        f"signed {manifest.ref}: OMS bundle {signed.bundle} over {len(signed.files)} files (key {signed.fingerprint})",
+    )
     return 0
 
 

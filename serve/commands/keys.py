@@ -21,20 +21,27 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=lambda args: (parser.print_help(), 0)[1])
 
     generate = sub.add_parser(
-        "generate", help="make a key pair for a team",
+        "generate",
+        help="make a key pair for a team",
         description="Write <home>/keys/TEAM.key (private, mode 0600: keep it secret) and TEAM.pub "
         "(public: give it to registry operators); with --type p256, TEAM.p256.key and TEAM.p256.pub.",
     )
     generate.add_argument("team", help="team name, a lowercase slug (e.g. law-team)")
-    generate.add_argument("--type", dest="key_type", choices=("ed25519", "p256"), default="ed25519",
-                          help="ed25519 (default) signs manifests (`mose expert sign`); p256 (ECDSA P-256) "
-                          "signs OMS bundles (`mose expert sign --format oms`)")
+    generate.add_argument(
+        "--type",
+        dest="key_type",
+        choices=("ed25519", "p256"),
+        default="ed25519",
+        help="ed25519 (default) signs manifests (`mose expert sign`); p256 (ECDSA P-256) "
+        "signs OMS bundles (`mose expert sign --format oms`)",
+    )
     generate.add_argument("--force", action="store_true", help="replace an existing key pair")
     add_common_flags(generate)
     generate.set_defaults(func=_generate)
 
     trust = sub.add_parser(
-        "trust", help="trust a team's public key in this registry",
+        "trust",
+        help="trust a team's public key in this registry",
         description="Add TEAM -> public key to trusted_keys in <home>/registry.yaml.",
     )
     trust.add_argument("team")
@@ -50,14 +57,24 @@ def _generate(args: argparse.Namespace) -> int:
     if args.key_type == "p256":
         return _generate_p256(args)
     pair = generate_keypair(args.team, home_of(args).keys_dir, overwrite=args.force)
-    payload = {"team": pair.team, "private_key": str(pair.private_key), "public_key": str(pair.public_key),
-               "public_key_b64": pair.public_key_b64}
-    emit(args, payload, "\n".join([
-        f"private key: {pair.private_key} (mode 0600; keep it secret)",
-        f"public key:  {pair.public_key}",
-        f"sign a manifest:  mose expert sign manifest.yaml --key {pair.private_key}",
-        f"trust this team in a registry:  mose keys trust {pair.team} {pair.public_key_b64}",
-    ]))
+    payload = {
+        "team": pair.team,
+        "private_key": str(pair.private_key),
+        "public_key": str(pair.public_key),
+        "public_key_b64": pair.public_key_b64,
+    }
+    emit(
+        args,
+        payload,
+        "\n".join(
+            [
+                f"private key: {pair.private_key} (mode 0600; keep it secret)",
+                f"public key:  {pair.public_key}",
+                f"sign a manifest:  mose expert sign manifest.yaml --key {pair.private_key}",
+                f"trust this team in a registry:  mose keys trust {pair.team} {pair.public_key_b64}",
+            ]
+        ),
+    )
     return 0
 
 
@@ -65,14 +82,25 @@ def _generate_p256(args: argparse.Namespace) -> int:
     from registry.oms import generate_keypair
 
     pair = generate_keypair(args.team, home_of(args).keys_dir, overwrite=args.force)
-    payload = {"team": pair.team, "type": "p256", "private_key": str(pair.private_key),
-               "public_key": str(pair.public_key), "fingerprint": pair.fingerprint}
-    emit(args, payload, "\n".join([
-        f"private key: {pair.private_key} (mode 0600; keep it secret)",
-        f"public key:  {pair.public_key} ({pair.fingerprint})",
-        f"sign an expert folder:  mose expert sign manifest.yaml --format oms --key {pair.private_key}",
-        f"trust this team in a registry:  mose keys trust {pair.team} {pair.public_key}",
-    ]))
+    payload = {
+        "team": pair.team,
+        "type": "p256",
+        "private_key": str(pair.private_key),
+        "public_key": str(pair.public_key),
+        "fingerprint": pair.fingerprint,
+    }
+    emit(
+        args,
+        payload,
+        "\n".join(
+            [
+                f"private key: {pair.private_key} (mode 0600; keep it secret)",
+                f"public key:  {pair.public_key} ({pair.fingerprint})",
+                f"sign an expert folder:  mose expert sign manifest.yaml --format oms --key {pair.private_key}",
+                f"trust this team in a registry:  mose keys trust {pair.team} {pair.public_key}",
+            ]
+        ),
+    )
     return 0
 
 
@@ -96,6 +124,5 @@ def _trust(args: argparse.Namespace) -> int:
     if args.require:
         update["require_signatures"] = True
     written = settings.model_copy(update=update).save(home)
-    emit(args, {"team": args.team, **payload, "settings": str(written)},
-         f"team {args.team!r} is trusted ({written})")
+    emit(args, {"team": args.team, **payload, "settings": str(written)}, f"team {args.team!r} is trusted ({written})")
     return 0

@@ -13,8 +13,12 @@ from serve.commands._common import add_common_flags, emit, home_of
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("models", help="prepare and list the packaged base models", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = sub.add_parser(
+        "models",
+        help="prepare and list the packaged base models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     models_sub = parser.add_subparsers(dest="models_command", metavar="SUBCOMMAND")
     prepare = models_sub.add_parser("prepare", help="locate the base models and convert SmolLM2 once (offline)")
     add_common_flags(prepare)

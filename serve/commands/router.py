@@ -1,11 +1,11 @@
 """``mose router``: train, update, evaluate, split and query the learned router.
 
-    mose router train [--data FILE ...] [--epochs N] [--fine-tune auto|yes|no] [RouterConfig flags]
-    mose router update                       # add head rows for newly activated experts' domains
-    mose router eval [--data FILE] --json [--plots DIR]
-    mose router route "query" [--json]
-    mose router split --data FILE --out DIR  # the held-out split training uses, as files
-    mose router status [--json]
+mose router train [--data FILE ...] [--epochs N] [--fine-tune auto|yes|no] [RouterConfig flags]
+mose router update                       # add head rows for newly activated experts' domains
+mose router eval [--data FILE] --json [--plots DIR]
+mose router route "query" [--json]
+mose router split --data FILE --out DIR  # the held-out split training uses, as files
+mose router status [--json]
 """
 
 from __future__ import annotations
@@ -20,9 +20,27 @@ from serve.commands._common import add_common_flags, emit, home_of
 from serve.commands._config_args import add_config_arguments, config_from_args
 
 # RouterConfig fields that are flags of `mose router train` (the rest are set from Python).
-ROUTER_TRAIN_FLAGS = ("epochs", "fine_tune", "max_rows_per_label", "encoder_layers", "tune_layers", "max_length",
-                      "batch_size", "lr", "head_lr", "head_epochs", "lexical_bag", "neighbours", "seed", "threads",
-                      "heldout_fraction", "validation_fraction", "target_precision", "min_threshold", "quantize")
+ROUTER_TRAIN_FLAGS = (
+    "epochs",
+    "fine_tune",
+    "max_rows_per_label",
+    "encoder_layers",
+    "tune_layers",
+    "max_length",
+    "batch_size",
+    "lr",
+    "head_lr",
+    "head_epochs",
+    "lexical_bag",
+    "neighbours",
+    "seed",
+    "threads",
+    "heldout_fraction",
+    "validation_fraction",
+    "target_precision",
+    "min_threshold",
+    "quantize",
+)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,11 +49,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     train = sub.add_parser("train", help="full training on labelled files + the active experts' example queries")
     add_common_flags(train)
-    train.add_argument("--data", action="append", default=[], metavar="FILE",
-                       help="labelled JSONL (query, domain, optional source/id); repeatable")
+    train.add_argument(
+        "--data",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="labelled JSONL (query, domain, optional source/id); repeatable",
+    )
     add_config_arguments(train, RouterConfig, ROUTER_TRAIN_FLAGS)
-    train.add_argument("--exclude-domain", action="append", default=[], metavar="DOMAIN",
-                       help="leave a domain out of training (e.g. to test incremental updates)")
+    train.add_argument(
+        "--exclude-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="leave a domain out of training (e.g. to test incremental updates)",
+    )
     train.add_argument("--no-registry", action="store_true", help="ignore the registry's experts")
     train.set_defaults(func=cmd_train)
 
@@ -45,8 +73,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     evaluate = sub.add_parser("eval", help="accuracy, calibration, latency and baselines on labelled rows")
     add_common_flags(evaluate)
-    evaluate.add_argument("--data", default=None, metavar="FILE",
-                          help="labelled JSONL (default: the current artifact's held-out rows)")
+    evaluate.add_argument(
+        "--data", default=None, metavar="FILE", help="labelled JSONL (default: the current artifact's held-out rows)"
+    )
     evaluate.add_argument("--plots", default=None, metavar="DIR", help="write confusion matrix + reliability PNGs")
     evaluate.add_argument("--no-baselines", action="store_true", help="skip the three baselines")
     evaluate.add_argument("--latency-samples", type=int, default=300, help="single queries timed (default 300)")
@@ -90,12 +119,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     from router_model.artifact import read_metadata
 
     metadata = read_metadata(directory, verify=False)
-    payload = {"version": metadata.version, "path": str(directory), "fine_tuned": metadata.fine_tuned,
-               "labels": metadata.labels, "temperature": metadata.temperature, "threshold": metadata.threshold,
-               "onnx_file": metadata.onnx_file, "metrics": metadata.metrics}
-    emit(args, payload, f"router {metadata.version} written to {directory} "
-         f"({'fine-tuned' if metadata.fine_tuned else 'head only'}, validation accuracy "
-         f"{metadata.metrics.get('val_accuracy', 0):.4f}, {metadata.onnx_file})")
+    payload = {
+        "version": metadata.version,
+        "path": str(directory),
+        "fine_tuned": metadata.fine_tuned,
+        "labels": metadata.labels,
+        "temperature": metadata.temperature,
+        "threshold": metadata.threshold,
+        "onnx_file": metadata.onnx_file,
+        "metrics": metadata.metrics,
+    }
+    emit(
+        args,
+        payload,
+        f"router {metadata.version} written to {directory} "
+        f"({'fine-tuned' if metadata.fine_tuned else 'head only'}, validation accuracy "
+        f"{metadata.metrics.get('val_accuracy', 0):.4f}, {metadata.onnx_file})",
+    )
     return 0
 
 
@@ -151,7 +191,9 @@ def format_report(report: dict) -> str:
         f"abstain {report['abstain_rate']:.4f}  accuracy when answered {report['accuracy_when_answered']:.4f}",
         f"latency p50 {report['latency_ms']['p50']} ms  p99 {report['latency_ms']['p99']} ms  batch {report['batch_qps']} q/s",
     ]
-    lines += [f"  {source:12s} n={v['n']:5d}  accuracy {v['accuracy']:.4f}" for source, v in report["per_source"].items()]
+    lines += [
+        f"  {source:12s} n={v['n']:5d}  accuracy {v['accuracy']:.4f}" for source, v in report["per_source"].items()
+    ]
     lines += [f"baseline {name}: {acc:.4f}" for name, acc in report["baselines"].items()]
     return "\n".join(lines)
 
@@ -164,8 +206,12 @@ def cmd_route(args: argparse.Namespace) -> int:
     decision = router.route(args.query)
     payload = {**decision.model_dump(), "router_version": router.version, "provider": router.provider}
     alternatives = ", ".join(f"{t.domain} {t.p:.3f}" for t in decision.top_k)
-    emit(args, payload, f"{decision.domain} -> {decision.expert} (confidence {decision.confidence:.3f}"
-         f"{', abstained' if decision.abstained else ''}; top: {alternatives}; {router.provider})")
+    emit(
+        args,
+        payload,
+        f"{decision.domain} -> {decision.expert} (confidence {decision.confidence:.3f}"
+        f"{', abstained' if decision.abstained else ''}; top: {alternatives}; {router.provider})",
+    )
     return 0
 
 
@@ -184,8 +230,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     home = home_of(args)
     directory = current_dir(home.router_dir)
     metadata = read_metadata(directory, verify=True)
-    payload = {**metadata.model_dump(exclude={"files", "config"}), "path": str(directory),
-               "versions": versions(home.router_dir)}
-    emit(args, payload, f"router {metadata.version} ({len(metadata.labels)} domains: {', '.join(metadata.labels)}); "
-         f"threshold {metadata.threshold:.3f}, T {metadata.temperature:.3f}, {metadata.onnx_file}")
+    payload = {
+        **metadata.model_dump(exclude={"files", "config"}),
+        "path": str(directory),
+        "versions": versions(home.router_dir),
+    }
+    emit(
+        args,
+        payload,
+        f"router {metadata.version} ({len(metadata.labels)} domains: {', '.join(metadata.labels)}); "
+        f"threshold {metadata.threshold:.3f}, T {metadata.temperature:.3f}, {metadata.onnx_file}",
+    )
     return 0

@@ -62,9 +62,11 @@ def announce_admin(config) -> None:
     mode = config.auth.admin_mode
     if mode == "insecure":
         url = f"http://{config.http.host}:{config.http.port}"
-        for line in ("WARNING: INSECURE LOCAL MODE (auth.insecure_local): the admin endpoints",
-                     f"WARNING: (register, activate, retire) are open WITHOUT A TOKEN on {url};",
-                     "WARNING: anyone who can reach that port can change the registry. Set MOSE_ADMIN_TOKEN instead."):
+        for line in (
+            "WARNING: INSECURE LOCAL MODE (auth.insecure_local): the admin endpoints",
+            f"WARNING: (register, activate, retire) are open WITHOUT A TOKEN on {url};",
+            "WARNING: anyone who can reach that port can change the registry. Set MOSE_ADMIN_TOKEN instead.",
+        ):
             print(f"mose: {line}", file=sys.stderr)
     elif mode == "off":
         print("mose: admin endpoints are off (set MOSE_ADMIN_TOKEN to register experts over HTTP)", file=sys.stderr)

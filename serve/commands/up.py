@@ -38,10 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common_flags(parser)
-    parser.add_argument("--prepare-only", action="store_true",
-                        help="prepare the data directory and exit without serving (used on cluster heads)")
-    parser.add_argument("--data-dir", default=None,
-                        help="shared datasets folder (default: $MOSE_SHARED_DATA or ../shared/data)")
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="prepare the data directory and exit without serving (used on cluster heads)",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="shared datasets folder (default: $MOSE_SHARED_DATA or ../shared/data)"
+    )
     parser.add_argument("--config", default=None, help="server config YAML for the serve step")
     parser.add_argument("--port", type=int, default=None, help="port to serve on (default 8000)")
     parser.set_defaults(func=run)
@@ -83,12 +87,20 @@ def run(args: argparse.Namespace) -> int:
         calibrator_version = _ensure_calibrator(home, data_dir)
         timings["calibrator"] = time.perf_counter() - started
 
-        experts = [{"name": r.name, "version": r.version, "status": r.status, "domains": r.domains}
-                   for r in registry.list()]
-    payload = {"home": str(home.root), "router": router_version, "calibrator": calibrator_version,
-               "experts": experts, "seconds": {k: round(v, 1) for k, v in timings.items()}}
-    lines = [f"mose is ready in {home.root} (router {router_version}, calibrator {calibrator_version})",
-             f"{len(experts)} expert(s) registered:"]
+        experts = [
+            {"name": r.name, "version": r.version, "status": r.status, "domains": r.domains} for r in registry.list()
+        ]
+    payload = {
+        "home": str(home.root),
+        "router": router_version,
+        "calibrator": calibrator_version,
+        "experts": experts,
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+    lines = [
+        f"mose is ready in {home.root} (router {router_version}, calibrator {calibrator_version})",
+        f"{len(experts)} expert(s) registered:",
+    ]
     lines += [f"  {e['name']}@{e['version']}  [{e['status']}]  {', '.join(e['domains'])}" for e in experts]
     emit(args, payload, "\n".join(lines))
     if args.prepare_only:

@@ -22,5 +22,11 @@ from serve.deployments.ingress import Ingress
 from serve.deployments.pool import ExpertPoolDeployment
 from serve.deployments.router import RouterDeployment
 
-__all__ = ["CrossCheckDeployment", "ExpertPoolDeployment", "FullExpertDeployment", "Ingress", "RouterDeployment",
-           "full_expert_deployment"]
+__all__ = [
+    "CrossCheckDeployment",
+    "ExpertPoolDeployment",
+    "FullExpertDeployment",
+    "Ingress",
+    "RouterDeployment",
+    "full_expert_deployment",
+]

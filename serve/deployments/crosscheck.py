@@ -57,8 +57,9 @@ class CrossCheckDeployment:
         servable = set(await self.pool.experts.remote())
         top_k = (await self.router.route.remote(question)).top_k if k > 0 and len(servable) > 1 else []
         jurors_wanted = select_jurors(top_k, servable, k)
-        scores = await self.pool.score.remote(question, answer, [name for name, _ in jurors_wanted],
-                                              jury.adapters_read_question, jury.state_layer)
+        scores = await self.pool.score.remote(
+            question, answer, [name for name, _ in jurors_wanted], jury.adapters_read_question, jury.state_layer
+        )
         jurors = await asyncio.to_thread(jury.weigh, jurors_wanted, scores)
         agreement = await self._agreement(question, answer, jurors) if own_answers else None
         return await asyncio.to_thread(lambda: jury.record(jury.verdict(question, answer, jurors, agreement)))

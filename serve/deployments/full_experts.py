@@ -43,8 +43,12 @@ class FullExpertDeployment:
         self.registry = open_registry(str(home.root))
         # The LRU is Ray Serve's (per replica, by count); the pool's own byte budget only guards
         # against one expert too large for the machine.
-        config = PoolConfig(load_base=False, max_new_tokens_limit=max_new_tokens, full_expert_budget_bytes=1 << 40,
-                            policy=device_policy(cpu_dtype))
+        config = PoolConfig(
+            load_base=False,
+            max_new_tokens_limit=max_new_tokens,
+            full_expert_budget_bytes=1 << 40,
+            policy=device_policy(cpu_dtype),
+        )
         self.pool = ExpertPool(config, home=home)
         self.load_errors: dict[str, str] = {}
 
@@ -80,8 +84,11 @@ class FullExpertDeployment:
             yield item
 
     def status(self) -> dict[str, Any]:
-        return {"loaded": [n for n, kind in self.pool.experts().items() if kind == "full"],
-                "refused": self.load_errors, "engine": self.pool.engine.stats()}
+        return {
+            "loaded": [n for n, kind in self.pool.experts().items() if kind == "full"],
+            "refused": self.load_errors,
+            "engine": self.pool.engine.stats(),
+        }
 
 
 def full_expert_deployment(max_models_per_replica: int) -> type:
@@ -90,7 +97,8 @@ def full_expert_deployment(max_models_per_replica: int) -> type:
 
     class FullExperts(FullExpertDeployment):
         load_expert = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(
-            FullExpertDeployment.load_expert)
+            FullExpertDeployment.load_expert
+        )
 
     FullExperts.__doc__ = FullExpertDeployment.__doc__
     return FullExperts

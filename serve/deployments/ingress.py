@@ -92,8 +92,17 @@ class Ingress(Backend):
 
     def _reload_cards(self) -> int:
         generation, records = self.registry.active_snapshot()
-        self._cards = [{"name": r.name, "version": r.version, "kind": r.kind, "domains": r.domains,
-                        "owner": r.manifest.owner, "description": r.manifest.description} for r in records]
+        self._cards = [
+            {
+                "name": r.name,
+                "version": r.version,
+                "kind": r.kind,
+                "domains": r.domains,
+                "owner": r.manifest.owner,
+                "description": r.manifest.description,
+            }
+            for r in records
+        ]
         return generation
 
     async def experts(self) -> list[dict[str, Any]]:
@@ -132,8 +141,9 @@ class Ingress(Backend):
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Any:
         return await call_with_retry(self.checker.crosscheck, question, answer, k, own_answers)
 
-    async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
-                            temperature: float) -> dict[str, Any]:
+    async def upstream_chat(
+        self, name: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+    ) -> dict[str, Any]:
         model = self.config.upstreams[name].model
         return await self.upstream.chat(name, model, messages, max_tokens, temperature)
 
@@ -142,14 +152,23 @@ class Ingress(Backend):
 
     async def health(self) -> dict[str, Any]:
         router, pool, full, checker = await asyncio.gather(
-            call_with_retry(self.router.status), call_with_retry(self.pool.status), call_with_retry(self.full_experts.status),
-            call_with_retry(self.checker.status))
+            call_with_retry(self.router.status),
+            call_with_retry(self.pool.status),
+            call_with_retry(self.full_experts.status),
+            call_with_retry(self.checker.status),
+        )
         return {"router": router, "expert_pool": pool, "full_experts": full, "crosscheck": checker}
 
 
 def _record_json(record: Any) -> dict[str, Any]:
-    return {"name": record.name, "version": record.version, "status": record.status, "kind": record.kind,
-            "domains": record.domains, "base_model": record.base_model}
+    return {
+        "name": record.name,
+        "version": record.version,
+        "status": record.status,
+        "kind": record.kind,
+        "domains": record.domains,
+        "base_model": record.base_model,
+    }
 
 
 def _change_status(registry: Any, name: str, action: str, actor: str | Principal, reason: str | None):
@@ -167,8 +186,7 @@ def _change_status(registry: Any, name: str, action: str, actor: str | Principal
     raise ValueError(f"unknown status action {action!r}")
 
 
-def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes],
-                     actor: str | Principal):
+def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[str, bytes], actor: str | Principal):
     """Write uploaded files to a private temp folder (paths checked first), then register them."""
     from registry.manifest import parse_manifest
 
@@ -176,8 +194,10 @@ def _register_upload(registry: Any, manifest_data: dict[str, Any], files: dict[s
     missing = sorted(set(manifest.files) - set(files))
     extra = sorted(set(files) - set(manifest.files))
     if missing or extra:
-        raise ArtifactError(f"uploaded files do not match manifest.files (missing: {missing or 'none'}, "
-                            f"not in the manifest: {extra or 'none'})")
+        raise ArtifactError(
+            f"uploaded files do not match manifest.files (missing: {missing or 'none'}, "
+            f"not in the manifest: {extra or 'none'})"
+        )
     folder = Path(tempfile.mkdtemp(prefix="mose-upload-"))
     try:
         for relpath, data in files.items():

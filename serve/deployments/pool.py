@@ -19,8 +19,16 @@ class ExpertPoolDeployment:
     (continuous batching: a request joins the running batch at the next step); loading or
     unloading an expert waits for one decoding step at most."""
 
-    def __init__(self, home_root: str, base_model: str, max_batch_size: int, batch_wait_timeout_s: float,
-                 max_new_tokens: int, torch_threads: int, cpu_dtype: str | None = None) -> None:
+    def __init__(
+        self,
+        home_root: str,
+        base_model: str,
+        max_batch_size: int,
+        batch_wait_timeout_s: float,
+        max_new_tokens: int,
+        torch_threads: int,
+        cpu_dtype: str | None = None,
+    ) -> None:
         import torch
 
         from experts.pool import ExpertPool, PoolConfig
@@ -28,8 +36,13 @@ class ExpertPoolDeployment:
         torch.set_num_threads(torch_threads or os.cpu_count() or 1)
         self.home = node_home(home_root)  # this node's own cache when the registry is a database
         self.registry = open_registry(str(self.home.root))
-        config = PoolConfig(base_model=base_model, max_new_tokens_limit=max_new_tokens, max_batch_size=max_batch_size,
-                            batch_wait_s=batch_wait_timeout_s, policy=device_policy(cpu_dtype))
+        config = PoolConfig(
+            base_model=base_model,
+            max_new_tokens_limit=max_new_tokens,
+            max_batch_size=max_batch_size,
+            batch_wait_s=batch_wait_timeout_s,
+            policy=device_policy(cpu_dtype),
+        )
         self.pool = ExpertPool(config, home=self.home)
         logger.info("expert pool for %s on %s in %s", base_model, self.pool.device, self.pool.dtype)
         self.load_errors: dict[str, str] = {}
@@ -72,15 +85,22 @@ class ExpertPoolDeployment:
         await self.catalog.sync(generation)
         return await complete(self.pool, request)
 
-    async def stream(self, request: GenerationRequest,
-                     generation: int | None = None) -> AsyncIterator[str | GenerationResult]:
+    async def stream(
+        self, request: GenerationRequest, generation: int | None = None
+    ) -> AsyncIterator[str | GenerationResult]:
         """Text pieces of one completion as they are decoded, then its GenerationResult."""
         await self.catalog.sync(generation)
         async for item in stream_pieces(self.pool, request):
             yield item
 
-    async def score(self, question: str, answer: str, experts: list[str], adapt_question: bool = True,
-                    state_layer: int | None = None) -> list[Any]:
+    async def score(
+        self,
+        question: str,
+        answer: str,
+        experts: list[str],
+        adapt_question: bool = True,
+        state_layer: int | None = None,
+    ) -> list[Any]:
         """Likelihood evidence of each expert about one answer (one batched pass); ``state_layer``:
         with the base model's answer state, for the jury's truthfulness probe."""
         await self.catalog.sync()
@@ -95,9 +115,14 @@ class ExpertPoolDeployment:
         import ray
 
         context = ray.get_runtime_context()
-        return {"base_model": self.pool.config.base_model, "experts": sorted(self.pool.experts()),
-                "node_id": context.get_node_id(), "device": self.pool.device,
-                # the GPUs Ray gave this replica (a fraction of one, with num_gpus < 1)
-                "gpu_ids": context.get_accelerator_ids().get("GPU", []),
-                "refused": self.load_errors, "catalog_generation": self.catalog.generation,
-                "engine": self.pool.engine.stats()}
+        return {
+            "base_model": self.pool.config.base_model,
+            "experts": sorted(self.pool.experts()),
+            "node_id": context.get_node_id(),
+            "device": self.pool.device,
+            # the GPUs Ray gave this replica (a fraction of one, with num_gpus < 1)
+            "gpu_ids": context.get_accelerator_ids().get("GPU", []),
+            "refused": self.load_errors,
+            "catalog_generation": self.catalog.generation,
+            "engine": self.pool.engine.stats(),
+        }

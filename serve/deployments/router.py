@@ -95,5 +95,10 @@ class RouterDeployment:
         version = getattr(self.router, "version", None)
         provider = getattr(self.router, "provider", None)
         experts = getattr(self.router, "experts", None)
-        return {"version": version, "provider": provider, "fallback_only": self.error is not None,
-                "error": self.error, "catalog_generation": getattr(experts, "generation", None)}
+        return {
+            "version": version,
+            "provider": provider,
+            "fallback_only": self.error is not None,
+            "error": self.error,
+            "catalog_generation": getattr(experts, "generation", None),
+        }

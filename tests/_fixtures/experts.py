@@ -18,8 +18,13 @@ import pytest
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def random_lora(seed: int, rank: int = 4, scale: float = 0.3, layers: range = range(30),
-                modules: tuple[str, ...] = ("q_proj", "v_proj")):
+def random_lora(
+    seed: int,
+    rank: int = 4,
+    scale: float = 0.3,
+    layers: range = range(30),
+    modules: tuple[str, ...] = ("q_proj", "v_proj"),
+):
     """(LoraConfig, state dict) of a LoRA adapter on SmolLM2 with random A and B (B != 0)."""
     import torch
     from peft import LoraConfig
@@ -31,10 +36,15 @@ def random_lora(seed: int, rank: int = 4, scale: float = 0.3, layers: range = ra
         for module in modules:
             out_dim, in_dim = shapes[module]
             prefix = f"base_model.model.model.layers.{layer}.self_attn.{module}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * scale / in_dim ** 0.5
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, in_dim, generator=gen) * scale / in_dim**0.5
             state[f"{prefix}.lora_B.weight"] = torch.randn(out_dim, rank, generator=gen) * scale
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(modules),
-                        layers_to_transform=list(layers) if len(layers) < 30 else None, inference_mode=True)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=list(modules),
+        layers_to_transform=list(layers) if len(layers) < 30 else None,
+        inference_mode=True,
+    )
     return config, state
 
 
@@ -45,8 +55,10 @@ def flat_scores(pool, items, adapt_question=True, **config):
     for name, value in config.items():
         setattr(pool.config, name, value)
     try:
-        return [[value for s in row for value in (s.logp_given_question, s.logp_without_question)]
-                for row in pool.score_many(items, adapt_question)]
+        return [
+            [value for s in row for value in (s.logp_given_question, s.logp_without_question)]
+            for row in pool.score_many(items, adapt_question)
+        ]
     finally:
         for name, value in before.items():
             setattr(pool.config, name, value)
@@ -59,8 +71,17 @@ def write_lora_expert(folder: Path, name: str, seed: int = 0, domain: str = "law
     config, state = random_lora(seed)
     pairs = [QAPair(f"Example question number {i} about {domain}?", f"Answer {i}.") for i in range(24)]
     adapter = TrainedAdapter(lora_config=config, state_dict=state, train_losses=[], seconds=0.0)
-    return write_expert(folder / name, name, domain, adapter, pairs, {"heldout_loss": 1.0}, FinetuneConfig(),
-                        version=version, owner="tests")
+    return write_expert(
+        folder / name,
+        name,
+        domain,
+        adapter,
+        pairs,
+        {"heldout_loss": 1.0},
+        FinetuneConfig(),
+        version=version,
+        owner="tests",
+    )
 
 
 def write_full_expert(folder: Path, name: str, seed: int = 0, hidden: int = 32, domain: str = "science") -> Path:
@@ -72,17 +93,34 @@ def write_full_expert(folder: Path, name: str, seed: int = 0, hidden: int = 32, 
     from registry.manifest import ExpertManifest, dump_manifest
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=49152, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+    )
     out = folder / name
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     files = {p.name: sha256_file(p) for p in sorted(out.iterdir()) if p.suffix in (".json", ".safetensors")}
     size_mb = max(1, (out / "model.safetensors").stat().st_size >> 20)
-    manifest = ExpertManifest(name=name, version="0.1.0", kind="full", files=files, domains=[domain],
-                              description="tiny random full-weight test expert", owner="tests",
-                              license="Apache-2.0", example_queries=[f"query {i}" for i in range(20)],
-                              resources={"memory_mb": size_mb})
+    manifest = ExpertManifest(
+        name=name,
+        version="0.1.0",
+        kind="full",
+        files=files,
+        domains=[domain],
+        description="tiny random full-weight test expert",
+        owner="tests",
+        license="Apache-2.0",
+        example_queries=[f"query {i}" for i in range(20)],
+        resources={"memory_mb": size_mb},
+    )
     dump_manifest(manifest, out / "manifest.yaml")
     return out / "manifest.yaml"
 

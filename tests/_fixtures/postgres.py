@@ -31,8 +31,11 @@ DB_USER = "mose"
 
 def postgres_bindir() -> Path | None:
     """The folder holding ``initdb`` and ``pg_ctl`` (Debian keeps them off PATH), newest version first."""
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(Path(p).parent.name)
-                        if Path(p).parent.name.isdigit() else 0, reverse=True)
+    candidates = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"),
+        key=lambda p: int(Path(p).parent.name) if Path(p).parent.name.isdigit() else 0,
+        reverse=True,
+    )
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(str(Path(on_path).parent))
@@ -59,8 +62,10 @@ def _as_server_user(command: list[str]) -> list[str]:
     try:
         pwd.getpwnam(SERVER_USER)
     except KeyError:
-        pytest.fail(f"the tests run as root and there is no {SERVER_USER!r} user for the PostgreSQL server "
-                    "(scripts/bootstrap installs Debian's postgresql package, which creates it)")
+        pytest.fail(
+            f"the tests run as root and there is no {SERVER_USER!r} user for the PostgreSQL server "
+            "(scripts/bootstrap installs Debian's postgresql package, which creates it)"
+        )
     return ["runuser", "-u", SERVER_USER, "--", *command]
 
 
@@ -75,8 +80,10 @@ def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL server of its own for this test session, on a free port; stopped at the end."""
     bindir = postgres_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/bootstrap, which installs "
-                    "Debian's postgresql package")
+        pytest.skip(
+            "PostgreSQL server binaries (initdb, pg_ctl) not found: run scripts/bootstrap, which installs "
+            "Debian's postgresql package"
+        )
     # Under /tmp, not pytest's tmp_path: the server user must reach it, and socket paths are short.
     root = Path(tempfile.mkdtemp(prefix="mose-pg-"))
     data_dir = root / "data"
@@ -85,17 +92,48 @@ def postgres_server() -> Iterator[PostgresServer]:
         os.chmod(root, 0o755)
         server = pwd.getpwnam(SERVER_USER)
         os.chown(data_dir, server.pw_uid, server.pw_gid)
-    _run([str(bindir / "initdb"), "-D", str(data_dir), "-U", DB_USER, "-A", "trust", "-E", "UTF8",
-          "--locale=C", "--no-instructions"], "initdb")
+    _run(
+        [
+            str(bindir / "initdb"),
+            "-D",
+            str(data_dir),
+            "-U",
+            DB_USER,
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ],
+        "initdb",
+    )
     port = free_port()
     options = f"-p {port} -k {data_dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
-    _run([str(bindir / "pg_ctl"), "-D", str(data_dir), "-l", str(data_dir / "server.log"), "-o", options,
-          "-w", "-t", "60", "start"], "pg_ctl start")
+    _run(
+        [
+            str(bindir / "pg_ctl"),
+            "-D",
+            str(data_dir),
+            "-l",
+            str(data_dir / "server.log"),
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
+        ],
+        "pg_ctl start",
+    )
     try:
         yield PostgresServer(port=port, data_dir=data_dir)
     finally:
-        subprocess.run(_as_server_user([str(bindir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w",
-                                        "stop"]), capture_output=True, timeout=120)
+        subprocess.run(
+            _as_server_user([str(bindir / "pg_ctl"), "-D", str(data_dir), "-m", "immediate", "-w", "stop"]),
+            capture_output=True,
+            timeout=120,
+        )
         shutil.rmtree(root, ignore_errors=True)
 
 

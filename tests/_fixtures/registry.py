@@ -173,15 +173,20 @@ def registry_state(reg) -> dict[str, Any]:
     }
 
 
-def run_mose(*args: str, home: Path | None = None, env: dict[str, str] | None = None, check: bool = False,
-             timeout: float = 120) -> subprocess.CompletedProcess:
+def run_mose(
+    *args: str, home: Path | None = None, env: dict[str, str] | None = None, check: bool = False, timeout: float = 120
+) -> subprocess.CompletedProcess:
     """Run the real CLI (``python -m serve.cli``) in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     if home is not None:
         full_env["MOSE_HOME"] = str(home)
     result = subprocess.run(
-        [sys.executable, "-m", "serve.cli", *args], cwd=REPO_ROOT, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "serve.cli", *args],
+        cwd=REPO_ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"mose {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -62,8 +62,14 @@ def wait_until_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: flo
     pytest.fail(f"mose serve did not become healthy in {timeout}s:\n{log.read_text()[-4000:]}")
 
 
-def start_server(home: Path, port: int, log: Path, extra_env: dict[str, str] | None = None,
-                 extra_args: tuple[str, ...] = (), token: str | None = ADMIN_TOKEN) -> subprocess.Popen:
+def start_server(
+    home: Path,
+    port: int,
+    log: Path,
+    extra_env: dict[str, str] | None = None,
+    extra_args: tuple[str, ...] = (),
+    token: str | None = ADMIN_TOKEN,
+) -> subprocess.Popen:
     """``mose serve`` on ``port``; ``token=None`` starts it without MOSE_ADMIN_TOKEN."""
     env = {**os.environ, "MOSE_HOME": str(home)}
     env.pop("MOSE_ADMIN_TOKEN", None)
@@ -72,7 +78,10 @@ def start_server(home: Path, port: int, log: Path, extra_env: dict[str, str] | N
     env.update(extra_env or {})
     return subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "serve", "--port", str(port), "--home", str(home), *extra_args],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
 
 
@@ -87,8 +96,7 @@ def stop_server(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def home_with_lora_experts(router_home: Path, tmp_path_factory, label: str,
-                           experts: list[tuple[str, str]]) -> Path:
+def home_with_lora_experts(router_home: Path, tmp_path_factory, label: str, experts: list[tuple[str, str]]) -> Path:
     """A copy of ``router_home`` with ``experts`` ((name, domain) pairs) registered and active:
     real LoRA adapters with random weights on SmolLM2."""
     from registry import Registry
@@ -107,8 +115,9 @@ def home_with_lora_experts(router_home: Path, tmp_path_factory, label: str,
 
 @pytest.fixture(scope="session")
 def serve_home(trained_router_home, base_models, tmp_path_factory) -> Path:
-    return home_with_lora_experts(trained_router_home.root, tmp_path_factory, "serve",
-                                  [("med-expert", "medicine"), ("math-expert", "math")])
+    return home_with_lora_experts(
+        trained_router_home.root, tmp_path_factory, "serve", [("med-expert", "medicine"), ("math-expert", "math")]
+    )
 
 
 @pytest.fixture(scope="session")

@@ -21,8 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _mose(*args: str, home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serve.cli", *args, "--home", str(home)], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", *args, "--home", str(home)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_cli_activation_teaches_the_router_and_publishes(router_home_copy, shared_data, tmp_path):
@@ -53,11 +58,19 @@ def test_cli_activation_teaches_the_router_and_publishes(router_home_copy, share
     assert {d.catalog_generation for d in decisions} == {result["catalog_generation"]}
 
     # A domain the router knows: nothing to learn, and torch is not even imported.
-    probe = ("import sys, json; from registry import Registry; from serve.activation import activate; "
-             f"reg = Registry.open({str(home.root)!r}); a = activate(reg, 'med-helper'); "
-             "print(json.dumps([a.router_json(), 'torch' in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "MOSE_HOME": str(home.root)})
+    probe = (
+        "import sys, json; from registry import Registry; from serve.activation import activate; "
+        f"reg = Registry.open({str(home.root)!r}); a = activate(reg, 'med-helper'); "
+        "print(json.dumps([a.router_json(), 'torch' in sys.modules]))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MOSE_HOME": str(home.root)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     router_json, torch_imported = json.loads(out.stdout)
     assert router_json["version"] == "v0002" and router_json["added_domains"] == [] and not torch_imported
@@ -73,7 +86,9 @@ def test_two_activations_at_once_both_reach_the_router(router_home_copy, tmp_pat
     with Registry.open(home) as reg:
         for name, domain in experts.items():
             queries = [f"Question {i} about {domain} and its treatment?" for i in range(22)]
-            reg.add(build_lora_expert(tmp_path / name, name=name, domains=(domain,), example_queries=queries).manifest_path)
+            reg.add(
+                build_lora_expert(tmp_path / name, name=name, domains=(domain,), example_queries=queries).manifest_path
+            )
     results: dict[str, object] = {}
 
     def run(name: str) -> None:

@@ -16,14 +16,37 @@ def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, 
     from experts.demo import DemoConfig, build_demo, profile_finetune
 
     settings = profile_finetune("start").model_copy(update={"train_tokens": 1200, "curve_points": 2})
-    build_demo(router_home_copy, DemoConfig(data_dir=shared_data, verticals=["math", "code"], finetune=settings,
-                                            eval_rows=4), progress=False)
+    build_demo(
+        router_home_copy,
+        DemoConfig(data_dir=shared_data, verticals=["math", "code"], finetune=settings, eval_rows=4),
+        progress=False,
+    )
     out = tmp_path / "mixture.json"
     env = dict(os.environ, MOSE_SHARED_DATA=str(shared_data))
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "mixture.py"), "--home", str(router_home_copy.root),
-                          "--rows", "3", "--gen-rows", "2", "--max-new-tokens", "8", "--option-questions", "2", "--json", str(out),
-                          "--quiet"],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "mixture.py"),
+            "--home",
+            str(router_home_copy.root),
+            "--rows",
+            "3",
+            "--gen-rows",
+            "2",
+            "--max-new-tokens",
+            "8",
+            "--option-questions",
+            "2",
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     for system in ("base", "generalist", "oracle", "auto"):
         assert f"| {system} |" in run.stdout

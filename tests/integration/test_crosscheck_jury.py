@@ -72,9 +72,13 @@ def test_a_bf16_pool_reads_the_same_evidence_within_bf16_rounding(jury, jury_hom
     assert pool.dtype == "bfloat16" and {p.dtype for p in pool._base.parameters()} == {torch.bfloat16}
     bf16 = Jury(pool, FallbackRouter(), jury.registry, config=JuryConfig(k=3))
     question = "What is the capital of France?"
-    verdicts = {name: [j.crosscheck(question, answer) for answer in
-                       ("Paris is the capital of France.", "Bananas are rich in potassium.")]
-                for name, j in (("fp32", jury), ("bf16", bf16))}
+    verdicts = {
+        name: [
+            j.crosscheck(question, answer)
+            for answer in ("Paris is the capital of France.", "Bananas are rich in potassium.")
+        ]
+        for name, j in (("fp32", jury), ("bf16", bf16))
+    }
     for ours, theirs in zip(verdicts["bf16"], verdicts["fp32"], strict=True):
         assert [j.expert for j in ours.jurors] == [j.expert for j in theirs.jurors]
         for mine, reference in zip(ours.jurors, theirs.jurors, strict=True):
@@ -147,29 +151,90 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     source = (shared_data / "crosscheck_dev.jsonl").read_text(encoding="utf-8").split("\n")
     rows.write_text("\n".join(source[:400]), encoding="utf-8")
     env_home = ["--home", str(jury_home.root)]
-    train = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                            "--limit", "5", "--json", *env_home], capture_output=True, text=True, timeout=900)
+    train = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--json",
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads(train.stdout)["version"].startswith("v")
     eval_evidence = tmp_path / "eval-evidence.jsonl"
     plots = tmp_path / "plots"
-    run = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
-                          "--limit", "2", "--json", "--save-evidence", str(eval_evidence), "--plots", str(plots),
-                          *env_home], capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "eval",
+            "--data",
+            str(rows),
+            "--limit",
+            "2",
+            "--json",
+            "--save-evidence",
+            str(eval_evidence),
+            "--plots",
+            str(plots),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # exactly one JSON object on stdout
     assert "cross-check evidence" in run.stderr  # the long part shows progress, beside the JSON
-    reused = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
-                             "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
-                            capture_output=True, text=True, timeout=900)
+    reused = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "eval",
+            "--data",
+            str(rows),
+            "--limit",
+            "2",
+            "--json",
+            "--evidence",
+            str(eval_evidence),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert reused.returncode == 0, reused.stderr[-2000:]
     assert json.loads(reused.stdout) == {k: v for k, v in report.items() if k != "plots"}  # the same draw,
     # figures and saved timings, without scoring
     assert sorted(p.name for p in plots.iterdir()) == ["reliability.png", "roc.png"]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots.iterdir())
     assert "cross-check evidence" not in reused.stderr
-    assert {"n", "auroc", "auprc", "ece", "flag_precision", "flag_recall", "per_source", "baselines",
-            "seconds_per_item"} <= report.keys()
+    assert {
+        "n",
+        "auroc",
+        "auprc",
+        "ece",
+        "flag_precision",
+        "flag_recall",
+        "per_source",
+        "baselines",
+        "seconds_per_item",
+    } <= report.keys()
     assert {"base_model_pmi", "best_single_expert", "jury_uncalibrated"} <= report["baselines"].keys()
     assert 0 <= report["ece_if_calibrated"]["mean"] <= report["ece_if_calibrated"]["p95"] <= 1
     assert all({"n", "auroc"} <= v.keys() for v in report["per_source"].values())
@@ -178,8 +243,12 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert report["n"] == sum(v["n"] for v in labelled.values()) <= 2 * len(labelled)  # --limit 2 per source
     assert constructed and all(k.startswith(("swapped_", "perturbed_")) for k in constructed)
     assert all(0 <= v["flagged"] <= 1 for v in constructed.values())
-    check = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "check", "What is 2 + 2?", "4",
-                            "--json", *env_home], capture_output=True, text=True, timeout=900)
+    check = subprocess.run(
+        [sys.executable, "-m", "serve.cli", "crosscheck", "check", "What is 2 + 2?", "4", "--json", *env_home],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert check.returncode == 0, check.stderr[-2000:]
     verdict = json.loads(check.stdout)
     assert "base_probe" in verdict["evidence"]  # the calibrator's probe read the base model's state
@@ -187,17 +256,68 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
 
     # evidence saved by one training run refits the same calibrator without scoring again
     saved = tmp_path / "evidence.jsonl"
-    first = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                            "--limit", "5", "--seed", "3", "--json", "--save-evidence", str(saved), *env_home],
-                           capture_output=True, text=True, timeout=900)
-    again = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                            "--limit", "5", "--seed", "3", "--json", "--evidence", str(saved), *env_home],
-                           capture_output=True, text=True, timeout=900)
+    first = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+            "--save-evidence",
+            str(saved),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    again = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+            "--evidence",
+            str(saved),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
-    fits = [json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
-            for out in (first, again)]
-    model = ("method", "features", "coef", "intercept", "trees", "iso_x", "iso_y", "threshold", "probe", "voter",
-             "trained_on")
+    fits = [
+        json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
+        for out in (first, again)
+    ]
+    model = (
+        "method",
+        "features",
+        "coef",
+        "intercept",
+        "trees",
+        "iso_x",
+        "iso_y",
+        "threshold",
+        "probe",
+        "voter",
+        "trained_on",
+    )
     first, second = ({key: fit[key] for key in model} for fit in fits)
     assert first == second and fits[0]["recalibration"] is None  # no Platt scaling by default
     assert fits[0]["trained_on"]["pool_dtype"] == "float32"  # the tests' MOSE_CPU_DTYPE
@@ -214,32 +334,111 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     lines = [json.loads(line) for line in saved.read_text().splitlines()]
     stripped, refilled = tmp_path / "no-states.jsonl", tmp_path / "refilled.jsonl"
     stripped.write_text("".join(json.dumps({**e, "answer_state": None, "state_layer": None}) + "\n" for e in lines))
-    fill = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                           "--limit", "5", "--seed", "3", "--json", "--evidence", str(stripped),
-                           "--save-evidence", str(refilled), *env_home], capture_output=True, text=True, timeout=900)
+    fill = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+            "--evidence",
+            str(stripped),
+            "--save-evidence",
+            str(refilled),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert fill.returncode == 0, fill.stderr[-2000:]
     assert "answer states (layer 20)" in fill.stderr
     again_states = [json.loads(line) for line in refilled.read_text().splitlines()]
     assert [e["state_layer"] for e in again_states] == [20] * len(lines)
     assert np.allclose([e["answer_state"] for e in again_states], [e["answer_state"] for e in lines], atol=1e-3)
-    without = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                              "--limit", "5", "--seed", "3", "--json", "--evidence", str(stripped), "--no-probe",
-                              *env_home], capture_output=True, text=True, timeout=900)
+    without = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+            "--evidence",
+            str(stripped),
+            "--no-probe",
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
-    tuned = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "train", "--data", str(rows),
-                            "--limit", "5", "--seed", "3", "--json", "--evidence", str(saved), "--recalibrate",
-                            "--average-probe-folds", *env_home], capture_output=True, text=True, timeout=900)
+    tuned = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "train",
+            "--data",
+            str(rows),
+            "--limit",
+            "5",
+            "--seed",
+            "3",
+            "--json",
+            "--evidence",
+            str(saved),
+            "--recalibrate",
+            "--average-probe-folds",
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     tuned_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(tuned.stdout)['version']}.json").read_text())
     assert len(tuned_fit["recalibration"]) == 2 and len(tuned_fit["voter"]["recalibration"]) == 2
     assert set(tuned_fit["probe"]["mean"]) == {0.0} and tuned_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
 
     # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
-    stale = subprocess.run([sys.executable, "-m", "serve.cli", "crosscheck", "eval", "--data", str(rows),
-                            "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home],
-                           capture_output=True, text=True, timeout=900)
+    stale = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serve.cli",
+            "crosscheck",
+            "eval",
+            "--data",
+            str(rows),
+            "--limit",
+            "2",
+            "--json",
+            "--evidence",
+            str(eval_evidence),
+            *env_home,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert stale.returncode != 0 and "have no saved evidence" in stale.stderr, stale.stderr[-2000:]
     assert stale.stdout == ""
     assert len(eval_evidence.read_text().splitlines()) == report["n"] + sum(v["n"] for v in constructed.values())
@@ -294,13 +493,16 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
     model, tokenizer = load_base_for_training()
     # peak 6e-3: the schedule decays linearly, so the mean rate is about the 3e-3 a bad juror needs
     config = FinetuneConfig(steps=20, batch_size=8, learning_rate=6e-3, top_layers=10, max_tokens=48)
-    _, adapter = train_lora(model, tokenizer, [QAPair(p.question, a) for p, a in zip(train, answers)], config,
-                            progress=False)
+    _, adapter = train_lora(
+        model, tokenizer, [QAPair(p.question, a) for p, a in zip(train, answers)], config, progress=False
+    )
     jury.pool.add_adapter("shuffled-juror", adapter.lora_config, adapter.state_dict)
     try:
         # right answers and answers of other questions, alternating
-        items = [(p.question, p.answer if i % 2 == 0 else probe[(i + 7) % len(probe)].answer, i % 2 == 0)
-                 for i, p in enumerate(probe)]
+        items = [
+            (p.question, p.answer if i % 2 == 0 else probe[(i + 7) % len(probe)].answer, i % 2 == 0)
+            for i, p in enumerate(probe)
+        ]
         feedback, heldout = items[:24], items[24:]
         for question, answer, correct in feedback:
             verdict = jury.record(jury.crosscheck(question, answer))
@@ -313,8 +515,10 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
         evidence = [(q, jury.evidence(q, a, jury.select(q)), ok) for q, a, ok in heldout]
 
         def auroc(seat_bad: bool) -> float:
-            scores = [jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q,
-                                                None)) for q, jurors, _ in evidence]
+            scores = [
+                jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q, None))
+                for q, jurors, _ in evidence
+            ]
             return roc_auc_score([ok for *_, ok in evidence], scores)
 
         assert auroc(seat_bad=True) >= auroc(seat_bad=False) - 0.02

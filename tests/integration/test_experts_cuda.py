@@ -82,10 +82,15 @@ def test_shared_trunk_scoring_runs_on_cuda_and_matches_full_passes(cuda_base, qu
     pool = ExpertPool(PoolConfig(policy=DevicePolicy(device="cuda", base_quantization=quantization)))
     pool.add_adapter("strong", *random_lora(3, scale=0.9, layers=range(10, 30)))
     pool.add_adapter("mild", *random_lora(4, scale=0.5, layers=range(20, 30)))
-    items = [("What is the capital of France?", "Paris.", ["base", "strong", "mild"]),
-             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
-              ["mild", "base"]),
-             ("2 + 2 = ?", "4", ["strong"])]
+    items = [
+        ("What is the capital of France?", "Paris.", ["base", "strong", "mild"]),
+        (
+            "Explain photosynthesis briefly.",
+            "Plants turn light, water and CO2 into sugar and oxygen.",
+            ["mild", "base"],
+        ),
+        ("2 + 2 = ?", "4", ["strong"]),
+    ]
     trunk = flat_scores(pool, items, adapt_question)
     full = flat_scores(pool, items, adapt_question, shared_trunk=False, batched_lora=False)
     keys = [pool._resolve(name)[1] for name in ("base", "strong", "mild")]
@@ -113,9 +118,14 @@ def test_base_answer_state_on_cuda_matches_full_pass(cuda_base, quantization, la
 
     pool = ExpertPool(PoolConfig(policy=DevicePolicy(device="cuda", base_quantization=quantization)))
     pool.add_adapter("strong", *random_lora(3, scale=0.9, layers=range(10, 30)))
-    items = [("What is the capital of France?", "Paris.", ["strong", "base"]),
-             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
-              ["base", "strong"])]
+    items = [
+        ("What is the capital of France?", "Paris.", ["strong", "base"]),
+        (
+            "Explain photosynthesis briefly.",
+            "Plants turn light, water and CO2 into sugar and oxygen.",
+            ["base", "strong"],
+        ),
+    ]
     shared = pool.score_many(items, False, state_layer=layer)
     pool.config.shared_trunk, pool.config.batched_lora = False, False
     full = pool.score_many(items, False, state_layer=layer)

@@ -37,15 +37,32 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
         assert result.curve[-1][2] == result.heldout_loss and result.curve[0][2] == result.base_heldout_loss
         assert 2500 <= result.train_tokens < 2500 + 8 * 128
     assert load_report(home) == report
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True,
-                          text=True).stdout == tracked  # building writes nothing into the checkout
+    assert (
+        subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout == tracked
+    )  # building writes nothing into the checkout
     page = render_docs(report, config)
     assert "| math | 24 |" in page and "## Learning curves" in page and "### Sources and licences" in page
     extra, out = tmp_path / "extra.md", tmp_path / "experts.md"
     extra.write_text("## Against one generalist\n\nA table.\n")
-    docs = subprocess.run([str(REPO / ".venv/bin/mose"), "demo", "docs", "--home", str(home.root), "--out", str(out),
-                           "--append", str(extra), "--data", str(shared_data)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    docs = subprocess.run(
+        [
+            str(REPO / ".venv/bin/mose"),
+            "demo",
+            "docs",
+            "--home",
+            str(home.root),
+            "--out",
+            str(out),
+            "--append",
+            str(extra),
+            "--data",
+            str(shared_data),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert docs.returncode == 0, docs.stderr
     written = out.read_text()
     assert "| math | 24 |" in written and written.index("## Against one generalist") < written.index("## Data")
@@ -83,8 +100,10 @@ def chat_pool(base_models, shared_data, tmp_path_factory):
 
 
 def _answers(pool, questions_and_experts, max_new_tokens=64):
-    requests = [{"expert": e, "messages": [{"role": "user", "content": q}],
-                 "params": {"max_new_tokens": max_new_tokens}} for q, e in questions_and_experts]
+    requests = [
+        {"expert": e, "messages": [{"role": "user", "content": q}], "params": {"max_new_tokens": max_new_tokens}}
+        for q, e in questions_and_experts
+    ]
     return [r.text for r in pool.generate(requests)]
 
 
@@ -124,9 +143,22 @@ def test_trained_expert_is_no_more_degenerate_than_base(chat_pool, shared_data):
 
 
 def test_demo_build_names_missing_data(tmp_path):
-    out = subprocess.run([str(REPO / ".venv/bin/mose"), "demo", "build", "--data", str(tmp_path / "nowhere"),
-                          "--home", str(tmp_path / "home")],
-                         cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            str(REPO / ".venv/bin/mose"),
+            "demo",
+            "build",
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--home",
+            str(tmp_path / "home"),
+        ],
+        cwd=REPO,
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert f"demo data {tmp_path / 'nowhere' / 'sft' / 'medicine.jsonl'} not found" in out.stderr
     assert "--data DIR" in out.stderr

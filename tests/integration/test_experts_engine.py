@@ -14,8 +14,13 @@ from experts.engine import RowCancelled
 from registry.errors import MoseError
 from tests._fixtures.experts import FRANCE, random_lora
 
-LONG = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea, with many "
-                                    "details about the weather, the boats and the people of the harbour."}]
+LONG = [
+    {
+        "role": "user",
+        "content": "Write a long story about a lighthouse keeper and the sea, with many "
+        "details about the weather, the boats and the people of the harbour.",
+    }
+]
 SHORT = [{"role": "user", "content": "Hi"}]
 SAMPLED = {"temperature": 1.5, "seed": 11}
 """Seeded sampling at a high temperature: a row that runs to its length limit (checked where used)."""
@@ -56,8 +61,15 @@ def _static(pool, request) -> str:
     eos = {tokenizer.eos_token_id, *_as_list(model.generation_config.eos_token_id)} - {None}
     context, adapters = pool._adapter_context(pool._adapter_names([key]))
     with pool._lock, context:
-        *_, rows = decode(model, tokenizer, [pool._prompt(tokenizer, request)], [request.params], adapters, eos,
-                          tokenizer.pad_token_id)  # the decoder yields the rows after each step: keep the last
+        *_, rows = decode(
+            model,
+            tokenizer,
+            [pool._prompt(tokenizer, request)],
+            [request.params],
+            adapters,
+            eos,
+            tokenizer.pad_token_id,
+        )  # the decoder yields the rows after each step: keep the last
     return rows[0].text
 
 
@@ -67,8 +79,11 @@ def _runs_to_length(pool, request) -> None:
 
 
 def test_greedy_texts_equal_the_static_decoder_alone_and_in_mixed_batches(pool):
-    requests = [_req(expert, messages, max_new_tokens=12) for messages in (FRANCE, LONG, SHORT)
-                for expert in ("base", "alpha", "beta")]
+    requests = [
+        _req(expert, messages, max_new_tokens=12)
+        for messages in (FRANCE, LONG, SHORT)
+        for expert in ("base", "alpha", "beta")
+    ]
     expected = [_static(pool, r) for r in requests]
     assert [pool.generate([r])[0].text for r in requests] == expected
     assert [r.text for r in pool.generate(requests)] == expected
@@ -79,8 +94,11 @@ def test_rows_joining_a_running_batch_decode_as_they_would_alone(pool, steps):
     """Rows with longer and shorter prompts join a row that is decoding (their caches are merged
     into its cache, left-padded), and leave before it: every text is the one decoded alone."""
     first = _req("alpha", LONG, max_new_tokens=24)
-    late = [_req("beta", FRANCE, max_new_tokens=6), _req("base", LONG + FRANCE, max_new_tokens=5),
-            _req("alpha", SHORT, max_new_tokens=9)]
+    late = [
+        _req("beta", FRANCE, max_new_tokens=6),
+        _req("base", LONG + FRANCE, max_new_tokens=5),
+        _req("alpha", SHORT, max_new_tokens=9),
+    ]
     alone = [pool.generate([r])[0].text for r in [first, *late]]
     _runs_to_length(pool, first)
     handles = []
@@ -99,7 +117,7 @@ def test_rows_joining_a_running_batch_decode_as_they_would_alone(pool, steps):
     late_ids = {h.id for h in handles}
     joined = next(s for s in steps if late_ids & set(s.rows))
     assert set(joined.admitted) == late_ids and head.id in joined.rows and joined.step > steps[0].step
-    assert all(s.rows == (head.id,) for s in steps[:joined.step - steps[0].step])  # head ran alone before
+    assert all(s.rows == (head.id,) for s in steps[: joined.step - steps[0].step])  # head ran alone before
     assert max(len(s.rows) for s in steps) == 4 and len(steps[-1].rows) == 1  # all four, then head alone again
 
 
@@ -153,8 +171,14 @@ def test_cancelling_one_row_leaves_the_others_of_its_batch_unchanged(pool, steps
         doomed.result()
 
 
-@pytest.mark.parametrize("params, reason", [({"max_new_tokens": 40}, "stop"), ({"max_new_tokens": 3}, "length"),
-                                            ({"max_new_tokens": 12, "stop": ["Paris"]}, "stop")])
+@pytest.mark.parametrize(
+    "params, reason",
+    [
+        ({"max_new_tokens": 40}, "stop"),
+        ({"max_new_tokens": 3}, "length"),
+        ({"max_new_tokens": 12, "stop": ["Paris"]}, "stop"),
+    ],
+)
 def test_finish_reason_is_what_happened_streamed_or_not(pool, params, reason):
     request = _req("base", **params)
     [generated] = pool.generate([request])
@@ -191,4 +215,4 @@ def test_an_expert_unloaded_mid_generation_fails_its_row_only(pool, steps):
 def test_prompts_are_cut_from_the_left_like_before(pool):
     ids = prompt_ids(pool.tokenizer, LONG)
     request = pool._check_request(_req("base", LONG))
-    assert pool._admit(request).prompt == ids[-pool.config.max_prompt_tokens:]
+    assert pool._admit(request).prompt == ids[-pool.config.max_prompt_tokens :]

@@ -29,9 +29,29 @@ def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset
     from registry.home import MoseHome
 
     home = router_home_copy.root
-    cmd = [str(REPO / ".venv/bin/mose"), "expert", "finetune", "--data", str(math_subset), "--domain", "math",
-           "--name", "tiny-math", "--steps", "6", "--heldout", "6", "--max-tokens", "48", "--lr", "0.002",
-           "--register", "--json", "--home", str(home)]
+    cmd = [
+        str(REPO / ".venv/bin/mose"),
+        "expert",
+        "finetune",
+        "--data",
+        str(math_subset),
+        "--domain",
+        "math",
+        "--name",
+        "tiny-math",
+        "--steps",
+        "6",
+        "--heldout",
+        "6",
+        "--max-tokens",
+        "48",
+        "--lr",
+        "0.002",
+        "--register",
+        "--json",
+        "--home",
+        str(home),
+    ]
     out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
@@ -39,8 +59,11 @@ def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset
     assert result["registered"] == "tiny-math@0.1.0" and result["heldout_rows"] == 6
     assert result["router"]["version"] == "v0001" and result["router"]["added_domains"] == []
     out_dir = Path(result["out_dir"])
-    assert sorted(p.name for p in out_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                         "manifest.yaml"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "manifest.yaml",
+    ]
     registry = Registry.open(MoseHome.from_env(home))
     try:
         record = registry.get("tiny-math")
@@ -54,8 +77,20 @@ def test_cli_finetune_lowers_heldout_loss_and_registers(base_models, math_subset
 
 
 def test_unknown_domain_is_refused_before_training(base_models, math_subset, tmp_path):
-    cmd = [str(REPO / ".venv/bin/mose"), "expert", "finetune", "--data", str(math_subset), "--domain", "astrology",
-           "--name", "x-astro", "--register", "--home", str(tmp_path / "home")]
+    cmd = [
+        str(REPO / ".venv/bin/mose"),
+        "expert",
+        "finetune",
+        "--data",
+        str(math_subset),
+        "--domain",
+        "astrology",
+        "--name",
+        "x-astro",
+        "--register",
+        "--home",
+        str(tmp_path / "home"),
+    ]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "astrology" in out.stderr and "math" in out.stderr  # names the known domains

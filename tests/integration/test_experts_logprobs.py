@@ -26,7 +26,7 @@ def _scored(pool, expert: str, prompt: list[int], generated: list[int]) -> list[
 
     key = pool._resolve(expert)[1]
     pad = pool.tokenizer.pad_token_id
-    rows = [EncodedPair(input_ids=prompt + generated[:k + 1], answer_len=1) for k in range(len(generated))]
+    rows = [EncodedPair(input_ids=prompt + generated[: k + 1], answer_len=1) for k in range(len(generated))]
     context, adapters = pool._adapter_context(pool._adapter_names([key] * len(rows)))
     with torch.inference_mode(), pool._lock, context:
         sums, _ = answer_logprobs(pool._shared_model(), rows, pad, adapters)
@@ -35,10 +35,10 @@ def _scored(pool, expert: str, prompt: list[int], generated: list[int]) -> list[
 
 @pytest.mark.parametrize("expert", ["base", "alpha"])
 def test_generated_logprobs_equal_the_pools_scoring(pool, expert):
-    request = GenerationRequest(expert=expert, messages=FRANCE,
-                                params={"max_new_tokens": 10, "logprobs": 3})
-    plain, result = pool.generate([
-        GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 10}), request])
+    request = GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 10, "logprobs": 3})
+    plain, result = pool.generate(
+        [GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 10}), request]
+    )
     assert result.text == plain.text and plain.logprobs is None  # recording does not change decoding
     assert result.logprobs is not None and len(result.logprobs) == result.completion_tokens
     tokenizer = pool.tokenizer
@@ -65,10 +65,14 @@ def _ids(tokenizer, result) -> list[int]:
 def test_prompt_logprobs_equal_the_pools_scoring(pool, expert):
     """A raw prompt scored in its prefill (beside a row that does not ask) and continued as it is."""
     text = "The capital of France is Paris, and the capital of Italy is"
-    scored, other = pool.generate([
-        GenerationRequest(expert=expert, messages=FRANCE, prompt=text,
-                          params={"max_new_tokens": 2, "prompt_logprobs": 2}),
-        GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 3})])
+    scored, other = pool.generate(
+        [
+            GenerationRequest(
+                expert=expert, messages=FRANCE, prompt=text, params={"max_new_tokens": 2, "prompt_logprobs": 2}
+            ),
+            GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 3}),
+        ]
+    )
     assert other.prompt_logprobs is None
     ids = pool.tokenizer(text, add_special_tokens=False)["input_ids"]
     entries = scored.prompt_logprobs
@@ -78,7 +82,12 @@ def test_prompt_logprobs_equal_the_pools_scoring(pool, expert):
     for entry, want in zip(entries[1:], expected):
         assert abs(entry.logprob - want) < 1e-4, (entry, want)
         assert len(entry.top) == 2 and entry.top[0].logprob >= entry.logprob - 1e-6
-    by_ids = pool.generate([GenerationRequest(expert=expert, messages=FRANCE, prompt=ids,
-                                              params={"max_new_tokens": 2, "prompt_logprobs": 0})])[0]
+    by_ids = pool.generate(
+        [
+            GenerationRequest(
+                expert=expert, messages=FRANCE, prompt=ids, params={"max_new_tokens": 2, "prompt_logprobs": 0}
+            )
+        ]
+    )[0]
     assert [e.logprob for e in by_ids.prompt_logprobs] == pytest.approx([e.logprob for e in entries], abs=1e-5)
     assert by_ids.text == scored.text

@@ -99,9 +99,14 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
     keys = [pool._resolve(name)[1] for name in ("base", "beta")]
     scorer = pool._trunk_scorer(keys)
     assert scorer is not None and scorer.first_adapted_layer(keys) == 10
-    items = [("What is the capital of France?", "Paris.", ["base", "beta"]),
-             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
-              ["beta", "base"])]
+    items = [
+        ("What is the capital of France?", "Paris.", ["base", "beta"]),
+        (
+            "Explain photosynthesis briefly.",
+            "Plants turn light, water and CO2 into sugar and oxygen.",
+            ["beta", "base"],
+        ),
+    ]
     shared = pool.score_many(items)
     pool.config.shared_trunk, pool.config.batched_lora = False, False
     try:
@@ -118,12 +123,14 @@ def test_shared_trunk_scoring_equals_a_full_pass_per_expert(two_adapters):
     # prompt less its last token (texts without: used when they have a pass to themselves, here
     # a pass of 64 tokens holds one text), each used, and the scores unchanged
     alone = flat_scores(pool, items, score_batch_tokens=64)
-    assert alone == [pytest.approx([v for s in row for v in (s.logp_given_question, s.logp_without_question)],
-                                   abs=1e-4) for row in full]
+    assert alone == [
+        pytest.approx([v for s in row for v in (s.logp_given_question, s.logp_without_question)], abs=1e-4)
+        for row in full
+    ]
     template, unconditional = sorted(scorer.prefixes, key=len)
     assert pool.tokenizer.decode(template).startswith("<|im_start|>system") and len(template) > 20
-    assert unconditional[:len(template)] == template
-    assert pool.tokenizer.decode(unconditional[len(template):]).strip().startswith("<|im_end|>")
+    assert unconditional[: len(template)] == template
+    assert pool.tokenizer.decode(unconditional[len(template) :]).strip().startswith("<|im_end|>")
     assert {len(template), len(unconditional)} == {len(key[0]) for key in scorer._prefixes}
 
 
@@ -132,10 +139,15 @@ def test_adapters_on_the_answer_only_give_the_same_scores_on_every_path(two_adap
     full masked pass per expert agree; the scores differ from adapters on the whole text, and the
     base model's do not."""
     pool = two_adapters
-    items = [("What is the capital of France?", "Paris.", ["base", "alpha", "beta"]),
-             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
-              ["beta", "base"]),
-             ("2 + 2 = ?", "4", ["alpha"])]
+    items = [
+        ("What is the capital of France?", "Paris.", ["base", "alpha", "beta"]),
+        (
+            "Explain photosynthesis briefly.",
+            "Plants turn light, water and CO2 into sugar and oxygen.",
+            ["beta", "base"],
+        ),
+        ("2 + 2 = ?", "4", ["alpha"]),
+    ]
     trunk = flat_scores(pool, items, adapt_question=False)
     plain = flat_scores(pool, items, adapt_question=False, shared_trunk=False)
     alone = [flat_scores(pool, [item], adapt_question=False)[0] for item in items]
@@ -163,14 +175,26 @@ def test_adapters_cost_only_their_own_size(expert_pool):
     ("request_", "error", "message"),
     [
         (_req("nobody"), NotFoundError, "unknown expert 'nobody': this pool serves "),
-        (_req(max_new_tokens=-3), MoseError, "invalid generation request: params.max_new_tokens: Input should be "
-                                              "greater than or equal to 1 (got -3)"),
-        (_req(max_new_tokens=65), MoseError, "invalid generation request: max_new_tokens=65 is above this pool's "
-                                             "limit of 64"),
-        (_req(temperature=-1), MoseError, "invalid generation request: params.temperature: Input should be greater "
-                                          "than or equal to 0 (got -1)"),
-        (_req(temperature=float("nan")), MoseError, "invalid generation request: params.temperature: Input should "
-                                                     "be a finite number (got nan)"),
+        (
+            _req(max_new_tokens=-3),
+            MoseError,
+            "invalid generation request: params.max_new_tokens: Input should be greater than or equal to 1 (got -3)",
+        ),
+        (
+            _req(max_new_tokens=65),
+            MoseError,
+            "invalid generation request: max_new_tokens=65 is above this pool's limit of 64",
+        ),
+        (
+            _req(temperature=-1),
+            MoseError,
+            "invalid generation request: params.temperature: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            _req(temperature=float("nan")),
+            MoseError,
+            "invalid generation request: params.temperature: Input should be a finite number (got nan)",
+        ),
     ],
 )
 def test_bad_requests_give_clear_errors_and_leave_the_pool_intact(expert_pool, request_, error, message):
@@ -271,9 +295,10 @@ def test_batched_lora_decoding_matches_peft_generate(two_adapters):
     for name in ("alpha", "beta"):
         pool._peft.set_adapter(pool._adapters[name])
         with torch.inference_mode():
-            out = pool._peft.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                      do_sample=False)
-        reference = pool.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            out = pool._peft.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+            )
+        reference = pool.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         assert pool.generate([_req(name)])[0].text == reference
 
 
@@ -284,9 +309,14 @@ def test_base_answer_state_is_the_same_from_trunk_branch_and_full_pass(two_adapt
     10-29, so layer 8 is read in the shared trunk and layer 20 in the base row of the branch; both
     equal a plain forward pass with output_hidden_states, and only the base model carries one."""
     pool = two_adapters
-    items = [("What is the capital of France?", "Paris.", ["beta", "base"]),
-             ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen.",
-              ["base", "beta"])]
+    items = [
+        ("What is the capital of France?", "Paris.", ["beta", "base"]),
+        (
+            "Explain photosynthesis briefly.",
+            "Plants turn light, water and CO2 into sugar and oxygen.",
+            ["base", "beta"],
+        ),
+    ]
     shared = pool.score_many(items, adapt_question, state_layer=layer)
     pool.config.shared_trunk, pool.config.batched_lora = False, False
     try:

@@ -22,9 +22,13 @@ def test_every_change_bumps_the_generation_once(registry_backend, mose_home, tmp
             return seen[-1] == seen[-2] + 1
 
         assert seen == [0]
-        reg.add(build_lora_expert(tmp_path / "a1", name="cardio", version="1.0.0", domains=("cardiology",)).manifest_path)
+        reg.add(
+            build_lora_expert(tmp_path / "a1", name="cardio", version="1.0.0", domains=("cardiology",)).manifest_path
+        )
         assert bumped()
-        reg.add(build_lora_expert(tmp_path / "a2", name="cardio", version="1.1.0", domains=("cardiology",)).manifest_path)
+        reg.add(
+            build_lora_expert(tmp_path / "a2", name="cardio", version="1.1.0", domains=("cardiology",)).manifest_path
+        )
         assert bumped()
         reg.activate("cardio", "1.0.0")
         assert bumped()

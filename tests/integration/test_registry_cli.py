@@ -30,7 +30,8 @@ def test_register_activate_verify_end_to_end(mose_home, tmp_path):
     activated = run_mose("expert", "activate", "demo-law", home=home, check=True)
     assert activated.stdout.splitlines() == [
         "demo-law@1.0.0 is now active",
-        "  no router yet: `mose router train` (or `mose up`) trains one that knows every active expert"]
+        "  no router yet: `mose router train` (or `mose up`) trains one that knows every active expert",
+    ]
 
     shown = json.loads(run_mose("expert", "show", "demo-law@1.0.0", "--json", home=home, check=True).stdout)
     assert shown["status"] == "active"
@@ -107,8 +108,13 @@ def test_edited_audit_row_is_detected_by_audit_verify(mose_home, tmp_path):
 
 
 def test_help_texts(mose_home):
-    for args in (["expert", "--help"], ["expert", "add", "--help"], ["keys", "generate", "--help"],
-                 ["audit", "verify", "--help"], ["expert", "sign", "--help"]):
+    for args in (
+        ["expert", "--help"],
+        ["expert", "add", "--help"],
+        ["keys", "generate", "--help"],
+        ["audit", "verify", "--help"],
+        ["expert", "sign", "--help"],
+    ):
         result = run_mose(*args, home=mose_home.root, check=True)
         assert "usage: mose" in result.stdout
     assert "--files FILES" in run_mose("expert", "add", "--help", home=mose_home.root).stdout
@@ -120,20 +126,37 @@ def test_oms_round_trip_keys_sign_add(mose_home, tmp_path):
     """`mose keys generate --type p256`, `mose expert sign --format oms`, `mose expert add DIR`, and the
     library's own CLI on both sides: it verifies what mose signs, and mose accepts what it signs."""
     home = mose_home.root
-    generated = json.loads(run_mose("keys", "generate", "law-team", "--type", "p256", "--json", home=home,
-                                    check=True).stdout)
+    generated = json.loads(
+        run_mose("keys", "generate", "law-team", "--type", "p256", "--json", home=home, check=True).stdout
+    )
     assert (generated["type"], generated["private_key"]) == ("p256", str(mose_home.keys_dir / "law-team.p256.key"))
-    trusted = json.loads(run_mose("keys", "trust", "law-team", generated["public_key"], "--require", "--json",
-                                  home=home, check=True).stdout)
+    trusted = json.loads(
+        run_mose(
+            "keys", "trust", "law-team", generated["public_key"], "--require", "--json", home=home, check=True
+        ).stdout
+    )
     assert (trusted["type"], trusted["fingerprint"]) == ("p256", generated["fingerprint"])
 
     expert = build_lora_expert(tmp_path / "demo-law", owner="law-team")
-    signed = json.loads(run_mose("expert", "sign", str(expert.manifest_path), "--format", "oms", "--key",
-                                 generated["private_key"], "--json", home=home, check=True).stdout)
+    signed = json.loads(
+        run_mose(
+            "expert",
+            "sign",
+            str(expert.manifest_path),
+            "--format",
+            "oms",
+            "--key",
+            generated["private_key"],
+            "--json",
+            home=home,
+            check=True,
+        ).stdout
+    )
     assert signed["bundle"] == str(expert.root / "model.sig")
     assert sorted(signed["files"]) == ["adapter_config.json", "adapter_model.safetensors", "manifest.yaml"]
-    library = _model_signing("verify", "key", str(expert.root), "--signature", signed["bundle"],
-                             "--public_key", generated["public_key"])
+    library = _model_signing(
+        "verify", "key", str(expert.root), "--signature", signed["bundle"], "--public_key", generated["public_key"]
+    )
     assert library.returncode == 0 and "Verification succeeded" in library.stdout
 
     added = run_mose("expert", "add", str(expert.root), home=home, check=True)
@@ -143,12 +166,23 @@ def test_oms_round_trip_keys_sign_add(mose_home, tmp_path):
     ]
     shown = json.loads(run_mose("expert", "show", "demo-law", "--json", home=home, check=True).stdout)
     assert shown["provenance"]["oms"]["fingerprint"] == generated["fingerprint"]
-    assert f"  OMS bundle: verified with the key of law-team ({generated['fingerprint']})" in run_mose(
-        "expert", "show", "demo-law", home=home, check=True).stdout.splitlines()
+    assert (
+        f"  OMS bundle: verified with the key of law-team ({generated['fingerprint']})"
+        in run_mose("expert", "show", "demo-law", home=home, check=True).stdout.splitlines()
+    )
 
     extra = build_lora_expert(tmp_path / "extra-law", name="extra-law", owner="law-team")
-    run_mose("expert", "sign", str(extra.manifest_path), "--format", "oms", "--key", generated["private_key"],
-             home=home, check=True)
+    run_mose(
+        "expert",
+        "sign",
+        str(extra.manifest_path),
+        "--format",
+        "oms",
+        "--key",
+        generated["private_key"],
+        home=home,
+        check=True,
+    )
     (extra.root / "notes.json").write_text("{}")
     refused = run_mose("expert", "add", str(extra.root), home=home)
     assert refused.returncode == 2
@@ -158,8 +192,15 @@ def test_oms_round_trip_keys_sign_add(mose_home, tmp_path):
     )
 
     by_library = build_lora_expert(tmp_path / "lib-law", name="lib-law", owner="law-team")
-    library = _model_signing("sign", "key", str(by_library.root), "--private_key", generated["private_key"],
-                             "--signature", str(by_library.root / "model.sig"))
+    library = _model_signing(
+        "sign",
+        "key",
+        str(by_library.root),
+        "--private_key",
+        generated["private_key"],
+        "--signature",
+        str(by_library.root / "model.sig"),
+    )
     assert library.returncode == 0, library.stderr
     run_mose("expert", "add", str(by_library.manifest_path), home=home, check=True)
     listed = json.loads(run_mose("expert", "list", "--json", home=home, check=True).stdout)

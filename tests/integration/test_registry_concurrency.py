@@ -15,16 +15,25 @@ WORKERS, PER_WORKER = 4, 25
 
 def test_four_processes_register_100_experts(registry_backend, mose_home, tmp_path):
     batches = [
-        [str(build_lora_expert(tmp_path / f"w{w}-{i}", name=f"law-w{w}-{i}", layers=1, seed=w * 100 + i).root)
-         for i in range(PER_WORKER)]
+        [
+            str(build_lora_expert(tmp_path / f"w{w}-{i}", name=f"law-w{w}-{i}", layers=1, seed=w * 100 + i).root)
+            for i in range(PER_WORKER)
+        ]
         for w in range(WORKERS)
     ]
     go = tmp_path / "go"
-    code = "import sys, json; from tests._fixtures.registry import register_many; " \
-           "register_many(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+    code = (
+        "import sys, json; from tests._fixtures.registry import register_many; "
+        "register_many(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3])"
+    )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(mose_home.root), json.dumps(batch), str(go)],
-                         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(mose_home.root), json.dumps(batch), str(go)],
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for batch in batches
     ]
     go.touch()

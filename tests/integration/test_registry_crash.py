@@ -36,7 +36,10 @@ def test_sigkill_while_copying_leaves_whole_expert_or_nothing(registry_backend, 
     env = {**os.environ, "MOSE_HOME": str(mose_home.root), "MOSE_TEST_COPY_CHUNK_DELAY_S": "0.5"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "expert", "add", str(big.manifest_path)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     weights_sha = big.manifest["files"]["adapter_model.safetensors"]
     parts = _wait_for_partial_copy(mose_home.artifacts_dir / "tmp", proc, weights_sha[:12])
@@ -74,8 +77,11 @@ def _wait_for_upload(url, proc, sha, timeout_s=60.0):
     with psycopg.connect(url, autocommit=True) as conn:
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"registration ended before it could be killed: {proc.communicate()}"
-            held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid"
-                                " AND objid = hashtext(%s)::oid AND granted", (BLOB_LOCK_CLASS, sha)).fetchone()[0]
+            held = conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid"
+                " AND objid = hashtext(%s)::oid AND granted",
+                (BLOB_LOCK_CLASS, sha),
+            ).fetchone()[0]
             if held:
                 return
             time.sleep(0.02)
@@ -90,7 +96,10 @@ def test_sigkill_while_uploading_to_postgres_leaves_nothing(postgres_url, mose_h
     env = {**os.environ, "MOSE_HOME": str(mose_home.root), "MOSE_TEST_COPY_CHUNK_DELAY_S": "0.5"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "serve.cli", "expert", "add", str(big.manifest_path)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     _wait_for_upload(postgres_url, proc, weights_sha)
     os.kill(proc.pid, signal.SIGKILL)

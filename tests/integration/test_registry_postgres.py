@@ -50,8 +50,9 @@ def _history(home, tmp_path, label) -> dict:
     """The same changes on whichever store MOSE_REGISTRY_URL names; what they leave, minus times."""
     with Registry.open(home) as reg:
         for version, seed in (("1.0.0", 1), ("1.2.0", 2), ("1.10.0", 3)):
-            reg.add(build_lora_expert(tmp_path / label / version, name="demo-law", version=version, seed=seed)
-                    .manifest_path)
+            reg.add(
+                build_lora_expert(tmp_path / label / version, name="demo-law", version=version, seed=seed).manifest_path
+            )
         reg.add(build_lora_expert(tmp_path / label / "b", name="demo_law", seed=4).manifest_path)
         reg.add_domain("maritime_law", parent="law")
         reg.activate("demo-law", "1.0.0")
@@ -118,11 +119,13 @@ def test_a_node_with_an_empty_home_fetches_verified_blobs(tmp_path, postgres_url
         assert not node.artifacts.has(weights) and not any(node.artifacts.tmp_root.glob("*"))
         check = node.verify_files("demo-law")
         assert not check.ok and check.problems == [
-            f"adapter_model.safetensors: blob {weights} is missing from {node.artifacts.path_for(weights).parent}"]
+            f"adapter_model.safetensors: blob {weights} is missing from {node.artifacts.path_for(weights).parent}"
+        ]
         with pytest.raises(ArtifactError) as caught:
             read_verified(node, node.active("demo-law"))
-        assert "adapter_model.safetensors is missing from the artifact store; the expert was quarantined" \
-            in str(caught.value)
+        assert "adapter_model.safetensors is missing from the artifact store; the expert was quarantined" in str(
+            caught.value
+        )
         assert node.get("demo-law").status == "quarantined" and node.audit_verify().ok
 
 

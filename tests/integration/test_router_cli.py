@@ -24,7 +24,9 @@ def mose(*args: str, home: Path) -> subprocess.CompletedProcess:
 
 
 def test_eval_prints_exactly_one_json_object_with_the_contract_keys(trained_router_home, tmp_path):
-    rows = [r for r in load_jsonl(current_dir(trained_router_home.router_dir) / HELDOUT_ROWS) if r.domain != UNSEEN_DOMAIN]
+    rows = [
+        r for r in load_jsonl(current_dir(trained_router_home.router_dir) / HELDOUT_ROWS) if r.domain != UNSEEN_DOMAIN
+    ]
     data = tmp_path / "eval.jsonl"
     write_jsonl(rows[:80], data)
     plots = tmp_path / "plots"
@@ -45,7 +47,9 @@ def test_eval_prints_exactly_one_json_object_with_the_contract_keys(trained_rout
 
 
 def test_route_json_and_status(trained_router_home):
-    done = mose("router", "route", "What are the symptoms of iron deficiency anemia?", "--json", home=trained_router_home.root)
+    done = mose(
+        "router", "route", "What are the symptoms of iron deficiency anemia?", "--json", home=trained_router_home.root
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     decision = json.loads(done.stdout)
     assert decision["domain"] == "medicine" and decision["provider"].endswith("ExecutionProvider")

@@ -23,8 +23,14 @@ def router_graphs(tmp_path_factory):
     from router_model.export import ONNX_FP32, ONNX_INT8, export_onnx, quantize_int8
     from router_model.model import net_from_config
 
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     torch.manual_seed(0)
     net = net_from_config(config, num_labels=6).eval()
     directory = tmp_path_factory.mktemp("router-graph")
@@ -37,7 +43,7 @@ def _batch(rows: int, length: int, seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 1000, size=(rows, length), dtype=np.int64)
     mask = np.ones_like(ids)
-    mask[1::2, length // 2:] = 0  # every other row padded: the mask must reach the CUDA kernels
+    mask[1::2, length // 2 :] = 0  # every other row padded: the mask must reach the CUDA kernels
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -47,7 +53,8 @@ def test_router_graph_runs_on_the_cuda_provider_and_agrees_with_cpu(router_graph
     from router_model.runtime import choose_providers, open_session
 
     assert choose_providers(True)[0] == "CUDAExecutionProvider", (
-        "ONNX Runtime lists no CUDA provider on a CUDA machine: install onnxruntime-gpu, not onnxruntime")
+        "ONNX Runtime lists no CUDA provider on a CUDA machine: install onnxruntime-gpu, not onnxruntime"
+    )
     cuda = open_session(router_graphs[graph], choose_providers(use_cuda=True))
     cpu = open_session(router_graphs[graph], choose_providers(use_cuda=False))
     assert cuda.get_providers()[0] == "CUDAExecutionProvider"  # not the silent CPU fallback

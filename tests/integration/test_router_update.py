@@ -25,7 +25,9 @@ def law_example_queries(shared_data, heldout_texts: set[str], count: int = 30) -
 
     config = RouterConfig()
     train, _ = split_heldout(load_jsonl(shared_data / "routing_dev.jsonl"), config.heldout_fraction, config.split_salt)
-    law = [r for r in train if r.domain == UNSEEN_DOMAIN and normalise(r.query) not in heldout_texts and len(r.query) < 400]
+    law = [
+        r for r in train if r.domain == UNSEEN_DOMAIN and normalise(r.query) not in heldout_texts and len(r.query) < 400
+    ]
     by_source: dict[str, list[str]] = {}
     for row in law:
         by_source.setdefault(row.source, []).append(row.query)
@@ -50,7 +52,9 @@ def test_new_domain_is_learned_without_retraining(router_home_copy, shared_data,
     assert len(law_heldout) >= 10
 
     queries = law_example_queries(shared_data, {normalise(r.query) for r in heldout})
-    expert = build_lora_expert(tmp_path / "law-expert", name="law-helper", domains=(UNSEEN_DOMAIN,), example_queries=queries)
+    expert = build_lora_expert(
+        tmp_path / "law-expert", name="law-helper", domains=(UNSEEN_DOMAIN,), example_queries=queries
+    )
     with Registry.open(home) as reg:
         reg.add(expert.manifest_path)
         reg.activate("law-helper")

@@ -55,9 +55,13 @@ CARDIOLOGY_QUERIES = [
 
 CLEAR_CARDIOLOGY = "My cardiologist says I have atrial fibrillation; how is an irregular heartbeat treated?"
 OTHERS = ["What are the symptoms of type 2 diabetes?", "If 3x + 5 = 20, what is the value of x?"]
-MEDICINE = ["What are the symptoms of type 2 diabetes?", "How is a broken arm treated in the emergency room?",
-            "What vaccines protect children against measles?", "What are the side effects of ibuprofen?",
-            "How is a urinary tract infection diagnosed?"]
+MEDICINE = [
+    "What are the symptoms of type 2 diabetes?",
+    "How is a broken arm treated in the emergency room?",
+    "What vaccines protect children against measles?",
+    "What are the side effects of ibuprofen?",
+    "How is a urinary tract infection diagnosed?",
+]
 
 
 def readme_registration() -> tuple[dict, list[str]]:
@@ -74,8 +78,9 @@ def readme_registration() -> tuple[dict, list[str]]:
 def readme_server(trained_router_home, base_models, tmp_path_factory):
     """A server of its own (this test changes its router): the session's small router, which
     knows medicine but not cardiology, and a medicine and a math expert."""
-    home = home_with_lora_experts(trained_router_home.root, tmp_path_factory, "readme",
-                                  [("med-expert", "medicine"), ("math-expert", "math")])
+    home = home_with_lora_experts(
+        trained_router_home.root, tmp_path_factory, "readme", [("med-expert", "medicine"), ("math-expert", "math")]
+    )
     port, log = free_port(), tmp_path_factory.mktemp("readme-log") / "serve.log"
     ray_dir = Path(tempfile.mkdtemp(prefix="mose-ray-"))
     proc = start_server(home, port, log, extra_env={"RAY_TMPDIR": str(ray_dir)})
@@ -98,8 +103,9 @@ def _cardio_folder(workdir: Path, manifest: dict) -> None:
     for relpath in manifest["files"]:
         shutil.copy(source / relpath, folder / relpath)
         files[relpath] = yaml.safe_load((source / "manifest.yaml").read_text())["files"][relpath]
-    (folder / "manifest.yaml").write_text(yaml.safe_dump({**manifest, "files": files,
-                                                          "example_queries": CARDIOLOGY_QUERIES}, sort_keys=False))
+    (folder / "manifest.yaml").write_text(
+        yaml.safe_dump({**manifest, "files": files, "example_queries": CARDIOLOGY_QUERIES}, sort_keys=False)
+    )
 
 
 class Traffic:
@@ -116,14 +122,25 @@ class Traffic:
             while not self.stop.is_set():
                 query = self.queries[(index + n) % len(self.queries)]
                 stream = n % 2 == 1
-                body = {"model": "auto", "messages": [{"role": "user", "content": query}], "max_tokens": 2,
-                        "temperature": 0, "stream": stream}
+                body = {
+                    "model": "auto",
+                    "messages": [{"role": "user", "content": query}],
+                    "max_tokens": 2,
+                    "temperature": 0,
+                    "stream": stream,
+                }
                 response = client.post("/v1/chat/completions", json=body)
                 problem = None
                 if stream and response.status_code == 200 and '"error"' in response.text:
                     problem = response.text[-500:]  # an error after the stream started is reported in-band
-                self.outcomes.append((time.monotonic(), response.status_code, response.headers.get("x-mose-expert"),
-                                      problem or (response.text[-300:] if response.status_code != 200 else None)))
+                self.outcomes.append(
+                    (
+                        time.monotonic(),
+                        response.status_code,
+                        response.headers.get("x-mose-expert"),
+                        problem or (response.text[-300:] if response.status_code != 200 else None),
+                    )
+                )
                 n += 1
 
     def __enter__(self) -> Traffic:
@@ -141,52 +158,77 @@ def test_readme_registration_is_routable_within_10_s_and_nothing_fails_meanwhile
     url, home, log = readme_server
     manifest, commands = readme_registration()
     assert manifest["name"] == "cardio-helper" and manifest["domains"] == ["cardiology"]
-    assert [c.split()[:3] for c in commands] == [[".venv/bin/mose", "expert", "add"],
-                                                 [".venv/bin/mose", "expert", "activate"]]
+    assert [c.split()[:3] for c in commands] == [
+        [".venv/bin/mose", "expert", "add"],
+        [".venv/bin/mose", "expert", "activate"],
+    ]
     _cardio_folder(tmp_path, manifest)
     (tmp_path / ".venv").symlink_to(REPO_ROOT / ".venv")  # the commands run as written, from a checkout's root
     env = {**os.environ, "MOSE_HOME": str(home)}
 
     with httpx.Client(base_url=url, timeout=120) as client:
-        before = client.post("/v1/chat/completions", json={
-            "model": "auto", "messages": [{"role": "user", "content": CLEAR_CARDIOLOGY}], "max_tokens": 2})
+        before = client.post(
+            "/v1/chat/completions",
+            json={"model": "auto", "messages": [{"role": "user", "content": CLEAR_CARDIOLOGY}], "max_tokens": 2},
+        )
         assert before.status_code == 200 and before.json()["mose"]["expert"] != "cardio-helper", before.text
 
     with Traffic(url, [CLEAR_CARDIOLOGY, *OTHERS]) as traffic:
         time.sleep(1.0)
         started = time.monotonic()
         for command in commands:
-            done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True,
-                                  timeout=600)
+            done = subprocess.run(
+                command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+            )
             assert done.returncode == 0, f"{command}:\n{done.stdout}\n{done.stderr[-3000:]}"
         commands_done = time.monotonic()
         assert "router v0002 learned cardiology" in done.stdout, done.stdout
         routed_after = None
         with httpx.Client(base_url=url, timeout=120) as client:
             while time.monotonic() - commands_done < ROUTABLE_WITHIN_S:
-                reply = client.post("/v1/chat/completions", json={
-                    "model": "auto", "messages": [{"role": "user", "content": CLEAR_CARDIOLOGY}], "max_tokens": 2})
+                reply = client.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "auto",
+                        "messages": [{"role": "user", "content": CLEAR_CARDIOLOGY}],
+                        "max_tokens": 2,
+                    },
+                )
                 assert reply.status_code == 200, reply.text
                 if reply.json()["mose"]["expert"] == "cardio-helper":
                     routed_after = time.monotonic() - commands_done
                     assert reply.json()["mose"]["domain"] == "cardiology"
                     break
                 time.sleep(0.1)
-            by_name = client.post("/v1/chat/completions", json={
-                "model": "cardio-helper", "messages": [{"role": "user", "content": "Is my heart healthy?"}],
-                "max_tokens": 2})
+            by_name = client.post(
+                "/v1/chat/completions",
+                json={
+                    "model": "cardio-helper",
+                    "messages": [{"role": "user", "content": "Is my heart healthy?"}],
+                    "max_tokens": 2,
+                },
+            )
             assert by_name.status_code == 200, by_name.text
         time.sleep(1.0)
 
-    assert routed_after is not None, (f"not routed to cardio-helper within {ROUTABLE_WITHIN_S} s of the commands "
-                                      f"({commands_done - started:.1f} s):\n{log.read_text()[-3000:]}")
+    assert routed_after is not None, (
+        f"not routed to cardio-helper within {ROUTABLE_WITHIN_S} s of the commands "
+        f"({commands_done - started:.1f} s):\n{log.read_text()[-3000:]}"
+    )
     failed = [o for o in traffic.outcomes if o[1] != 200 or o[3] is not None]
     assert not failed, failed[:5]
     during = [o for o in traffic.outcomes if started <= o[0] <= commands_done + routed_after]
     assert len(during) >= 3, len(during)
-    print(json.dumps({"commands_s": round(commands_done - started, 1), "routed_after_s": round(routed_after, 2),
-                      "requests": len(traffic.outcomes),
-                      "to_cardio_helper": sum(o[2] == "cardio-helper" for o in traffic.outcomes)}))
+    print(
+        json.dumps(
+            {
+                "commands_s": round(commands_done - started, 1),
+                "routed_after_s": round(routed_after, 2),
+                "requests": len(traffic.outcomes),
+                "to_cardio_helper": sum(o[2] == "cardio-helper" for o in traffic.outcomes),
+            }
+        )
+    )
 
 
 def test_new_experts_for_a_known_domain_take_over_without_a_404(readme_server, tmp_path):

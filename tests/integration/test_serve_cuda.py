@@ -51,11 +51,14 @@ def gpu_server(tmp_path_factory):
 
 def _gpus_total_and_free(ray_dir: Path) -> tuple[float, float]:
     """Ray's own accounting, read by a driver attached to the server's cluster."""
-    code = ("import ray; ray.init(address='auto', log_to_driver=False); "
-            "print(ray.cluster_resources().get('GPU', 0), ray.available_resources().get('GPU', 0))")
+    code = (
+        "import ray; ray.init(address='auto', log_to_driver=False); "
+        "print(ray.cluster_resources().get('GPU', 0), ray.available_resources().get('GPU', 0))"
+    )
     env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_AUTH_MODE": "disabled"}
-    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120,
-                         env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     total, free = out.stdout.split()[-2:]
     return float(total), float(free)
@@ -73,9 +76,15 @@ def test_the_pool_and_full_experts_share_one_gpu_in_the_configured_fractions(gpu
 def test_the_pool_replica_holds_a_fraction_of_the_gpu_and_serves_an_expert_from_it(gpu_server):
     with gpu_server.client() as client:
         health = client.get("/healthz").json()
-        reply = client.post("/v1/chat/completions", json={
-            "model": "med-expert", "max_tokens": 8, "temperature": 0,
-            "messages": [{"role": "user", "content": "What causes high blood pressure?"}]})
+        reply = client.post(
+            "/v1/chat/completions",
+            json={
+                "model": "med-expert",
+                "max_tokens": 8,
+                "temperature": 0,
+                "messages": [{"role": "user", "content": "What causes high blood pressure?"}],
+            },
+        )
     pool = health["expert_pool"]
     assert pool["device"] == "cuda", health
     assert pool["gpu_ids"] == ["0"], health  # Ray gave the replica (part of) GPU 0

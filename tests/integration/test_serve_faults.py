@@ -34,16 +34,27 @@ ADMISSION_LIMIT = 6
 POOL = "ExpertPool"
 
 
-def chat(client: httpx.Client, model: str, content: str = "What causes high blood pressure?",
-         max_tokens: int = 8) -> httpx.Response:
-    return client.post("/v1/chat/completions", json={
-        "model": model, "max_tokens": max_tokens, "temperature": 0, "messages": [{"role": "user", "content": content}]})
+def chat(
+    client: httpx.Client, model: str, content: str = "What causes high blood pressure?", max_tokens: int = 8
+) -> httpx.Response:
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": content}],
+        },
+    )
 
 
 def refusal_is_clear(response: httpx.Response) -> bool:
     """A 429/503 that tells the client when to come back, with an OpenAI-shaped message."""
-    return (response.status_code in (429, 503) and response.headers.get("retry-after") is not None
-            and bool(response.json()["error"]["message"]))
+    return (
+        response.status_code in (429, 503)
+        and response.headers.get("retry-after") is not None
+        and bool(response.json()["error"]["message"])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +69,17 @@ def loadgen():
 
 @pytest.fixture(scope="module")
 def first_server(fault_home, tmp_path_factory):
-    env = {"MOSE_SERVE__LIMITS__MAX_QUEUED_REQUESTS": str(ADMISSION_LIMIT),
-           "MOSE_TEST_COPY_CHUNK_DELAY_S": "0.5"}  # registry hook: 0.5 s pause per MiB copied
+    env = {
+        "MOSE_SERVE__LIMITS__MAX_QUEUED_REQUESTS": str(ADMISSION_LIMIT),
+        "MOSE_TEST_COPY_CHUNK_DELAY_S": "0.5",
+    }  # registry hook: 0.5 s pause per MiB copied
     run = launch(fault_home, tmp_path_factory.mktemp("fault-log") / "first.log", env)
     yield run
     run.kill_everything()
 
 
 # ---------------------------------------------------------------- overload and a killed replica
+
 
 def test_a_burst_beyond_the_admission_limit_is_answered_or_refused_with_retry_after(first_server):
     def one(_: int) -> httpx.Response:
@@ -86,8 +100,14 @@ def test_killed_pool_replica_is_replaced_and_requests_in_flight_get_an_answer_or
     assert len(old) == 1, f"expected one {POOL} replica, found {old}"
     with ThreadPoolExecutor(max_workers=4) as pool:
         # 3 load clients + 3 single requests stay within the admission limit: none is refused for capacity.
-        load = pool.submit(loadgen.run_load, first_server.url, clients=3, seconds=45,
-                           experts=["med-expert", "math-expert"], timeout_s=240.0)
+        load = pool.submit(
+            loadgen.run_load,
+            first_server.url,
+            clients=3,
+            seconds=45,
+            experts=["med-expert", "math-expert"],
+            timeout_s=240.0,
+        )
         in_flight = [pool.submit(_chat_once, first_server, model) for model in ("auto", "med-expert", "math-expert")]
         wait_for(lambda: _busy(first_server), 60, "requests in flight in the pool")
         os.kill(old[0], signal.SIGKILL)
@@ -117,11 +137,13 @@ def _busy(server: ServerRun) -> bool:
     """The pool has started decoding (a batch was observed) or requests are waiting on it."""
     with server.client(timeout=30) as client:
         text = client.get("/metrics").text
-    return any(line.startswith("mose_expert_batch_size_count") and float(line.split()[1]) > 0
-               for line in text.splitlines())
+    return any(
+        line.startswith("mose_expert_batch_size_count") and float(line.split()[1]) > 0 for line in text.splitlines()
+    )
 
 
 # ---------------------------------------------------------------- SIGKILL during a registration
+
 
 @dataclass
 class Crash:
@@ -147,12 +169,21 @@ def crashed(first_server, tmp_path_factory) -> Crash:
     body = upload_body(big.manifest_path)
     upload = threading.Thread(target=_post_ignoring_the_crash, args=(first_server, body), daemon=True)
     upload.start()
-    parts = wait_for(lambda: [p for p in (home.artifacts_dir / "tmp").glob(f"{weights_sha[:12]}.*.part")
-                              if p.stat().st_size > 0], 120, "the upload's weights to be part-copied", every_s=0.02)
+    parts = wait_for(
+        lambda: [p for p in (home.artifacts_dir / "tmp").glob(f"{weights_sha[:12]}.*.part") if p.stat().st_size > 0],
+        120,
+        "the upload's weights to be part-copied",
+        every_s=0.02,
+    )
     first_server.kill_everything()
     upload.join(timeout=30)
-    return Crash(body=body, weights_sha=weights_sha, before=before, partial_bytes=parts[0].stat().st_size,
-                 full_bytes=(big.root / "adapter_model.safetensors").stat().st_size)
+    return Crash(
+        body=body,
+        weights_sha=weights_sha,
+        before=before,
+        partial_bytes=parts[0].stat().st_size,
+        full_bytes=(big.root / "adapter_model.safetensors").stat().st_size,
+    )
 
 
 def _post_ignoring_the_crash(server: ServerRun, body: dict) -> None:
@@ -178,6 +209,7 @@ def test_sigkill_mid_registration_leaves_the_registry_consistent(crashed, fault_
 
 
 # ---------------------------------------------------------------- restart on damaged files
+
 
 @dataclass
 class Damage:
@@ -228,7 +260,7 @@ def _garble(path: Path) -> bytes:
     original = path.read_bytes()
     data = bytearray(original)
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     path.write_bytes(bytes(data))
     return original
 

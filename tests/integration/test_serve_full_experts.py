@@ -21,16 +21,22 @@ def _register_full(client, admin, folder, name, seed):
     manifest_path = write_full_expert(folder, name, seed=seed, domain="science")
     manifest = yaml.safe_load(manifest_path.read_text())
     files = {rel: base64.b64encode((manifest_path.parent / rel).read_bytes()).decode() for rel in manifest["files"]}
-    response = client.post("/v1/experts", json={"manifest": manifest, "files": files, "activate": True},
-                           headers=admin)
+    response = client.post("/v1/experts", json={"manifest": manifest, "files": files, "activate": True}, headers=admin)
     assert response.status_code == 200, response.text
     assert response.json()["kind"] == "full"
 
 
 def _chat(client, model, **extra):
-    return client.post("/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "Name a planet."}], "max_tokens": 4,
-        "temperature": 0, **extra})
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a planet."}],
+            "max_tokens": 4,
+            "temperature": 0,
+            **extra,
+        },
+    )
 
 
 def _loaded(client) -> list[str]:
@@ -64,9 +70,17 @@ def test_a_full_expert_streams_like_any_other(served, tmp_path):
     with served.client() as client:
         _register_full(client, served.admin(), tmp_path, "full-stream", 7)
         try:
-            with client.stream("POST", "/v1/chat/completions", json={
-                    "model": "full-stream", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
-                    "temperature": 0, "stream": True}) as response:
+            with client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": "full-stream",
+                    "messages": [{"role": "user", "content": "Hi"}],
+                    "max_tokens": 4,
+                    "temperature": 0,
+                    "stream": True,
+                },
+            ) as response:
                 assert response.status_code == 200
                 events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]"

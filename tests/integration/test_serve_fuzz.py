@@ -74,11 +74,22 @@ def fuzz_operation(operation: Any, mode: Any, examples: int, served: Any, report
         status_code_conformance,
     )
 
-    checks = [not_a_server_error, status_code_conformance, content_type_conformance,
-              response_headers_conformance, response_schema_conformance]
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_headers_conformance,
+        response_schema_conformance,
+    ]
 
-    @settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
     @given(case=operation.as_strategy(generation_mode=mode))
     def one(case):
         tame(case)
@@ -88,8 +99,10 @@ def fuzz_operation(operation: Any, mode: Any, examples: int, served: Any, report
         try:
             case.validate_response(response, checks=checks)
         except (Exception, BaseExceptionGroup) as exc:  # collected, so one run reports every failure
-            report.failures.append(f"{case.method} {case.path} {mode} -> {response.status_code}: {str(exc)[:600]}\n"
-                                   f"  body sent: {json.dumps(case.body, default=repr)[:4000]}")
+            report.failures.append(
+                f"{case.method} {case.path} {mode} -> {response.status_code}: {str(exc)[:600]}\n"
+                f"  body sent: {json.dumps(case.body, default=repr)[:4000]}"
+            )
 
     try:
         one()
@@ -125,9 +138,11 @@ def test_every_generated_request_gets_a_documented_answer_and_no_5xx(served):
     for operation, mode, examples in fuzz_plan(operations, total):
         fuzz_operation(operation, mode, examples, served, report)
     seconds = time.perf_counter() - started
-    print(f"\nfuzz: {report.requests} requests in {seconds:.0f} s; statuses {dict(sorted(report.statuses.items()))}; "
-          f"5xx: {report.server_errors()}; per operation {dict(report.per_operation)}; "
-          f"no data of that kind: {report.unsatisfiable}")
+    print(
+        f"\nfuzz: {report.requests} requests in {seconds:.0f} s; statuses {dict(sorted(report.statuses.items()))}; "
+        f"5xx: {report.server_errors()}; per operation {dict(report.per_operation)}; "
+        f"no data of that kind: {report.unsatisfiable}"
+    )
     assert report.server_errors() == 0 and not report.failures, "\n".join(report.failures[:20])
     assert report.requests >= total and not report.unsatisfiable
     assert len(report.per_operation) == len(operations)

@@ -21,9 +21,16 @@ CLEAR = [
 
 
 def chat(client, content, model="auto", **extra):
-    return client.post("/v1/chat/completions",
-                       json={"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8,
-                             "temperature": 0, **extra})
+    return client.post(
+        "/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 8,
+            "temperature": 0,
+            **extra,
+        },
+    )
 
 
 @pytest.mark.parametrize("query, domain, expert", CLEAR)
@@ -45,11 +52,17 @@ def test_official_openai_client_works_unchanged(served):
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
     models = [m.id for m in client.models.list()]
     assert {"auto", "med-expert", "math-expert"} <= set(models)
-    reply = client.chat.completions.create(model="med-expert", max_tokens=8, temperature=0,
-                                           messages=[{"role": "user", "content": "What is asthma?"}])
+    reply = client.chat.completions.create(
+        model="med-expert", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "What is asthma?"}]
+    )
     assert reply.choices[0].message.content and reply.model == "med-expert"
-    stream = client.chat.completions.create(model="auto", max_tokens=8, temperature=0, stream=True,
-                                            messages=[{"role": "user", "content": "Solve 2x = 10 for x."}])
+    stream = client.chat.completions.create(
+        model="auto",
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        messages=[{"role": "user", "content": "Solve 2x = 10 for x."}],
+    )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices]
     assert "".join(pieces).strip()
     completion = client.completions.create(model="math-expert", prompt="2 + 2 =", max_tokens=4, temperature=0)
@@ -61,19 +74,29 @@ def test_openai_fields_on_the_real_pool(served):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
     question = [{"role": "user", "content": "What is asthma?"}]
-    reply = client.chat.completions.create(model="med-expert", max_tokens=6, temperature=0, n=2, logprobs=True,
-                                           top_logprobs=2, messages=question)
+    reply = client.chat.completions.create(
+        model="med-expert", max_tokens=6, temperature=0, n=2, logprobs=True, top_logprobs=2, messages=question
+    )
     first, second = reply.choices
     assert first.message.content == second.message.content and reply.usage.completion_tokens == 12
     content = first.logprobs.content
     assert len(content) == 6 and all(e.logprob <= 0 and len(e.top_logprobs) == 2 for e in content)
     assert all(e.top_logprobs[0].token == e.token for e in content)  # greedy: the most likely token
     assert "".join(e.token for e in content) == first.message.content
-    text = client.completions.create(model="med-expert", prompt="What is asthma?", max_tokens=6, temperature=0,
-                                     logprobs=1)
+    text = client.completions.create(
+        model="med-expert", prompt="What is asthma?", max_tokens=6, temperature=0, logprobs=1
+    )
     assert text.choices[0].logprobs.token_logprobs == pytest.approx([e.logprob for e in content], abs=1e-4)
-    chunks = list(client.chat.completions.create(model="med-expert", max_tokens=6, temperature=0, stream=True,
-                                                 stream_options={"include_usage": True}, messages=question))
+    chunks = list(
+        client.chat.completions.create(
+            model="med-expert",
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            messages=question,
+        )
+    )
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == first.message.content
 
@@ -101,7 +124,7 @@ def test_lm_eval_loglikelihood_requests_score_the_prompt(served):
 
 
 def _sse_events(response) -> list:
-    events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     return [e if e == "[DONE]" else json.loads(e) for e in events]
 
 
@@ -121,13 +144,18 @@ def test_streaming_is_server_sent_events_ending_with_done(served):
     assert chunks[-1]["choices"][0]["finish_reason"] == whole["finish_reason"]
 
 
-@pytest.mark.parametrize("extra, reason", [({"max_tokens": 2}, "length"),
-                                           ({"max_tokens": 40, "stop": ["Paris"]}, "stop")])
+@pytest.mark.parametrize(
+    "extra, reason", [({"max_tokens": 2}, "length"), ({"max_tokens": 40, "stop": ["Paris"]}, "stop")]
+)
 @pytest.mark.parametrize("endpoint", ["chat/completions", "completions"])
 def test_finish_reason_is_what_happened_streamed_or_not(served, endpoint, extra, reason):
     question = "What is the capital of France?"
     body = {"model": "base", "temperature": 0, **extra}
-    body |= {"messages": [{"role": "user", "content": question}]} if endpoint == "chat/completions" else {"prompt": question}
+    body |= (
+        {"messages": [{"role": "user", "content": question}]}
+        if endpoint == "chat/completions"
+        else {"prompt": question}
+    )
     with served.client() as client:
         whole = client.post(f"/v1/{endpoint}", json=body).json()
         with client.stream("POST", f"/v1/{endpoint}", json={**body, "stream": True}) as response:
@@ -141,8 +169,13 @@ def test_a_client_that_disconnects_mid_stream_stops_its_decoding(served):
     it to max_tokens (counted in decoded tokens, not time)."""
     import time
 
-    body = {"model": "med-expert", "max_tokens": 256, "temperature": 1.5, "seed": 11,
-            "messages": [{"role": "user", "content": "Tell me everything about the history of medicine."}]}
+    body = {
+        "model": "med-expert",
+        "max_tokens": 256,
+        "temperature": 1.5,
+        "seed": 11,
+        "messages": [{"role": "user", "content": "Tell me everything about the history of medicine."}],
+    }
     with served.client() as client:
         whole = client.post("/v1/chat/completions", json=body).json()
         assert whole["choices"][0]["finish_reason"] == "length", "this request must run to its limit"
@@ -187,30 +220,49 @@ def test_crosscheck_returns_a_verdict_and_feedback_moves_weights(served):
         assert 0 <= verdict["p_correct"] <= 1 and isinstance(verdict["flagged"], bool)
         assert verdict["jurors"][-1]["expert"] == "base" and len(verdict["jurors"]) == 3
         feedback = client.post("/v1/feedback", json={"verdict_id": verdict["id"], "correct": True})
-        assert feedback.status_code == 200 and set(feedback.json()["weights"]) == {j["expert"] for j in verdict["jurors"]}
+        assert feedback.status_code == 200 and set(feedback.json()["weights"]) == {
+            j["expert"] for j in verdict["jurors"]
+        }
         again = client.post("/v1/feedback", json={"verdict_id": verdict["id"], "correct": False})
         assert again.status_code == 409 and "already recorded" in again.json()["error"]["message"]
         unknown = client.post("/v1/feedback", json={"verdict_id": "vrd-unknown", "correct": True})
         assert unknown.status_code == 404
-        own = client.post("/v1/crosscheck", json={"question": "What is 12 * 3?", "answer": "36", "k": 1,
-                                                  "own_answers": True}).json()
+        own = client.post(
+            "/v1/crosscheck", json={"question": "What is 12 * 3?", "answer": "36", "k": 1, "own_answers": True}
+        ).json()
         assert isinstance(own["agreement"], bool) and all(j["own_answer"] for j in own["jurors"])
 
 
 @pytest.mark.parametrize(
     "kwargs, status, message",
     [
-        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "request body is not valid JSON"),
+        (
+            {"content": b"{not json", "headers": {"content-type": "application/json"}},
+            400,
+            "request body is not valid JSON",
+        ),
         ({"json": {"model": "auto", "messages": []}}, 400, "messages: List should have at least 1 item"),
         ({"json": {"model": "nobody", "messages": [{"role": "user", "content": "hi"}]}}, 404, "unknown model 'nobody'"),
-        ({"json": {"model": "auto", "messages": [{"role": "user", "content": "x" * 9000}]}}, 400,
-         "prompt is 9000 characters; this server allows at most 8000"),
-        ({"json": {"model": "auto", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}}, 400,
-         "max_tokens is 100000; this server allows at most 256"),
-        ({"json": {"model": "auto", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}}, 400,
-         "max_tokens must be at least 1 (got -1)"),
-        ({"json": {"model": "auto", "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}}, 400,
-         "temperature: Input should be less than or equal to 2"),
+        (
+            {"json": {"model": "auto", "messages": [{"role": "user", "content": "x" * 9000}]}},
+            400,
+            "prompt is 9000 characters; this server allows at most 8000",
+        ),
+        (
+            {"json": {"model": "auto", "max_tokens": 100000, "messages": [{"role": "user", "content": "hi"}]}},
+            400,
+            "max_tokens is 100000; this server allows at most 256",
+        ),
+        (
+            {"json": {"model": "auto", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}},
+            400,
+            "max_tokens must be at least 1 (got -1)",
+        ),
+        (
+            {"json": {"model": "auto", "temperature": 5, "messages": [{"role": "user", "content": "hi"}]}},
+            400,
+            "temperature: Input should be less than or equal to 2",
+        ),
     ],
 )
 def test_bad_requests_get_clear_4xx(served, kwargs, status, message):
@@ -222,8 +274,9 @@ def test_bad_requests_get_clear_4xx(served, kwargs, status, message):
 
 def test_body_over_the_limit_is_refused_with_413(served):
     with served.client() as client:
-        response = client.post("/v1/chat/completions", content=b"x" * 2_000_000,
-                               headers={"content-type": "application/json"})
+        response = client.post(
+            "/v1/chat/completions", content=b"x" * 2_000_000, headers={"content-type": "application/json"}
+        )
     assert response.status_code == 413
     assert "larger than the limit of 1000000 bytes" in response.json()["error"]["message"]
 
@@ -318,8 +371,9 @@ def test_a_calibrator_with_a_truthfulness_probe_gets_the_base_models_state_throu
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 60)
-    calibrator = fit_calibrator(rng.normal(size=(60, len(FEATURES))), labels, CalibratorConfig(probe_layer=20),
-                                rng.normal(size=(60, 576)))  # SmolLM2-135M's hidden width
+    calibrator = fit_calibrator(
+        rng.normal(size=(60, len(FEATURES))), labels, CalibratorConfig(probe_layer=20), rng.normal(size=(60, 576))
+    )  # SmolLM2-135M's hidden width
     calibrator.trained_on["adapters_read_question"] = False
     save_calibrator(calibrator, MoseHome.from_env(served.home).crosscheck_dir)
     body = {"question": "What is the boiling point of water at sea level?", "answer": "100 degrees Celsius.", "k": 1}

@@ -26,8 +26,9 @@ def loadgen():
 
 
 def test_mixed_load_is_answered_or_refused_with_retry_after_and_nothing_else(served, loadgen):
-    report = loadgen.run_load(served.url, clients=16, seconds=18, experts=["med-expert", "math-expert"],
-                              timeout_s=120.0)
+    report = loadgen.run_load(
+        served.url, clients=16, seconds=18, experts=["med-expert", "math-expert"], timeout_s=120.0
+    )
     assert report["errors"] == 0, report["error_samples"]
     assert report["answered"] > 0
     assert set(report["by_kind"]) == {"chat-auto", "chat-named", "route", "crosscheck"}

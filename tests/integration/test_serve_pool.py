@@ -23,8 +23,9 @@ WAIT_S = 120
 
 
 def _req(expert="base", messages=FRANCE, **params) -> GenerationRequest:
-    return GenerationRequest.model_validate({"expert": expert, "messages": messages,
-                                             "params": {"max_new_tokens": 8, **params}})
+    return GenerationRequest.model_validate(
+        {"expert": expert, "messages": messages, "params": {"max_new_tokens": 8, **params}}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,9 @@ def deployment(base_models, tmp_path_factory):
             registry.add(write_lora_expert(experts, name, seed=seed), actor="tests")
             registry.activate(name, actor="tests")
         registry.add(write_lora_expert(experts, "law-late", seed=7), actor="tests")
-    dep = ExpertPoolDeployment(str(home.root), SMOLLM2_ID, max_batch_size=8, batch_wait_timeout_s=0.0,
-                               max_new_tokens=64, torch_threads=1)
+    dep = ExpertPoolDeployment(
+        str(home.root), SMOLLM2_ID, max_batch_size=8, batch_wait_timeout_s=0.0, max_new_tokens=64, torch_threads=1
+    )
     yield dep
     dep.pool.engine.observer = None
     dep.pool.close()

@@ -32,8 +32,14 @@ def browser():
         pytest.skip("Debian's chromium and chromium-driver are not installed (scripts/bootstrap installs them)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                     "--hide-scrollbars", f"--window-size={WINDOW[0]},{WINDOW[1]}"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+    ):
         options.add_argument(argument)
     try:
         browser = webdriver.Chrome(options=options, service=Service(driver))
@@ -81,7 +87,8 @@ def registered_over_http(served, tmp_path):
 
 
 def test_the_catalogue_shows_an_expert_registered_over_http_and_escapes_its_manifest(
-        served, browser, registered_over_http, tmp_path):
+    served, browser, registered_over_http, tmp_path
+):
     from selenium.webdriver.common.by import By
 
     manifest = registered_over_http
@@ -122,5 +129,6 @@ def test_an_unknown_expert_page_is_a_404_that_shows_the_name_as_text(served, bro
     assert response.status_code == 404 and "default-src 'none'" in response.headers["content-security-policy"]
     browser.get(f"{served.url}/ui/experts/%3Cimg%20src%3Dx%20onerror%3Dalert(1)%3E")
     assert text_of(browser.find_element(By.ID, "message")).startswith(
-        "expert '<img src=x onerror=alert(1)>' is not registered")
+        "expert '<img src=x onerror=alert(1)>' is not registered"
+    )
     assert not browser.find_elements(By.TAG_NAME, "img") and no_script_ran(browser)

@@ -30,9 +30,16 @@ def checking_server(served, serve_home, tmp_path_factory):
 
 
 def test_upstream_answer_comes_back_with_a_verdict(checking_server):
-    response = httpx.post(f"{checking_server}/v1/chat/completions", timeout=180, json={
-        "model": "upstream:big", "max_tokens": 12, "temperature": 0,
-        "messages": [{"role": "user", "content": "What causes high blood pressure ?"}]})
+    response = httpx.post(
+        f"{checking_server}/v1/chat/completions",
+        timeout=180,
+        json={
+            "model": "upstream:big",
+            "max_tokens": 12,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": "What causes high blood pressure ?"}],
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == "upstream:big" and body["choices"][0]["message"]["content"]
@@ -53,7 +60,10 @@ def test_upstream_answer_comes_back_with_a_verdict(checking_server):
     ],
 )
 def test_upstream_errors_are_clear(checking_server, model, stream, status, message):
-    response = httpx.post(f"{checking_server}/v1/chat/completions", timeout=60, json={
-        "model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
+    response = httpx.post(
+        f"{checking_server}/v1/chat/completions",
+        timeout=60,
+        json={"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]},
+    )
     assert response.status_code == status, response.text
     assert message in response.json()["error"]["message"]

@@ -57,9 +57,7 @@ def test_mose_error_becomes_one_line_and_exit_2(capsys, monkeypatch):
 
 
 def test_unknown_command_is_a_usage_error():
-    proc = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "no-such-command"], capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-m", "serve.cli", "no-such-command"], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "invalid choice" in proc.stderr
 
@@ -80,10 +78,13 @@ def _with_handler(parser, handler):
     return parser
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--probe-layer", "-1"], "probe_layer: Input should be greater than or equal to 0 (got -1)"),
-    (["--target-flag-precision", "2"], "target_flag_precision: Input should be less than or equal to 1 (got 2.0)"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--probe-layer", "-1"], "probe_layer: Input should be greater than or equal to 0 (got -1)"),
+        (["--target-flag-precision", "2"], "target_flag_precision: Input should be less than or equal to 1 (got 2.0)"),
+    ],
+)
 def test_bad_calibrator_settings_fail_before_anything_loads(tmp_path, capsys, flags, message):
     home = tmp_path / "home"
     code = cli.main(["crosscheck", "train", "--data", str(tmp_path / "missing.jsonl"), "--home", str(home), *flags])

@@ -72,8 +72,13 @@ def parser() -> argparse.ArgumentParser:
 
 def test_help_holds_the_docstring_and_the_default():
     text = parser().format_help()
-    for line in ("Optimizer steps to run. (default: 30)", "Learning rate. (default: 0.001)",
-                 "How to choose. (default: auto)", "Weights tried. (default: 0.0 0.5)", "Port to bind. (default: 8000)"):
+    for line in (
+        "Optimizer steps to run. (default: 30)",
+        "Learning rate. (default: 0.001)",
+        "How to choose. (default: auto)",
+        "Weights tried. (default: 0.0 0.5)",
+        "Port to bind. (default: 8000)",
+    ):
         assert line in " ".join(text.split()), line
     assert "--quantize, --no-quantize" in text and "{auto,yes,no}" in text
 
@@ -84,17 +89,29 @@ def test_absent_flags_keep_the_defaults():
 
 
 def test_given_flags_override():
-    args = parser().parse_args(["--steps", "5", "--lr", "0.5", "--mode", "no", "--no-quantize",
-                                "--weights", "0", "1", "--port", "9000"])
+    args = parser().parse_args(
+        ["--steps", "5", "--lr", "0.5", "--mode", "no", "--no-quantize", "--weights", "0", "1", "--port", "9000"]
+    )
     config = config_from_args(Example, args)
     assert (config.steps, config.rate, config.mode, config.quantize, config.weights, config.inner.port) == (
-        5, 0.5, "no", False, (0.0, 1.0), 9000)
+        5,
+        0.5,
+        "no",
+        False,
+        (0.0, 1.0),
+        9000,
+    )
     assert config_from_args(Example, parser().parse_args([]), base={"rate": 0.2}, steps=None).model_dump() == {
-        **Example().model_dump(), "rate": 0.2, "steps": None}
+        **Example().model_dump(),
+        "rate": 0.2,
+        "steps": None,
+    }
 
 
 def test_a_bad_value_is_a_clear_error(capsys):
-    with pytest.raises(MoseError, match=r"invalid example settings: steps: Input should be greater than or equal to 1 \(got 0\)"):
+    with pytest.raises(
+        MoseError, match=r"invalid example settings: steps: Input should be greater than or equal to 1 \(got 0\)"
+    ):
         config_from_args(Example, parser().parse_args(["--steps", "0"]), what="example settings")
     with pytest.raises(SystemExit) as exit_info:
         parser().parse_args(["--mode", "maybe"])
@@ -119,14 +136,31 @@ def test_commands_take_their_flags_from_the_configs(capsys, argv, config_cls, ex
 
 def test_command_flags_build_the_configs():
     parser = cli.build_parser()
-    args = parser.parse_args(["expert", "finetune", "--data", "d", "--domain", "law", "--name", "x",
-                              "--lr", "0.01", "--heldout", "4", "--top-layers", "3"])
+    args = parser.parse_args(
+        [
+            "expert",
+            "finetune",
+            "--data",
+            "d",
+            "--domain",
+            "law",
+            "--name",
+            "x",
+            "--lr",
+            "0.01",
+            "--heldout",
+            "4",
+            "--top-layers",
+            "3",
+        ]
+    )
     config = config_from_args(FinetuneConfig, args)
     assert (config.learning_rate, config.heldout_rows, config.top_layers, config.steps) == (0.01, 4, 3, 30)
     args = parser.parse_args(["router", "train", "--epochs", "3", "--fine-tune", "no", "--no-lexical-bag"])
     assert config_from_args(RouterConfig, args) == RouterConfig(epochs=3, fine_tune="no", lexical_bag=False)
-    args = parser.parse_args(["crosscheck", "train", "--data", "d", "--average-probe-folds", "--recalibrate",
-                              "--probe-layer", "18"])
+    args = parser.parse_args(
+        ["crosscheck", "train", "--data", "d", "--average-probe-folds", "--recalibrate", "--probe-layer", "18"]
+    )
     config = config_from_args(CalibratorConfig, args)
     assert (config.probe_average_folds, config.recalibrate, config.probe_layer) == (True, True, 18)
 
@@ -146,7 +180,8 @@ def test_the_docs_tables_are_current():
     for name in documented_configs():
         assert f"<!-- config-table:{name} -->" in text
     assert render_document(text, documented_configs()) == text, (
-        "docs/operations.md's config tables are out of date: run scripts/render_config_docs")
+        "docs/operations.md's config tables are out of date: run scripts/render_config_docs"
+    )
 
 
 def test_a_table_lists_every_field_with_its_default():

@@ -125,9 +125,14 @@ def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_js
 
     columns = [FEATURES.index(name) for name in TREE_FEATURES]
     reference = HistGradientBoostingClassifier(
-        max_iter=config.boosted_trees, max_depth=config.boosted_depth, learning_rate=config.boosted_learning_rate,
-        min_samples_leaf=config.boosted_min_leaf, early_stopping=False, random_state=config.seed,
-        monotonic_cst=[int(name in MONOTONE_FEATURES) for name in TREE_FEATURES])
+        max_iter=config.boosted_trees,
+        max_depth=config.boosted_depth,
+        learning_rate=config.boosted_learning_rate,
+        min_samples_leaf=config.boosted_min_leaf,
+        early_stopping=False,
+        random_state=config.seed,
+        monotonic_cst=[int(name in MONOTONE_FEATURES) for name in TREE_FEATURES],
+    )
     expected = reference.fit(x[:, columns], labels).predict_proba(test_x[:, columns])[:, 1]
     reloaded = Calibrator.model_validate_json(fit_boosted(x, labels, config).model_dump_json())
     assert np.allclose(reloaded.predict(test_x), expected, atol=1e-9)
@@ -163,11 +168,25 @@ def _saved_evidence(tmp_path, experts=("demo-law", "base")):
     from jury.crosscheck import CheckRow, RowEvidence, save_evidence
     from jury.jury import JurorEvidence
 
-    rows = [CheckRow(question=f"Question {i}?", answer=f"Answer {i}.", label=i % 2, source="s", id=f"r{i}")
-            for i in range(2)]
-    evidence = [RowEvidence(row=row, seconds=0.1, values={"stale": 1.0}, jury_size=len(experts), jurors=[
-        JurorEvidence(expert=name, logp_given_question=-1.0 - i, logp_without_question=-2.0, pmi=1.0 - i,
-                      answer_tokens=4) for name in experts]) for i, row in enumerate(rows)]
+    rows = [
+        CheckRow(question=f"Question {i}?", answer=f"Answer {i}.", label=i % 2, source="s", id=f"r{i}")
+        for i in range(2)
+    ]
+    evidence = [
+        RowEvidence(
+            row=row,
+            seconds=0.1,
+            values={"stale": 1.0},
+            jury_size=len(experts),
+            jurors=[
+                JurorEvidence(
+                    expert=name, logp_given_question=-1.0 - i, logp_without_question=-2.0, pmi=1.0 - i, answer_tokens=4
+                )
+                for name in experts
+            ],
+        )
+        for i, row in enumerate(rows)
+    ]
     path = tmp_path / "evidence.jsonl"
     save_evidence(evidence, path)
     return rows, path
@@ -186,8 +205,10 @@ def test_saved_evidence_reloads_with_fresh_features_and_refuses_what_does_not_fi
     other = CheckRow(question="Unscored?", answer="Yes.", label=1, id="r9")
     with pytest.raises(MoseError, match="1 of 3 rows have no saved evidence"):
         load_evidence([path], rows + [other], {"demo-law", "base"})
-    with pytest.raises(MoseError, match="evidence.jsonl:1: evidence collected with adapters_read_question=True, "
-                       "this jury scores with False"):
+    with pytest.raises(
+        MoseError,
+        match="evidence.jsonl:1: evidence collected with adapters_read_question=True, this jury scores with False",
+    ):
         load_evidence([path], rows, {"demo-law", "base"}, adapters_read_question=False)
     path.write_text(path.read_text() + "{ not evidence\n")
     with pytest.raises(MoseError, match="evidence.jsonl:3: not a line of saved jury evidence"):
@@ -209,16 +230,19 @@ def test_a_calibrator_scores_with_the_jurors_reading_its_evidence_was_collected_
     assert Jury(None, None, None).adapters_read_question is False  # no calibrator: the faster default
     assert 0.0 <= Jury(None, None, None, answer_only).probability(values) <= 1.0
     forced = Jury(None, None, None, answer_only, JuryConfig(adapters_read_question=True))
-    with pytest.raises(MoseError, match="fitted on evidence with adapters_read_question=False, but this jury "
-                       "scores with True"):
+    with pytest.raises(
+        MoseError, match="fitted on evidence with adapters_read_question=False, but this jury scores with True"
+    ):
         forced.probability(values)
 
 
 def test_stratified_sample_keeps_each_sources_share_of_correct_answers():
     from jury.crosscheck import CheckRow, stratified_sample
 
-    rows = [CheckRow(question=f"q{i}", answer="a", label=int(i % 3 != 0), source="two_thirds", id=f"t{i}")
-            for i in range(300)]
+    rows = [
+        CheckRow(question=f"q{i}", answer="a", label=int(i % 3 != 0), source="two_thirds", id=f"t{i}")
+        for i in range(300)
+    ]
     rows += [CheckRow(question=f"p{i}", answer="a", label=i % 2, source="half", id=f"h{i}") for i in range(40)]
     sample = stratified_sample(rows, 60, seed=3)
     by_source = {s: [r.label for r in sample if r.source == s] for s in ("two_thirds", "half")}
@@ -249,12 +273,18 @@ def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
     from jury.jury import JurorEvidence, Jury
 
     def calibrator(weights: dict[str, float], intercept: float) -> Calibrator:
-        return Calibrator(method="logistic", mean=[0.0] * len(FEATURES), scale=[1.0] * len(FEATURES),
-                          coef=[weights.get(name, 0.0) for name in FEATURES], intercept=intercept)
+        return Calibrator(
+            method="logistic",
+            mean=[0.0] * len(FEATURES),
+            scale=[1.0] * len(FEATURES),
+            coef=[weights.get(name, 0.0) for name in FEATURES],
+            intercept=intercept,
+        )
 
     def juror(name: str, pmi: float) -> JurorEvidence:
-        return JurorEvidence(expert=name, logp_given_question=-1.0, logp_without_question=-1.0 - pmi, pmi=pmi,
-                             answer_tokens=12)
+        return JurorEvidence(
+            expert=name, logp_given_question=-1.0, logp_without_question=-1.0 - pmi, pmi=pmi, answer_tokens=12
+        )
 
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
     Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", jurors, None)
@@ -306,8 +336,11 @@ def test_evidence_without_answer_states_cannot_train_a_probe(tmp_path):
 
     rows, path = _saved_evidence(tmp_path)
     evidence = load_evidence([path], rows, {"demo-law", "base"})
-    with pytest.raises(MoseError, match="2 of 2 rows of evidence have no base-model answer state at layer 20 "
-                       ".* collect them again, or train without the probe \\(--no-probe\\)"):
+    with pytest.raises(
+        MoseError,
+        match="2 of 2 rows of evidence have no base-model answer state at layer 20 "
+        ".* collect them again, or train without the probe \\(--no-probe\\)",
+    ):
         answer_states(evidence, 20)
     for item in evidence:
         item.answer_state, item.state_layer = [0.0, 1.0], 18
@@ -322,14 +355,23 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 200)
-    calibrator = fit_calibrator(rng.normal(size=(200, len(FEATURES))), labels, CalibratorConfig(probe_layer=20),
-                                _states(labels, 4))
+    calibrator = fit_calibrator(
+        rng.normal(size=(200, len(FEATURES))), labels, CalibratorConfig(probe_layer=20), _states(labels, 4)
+    )
     jury = Jury(None, None, None, calibrator)
     assert jury.state_layer == 20 and Jury(None, None, None).state_layer is None
     state = _states(np.array([1]), 5)[0].tolist()
-    jurors = [JurorEvidence(expert=name, logp_given_question=-1.0, logp_without_question=-2.0, pmi=1.0,
-                            answer_tokens=3, answer_state=state if name == "base" else None)
-              for name in ("demo-law", "base")]
+    jurors = [
+        JurorEvidence(
+            expert=name,
+            logp_given_question=-1.0,
+            logp_without_question=-2.0,
+            pmi=1.0,
+            answer_tokens=3,
+            answer_state=state if name == "base" else None,
+        )
+        for name in ("demo-law", "base")
+    ]
     values = jury.evidence_values(jurors, "Question?", None)
     assert values[PROBE_FEATURE] == pytest.approx(float(calibrator.probe.logits(np.array(state))[0]))
     assert 0.0 <= jury.probability(values) <= 1.0
@@ -338,8 +380,10 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
     assert calibrator.voter.probe is None and calibrator.voter.features == list(FEATURES)
     assert Calibrator.model_validate_json(calibrator.model_dump_json()).voter == calibrator.voter
     jury.cast_votes("Question?", jurors, None)
-    alone = jury.probability(jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]],
-                                                  "Question?", None), calibrator.voter)
+    alone = jury.probability(
+        jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]], "Question?", None),
+        calibrator.voter,
+    )
     reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", None), calibrator.voter)
     assert jurors[0].vote == (alone > reference if alone != reference else reference > 0.5)
     assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", None)) > 0.5)
@@ -437,8 +481,9 @@ def test_constructed_rows_must_be_wrong_answers_and_the_gate_reads_support_only(
         fit_calibrator(x, labels, constructed=constructed)
     labels[-1] = 0
     with pytest.raises(MoseError, match="log_answer_tokens is not"):
-        fit_calibrator(x, labels, CalibratorConfig(gate_features=("jury_pmi", "log_answer_tokens")),
-                       constructed=constructed)
+        fit_calibrator(
+            x, labels, CalibratorConfig(gate_features=("jury_pmi", "log_answer_tokens")), constructed=constructed
+        )
 
 
 def test_a_gated_calibrator_survives_saving_and_loading(tmp_path):

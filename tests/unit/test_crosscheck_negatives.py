@@ -68,7 +68,16 @@ def test_perturbation_changes_one_fact():
 
 
 def test_test_rows_make_test_negatives():
-    rows = [CheckRow(question=f"What is fact {i}?", answer=f"Fact {i} is {i * 7}.", label=1, source="s",
-                     domain="d" if i % 2 else "e", id=f"id{i}") for i in range(200)]
+    rows = [
+        CheckRow(
+            question=f"What is fact {i}?",
+            answer=f"Fact {i} is {i * 7}.",
+            label=1,
+            source="s",
+            domain="d" if i % 2 else "e",
+            id=f"id{i}",
+        )
+        for i in range(200)
+    ]
     test = [r for r in rows if r.is_test()]
     assert all(n.is_test() for n in constructed_negatives(test))

@@ -60,10 +60,12 @@ def test_ordinary_words_are_not_markers(narration, text):
 
 def test_python_is_read_in_strings_and_comments_only(narration, tmp_path):
     source = tmp_path / "module.py"
-    source.write_text('"""Docstring: session 4 figures."""\n'
-                      "session_4 = 1  # comment: tried and not kept\n"
-                      "parser.add_argument('--x', help='see /tmp/s9/x.py')\n"
-                      "round_3 = session_4\n")
+    source.write_text(
+        '"""Docstring: session 4 figures."""\n'
+        "session_4 = 1  # comment: tried and not kept\n"
+        "parser.add_argument('--x', help='see /tmp/s9/x.py')\n"
+        "round_3 = session_4\n"
+    )
     lines = {line for line, text in narration.texts_of(source) if narration.find_markers(text)}
     assert lines == {1, 2, 3}
 

@@ -64,10 +64,18 @@ def test_registry_refuses_pickles_so_they_never_reach_the_loader(registry, tmp_p
     folder.mkdir()
     (folder / "adapter_model.bin").write_bytes(pickle.dumps({"w": [1.0]}))
     manifest = ExpertManifest(
-        name="pickled", version="0.1.0", kind="lora", base_model="smollm2-135m-instruct",
+        name="pickled",
+        version="0.1.0",
+        kind="lora",
+        base_model="smollm2-135m-instruct",
         files={"adapter_model.bin": hashlib.sha256((folder / "adapter_model.bin").read_bytes()).hexdigest()},
-        domains=["law"], description="d", owner="o", license="MIT",
-        example_queries=[f"q{i}" for i in range(20)], resources={"memory_mb": 1})
+        domains=["law"],
+        description="d",
+        owner="o",
+        license="MIT",
+        example_queries=[f"q{i}" for i in range(20)],
+        resources={"memory_mb": 1},
+    )
     dump_manifest(manifest, folder / "manifest.yaml")
     with pytest.raises(ArtifactError, match="pickled weights"):
         registry.add(folder / "manifest.yaml")

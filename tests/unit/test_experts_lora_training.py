@@ -23,8 +23,9 @@ def test_length_batches_pad_less_than_random_batches():
     rows = _rows([5 + (i * 37) % 90 for i in range(256)])
 
     def padding(batches):
-        return sum(max(len(rows[i].input_ids) for i in b) * len(b) - sum(len(rows[i].input_ids) for i in b)
-                   for b in batches)
+        return sum(
+            max(len(rows[i].input_ids) for i in b) * len(b) - sum(len(rows[i].input_ids) for i in b) for b in batches
+        )
 
     plain = [list(range(i, i + 8)) for i in range(0, 256, 8)]
     assert padding(length_batches(rows, 8, 1, seed=0)) < padding(plain) / 3

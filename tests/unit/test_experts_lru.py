@@ -16,8 +16,14 @@ def _tiny_model(seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -51,6 +57,8 @@ def test_expert_larger_than_the_budget_is_refused_and_nothing_is_evicted():
     size = model_bytes(_tiny_model(0))
     lru = FullExpertLRU(budget_bytes=size)
     lru.put("a", _FullEntry(model=_tiny_model(0), tokenizer=None, nbytes=size))
-    with pytest.raises(MoseError, match=r"does not fit the full-expert memory budget .* raise PoolConfig.full_expert_budget_bytes"):
+    with pytest.raises(
+        MoseError, match=r"does not fit the full-expert memory budget .* raise PoolConfig.full_expert_budget_bytes"
+    ):
         lru.make_room(size * 3)
     assert lru.names() == ["a"]

@@ -36,7 +36,13 @@ def test_messages_are_required():
 
 def test_defaults_are_greedy_and_bounded():
     params = SamplingParams()
-    assert (params.temperature, params.top_p, params.max_new_tokens, params.stop, params.seed) == (0.0, 1.0, 64, [], None)
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.stop, params.seed) == (
+        0.0,
+        1.0,
+        64,
+        [],
+        None,
+    )
 
 
 def test_a_vanishing_temperature_decodes_greedily_instead_of_sampling_nan():

@@ -19,8 +19,12 @@ def test_cpu_ignores_the_manifests_quantisation():
     policy = DevicePolicy(device="cpu", cpu_dtype="float32")
     for quantization in ("none", "8bit", "4bit"):
         plan = policy.plan(quantization)
-        assert (plan.device, plan.dtype, plan.quantization, plan.quantization_config) == \
-            ("cpu", torch.float32, "none", None)
+        assert (plan.device, plan.dtype, plan.quantization, plan.quantization_config) == (
+            "cpu",
+            torch.float32,
+            "none",
+            None,
+        )
     kwargs = policy.plan().from_pretrained_kwargs()
     assert kwargs == {"dtype": torch.float32, "local_files_only": True, "trust_remote_code": False}
 
@@ -86,9 +90,15 @@ libc.free(block)
 def test_reuse_freed_memory_serves_large_blocks_from_the_heap():
     """By default glibc maps a 16 MB block fresh from the OS (paid for again page by page each
     time); after reuse_freed_memory it comes from the heap, where freed memory is kept."""
+
     def mapped(mode: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _MAPPED_BY_A_16MB_BLOCK, mode], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[2], check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", _MAPPED_BY_A_16MB_BLOCK, mode],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+            check=True,
+        )
         return int(run.stdout)
 
     assert mapped("default") >= 16 << 20

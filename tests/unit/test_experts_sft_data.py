@@ -22,57 +22,86 @@ from experts.sft_data import (
 )
 
 
-@pytest.mark.parametrize(("question", "option", "answer"), [
-    ("Averaging the output of multiple decision trees helps _.", "Decrease variance",
-     "Averaging the output of multiple decision trees helps Decrease variance."),
-    ("The term 'emotion work' (Hochschild 1983) refers to:", "the techniques used to manage emotions",
-     "The term 'emotion work' (Hochschild 1983) refers to the techniques used to manage emotions."),
-    ("In what year did the Great Depression begin?", "1929", "1929."),
-    ("Which of the following statements about lipids is correct?", "Phospholipids are water soluble.",
-     "Phospholipids are water soluble."),
-    ("Which of the following is true?", "True, False", None),
-    ("Why did the author write this?", "to amuse", None),
-])
+@pytest.mark.parametrize(
+    ("question", "option", "answer"),
+    [
+        (
+            "Averaging the output of multiple decision trees helps _.",
+            "Decrease variance",
+            "Averaging the output of multiple decision trees helps Decrease variance.",
+        ),
+        (
+            "The term 'emotion work' (Hochschild 1983) refers to:",
+            "the techniques used to manage emotions",
+            "The term 'emotion work' (Hochschild 1983) refers to the techniques used to manage emotions.",
+        ),
+        ("In what year did the Great Depression begin?", "1929", "1929."),
+        (
+            "Which of the following statements about lipids is correct?",
+            "Phospholipids are water soluble.",
+            "Phospholipids are water soluble.",
+        ),
+        ("Which of the following is true?", "True, False", None),
+        ("Why did the author write this?", "to amuse", None),
+    ],
+)
 def test_options_become_answers_that_stand_alone(question, option, answer):
     assert option_answer(question, option) == answer
 
 
 def test_mmlu_row_is_shaped_and_gsm8k_solution_ends_with_its_answer():
-    pair = shape_pair("Corresponding to the practical aim of moral theory is the principle of", "practical guidance.",
-                      "mmlu/moral_disputes")
-    assert pair is not None and pair.answer == \
-        "Corresponding to the practical aim of moral theory is the principle of practical guidance."
+    pair = shape_pair(
+        "Corresponding to the practical aim of moral theory is the principle of",
+        "practical guidance.",
+        "mmlu/moral_disputes",
+    )
+    assert (
+        pair is not None
+        and pair.answer == "Corresponding to the practical aim of moral theory is the principle of practical guidance."
+    )
     solution = "The gas cost 8*3.5=$<<8*3.5=28>>28\nSo in total he paid 150+28=$<<150+28=178>>178\n#### 178"
     assert solution_answer(solution) == "The gas cost 8*3.5=$28\nSo in total he paid 150+28=$178\nThe answer is 178."
 
 
 def test_echo_rows_are_dropped_and_restated_openings_removed():
     assert shape_pair("Is Septo-optic dysplasia inherited ?", "Is septo-optic dysplasia inherited?", "medquad") is None
-    pair = shape_pair("What are the symptoms of Dowling-Degos disease ?",
-                      "What are the signs and symptoms of Dowling-Degos disease? Dark patches appear in skin folds.",
-                      "medquad")
+    pair = shape_pair(
+        "What are the symptoms of Dowling-Degos disease ?",
+        "What are the signs and symptoms of Dowling-Degos disease? Dark patches appear in skin folds.",
+        "medquad",
+    )
     assert pair is not None and pair.answer == "Dark patches appear in skin folds."
-    kept = shape_pair("What is the most popular sport in Japan?", "Baseball is the most popular sport in Japan",
-                      "truthfulqa")
+    kept = shape_pair(
+        "What is the most popular sport in Japan?", "Baseball is the most popular sport in Japan", "truthfulqa"
+    )
     assert kept is not None and kept.answer == "Baseball is the most popular sport in Japan."
 
 
-@pytest.mark.parametrize(("question", "answer", "why"), [
-    ("What causes high blood pressure?", "What causes high blood pressure?", "echo"),
-    ("What causes high blood pressure?", "  ...  ", "empty"),
-    ("Is it wrong?", "Not wrong, not wrong, not wrong, not wrong.", "loop"),
-    ("Explain inflation.", "Prices rise. Money buys less over time. Prices rise. Money buys less over time.", "loop"),
-    ("What causes high blood pressure?", "Being overweight, a salty diet and too little exercise raise it.", None),
-    ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", None),
-    ("Explain what inflation is.", "The answer is inflation.", "echo"),
-])
+@pytest.mark.parametrize(
+    ("question", "answer", "why"),
+    [
+        ("What causes high blood pressure?", "What causes high blood pressure?", "echo"),
+        ("What causes high blood pressure?", "  ...  ", "empty"),
+        ("Is it wrong?", "Not wrong, not wrong, not wrong, not wrong.", "loop"),
+        (
+            "Explain inflation.",
+            "Prices rise. Money buys less over time. Prices rise. Money buys less over time.",
+            "loop",
+        ),
+        ("What causes high blood pressure?", "Being overweight, a salty diet and too little exercise raise it.", None),
+        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet.", None),
+        ("Explain what inflation is.", "The answer is inflation.", "echo"),
+    ],
+)
 def test_degenerate_answers_are_named(question, answer, why):
     assert degenerate(question, answer) == why
 
 
 def test_a_long_answer_with_repeated_function_words_is_not_a_loop():
-    text = ("High blood pressure is caused by many things. It is more common in older adults, and it is more "
-            "common in people who smoke. A diet high in salt raises it, and so does stress.")
+    text = (
+        "High blood pressure is caused by many things. It is more common in older adults, and it is more "
+        "common in people who smoke. A diet high in salt raises it, and so does stress."
+    )
     assert not loops(text) and not echoes("What causes high blood pressure?", text)
 
 

@@ -29,6 +29,12 @@ def test_the_contract_catches_an_upward_import(tmp_path):
     shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
     with open(tmp_path / "registry" / "errors.py", "a", encoding="utf-8") as out:
         out.write("\nimport serve.config  # noqa: E402\n")
-    result = subprocess.run([lint_imports(), "--no-cache"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [lint_imports(), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode != 0 and "registry.errors -> serve.config" in result.stdout, result.stdout[-3000:]

@@ -10,11 +10,11 @@ from tests._fixtures.registry import build_lora_expert
 
 def _history(reg, tmp_path):
     expert = build_lora_expert(tmp_path / "law", name="demo-law")
-    reg.add(expert.manifest_path)                                   # 1 register
-    reg.activate("demo-law")                                        # 2 activate
+    reg.add(expert.manifest_path)  # 1 register
+    reg.activate("demo-law")  # 2 activate
     v2 = build_lora_expert(tmp_path / "law2", name="demo-law", version="1.1.0", seed=3)
-    reg.add(v2.manifest_path)                                       # 3 register
-    reg.activate("demo-law", "1.1.0")                               # 4 retire 1.0.0, 5 activate 1.1.0
+    reg.add(v2.manifest_path)  # 3 register
+    reg.activate("demo-law", "1.1.0")  # 4 retire 1.0.0, 5 activate 1.1.0
     reg.append_audit("note", "demo-law", {"text": "reviewed"}, actor="alice")  # 6
 
 

@@ -105,7 +105,9 @@ def test_verify_files_detects_corruption(registry, lora_expert):
     blob.write_bytes(blob.read_bytes()[:-1] + b"\x00")
     check = registry.verify_files("demo-law")
     assert not check.ok
-    assert check.problems == [f"adapter_model.safetensors: blob {blob} is corrupted: its content hashes to {sha256_of(blob)}"]
+    assert check.problems == [
+        f"adapter_model.safetensors: blob {blob} is corrupted: its content hashes to {sha256_of(blob)}"
+    ]
 
 
 def test_artifact_put_with_wrong_digest_leaves_nothing(tmp_path):
@@ -141,8 +143,9 @@ def test_a_juror_that_always_votes_the_same_way_stays_at_one_half(mose_home):
     with Registry.open(mose_home) as reg:
         for answer_correct in [False] * 80 + [True] * 20:
             hit = not answer_correct  # it always says "wrong"
-            reg.update_reputation("always-wrong", float(hit), float(not hit), answer_correct=answer_correct,
-                                  audit=False)
+            reg.update_reputation(
+                "always-wrong", float(hit), float(not hit), answer_correct=answer_correct, audit=False
+            )
         rep = reg.reputation("always-wrong")
     pooled_accuracy = (rep.alpha + rep.alpha_wrong) / (rep.alpha + rep.beta + rep.alpha_wrong + rep.beta_wrong)
     assert pooled_accuracy > 0.75 and rep.specificity > 0.95 and rep.sensitivity < 0.05
@@ -159,8 +162,10 @@ def test_a_schema_1_registry_file_gains_the_new_columns_and_keeps_its_rows(mose_
     path = mose_home.db_path
     path.parent.mkdir(parents=True, exist_ok=True)
     with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE reputation (expert TEXT PRIMARY KEY, alpha REAL NOT NULL, "
-                     "beta REAL NOT NULL, updated_at TEXT NOT NULL)")
+        conn.execute(
+            "CREATE TABLE reputation (expert TEXT PRIMARY KEY, alpha REAL NOT NULL, "
+            "beta REAL NOT NULL, updated_at TEXT NOT NULL)"
+        )
         conn.execute("INSERT INTO reputation VALUES ('demo-law', 5.0, 3.0, '2026-01-01T00:00:00+00:00')")
         conn.execute("PRAGMA user_version = 1")
     conn.close()
@@ -172,7 +177,8 @@ def test_a_schema_1_registry_file_gains_the_new_columns_and_keeps_its_rows(mose_
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert conn.execute("SELECT alpha, beta, alpha_wrong, beta_wrong FROM reputation").fetchall() == [
-            (5.0, 3.0, 2.0, 3.0)]
+            (5.0, 3.0, 2.0, 3.0)
+        ]
     conn.close()
 
 

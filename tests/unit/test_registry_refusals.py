@@ -47,7 +47,9 @@ def test_valid_registration_is_pending_with_blobs_and_audit(registry, lora_exper
 def test_malformed_yaml(seeded_registry, lora_expert):
     lora_expert.manifest_path.write_text("name: demo-law\nversion: 1.0.0\nexample_queries: [a, b\n")
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: not valid YAML (line 4, column 1): expected ',' or ']', but got '<stream end>' "
         "while parsing a flow sequence",
     )
@@ -56,7 +58,9 @@ def test_malformed_yaml(seeded_registry, lora_expert):
 def test_manifest_that_is_not_a_mapping(seeded_registry, lora_expert):
     lora_expert.manifest_path.write_text("- demo-law\n- 1.0.0\n")
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: the manifest must be a mapping of fields (name, version, ...), got list",
     )
 
@@ -66,7 +70,9 @@ def test_missing_fields(seeded_registry, lora_expert):
     del manifest["license"], manifest["owner"]
     write_manifest(lora_expert.manifest_path, manifest)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: owner: required field is missing; license: required field is missing",
     )
 
@@ -74,7 +80,9 @@ def test_missing_fields(seeded_registry, lora_expert):
 def test_unknown_field(seeded_registry, lora_expert):
     _rewrite(lora_expert, homepage="https://example.org")
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         f"manifest.yaml: homepage: unknown field (allowed fields: {ALLOWED})",
     )
 
@@ -82,7 +90,9 @@ def test_unknown_field(seeded_registry, lora_expert):
 def test_unknown_nested_field(seeded_registry, lora_expert):
     _rewrite(lora_expert, resources={"memory_mb": 4, "gpus": 1})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: resources.gpus: unknown field",
     )
 
@@ -90,7 +100,9 @@ def test_unknown_nested_field(seeded_registry, lora_expert):
 def test_fewer_than_20_example_queries(seeded_registry, tmp_path):
     expert = build_lora_expert(tmp_path / "few", queries=5)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(expert.manifest_path),
+        ManifestError,
         "manifest.yaml: example_queries: at least 20 example queries are needed (got 5)",
     )
 
@@ -98,7 +110,9 @@ def test_fewer_than_20_example_queries(seeded_registry, tmp_path):
 def test_blank_example_query(seeded_registry, lora_expert):
     _rewrite(lora_expert, example_queries=[*lora_expert.manifest["example_queries"][:-1], "   "])
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: example_queries: example query 21 is empty",
     )
 
@@ -108,14 +122,18 @@ def test_lora_without_base_model_and_bad_name_and_version(seeded_registry, lora_
     manifest.pop("base_model")
     write_manifest(lora_expert.manifest_path, manifest)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: name: must be a lowercase slug of letters, digits, '-' or '_' (e.g. demo-law); "
         "version: must be a semantic version MAJOR.MINOR.PATCH (e.g. 1.0.0)",
     )
     manifest["name"], manifest["version"] = "demo-law", "1.0.0"
     write_manifest(lora_expert.manifest_path, manifest)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: base_model: required for a lora expert (e.g. smollm2-135m-instruct)",
     )
 
@@ -125,7 +143,9 @@ def test_path_escaping_the_folder(seeded_registry, lora_expert):
     files["../secrets.json"] = files.pop("adapter_config.json")
     _rewrite(lora_expert, files=files)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: files: '../secrets.json' must be a relative path inside the expert folder "
         "(no absolute path, no '..')",
     )
@@ -139,7 +159,9 @@ def test_digest_mismatch_names_file_and_both_digests(seeded_registry, lora_exper
     actual = sha256_of(weights)
     assert actual != expected
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         f"adapter_model.safetensors: sha256 mismatch: the manifest says {expected}, the file has {actual}; "
         "fix the file or put its real digest in the manifest",
     )
@@ -151,7 +173,9 @@ def test_torch_bin_pickle_is_refused(seeded_registry, lora_expert):
     torch.save({"w": torch.zeros(4, 4)}, path)
     _rewrite(lora_expert, files={**lora_expert.manifest["files"], "pytorch_model.bin": sha256_of(path)})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         "pytorch_model.bin: .bin files hold pickled weights, which can run code when loaded; convert them "
         "to safetensors (e.g. model.save_pretrained(..., safe_serialization=True))",
     )
@@ -162,7 +186,9 @@ def test_pickle_disguised_as_safetensors_is_refused(seeded_registry, lora_expert
     weights.write_bytes(pickle.dumps({"w": np.zeros((4, 4), dtype=np.float32)}, protocol=4))
     _rewrite(lora_expert, files={**lora_expert.manifest["files"], "adapter_model.safetensors": sha256_of(weights)})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         "adapter_model.safetensors: contains a Python pickle, which can run code when loaded; "
         "only safetensors weights are accepted",
     )
@@ -188,22 +214,28 @@ def test_truncated_safetensors_is_refused(seeded_registry, lora_expert):
     weights.write_bytes(weights.read_bytes()[:-100])
     _rewrite(lora_expert, files={**lora_expert.manifest["files"], "adapter_model.safetensors": sha256_of(weights)})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         "adapter_model.safetensors: not a valid safetensors file (the tensor table does not match the data)",
     )
 
 
 @pytest.mark.parametrize(
     ("extra", "key"),
-    [({"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilModel"}}, "auto_map"),
-     ({"nested": {"trust_remote_code": True}}, "trust_remote_code")],
+    [
+        ({"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilModel"}}, "auto_map"),
+        ({"nested": {"trust_remote_code": True}}, "trust_remote_code"),
+    ],
 )
 def test_config_asking_for_remote_code_is_refused(seeded_registry, lora_expert, extra, key):
     config = lora_expert.root / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), **extra}))
     _rewrite(lora_expert, files={**lora_expert.manifest["files"], "adapter_config.json": sha256_of(config)})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         f"adapter_config.json: sets {key!r}, which makes transformers run code shipped with the model; "
         "experts must use the library's built-in architectures: remove it",
     )
@@ -214,7 +246,9 @@ def test_python_file_is_refused(seeded_registry, lora_expert):
     code.write_text("import os\n")
     _rewrite(lora_expert, files={**lora_expert.manifest["files"], "modeling_evil.py": sha256_of(code)})
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         "modeling_evil.py: code files are not accepted; an expert must load without custom code",
     )
 
@@ -225,7 +259,9 @@ def test_symlink_is_refused(seeded_registry, lora_expert, tmp_path):
     weights.rename(outside)
     os.symlink(outside, weights)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         "adapter_model.safetensors: is a symbolic link; copy the real file into the expert folder",
     )
 
@@ -233,7 +269,9 @@ def test_symlink_is_refused(seeded_registry, lora_expert, tmp_path):
 def test_missing_file_is_refused(seeded_registry, lora_expert):
     (lora_expert.root / "adapter_config.json").unlink()
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ArtifactError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ArtifactError,
         f"adapter_config.json: listed in the manifest but not found at {lora_expert.root / 'adapter_config.json'}",
     )
 
@@ -249,7 +287,9 @@ def test_same_version_other_digests_is_a_conflict_and_same_digests_a_no_op(seede
     old = first.manifest["files"]["adapter_model.safetensors"][:12]
     new = other.manifest["files"]["adapter_model.safetensors"][:12]
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(other.manifest_path), ConflictError,
+        seeded_registry,
+        lambda: seeded_registry.add(other.manifest_path),
+        ConflictError,
         f"dup-law@1.0.0 is already registered with other files (adapter_model.safetensors: registered {old}, "
         f"new {new}); a registered version never changes: publish these files under a new version",
     )
@@ -260,7 +300,9 @@ def test_unknown_domain_lists_known_domains(seeded_registry, tmp_path):
     expert = build_lora_expert(tmp_path / "astro", name="astro", domains=("astrology",))
     known = ", ".join(seeded_registry.taxonomy.known())
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(expert.manifest_path),
+        ManifestError,
         f"manifest.yaml: domains: unknown domain 'astrology'. Known domains: {known}. "
         "A new domain can be added with `mose expert domains --add NAME [--parent PARENT]`.",
     )
@@ -271,7 +313,9 @@ def test_unknown_domain_lists_known_domains(seeded_registry, tmp_path):
 def test_manifest_object_needs_files_dir(seeded_registry, lora_expert):
     manifest = load_manifest(lora_expert.manifest_path)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(manifest), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(manifest),
+        ManifestError,
         "files_dir is needed to register a manifest object (the folder holding its files)",
     )
     assert seeded_registry.add(manifest, files_dir=lora_expert.root).ref == "demo-law@1.0.0"
@@ -297,7 +341,9 @@ def _sign_file(expert, key_path, team="law-team") -> ExpertManifest:
 def test_missing_signature_refused_when_required(signing, lora_expert):
     _, strict = signing
     assert_refused(
-        strict, lambda: strict.add(lora_expert.manifest_path), SignatureError,
+        strict,
+        lambda: strict.add(lora_expert.manifest_path),
+        SignatureError,
         "demo-law@1.0.0: this registry requires signed manifests and this one has no signature; "
         "sign it with `mose expert sign MANIFEST --key TEAM.key`",
     )
@@ -309,7 +355,9 @@ def test_tampered_signed_manifest_refused(signing, lora_expert):
     tampered = signed.model_copy(update={"description": "Now claims to do medicine too."})
     dump_manifest(tampered, lora_expert.manifest_path)
     assert_refused(
-        strict, lambda: strict.add(lora_expert.manifest_path), SignatureError,
+        strict,
+        lambda: strict.add(lora_expert.manifest_path),
+        SignatureError,
         "demo-law@1.0.0: the signature of team 'law-team' does not match the manifest (it was changed after "
         "signing, or signed with another key); sign it again",
     )
@@ -320,7 +368,9 @@ def test_signature_by_untrusted_team_refused(signing, lora_expert, mose_home):
     rogue = generate_keypair("rogue-team", mose_home.keys_dir)
     _sign_file(lora_expert, rogue.private_key, team="rogue-team")
     assert_refused(
-        strict, lambda: strict.add(lora_expert.manifest_path), SignatureError,
+        strict,
+        lambda: strict.add(lora_expert.manifest_path),
+        SignatureError,
         "demo-law@1.0.0: signed by team 'rogue-team', whose key is not trusted by this registry (trusted teams: "
         "law-team); ask the operator to add it to trusted_keys in registry.yaml",
     )
@@ -331,7 +381,9 @@ def test_signature_with_wrong_key_for_team_refused(signing, lora_expert, mose_ho
     impostor = generate_keypair("impostor", mose_home.keys_dir)
     _sign_file(lora_expert, impostor.private_key, team="law-team")
     assert_refused(
-        strict, lambda: strict.add(lora_expert.manifest_path), SignatureError,
+        strict,
+        lambda: strict.add(lora_expert.manifest_path),
+        SignatureError,
         "demo-law@1.0.0: the signature of team 'law-team' does not match the manifest (it was changed after "
         "signing, or signed with another key); sign it again",
     )
@@ -366,7 +418,9 @@ def test_lora_without_adapter_config_is_refused(seeded_registry, lora_expert):
     del files["adapter_config.json"]
     _rewrite(lora_expert, files=files)
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: files: a lora expert needs adapter_config.json and its weights as .safetensors "
         "(Hugging Face peft layout)",
     )
@@ -377,6 +431,8 @@ def test_non_finite_metric_is_refused(seeded_registry, lora_expert):
         lora_expert.manifest_path.read_text().replace("heldout_loss: 1.5", "heldout_loss: .nan")
     )
     assert_refused(
-        seeded_registry, lambda: seeded_registry.add(lora_expert.manifest_path), ManifestError,
+        seeded_registry,
+        lambda: seeded_registry.add(lora_expert.manifest_path),
+        ManifestError,
         "manifest.yaml: metrics.heldout_loss: Input should be a finite number",
     )

@@ -8,8 +8,16 @@ from registry import Registry, Taxonomy
 from registry.errors import ManifestError
 
 VERTICALS = [
-    "code", "everyday", "finance", "general_knowledge", "humanities", "law", "math", "medicine",
-    "science", "social_science",
+    "code",
+    "everyday",
+    "finance",
+    "general_knowledge",
+    "humanities",
+    "law",
+    "math",
+    "medicine",
+    "science",
+    "social_science",
 ]
 
 

@@ -51,8 +51,7 @@ def test_a_token_is_stored_only_as_a_salted_hash(registry, mose_home):
     with sqlite3.connect(mose_home.db_path) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(teams)")]
         salt, digest = conn.execute("SELECT token_salt, token_hash FROM teams").fetchone()
-    assert columns == ["name", "token_salt", "token_hash", "public_keys_json", "created_at", "rotated_at",
-                       "revoked_at"]
+    assert columns == ["name", "token_salt", "token_hash", "public_keys_json", "created_at", "rotated_at", "revoked_at"]
     assert token_matches(token, salt, digest) and not token_matches(token + "x", salt, digest)
     _, again = registry.create_team("team-c")
     with sqlite3.connect(mose_home.db_path) as conn:
@@ -72,8 +71,9 @@ def test_a_valid_token_authenticates_its_team(registry, teams):
     assert registry.authenticate_team(teams["b"]).name == TEAM_B
 
 
-@pytest.mark.parametrize("case", ["other secret", "one character off", "no such team", "not a team token", "empty",
-                                  "truncated"])
+@pytest.mark.parametrize(
+    "case", ["other secret", "one character off", "no such team", "not a team token", "empty", "truncated"]
+)
 def test_wrong_tokens_are_refused_without_echoing_them(registry, teams, case):
     token = teams["a"]
     wrong = {
@@ -88,11 +88,15 @@ def test_wrong_tokens_are_refused_without_echoing_them(registry, teams, case):
         registry.authenticate_team(wrong)
     message = str(caught.value)
     if case in ("other secret", "one character off"):
-        assert message == ("the token is not valid for team 'team-a' (a wrong token, or one replaced by "
-                           "`mose team rotate`); ask the operator for the current one")
+        assert message == (
+            "the token is not valid for team 'team-a' (a wrong token, or one replaced by "
+            "`mose team rotate`); ask the operator for the current one"
+        )
     else:
-        assert message == ("not a valid team token (no such team, or a mistyped token); team tokens come from "
-                           "`mose team create` or `mose team rotate`")
+        assert message == (
+            "not a valid team token (no such team, or a mistyped token); team tokens come from "
+            "`mose team create` or `mose team rotate`"
+        )
     assert token[-SECRET_CHARS:] not in message
     assert len(wrong) < 20 or wrong[-20:] not in message
 
@@ -111,8 +115,10 @@ def test_a_revoked_token_is_refused_and_rotation_reinstates_the_team(registry, t
     assert revoked.revoked
     with pytest.raises(AccessDeniedError) as caught:
         registry.authenticate_team(teams["a"])
-    assert str(caught.value) == (f"the token of team 'team-a' was revoked at {revoked.revoked_at.isoformat()}; ask "
-                                 "the operator for a new one (`mose team rotate team-a`)")
+    assert str(caught.value) == (
+        f"the token of team 'team-a' was revoked at {revoked.revoked_at.isoformat()}; ask "
+        "the operator for a new one (`mose team rotate team-a`)"
+    )
     assert registry.revoke_team(TEAM_A).revoked_at == revoked.revoked_at  # revoking again changes nothing
     team, new = registry.rotate_team_token(TEAM_A)
     assert not team.revoked and registry.authenticate_team(new).name == TEAM_A
@@ -123,13 +129,18 @@ def test_a_revoked_token_is_refused_and_rotation_reinstates_the_team(registry, t
 def test_a_revoked_team_may_not_write_even_with_a_principal_made_earlier(registry, teams, tmp_path):
     own = build_lora_expert(tmp_path / "a-expert", name="a-expert", owner=TEAM_A, seed=4)
     registry.revoke_team(TEAM_A)
-    assert_refused(registry, lambda: registry.add(own.manifest_path, actor=Principal.of_team(TEAM_A)),
-                   AccessDeniedError, "team 'team-a' was revoked; it may not change the registry")
+    assert_refused(
+        registry,
+        lambda: registry.add(own.manifest_path, actor=Principal.of_team(TEAM_A)),
+        AccessDeniedError,
+        "team 'team-a' was revoked; it may not change the registry",
+    )
 
 
 def test_team_management_refusals(registry, teams):
-    with pytest.raises(ConflictError, match="team 'team-a' already exists; give it a new token with "
-                                            "`mose team rotate team-a`"):
+    with pytest.raises(
+        ConflictError, match="team 'team-a' already exists; give it a new token with `mose team rotate team-a`"
+    ):
         registry.create_team(TEAM_A)
     with pytest.raises(MoseError, match="team 'Team A': use a lowercase slug"):
         registry.create_team("Team A")
@@ -152,31 +163,49 @@ def test_team_a_cannot_write_team_b_experts_and_nothing_changes(registry, teams,
     squatted = build_lora_expert(tmp_path / "b-3", name="b-expert", version="3.0.0", owner=TEAM_A, seed=6)
     assert b_manifest["owner"] == TEAM_B
     cases = [
-        (lambda: registry.add(new_version.manifest_path, actor=a),
-         "team 'team-a' may only register experts it owns, and b-expert@2.0.0 names owner 'team-b'; "
-         "set `owner: team-a` in the manifest"),
-        (lambda: registry.add(squatted.manifest_path, actor=a),
-         "expert 'b-expert' is owned by team 'team-b' (the owner of its registered versions); team 'team-a' "
-         "may not publish versions of it: choose another name"),
-        (lambda: registry.retire("b-expert", actor=a),
-         "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns"),
-        (lambda: registry.retire("b-expert", "1.0.0", actor=a),
-         "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns"),
-        (lambda: registry.quarantine("b-expert", None, "sabotage", actor=a),
-         "quarantining an expert is for the registry operator; team 'team-a' may register, update and retire "
-         "the experts it owns (ask the operator about 'b-expert')"),
-        (lambda: registry.activate("b-expert", actor=a),
-         "activating an expert is for the registry operator; team 'team-a' may register, update and retire the "
-         "experts it owns (ask the operator about 'b-expert')"),
-        (lambda: registry.remove("b-expert", "1.0.0", actor=a),
-         "removing an expert's record is for the registry operator; team 'team-a' may register, update and "
-         "retire the experts it owns (ask the operator about 'b-expert')"),
-        (lambda: registry.add_team_key(TEAM_B, generate_keypair("rogue", tmp_path / "k").public_key_b64, actor=a),
-         "changing a team's keys is for the registry operator; team 'team-a' may register, update and retire the "
-         "experts it owns (ask the operator about 'team-b')"),
-        (lambda: registry.revoke_team(TEAM_B, actor=a),
-         "revoking a team's token is for the registry operator; team 'team-a' may register, update and retire "
-         "the experts it owns (ask the operator about 'team-b')"),
+        (
+            lambda: registry.add(new_version.manifest_path, actor=a),
+            "team 'team-a' may only register experts it owns, and b-expert@2.0.0 names owner 'team-b'; "
+            "set `owner: team-a` in the manifest",
+        ),
+        (
+            lambda: registry.add(squatted.manifest_path, actor=a),
+            "expert 'b-expert' is owned by team 'team-b' (the owner of its registered versions); team 'team-a' "
+            "may not publish versions of it: choose another name",
+        ),
+        (
+            lambda: registry.retire("b-expert", actor=a),
+            "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns",
+        ),
+        (
+            lambda: registry.retire("b-expert", "1.0.0", actor=a),
+            "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns",
+        ),
+        (
+            lambda: registry.quarantine("b-expert", None, "sabotage", actor=a),
+            "quarantining an expert is for the registry operator; team 'team-a' may register, update and retire "
+            "the experts it owns (ask the operator about 'b-expert')",
+        ),
+        (
+            lambda: registry.activate("b-expert", actor=a),
+            "activating an expert is for the registry operator; team 'team-a' may register, update and retire the "
+            "experts it owns (ask the operator about 'b-expert')",
+        ),
+        (
+            lambda: registry.remove("b-expert", "1.0.0", actor=a),
+            "removing an expert's record is for the registry operator; team 'team-a' may register, update and "
+            "retire the experts it owns (ask the operator about 'b-expert')",
+        ),
+        (
+            lambda: registry.add_team_key(TEAM_B, generate_keypair("rogue", tmp_path / "k").public_key_b64, actor=a),
+            "changing a team's keys is for the registry operator; team 'team-a' may register, update and retire the "
+            "experts it owns (ask the operator about 'team-b')",
+        ),
+        (
+            lambda: registry.revoke_team(TEAM_B, actor=a),
+            "revoking a team's token is for the registry operator; team 'team-a' may register, update and retire "
+            "the experts it owns (ask the operator about 'team-b')",
+        ),
     ]
     for call, message in cases:
         assert_refused(registry, call, AccessDeniedError, message)
@@ -238,8 +267,9 @@ def _strict(mose_home, **settings) -> Registry:
 
 def _signed(tmp_path, name: str, owner: str, key_path, team: str, seed: int):
     expert = build_lora_expert(tmp_path / name, name=name, owner=owner, seed=seed)
-    dump_manifest(sign_manifest(load_manifest(expert.manifest_path), load_private_key(key_path), team),
-                  expert.manifest_path)
+    dump_manifest(
+        sign_manifest(load_manifest(expert.manifest_path), load_private_key(key_path), team), expert.manifest_path
+    )
     return expert
 
 
@@ -255,20 +285,29 @@ def test_a_signature_must_come_from_a_key_of_the_owning_team(mose_home, tmp_path
             other = _signed(tmp_path, f"a-by-b-{claimed}", TEAM_A, keys[TEAM_B].private_key, claimed, 2)
             ref = other.ref
             assert_refused(
-                reg, lambda other=other: reg.add(other.manifest_path), SignatureError,
+                reg,
+                lambda other=other: reg.add(other.manifest_path),
+                SignatureError,
                 f"{ref}: the signature is valid but was made with a key of team 'team-b', and {ref} is owned by "
-                "team 'team-a'; only a key registered to team 'team-a' may sign its experts")
+                "team 'team-a'; only a key registered to team 'team-a' may sign its experts",
+            )
         unsigned = build_lora_expert(tmp_path / "a-unsigned", name="a-unsigned", owner=TEAM_A, seed=3)
         assert_refused(
-            reg, lambda: reg.add(unsigned.manifest_path), SignatureError,
+            reg,
+            lambda: reg.add(unsigned.manifest_path),
+            SignatureError,
             "a-unsigned@1.0.0: this registry requires signed manifests and this one has no signature; sign it "
-            "with a key of team 'team-a', its owner (`mose expert sign MANIFEST --key team-a.key`)")
+            "with a key of team 'team-a', its owner (`mose expert sign MANIFEST --key team-a.key`)",
+        )
         rogue = generate_keypair("rogue", tmp_path / "rogue")
         forged = _signed(tmp_path, "a-forged", TEAM_A, rogue.private_key, TEAM_A, 4)
         assert_refused(
-            reg, lambda: reg.add(forged.manifest_path), SignatureError,
+            reg,
+            lambda: reg.add(forged.manifest_path),
+            SignatureError,
             "a-forged@1.0.0: the signature (team 'team-a') does not verify against any key of team 'team-a', its "
-            "owner (it was changed after signing, or signed with another key); sign it again with the team's key")
+            "owner (it was changed after signing, or signed with another key); sign it again with the team's key",
+        )
 
 
 def test_the_teams_keys_can_change_and_trusted_keys_still_count(mose_home, tmp_path, keys):
@@ -279,11 +318,15 @@ def test_the_teams_keys_can_change_and_trusted_keys_still_count(mose_home, tmp_p
     with _strict(mose_home) as reg:  # without the registry.yaml key, the team needs a registered one
         later = _signed(tmp_path, "a-two", TEAM_A, keys[TEAM_A].private_key, TEAM_A, 2)
         assert_refused(
-            reg, lambda: reg.add(later.manifest_path), SignatureError,
+            reg,
+            lambda: reg.add(later.manifest_path),
+            SignatureError,
             "a-two@1.0.0: owned by team 'team-a', which has no public key registered, so its signature cannot be "
-            "checked; ask the operator to add one (`mose team add-key team-a --key team-a.pub`)")
+            "checked; ask the operator to add one (`mose team add-key team-a --key team-a.pub`)",
+        )
         assert reg.add_team_key(TEAM_A, keys[TEAM_A].public_key.read_text()).public_keys == [
-            keys[TEAM_A].public_key_b64]
+            keys[TEAM_A].public_key_b64
+        ]
         assert reg.add(later.manifest_path).status == "pending"
         reg.remove_team_key(TEAM_A, keys[TEAM_A].public_key_b64)
         third = _signed(tmp_path, "a-three", TEAM_A, keys[TEAM_A].private_key, TEAM_A, 3)
@@ -346,7 +389,8 @@ def test_the_team_commands_show_a_token_once_and_never_list_it(mose_home, tmp_pa
     code, out, _ = run("team", "list", "--json")
     assert code == 0 and token[-SECRET_CHARS:] not in out
     assert [(t["name"], t["public_keys"], t["revoked_at"]) for t in json.loads(out)] == [
-        (TEAM_A, [pair.public_key_b64], None)]
+        (TEAM_A, [pair.public_key_b64], None)
+    ]
     code, out, _ = run("team", "rotate", TEAM_A, "--json")
     rotated = json.loads(out)["token"]
     with Registry.open(mose_home) as reg:
@@ -357,10 +401,15 @@ def test_the_team_commands_show_a_token_once_and_never_list_it(mose_home, tmp_pa
     code, out, _ = run("team", "list")
     assert code == 0 and out.splitlines()[1].split()[:3] == [TEAM_A, "1", "revoked"]
     code, _, err = run("team", "create", TEAM_A)
-    assert (code, err) == (2, "error: team 'team-a' already exists; give it a new token with "
-                              "`mose team rotate team-a`\n")
+    assert (code, err) == (
+        2,
+        "error: team 'team-a' already exists; give it a new token with `mose team rotate team-a`\n",
+    )
     code, out, _ = run("audit", "log", "--json")
     assert [(e["actor"], e["action"]) for e in json.loads(out)] == [
-        ("operator", "team-create"), ("operator", "team-rotate"), ("operator", "team-revoke")]
+        ("operator", "team-create"),
+        ("operator", "team-rotate"),
+        ("operator", "team-revoke"),
+    ]
     for secret in (token[-SECRET_CHARS:], rotated[-SECRET_CHARS:]):
         assert secret not in out

@@ -79,8 +79,11 @@ def test_memory_of_training_queries_is_mixed_in_and_older_artifacts_load_without
     old = tmp_path / "old"
     old.mkdir()
     shutil.copy(router.directory / ENCODER_CONFIG_FILE, old / ENCODER_CONFIG_FILE)
-    state = {k: v for k, v in load_file(str(router.directory / WEIGHTS_FILE)).items()
-             if not k.startswith(("memory", "neighbours"))}
+    state = {
+        k: v
+        for k, v in load_file(str(router.directory / WEIGHTS_FILE)).items()
+        if not k.startswith(("memory", "neighbours"))
+    }
     save_file(state, str(old / WEIGHTS_FILE))
     assert load_net(old).k == 0  # a version written before the memory: the classifier alone
 
@@ -108,7 +111,11 @@ def test_nonsense_query_abstains_to_the_fallback(router):
 
 
 def test_route_batch_matches_single_routes_and_reports_provider(router):
-    queries = ["What are the side effects of ibuprofen?", "Solve 3x + 5 = 20 for x.", "write a python function to reverse a list"]
+    queries = [
+        "What are the side effects of ibuprofen?",
+        "Solve 3x + 5 = 20 for x.",
+        "write a python function to reverse a list",
+    ]
     batch = router.route_batch(queries)
     singles = [router.route(q) for q in queries]
     assert [d.domain for d in batch] == [d.domain for d in singles]
@@ -124,8 +131,7 @@ def test_graph_choice_fp32_on_cuda_else_the_artifacts_choice(router):
     from router_model.artifact import ONNX_FP32, ONNX_INT8
     from router_model.runtime import choose_graph
 
-    both = router.metadata.model_copy(update={"onnx_file": ONNX_INT8,
-                                              "files": {ONNX_FP32: "x", ONNX_INT8: "y"}})
+    both = router.metadata.model_copy(update={"onnx_file": ONNX_INT8, "files": {ONNX_FP32: "x", ONNX_INT8: "y"}})
     assert choose_graph(both, on_cuda=True) == ONNX_FP32  # int8 runs slower on GPUs
     assert choose_graph(both, on_cuda=False) == ONNX_INT8
     int8_only = both.model_copy(update={"files": {ONNX_INT8: "y"}})

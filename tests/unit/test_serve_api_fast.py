@@ -55,13 +55,24 @@ class FakeBackend(Backend):
             self.entered.set()
             await self.gate.wait()
         self._check("route")
-        return RouteDecision(domain="law", expert="demo-law", confidence=0.9,
-                             top_k=[DomainScore(domain="law", expert="demo-law", p=0.9),
-                                    DomainScore(domain="medicine", expert="base", p=0.1)])
+        return RouteDecision(
+            domain="law",
+            expert="demo-law",
+            confidence=0.9,
+            top_k=[
+                DomainScore(domain="law", expert="demo-law", p=0.9),
+                DomainScore(domain="medicine", expert="base", p=0.1),
+            ],
+        )
 
     def _result(self, request: GenerationRequest) -> GenerationResult:
-        return GenerationResult(expert=request.expert, text=f"answer from {request.expert}", finish_reason="stop",
-                                prompt_tokens=7, completion_tokens=3)
+        return GenerationResult(
+            expert=request.expert,
+            text=f"answer from {request.expert}",
+            finish_reason="stop",
+            prompt_tokens=7,
+            completion_tokens=3,
+        )
 
     async def generate(self, request: GenerationRequest) -> tuple[GenerationResult, int]:
         self._check("generate")
@@ -77,8 +88,9 @@ class FakeBackend(Backend):
 
     async def crosscheck(self, question: str, answer: str, k: int, own_answers: bool) -> Verdict:
         self._check("crosscheck")
-        juror = JurorEvidence(expert="base", logp_given_question=-1.0, logp_without_question=-2.0, pmi=1.0,
-                              answer_tokens=3)
+        juror = JurorEvidence(
+            expert="base", logp_given_question=-1.0, logp_without_question=-2.0, pmi=1.0, answer_tokens=3
+        )
         return Verdict(id="v-1", p_correct=0.8, flagged=False, threshold=0.5, jurors=[juror])
 
     async def feedback(self, verdict_id: str, correct: bool) -> dict[str, float]:
@@ -87,11 +99,14 @@ class FakeBackend(Backend):
             raise NotFoundError(f"unknown verdict {verdict_id!r}")
         return {"base": 1.1}
 
-    async def upstream_chat(self, name: str, messages: list[dict[str, str]], max_tokens: int,
-                            temperature: float) -> dict[str, Any]:
+    async def upstream_chat(
+        self, name: str, messages: list[dict[str, str]], max_tokens: int, temperature: float
+    ) -> dict[str, Any]:
         self._check("upstream_chat")
-        return {"choices": [{"message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+        return {
+            "choices": [{"message": {"role": "assistant", "content": "Paris"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6},
+        }
 
     async def experts(self) -> list[dict[str, Any]]:
         return EXPERTS
@@ -104,8 +119,13 @@ class FakeBackend(Backend):
     async def register(self, manifest: dict[str, Any], files: dict[str, bytes], actor: Principal) -> dict[str, Any]:
         self._check("register")
         self.calls.append(("register", (manifest, files, actor)))
-        record = {"name": manifest["name"], "version": manifest.get("version", "0.1.0"), "status": "registered",
-                  "kind": "lora", "domains": manifest.get("domains", [])}
+        record = {
+            "name": manifest["name"],
+            "version": manifest.get("version", "0.1.0"),
+            "status": "registered",
+            "kind": "lora",
+            "domains": manifest.get("domains", []),
+        }
         self.records[record["name"]] = record
         return record
 
@@ -124,18 +144,23 @@ class FakeBackend(Backend):
 
 
 def config(**changes: Any) -> ServeConfig:
-    return ServeConfig(auth=AuthConfig(admin_token=ADMIN_TOKEN),
-                       upstreams={"big": UpstreamConfig(base_url="http://upstream.invalid/v1")}, **changes)
+    return ServeConfig(
+        auth=AuthConfig(admin_token=ADMIN_TOKEN),
+        upstreams={"big": UpstreamConfig(base_url="http://upstream.invalid/v1")},
+        **changes,
+    )
 
 
 def serve(backend: FakeBackend, settings: ServeConfig | None = None) -> httpx.AsyncClient:
     app = build_api(settings or config(), backend)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
-                             base_url="http://mose.test")
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False), base_url="http://mose.test"
+    )
 
 
-def request(method: str, path: str, backend: FakeBackend | None = None, settings: ServeConfig | None = None,
-            **kwargs: Any) -> httpx.Response:
+def request(
+    method: str, path: str, backend: FakeBackend | None = None, settings: ServeConfig | None = None, **kwargs: Any
+) -> httpx.Response:
     async def go() -> httpx.Response:
         async with serve(backend or FakeBackend(), settings) as client:
             return await client.request(method, path, **kwargs)
@@ -157,8 +182,10 @@ def admin(token: str = ADMIN_TOKEN) -> dict[str, str]:
 
 
 CHAT = {"model": "demo-law", "messages": [{"role": "user", "content": "Is a verbal contract binding?"}]}
-UPLOAD = {"manifest": {"name": "demo-tax", "version": "0.1.0", "domains": ["tax"], "owner": "lawyers"},
-          "files": {"adapter_model.safetensors": base64.b64encode(b"weights").decode()}}
+UPLOAD = {
+    "manifest": {"name": "demo-tax", "version": "0.1.0", "domains": ["tax"], "owner": "lawyers"},
+    "files": {"adapter_model.safetensors": base64.b64encode(b"weights").decode()},
+}
 
 # ------------------------------------------------------------------ success
 
@@ -205,7 +232,7 @@ def test_auto_completion_goes_where_the_router_says_with_its_alternatives():
 def test_streamed_chat_completion_is_server_sent_events():
     response = request("POST", "/v1/chat/completions", json=CHAT | {"stream": True})
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
-    events = [line[len("data: "):] for line in response.text.split("\n\n") if line]
+    events = [line[len("data: ") :] for line in response.text.split("\n\n") if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "answer from demo-law"
@@ -241,10 +268,12 @@ def test_the_operator_registers_activates_retires_and_quarantines():
 
     async def go() -> list[httpx.Response]:
         async with serve(backend) as client:
-            return [await client.post("/v1/experts", json=UPLOAD | {"activate": True}, headers=admin()),
-                    await client.post("/v1/experts/demo-tax/retire", headers=admin()),
-                    await client.post("/v1/experts/demo-tax/activate", headers=admin()),
-                    await client.post("/v1/experts/demo-tax/quarantine", json={"reason": "leaks"}, headers=admin())]
+            return [
+                await client.post("/v1/experts", json=UPLOAD | {"activate": True}, headers=admin()),
+                await client.post("/v1/experts/demo-tax/retire", headers=admin()),
+                await client.post("/v1/experts/demo-tax/activate", headers=admin()),
+                await client.post("/v1/experts/demo-tax/quarantine", json={"reason": "leaks"}, headers=admin()),
+            ]
 
     responses = asyncio.run(go())
     assert [r.status_code for r in responses] == [200] * 4, [r.text for r in responses]
@@ -271,27 +300,46 @@ def test_the_openapi_schema_documents_400_not_422():
 # ------------------------------------------------------------------ 400: the request is wrong
 
 
-@pytest.mark.parametrize(("path", "body", "message", "param"), [
-    ("/v1/route", {}, "query: Field required", "query"),
-    ("/v1/route", {"query": ""}, "query: String should have at least 1 character", "query"),
-    ("/v1/route", {"query": 5}, "query: Input should be a valid string", "query"),
-    ("/v1/crosscheck", {"question": "q", "answer": "a", "k": 99}, "k: Input should be less than or equal to 16", "k"),
-    ("/v1/feedback", {"verdict_id": "v-1", "correct": "perhaps"}, "correct: Input should be a valid boolean",
-     "correct"),
-    ("/v1/chat/completions", {"model": "demo-law", "messages": [{"role": "user"}]},
-     "messages.0.content: Field required", "messages.0.content"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "message", "param"),
+    [
+        ("/v1/route", {}, "query: Field required", "query"),
+        ("/v1/route", {"query": ""}, "query: String should have at least 1 character", "query"),
+        ("/v1/route", {"query": 5}, "query: Input should be a valid string", "query"),
+        (
+            "/v1/crosscheck",
+            {"question": "q", "answer": "a", "k": 99},
+            "k: Input should be less than or equal to 16",
+            "k",
+        ),
+        (
+            "/v1/feedback",
+            {"verdict_id": "v-1", "correct": "perhaps"},
+            "correct: Input should be a valid boolean",
+            "correct",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "demo-law", "messages": [{"role": "user"}]},
+            "messages.0.content: Field required",
+            "messages.0.content",
+        ),
+    ],
+)
 def test_an_invalid_body_is_a_400_naming_the_field(path, body, message, param):
     found = error(request("POST", path, json=body), 400)
     assert found["message"].startswith(message), found
     assert (found["param"], found["type"]) == (param, "invalid_request_error")
 
 
-@pytest.mark.parametrize(("content", "message"), [
-    (b"{not json", "request body is not valid JSON"),
-    (b"[1, 2]", "request body must be a JSON object"),
-    (b'{"query": "\xff"}', "request body is not valid UTF-8 (byte 0xff"),
-])
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"{not json", "request body is not valid JSON"),
+        (b"[1, 2]", "request body must be a JSON object"),
+        (b'{"query": "\xff"}', "request body is not valid UTF-8 (byte 0xff"),
+    ],
+)
 def test_a_body_that_cannot_be_parsed_is_a_400_that_says_why(content, message):
     found = error(request("POST", "/v1/route", content=content, headers={"content-type": "application/json"}), 400)
     assert found["message"].startswith(message), found
@@ -301,16 +349,22 @@ def test_limits_of_the_request_are_400s():
     settings = config(limits=LimitsConfig(max_prompt_chars=10, max_tokens=8, default_max_tokens=4))
     long = error(request("POST", "/v1/route", settings=settings, json={"query": "x" * 11}), 400)
     assert long["message"] == "prompt is 11 characters; this server allows at most 10"
-    tokens = error(request("POST", "/v1/chat/completions", settings=settings,
-                           json={**CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9}), 400)
+    tokens = error(
+        request(
+            "POST",
+            "/v1/chat/completions",
+            settings=settings,
+            json={**CHAT, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9},
+        ),
+        400,
+    )
     assert (tokens["message"], tokens["param"]) == ("max_tokens is 9; this server allows at most 8", "max_tokens")
 
 
 def test_options_mose_cannot_answer_are_400s():
     found = error(request("POST", "/v1/chat/completions", json=CHAT | {"model": "upstream:big", "stream": True}), 400)
     assert found["param"] == "stream" and "upstream" in found["message"]
-    found = error(request("POST", "/v1/chat/completions", json=CHAT | {"stream_options": {"include_usage": True}}),
-                  400)
+    found = error(request("POST", "/v1/chat/completions", json=CHAT | {"stream_options": {"include_usage": True}}), 400)
     assert found["param"] == "stream_options"
 
 
@@ -350,8 +404,9 @@ def test_a_team_may_not_register_for_another_team_nor_activate():
     other = {**UPLOAD, "manifest": {**UPLOAD["manifest"], "owner": "doctors"}}
     found = error(request("POST", "/v1/experts", backend, json=other, headers=admin(TEAM_TOKEN)), 403)
     assert "may only register experts it owns" in found["message"]
-    found = error(request("POST", "/v1/experts", backend, json=UPLOAD | {"activate": True},
-                          headers=admin(TEAM_TOKEN)), 403)
+    found = error(
+        request("POST", "/v1/experts", backend, json=UPLOAD | {"activate": True}, headers=admin(TEAM_TOKEN)), 403
+    )
     assert found["param"] == "activate" and not backend.calls
 
 
@@ -385,8 +440,13 @@ def test_a_wrong_method_is_405():
 # ------------------------------------------------------------------ 409
 
 
-@pytest.mark.parametrize("fault", [ConflictError("demo-tax@0.1.0 exists with other digests"),
-                                   StatusError("demo-tax is retired; register a new version")])
+@pytest.mark.parametrize(
+    "fault",
+    [
+        ConflictError("demo-tax@0.1.0 exists with other digests"),
+        StatusError("demo-tax is retired; register a new version"),
+    ],
+)
 def test_a_conflict_with_the_registrys_state_is_409(fault):
     backend = FakeBackend()
     backend.fail["register"] = fault
@@ -406,16 +466,19 @@ def test_feedback_on_a_verdict_already_judged_is_409():
 def test_a_body_over_the_limit_is_413_with_or_without_content_length():
     settings = config(limits=LimitsConfig(max_body_bytes=100))
     big = json.dumps({"query": "x" * 200}).encode()
-    found = error(request("POST", "/v1/route", settings=settings, content=big,
-                          headers={"content-type": "application/json"}), 413)
+    found = error(
+        request("POST", "/v1/route", settings=settings, content=big, headers={"content-type": "application/json"}), 413
+    )
     assert found["message"] == "request body is larger than the limit of 100 bytes"
 
     async def chunks() -> AsyncIterator[bytes]:
         for start in range(0, len(big), 50):
-            yield big[start:start + 50]
+            yield big[start : start + 50]
 
-    found = error(request("POST", "/v1/route", settings=settings, content=chunks(),
-                          headers={"content-type": "application/json"}), 413)
+    found = error(
+        request("POST", "/v1/route", settings=settings, content=chunks(), headers={"content-type": "application/json"}),
+        413,
+    )
     assert found["message"] == "request body is larger than the limit of 100 bytes"
 
 
@@ -456,15 +519,21 @@ class BackPressureError(Exception):
     """Named like Ray Serve's: a deployment's queue is full."""
 
 
-@pytest.mark.parametrize(("path", "method", "body"), [
-    ("/v1/route", "route", {"query": "Is a verbal contract binding?"}),
-    ("/v1/chat/completions", "generate", CHAT),
-    ("/v1/crosscheck", "crosscheck", {"question": "Capital of France?", "answer": "Paris"}),
-])
-@pytest.mark.parametrize(("fault", "status", "kind"), [
-    (UnavailableError("no router artifact: train one with `mose router train`"), 503, "unavailable_error"),
-    (ServerError("router artifact v0002 is missing router.onnx"), 500, "server_error"),
-])
+@pytest.mark.parametrize(
+    ("path", "method", "body"),
+    [
+        ("/v1/route", "route", {"query": "Is a verbal contract binding?"}),
+        ("/v1/chat/completions", "generate", CHAT),
+        ("/v1/crosscheck", "crosscheck", {"question": "Capital of France?", "answer": "Paris"}),
+    ],
+)
+@pytest.mark.parametrize(
+    ("fault", "status", "kind"),
+    [
+        (UnavailableError("no router artifact: train one with `mose router train`"), 503, "unavailable_error"),
+        (ServerError("router artifact v0002 is missing router.onnx"), 500, "server_error"),
+    ],
+)
 def test_server_faults_are_5xx_with_their_message(path, method, body, fault, status, kind):
     backend = FakeBackend()
     backend.fail[method] = fault

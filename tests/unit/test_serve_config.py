@@ -113,8 +113,9 @@ def test_admin_enabled_without_a_token_names_the_ways_out(monkeypatch):
     assert "MOSE_ADMIN_TOKEN" in str(err.value) and "auth.insecure_local" in str(err.value)
 
 
-@pytest.mark.parametrize("host, ok", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False),
-                                      ("192.168.1.5", False)])
+@pytest.mark.parametrize(
+    "host, ok", [("127.0.0.1", True), ("localhost", True), ("::1", True), ("0.0.0.0", False), ("192.168.1.5", False)]
+)
 def test_insecure_local_only_listens_on_loopback(monkeypatch, host, ok):
     monkeypatch.delenv("MOSE_ADMIN_TOKEN", raising=False)
     if ok:
@@ -123,4 +124,7 @@ def test_insecure_local_only_listens_on_loopback(monkeypatch, host, ok):
         with pytest.raises(MoseError, match="http.host must be a loopback address"):
             load_config(auth={"insecure_local": True}, http={"host": host})
     # With a token, insecure_local changes nothing and any address is fine.
-    assert load_config(auth={"insecure_local": True, "admin_token": "t0ken"}, http={"host": host}).auth.admin_mode == "token"
+    assert (
+        load_config(auth={"insecure_local": True, "admin_token": "t0ken"}, http={"host": host}).auth.admin_mode
+        == "token"
+    )

@@ -70,17 +70,26 @@ def call(error: Exception, path: str = "/v1/route", body: dict | None = None):
     return response.status_code, payload["error"]
 
 
-@pytest.mark.parametrize(("error", "status", "kind"), [
-    (UnavailableError("no router artifact in /srv/mose/router: train one with `mose router train`"), 503,
-     "unavailable_error"),
-    (ServerError("router artifact /srv/mose/router/v0002 is missing router.onnx"), 500, "server_error"),
-    (StoredArtifactError("demo-law@0.3.0: adapter_model.safetensors does not match its registered sha256"), 500,
-     "server_error"),
-    (NotFoundError("unknown expert 'demo-astronomy'"), 404, "invalid_request_error"),
-    (ConflictError("demo-law@0.3.0 exists with other digests"), 409, "invalid_request_error"),
-    (ManifestError("domains: at least one domain"), 400, "invalid_request_error"),
-    (MoseError("the router needs a non-empty text query"), 400, "invalid_request_error"),
-])
+@pytest.mark.parametrize(
+    ("error", "status", "kind"),
+    [
+        (
+            UnavailableError("no router artifact in /srv/mose/router: train one with `mose router train`"),
+            503,
+            "unavailable_error",
+        ),
+        (ServerError("router artifact /srv/mose/router/v0002 is missing router.onnx"), 500, "server_error"),
+        (
+            StoredArtifactError("demo-law@0.3.0: adapter_model.safetensors does not match its registered sha256"),
+            500,
+            "server_error",
+        ),
+        (NotFoundError("unknown expert 'demo-astronomy'"), 404, "invalid_request_error"),
+        (ConflictError("demo-law@0.3.0 exists with other digests"), 409, "invalid_request_error"),
+        (ManifestError("domains: at least one domain"), 400, "invalid_request_error"),
+        (MoseError("the router needs a non-empty text query"), 400, "invalid_request_error"),
+    ],
+)
 def test_a_server_fault_is_a_5xx_and_a_client_error_a_4xx_with_its_message(error, status, kind):
     code, body = call(error)
     assert (code, body["type"], body["message"], body["code"]) == (status, kind, str(error), str(status))

@@ -36,13 +36,20 @@ class FakePool(Backend):
         prompt = None
         if scored is not None:
             assert request.prompt in ("".join(t for _, t, _ in PROMPT), [i for i, _, _ in PROMPT])
-            prompt = [_entry(t, lp, scored) if lp is not None else TokenLogprob(token=t, logprob=None, bytes=[])
-                      for _, t, lp in PROMPT]
-        tokens = TOKENS[:request.params.max_new_tokens]
+            prompt = [
+                _entry(t, lp, scored) if lp is not None else TokenLogprob(token=t, logprob=None, bytes=[])
+                for _, t, lp in PROMPT
+            ]
+        tokens = TOKENS[: request.params.max_new_tokens]
         return GenerationResult(
-            expert=request.expert, text="".join(t for t, _ in tokens), finish_reason="length",
-            prompt_tokens=len(PROMPT) if scored is not None else 7, completion_tokens=len(tokens),
-            logprobs=None if k is None else [_entry(t, lp, k) for t, lp in tokens], prompt_logprobs=prompt)
+            expert=request.expert,
+            text="".join(t for t, _ in tokens),
+            finish_reason="length",
+            prompt_tokens=len(PROMPT) if scored is not None else 7,
+            completion_tokens=len(tokens),
+            logprobs=None if k is None else [_entry(t, lp, k) for t, lp in tokens],
+            prompt_logprobs=prompt,
+        )
 
     async def generate(self, request):
         return self._result(request), 1
@@ -103,17 +110,20 @@ CHAT = {"model": "med", "messages": [{"role": "user", "content": "Capital of Fra
 TEXT = {"model": "med", "prompt": "The capital of France is"}
 
 
-@pytest.mark.parametrize("field, value", [
-    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-    ("tool_choice", "required"),
-    ("functions", [{"name": "f", "parameters": {}}]),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
-    ("response_format", {"type": "json_object"}),
-    ("logit_bias", {"50256": -100}),
-    ("presence_penalty", 0.5),
-    ("frequency_penalty", 1.0),
-    ("modalities", ["text", "audio"]),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("functions", [{"name": "f", "parameters": {}}]),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+        ("response_format", {"type": "json_object"}),
+        ("logit_bias", {"50256": -100}),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 1.0),
+        ("modalities", ["text", "audio"]),
+    ],
+)
 def test_a_field_mose_does_not_support_is_refused_by_name(http, pool, field, value):
     response = http.post("/v1/chat/completions", json=CHAT | {field: value})
     assert response.status_code == 400, response.text
@@ -130,8 +140,16 @@ def test_completion_fields_mose_does_not_support_are_refused_by_name(http, field
 
 
 def test_fields_that_do_not_change_the_answer_are_accepted(http):
-    neutral = {"user": "u1", "store": False, "metadata": {"a": "b"}, "response_format": {"type": "text"},
-               "presence_penalty": 0, "frequency_penalty": 0.0, "tool_choice": "none", "parallel_tool_calls": True}
+    neutral = {
+        "user": "u1",
+        "store": False,
+        "metadata": {"a": "b"},
+        "response_format": {"type": "text"},
+        "presence_penalty": 0,
+        "frequency_penalty": 0.0,
+        "tool_choice": "none",
+        "parallel_tool_calls": True,
+    }
     assert http.post("/v1/chat/completions", json=CHAT | neutral).status_code == 200
     assert http.post("/v1/completions", json=TEXT | {"echo": False, "best_of": 1, "suffix": None}).status_code == 200
 
@@ -225,8 +243,15 @@ def test_streamed_n_choices_interleave_and_each_finishes(client):
 def test_langchain_chat_openai_gets_logprobs(http):
     langchain_openai = pytest.importorskip("langchain_openai")
 
-    chat = langchain_openai.ChatOpenAI(model="med", base_url="http://testserver/v1", api_key="unused",
-                                       http_client=http, max_retries=0, logprobs=True, top_logprobs=2)
+    chat = langchain_openai.ChatOpenAI(
+        model="med",
+        base_url="http://testserver/v1",
+        api_key="unused",
+        http_client=http,
+        max_retries=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     message = chat.invoke("Capital of France?")
     assert message.content == "Paris is nice"
     content = message.response_metadata["logprobs"]["content"]
@@ -235,8 +260,15 @@ def test_langchain_chat_openai_gets_logprobs(http):
     assert message.response_metadata["finish_reason"] == "length"
 
 
-LM_EVAL_LOGLIKELIHOOD = {"model": "med", "prompt": [[101, 102, 103, 104, 105]], "temperature": 0, "max_tokens": 1,
-                         "logprobs": 1, "seed": 1234, "echo": True}
+LM_EVAL_LOGLIKELIHOOD = {
+    "model": "med",
+    "prompt": [[101, 102, 103, 104, 105]],
+    "temperature": 0,
+    "max_tokens": 1,
+    "logprobs": 1,
+    "seed": 1234,
+    "echo": True,
+}
 """What lm-eval-harness's ``local-completions`` sends for one loglikelihood request (token ids,
 one prompt in a list); it then reads ``token_logprobs[ctxlen:-1]`` and the ``top_logprobs`` beside
 them to tell whether the continuation is greedy."""
@@ -261,8 +293,9 @@ def test_lm_eval_loglikelihood_request(http, pool):
 
 
 def test_echo_with_max_tokens_0_only_scores_the_prompt(client, pool):
-    reply = client.completions.create(model="med", prompt="The capital of France is", max_tokens=0, echo=True,
-                                      logprobs=0)
+    reply = client.completions.create(
+        model="med", prompt="The capital of France is", max_tokens=0, echo=True, logprobs=0
+    )
     choice = reply.choices[0]
     assert pool.requests[-1].prompt == "The capital of France is" and pool.requests[-1].params.max_new_tokens == 1
     assert choice.text == "The capital of France is" and choice.logprobs.token_logprobs[0] is None

@@ -28,8 +28,13 @@ class Pieces:
             if self.error is not None:
                 raise self.error
             text = "".join(self.pieces)
-            yield GenerationResult(expert="med", text=text, finish_reason=self.finish_reason, prompt_tokens=5,
-                                   completion_tokens=len(self.pieces))
+            yield GenerationResult(
+                expert="med",
+                text=text,
+                finish_reason=self.finish_reason,
+                prompt_tokens=5,
+                completion_tokens=len(self.pieces),
+            )
         finally:
             self.closed = True
 

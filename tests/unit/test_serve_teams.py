@@ -104,23 +104,33 @@ def test_team_a_gets_403_on_every_write_to_team_b_experts_and_nothing_changes(si
     b_v2 = build_lora_expert(tmp / "b2", name="b-expert", version="2.0.0", owner=TEAM_B, domains=("finance",), seed=2)
     squat = build_lora_expert(tmp / "b3", name="b-expert", version="3.0.0", owner=TEAM_A, domains=("finance",), seed=3)
     before = registry_state(reg)
-    only_operator = ("is for the registry operator; team 'team-a' may register, update and retire the experts it "
-                     "owns (ask the operator about 'b-expert')")
+    only_operator = (
+        "is for the registry operator; team 'team-a' may register, update and retire the experts it "
+        "owns (ask the operator about 'b-expert')"
+    )
     cases = {
         "new version of B's expert": (
             client.post("/v1/experts", json=upload(b_v2), headers=as_a),
             "team 'team-a' may only register experts it owns, and this manifest names owner 'team-b'; set "
-            "`owner: team-a` in the manifest"),
+            "`owner: team-a` in the manifest",
+        ),
         "B's name with owner A": (
             client.post("/v1/experts", json=upload(squat), headers=as_a),
             "expert 'b-expert' is owned by team 'team-b' (the owner of its registered versions); team 'team-a' "
-            "may not publish versions of it: choose another name"),
-        "retire": (client.post("/v1/experts/b-expert/retire", headers=as_a),
-                   "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns"),
-        "activate": (client.post("/v1/experts/b-expert/activate", headers=as_a),
-                     f"activating an expert {only_operator}"),
-        "quarantine": (client.post("/v1/experts/b-expert/quarantine", json={"reason": "x"}, headers=as_a),
-                       f"quarantining an expert {only_operator}"),
+            "may not publish versions of it: choose another name",
+        ),
+        "retire": (
+            client.post("/v1/experts/b-expert/retire", headers=as_a),
+            "b-expert@1.0.0 is owned by 'team-b'; team 'team-a' may only change the experts it owns",
+        ),
+        "activate": (
+            client.post("/v1/experts/b-expert/activate", headers=as_a),
+            f"activating an expert {only_operator}",
+        ),
+        "quarantine": (
+            client.post("/v1/experts/b-expert/quarantine", json={"reason": "x"}, headers=as_a),
+            f"quarantining an expert {only_operator}",
+        ),
     }
     for label, (response, message) in cases.items():
         assert error_of(response) == (403, message), label
@@ -134,8 +144,11 @@ def test_a_team_writes_its_own_experts_and_the_operator_everything(site):
     as_a, as_op = bearer(site["a"]), bearer(OPERATOR_TOKEN)
     mine = build_lora_expert(tmp / "a1", name="a-expert", owner=TEAM_A, domains=("finance",), seed=4)
     refused = client.post("/v1/experts", json=upload(mine) | {"activate": True}, headers=as_a)
-    assert error_of(refused) == (403, "activating an expert is for the registry operator; register it without "
-                                      "'activate' (team 'team-a' may register, update and retire the experts it owns)")
+    assert error_of(refused) == (
+        403,
+        "activating an expert is for the registry operator; register it without "
+        "'activate' (team 'team-a' may register, update and retire the experts it owns)",
+    )
     assert [r.ref for r in reg.list(name="a-expert")] == []
     registered = client.post("/v1/experts", json=upload(mine), headers=as_a)
     assert (registered.status_code, registered.json()["status"]) == (200, "pending"), registered.text
@@ -145,8 +158,11 @@ def test_a_team_writes_its_own_experts_and_the_operator_everything(site):
     quarantined = client.post("/v1/experts/b-expert/quarantine", json={"reason": "under review"}, headers=as_op)
     assert quarantined.json()["status"] == "quarantined", quarantined.text
     assert client.post("/v1/experts/b-expert/quarantine", json={}, headers=as_op).status_code == 400
-    actors = [(e.actor, e.action, e.subject) for e in reg.audit_entries() if e.action in
-              ("register", "activate", "retire", "quarantine")]
+    actors = [
+        (e.actor, e.action, e.subject)
+        for e in reg.audit_entries()
+        if e.action in ("register", "activate", "retire", "quarantine")
+    ]
     assert actors == [
         ("team:team-b", "register", "b-expert@1.0.0"),
         ("operator", "activate", "b-expert@1.0.0"),
@@ -166,11 +182,17 @@ def test_rotated_and_revoked_tokens_are_refused(site):
     revoked_at = reg.team(TEAM_B).revoked_at.isoformat()
     before = registry_state(reg)
     rotated = client.post("/v1/experts/b-expert/retire", headers=bearer(old_a))
-    assert error_of(rotated) == (403, "the token is not valid for team 'team-a' (a wrong token, or one replaced by "
-                                      "`mose team rotate`); ask the operator for the current one")
+    assert error_of(rotated) == (
+        403,
+        "the token is not valid for team 'team-a' (a wrong token, or one replaced by "
+        "`mose team rotate`); ask the operator for the current one",
+    )
     revoked = client.post("/v1/experts/b-expert/retire", headers=bearer(site["b"]))
-    assert error_of(revoked) == (403, f"the token of team 'team-b' was revoked at {revoked_at}; ask the operator for "
-                                      "a new one (`mose team rotate team-b`)")
+    assert error_of(revoked) == (
+        403,
+        f"the token of team 'team-b' was revoked at {revoked_at}; ask the operator for "
+        "a new one (`mose team rotate team-b`)",
+    )
     assert registry_state(reg) == before
     assert reg.get("b-expert").status == "active"
     # The new token of A works (on A's business): past authentication, the registry answers.
@@ -187,14 +209,20 @@ def test_a_refused_team_token_is_refused_before_the_body_is_read(site):
     assert response.status_code == 403 and "was revoked" in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("header, status, message", [
-    (None, 401, "admin endpoints need 'Authorization: Bearer <token>'"),
-    ("Basic abc", 401, "admin endpoints need 'Authorization: Bearer <token>'"),
-    ("Bearer not-a-token", 403, "the admin token is not valid"),
-    ("Bearer mose_team_team-z_" + "A" * SECRET_CHARS, 403,
-     "not a valid team token (no such team, or a mistyped token); team tokens come from `mose team create` or "
-     "`mose team rotate`"),
-])
+@pytest.mark.parametrize(
+    "header, status, message",
+    [
+        (None, 401, "admin endpoints need 'Authorization: Bearer <token>'"),
+        ("Basic abc", 401, "admin endpoints need 'Authorization: Bearer <token>'"),
+        ("Bearer not-a-token", 403, "the admin token is not valid"),
+        (
+            "Bearer mose_team_team-z_" + "A" * SECRET_CHARS,
+            403,
+            "not a valid team token (no such team, or a mistyped token); team tokens come from `mose team create` or "
+            "`mose team rotate`",
+        ),
+    ],
+)
 def test_missing_malformed_and_unknown_tokens(site, header, status, message):
     headers = {"Authorization": header} if header else {}
     response = site["client"].post("/v1/experts/b-expert/retire", headers=headers)
