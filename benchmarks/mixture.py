@@ -129,8 +129,9 @@ def option_questions(data_dir: Path, verticals: list[str], per_vertical: int, se
     if per_vertical <= 0 or not path.is_file():
         return []
     grouped: dict[tuple[str, str], list[tuple[str, bool]]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line) if line.strip() else {}
+    with path.open(encoding="utf-8") as lines:  # not splitlines(): answers hold U+2028 and the like
+        rows = [json.loads(line) for line in lines if line.strip()]
+    for row in rows:
         if row.get("source") == "mmlu_mc" and row.get("domain") in verticals and row["question"].strip() not in seen:
             grouped.setdefault((row["domain"], row["question"]), []).append((row["answer"], row["label"] == 1))
     usable = sorted(
@@ -181,6 +182,12 @@ def run(args: argparse.Namespace) -> dict:
     )
     data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, settings.seed) for v in verticals}
 
+    options = option_questions(
+        config.data_dir,
+        verticals,
+        args.option_questions,
+        {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout},
+    )
     lora_config, state, generalist_run = train_generalist(home, data, settings, progress=not args.quiet)
     with Registry.open(home) as registry:
         pool = ExpertPool(home=home)
@@ -221,12 +228,6 @@ def run(args: argparse.Namespace) -> dict:
         )
         answers.update({job: r.text for job, r in zip(chunk, results)})
         log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
-    options = option_questions(
-        config.data_dir,
-        verticals,
-        args.option_questions,
-        {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout},
-    )
     option_routes = router.route_batch([q for _, q, _ in options]) if options else []
     option_expert = {
         "base": lambda i: "base",
