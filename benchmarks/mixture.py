@@ -197,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
         router = load_router(home, registry)
         rows = [(v, p) for v in verticals for p in data[v].heldout[: args.rows]]
         decisions = router.route_batch([p.question for _, p in rows])
+        option_routes = router.route_batch([q for _, q, _ in options]) if options else []
     served = set(pool.experts()) | {"base"}
     routed = [d.expert if d.expert in served else "base" for d in decisions]
 
@@ -228,7 +229,6 @@ def run(args: argparse.Namespace) -> dict:
         )
         answers.update({job: r.text for job, r in zip(chunk, results)})
         log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
-    option_routes = router.route_batch([q for _, q, _ in options]) if options else []
     option_expert = {
         "base": lambda i: "base",
         "generalist": lambda i: GENERALIST,
