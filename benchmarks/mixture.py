@@ -121,6 +121,14 @@ def final_number(text: str) -> str | None:
     return found[-1].replace(",", "").rstrip(".") if found else None
 
 
+def expert_of(system: str, vertical: str, routed: str) -> str:
+    """The expert that answers a question of ``vertical`` for ``system`` (``routed``: the router's
+    servable pick, or the base model)."""
+    from experts.demo import demo_name
+
+    return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical), "auto": routed}[system]
+
+
 def option_questions(data_dir: Path, verticals: list[str], per_vertical: int, seen: set[str]) -> list[tuple]:
     """(vertical, question, [(option, is right)]) for up to ``per_vertical`` multiple-choice
     questions per vertical from crosscheck_dev's ``mmlu_mc`` rows (one right option, at least one
@@ -202,8 +210,7 @@ def run(args: argparse.Namespace) -> dict:
     routed = [d.expert if d.expert in served else "base" for d in decisions]
 
     def system_expert(system: str, index: int) -> str:
-        vertical = rows[index][0]
-        return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical), "auto": routed[index]}[system]
+        return expert_of(system, rows[index][0], routed[index])
 
     log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS)} systems")
     needed = sorted({system_expert(s, i) for s in SYSTEMS for i in range(len(rows))})
@@ -229,28 +236,27 @@ def run(args: argparse.Namespace) -> dict:
         )
         answers.update({job: r.text for job, r in zip(chunk, results)})
         log(f"  {min(start + args.batch, len(jobs))}/{len(jobs)}")
-    option_expert = {
-        "base": lambda i: "base",
-        "generalist": lambda i: GENERALIST,
-        "oracle": lambda i: demo_name(options[i][0]),
-        "auto": lambda i: option_routes[i].expert if option_routes[i].expert in served else "base",
-    }
-    option_pairs = [(q, text) for _, q, opts in options for text, _ in opts]
-    log(f"multiple-choice options: {len(options)} questions, {len(option_pairs)} options x {len(SYSTEMS)} systems")
-    option_nll = (
-        pool.answer_nll_rows(
-            option_pairs,
-            sorted({option_expert[s](i) for s in SYSTEMS for i in range(len(options))}),
-            max_tokens=settings.max_tokens,
-        )
-        if options
-        else {}
-    )
+    option_routed = [d.expert if d.expert in served else "base" for d in option_routes]
+
+    def option_expert(system: str, index: int) -> str:
+        return expert_of(system, options[index][0], option_routed[index])
+
+    # each question's options scored only under the experts its systems use
+    by_option_expert: dict[str, list[int]] = {}
+    for i in range(len(options)):
+        for expert in {option_expert(s, i) for s in SYSTEMS}:
+            by_option_expert.setdefault(expert, []).append(i)
+    log(f"multiple-choice options: {len(options)} questions under {len(by_option_expert)} experts")
+    option_nll: dict[tuple[str, int], list[tuple[float, int]]] = {}
+    for expert, indices in sorted(by_option_expert.items()):
+        pairs_of = [(options[i][1], text) for i in indices for text, _ in options[i][2]]
+        scored = pool.answer_nll_rows(pairs_of, [expert], max_tokens=settings.max_tokens)[expert]
+        for i in indices:
+            option_nll[(expert, i)], scored = scored[: len(options[i][2])], scored[len(options[i][2]) :]
 
     def option_right(system: str, index: int) -> bool:
         """Whether ``system`` finds the right option of question ``index`` likeliest."""
-        start = sum(len(opts) for _, _, opts in options[:index])
-        scored = option_nll[option_expert[system](index)][start : start + len(options[index][2])]
+        scored = option_nll[(option_expert(system, index), index)]
         best = min(range(len(scored)), key=lambda j: scored[j][0] / max(1, scored[j][1]))
         return options[index][2][best][1]
 
