@@ -106,20 +106,12 @@ def build_application(config: ServeConfig, gpus_available: bool | None = None):
     pool = (
         serve.deployment(ExpertPoolDeployment)
         .options(**pool_options)
-        .bind(
-            home_root,
-            SMOLLM2_ID,
-            config.pool.max_batch_size,
-            config.pool.batch_wait_timeout_s,
-            config.limits.max_tokens,
-            config.pool.torch_threads,
-            config.pool.cpu_dtype,
-        )
+        .bind(home_root, SMOLLM2_ID, config.pool, config.limits)
     )
     full = (
-        serve.deployment(full_expert_deployment(config.pool.max_full_experts_per_replica))
+        serve.deployment(full_expert_deployment(config.pool))
         .options(**deployment_options("FullExperts", config.full_experts, gpus, home_root))
-        .bind(home_root, config.limits.max_tokens, config.pool.torch_threads, config.pool.cpu_dtype)
+        .bind(home_root, config.pool, config.limits)
     )
     checker = (
         serve.deployment(CrossCheckDeployment)

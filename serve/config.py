@@ -164,6 +164,21 @@ class PoolSettings(_Section):
     instructions (1.6-1.75x on the jury there, same quality), else float32; None leaves it to each
     node's ``MOSE_CPU_DTYPE``, else ``auto`` (see ``experts.policy.DevicePolicy.cpu_dtype``)."""
 
+    def pool_config(self, max_new_tokens: int, **fields: Any) -> PoolConfig:
+        """The library's :class:`experts.pool.PoolConfig` for one replica on this node: these
+        settings, ``max_new_tokens`` as its cap, and ``fields`` for what a role sets itself."""
+        from experts.policy import DevicePolicy
+
+        # None reads the node's MOSE_CPU_DTYPE when the replica starts, not where the config was made.
+        policy = DevicePolicy() if self.cpu_dtype is None else DevicePolicy(cpu_dtype=self.cpu_dtype)
+        settings = {
+            "max_new_tokens_limit": max_new_tokens,
+            "max_batch_size": self.max_batch_size,
+            "batch_wait_s": self.batch_wait_timeout_s,
+            "policy": policy,
+        }
+        return PoolConfig(**{**settings, **fields})
+
 
 class UpstreamConfig(_Section):
     base_url: str = ""

@@ -1,4 +1,4 @@
-"""What the deployment modules share: the node's device policy, the registry, the logger, one
+"""What the deployment modules share: the registry, the logger, one
 call through a handle retried when its replica died, and a completion or stream from a pool's
 engine loop (the base-model pool and the full-weight experts decode alike)."""
 
@@ -20,13 +20,6 @@ followed by catalog generation instead (:mod:`serve.catalog_sync`)."""
 
 HANDLE_RETRY_DELAY_S = 0.5
 """Pause before the one retry of a call whose replica died under it (Ray Serve is replacing it)."""
-
-
-def device_policy(cpu_dtype: str | None):
-    """This node's device policy; ``cpu_dtype`` None: the node's MOSE_CPU_DTYPE, else auto."""
-    from experts.policy import DevicePolicy
-
-    return DevicePolicy() if cpu_dtype is None else DevicePolicy(cpu_dtype=cpu_dtype)
 
 
 def open_registry(home_root: str):

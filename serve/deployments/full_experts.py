@@ -12,7 +12,8 @@ from ray import serve
 from experts.types import GenerationRequest, GenerationResult
 from registry.errors import MoseError
 from registry.stores import node_home
-from serve.deployments._common import complete, device_policy, logger, open_registry, stream_pieces
+from serve.config import LimitsConfig, PoolSettings
+from serve.deployments._common import complete, logger, open_registry, stream_pieces
 
 
 class _LoadedFullExpert:
@@ -31,24 +32,19 @@ class _LoadedFullExpert:
 class FullExpertDeployment:
     """Full-weight experts. A request carries its expert's name as the multiplexed model id; Ray
     Serve sends it to a replica that already holds that expert when one does, and each replica
-    keeps at most ``max_models_per_replica`` loaded (see :func:`full_expert_deployment`)."""
+    keeps at most ``pool.max_full_experts_per_replica`` loaded (see :func:`full_expert_deployment`)."""
 
-    def __init__(self, home_root: str, max_new_tokens: int, torch_threads: int, cpu_dtype: str | None = None) -> None:
+    def __init__(self, home_root: str, settings: PoolSettings, limits: LimitsConfig) -> None:
         import torch
 
-        from experts.pool import ExpertPool, PoolConfig
+        from experts.pool import ExpertPool
 
-        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
         home = node_home(home_root)  # this node's own cache when the registry is a database
         self.registry = open_registry(str(home.root))
         # The LRU is Ray Serve's (per replica, by count); the pool's own byte budget only guards
         # against one expert too large for the machine.
-        config = PoolConfig(
-            load_base=False,
-            max_new_tokens_limit=max_new_tokens,
-            full_expert_budget_bytes=1 << 40,
-            policy=device_policy(cpu_dtype),
-        )
+        config = settings.pool_config(limits.max_tokens, load_base=False, full_expert_budget_bytes=1 << 40)
         self.pool = ExpertPool(config, home=home)
         self.load_errors: dict[str, str] = {}
 
@@ -91,12 +87,13 @@ class FullExpertDeployment:
         }
 
 
-def full_expert_deployment(max_models_per_replica: int) -> type:
-    """:class:`FullExpertDeployment` with Ray Serve's multiplexed LRU of the given size (the
-    decorator takes the size when the class is made, so the class is made from the config)."""
+def full_expert_deployment(settings: PoolSettings) -> type:
+    """:class:`FullExpertDeployment` with Ray Serve's multiplexed LRU of
+    ``settings.max_full_experts_per_replica`` (the decorator takes the size when the class is
+    made, so the class is made from the config)."""
 
     class FullExperts(FullExpertDeployment):
-        load_expert = serve.multiplexed(max_num_models_per_replica=max_models_per_replica)(
+        load_expert = serve.multiplexed(max_num_models_per_replica=settings.max_full_experts_per_replica)(
             FullExpertDeployment.load_expert
         )
 

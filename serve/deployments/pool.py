@@ -11,7 +11,8 @@ from experts.types import GenerationRequest, GenerationResult
 from registry.errors import MoseError
 from registry.stores import node_home
 from serve.catalog_sync import CatalogFollower
-from serve.deployments._common import complete, device_policy, logger, open_registry, stream_pieces
+from serve.config import LimitsConfig, PoolSettings
+from serve.deployments._common import complete, logger, open_registry, stream_pieces
 
 
 class ExpertPoolDeployment:
@@ -19,30 +20,15 @@ class ExpertPoolDeployment:
     (continuous batching: a request joins the running batch at the next step); loading or
     unloading an expert waits for one decoding step at most."""
 
-    def __init__(
-        self,
-        home_root: str,
-        base_model: str,
-        max_batch_size: int,
-        batch_wait_timeout_s: float,
-        max_new_tokens: int,
-        torch_threads: int,
-        cpu_dtype: str | None = None,
-    ) -> None:
+    def __init__(self, home_root: str, base_model: str, settings: PoolSettings, limits: LimitsConfig) -> None:
         import torch
 
-        from experts.pool import ExpertPool, PoolConfig
+        from experts.pool import ExpertPool
 
-        torch.set_num_threads(torch_threads or os.cpu_count() or 1)
+        torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
         self.home = node_home(home_root)  # this node's own cache when the registry is a database
         self.registry = open_registry(str(self.home.root))
-        config = PoolConfig(
-            base_model=base_model,
-            max_new_tokens_limit=max_new_tokens,
-            max_batch_size=max_batch_size,
-            batch_wait_s=batch_wait_timeout_s,
-            policy=device_policy(cpu_dtype),
-        )
+        config = settings.pool_config(limits.max_tokens, base_model=base_model)
         self.pool = ExpertPool(config, home=self.home)
         logger.info("expert pool for %s on %s in %s", base_model, self.pool.device, self.pool.dtype)
         self.load_errors: dict[str, str] = {}

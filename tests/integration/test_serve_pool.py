@@ -32,6 +32,7 @@ def _req(expert="base", messages=FRANCE, **params) -> GenerationRequest:
 def deployment(base_models, tmp_path_factory):
     from registry import Registry
     from registry.home import MoseHome
+    from serve.config import load_config
     from serve.deployments import ExpertPoolDeployment
 
     home = MoseHome.from_env(tmp_path_factory.mktemp("pool-deployment-home"))
@@ -41,8 +42,9 @@ def deployment(base_models, tmp_path_factory):
             registry.add(write_lora_expert(experts, name, seed=seed), actor="tests")
             registry.activate(name, actor="tests")
         registry.add(write_lora_expert(experts, "law-late", seed=7), actor="tests")
+    config = load_config(pool={"max_batch_size": 8, "batch_wait_timeout_s": 0.0, "torch_threads": 1})
     dep = ExpertPoolDeployment(
-        str(home.root), SMOLLM2_ID, max_batch_size=8, batch_wait_timeout_s=0.0, max_new_tokens=64, torch_threads=1
+        str(home.root), SMOLLM2_ID, config.pool, config.limits.model_copy(update={"max_tokens": 64})
     )
     yield dep
     dep.pool.engine.observer = None

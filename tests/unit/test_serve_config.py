@@ -28,13 +28,19 @@ def test_layers_yaml_then_env_then_overrides(tmp_path, monkeypatch):
 
 
 def test_pool_precision_is_left_to_each_node_unless_set(monkeypatch):
-    from serve.deployments._common import device_policy
-
-    assert load_config().pool.cpu_dtype is None
-    monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")  # a node's own setting
-    assert device_policy(None).cpu_dtype == "bfloat16"
+    config = load_config()
+    assert config.pool.cpu_dtype is None
+    monkeypatch.setenv("MOSE_CPU_DTYPE", "bfloat16")  # a node's own setting, read where the replica starts
+    assert config.pool.pool_config(64).policy.cpu_dtype == "bfloat16"
     monkeypatch.setenv("MOSE_SERVE__POOL__CPU_DTYPE", "float32")  # the application's, for every node
-    assert device_policy(load_config().pool.cpu_dtype).cpu_dtype == "float32"
+    assert load_config().pool.pool_config(64).policy.cpu_dtype == "float32"
+
+
+def test_a_replica_pool_takes_the_served_settings_and_its_role_s_own():
+    config = load_config(pool={"max_batch_size": 4, "batch_wait_timeout_s": 0.05}, limits={"max_tokens": 128})
+    pool = config.pool.pool_config(config.limits.max_tokens, load_base=False)
+    assert (pool.max_batch_size, pool.batch_wait_s, pool.max_new_tokens_limit) == (4, 0.05, 128)
+    assert pool.load_base is False and load_config().pool.pool_config(64).load_base is True
 
 
 def test_admin_token_short_env_name_is_secret(monkeypatch):
