@@ -11,7 +11,12 @@ trained on), in one run and on the same rows for every system:
   trained on together (the same training tokens in all), shuffled, with the same settings;
 * ``oracle``: each question answered by its own vertical's expert;
 * ``auto``: each question answered by the expert the shipped router picks (the base model where
-  it abstains).
+  it abstains);
+* ``top2``: the next-token distributions of the router's two most probable experts mixed by
+  their router probabilities (renormalised) at every answer token, the c-BTM way of using two
+  experts for one answer (``auto`` where the router abstains or its second domain has no other
+  expert). Answer NLL only: the pool decodes one expert per row, so ``top2`` has no greedy
+  answers or option picks.
 
 Metrics per vertical and overall: answer NLL per token, teacher-forced on the reference answer;
 on the first ``--gen-rows`` rows, the greedy answer's MiniLM cosine similarity to the reference,
@@ -20,9 +25,9 @@ and, for math, whether its final number is the reference's; on ``--option-questi
 multiple-choice questions per vertical (crosscheck_dev's ``mmlu_mc`` rows grouped by question: the
 right option and a distractor, questions of the experts' fine-tuning data left out), whether the
 system finds the right option likelier (mean answer-token log-prob) than the wrong one, chance
-being 50 %. Printed beside them: a 95 %
-bootstrap interval for ``auto`` minus ``generalist`` NLL and the router's share of questions per
-vertical. The generalist is cached under ``MOSE_HOME/benchmarks/`` (keyed by its training
+being 50 %. Printed beside them: 95 %
+bootstrap intervals for ``auto`` minus ``generalist`` and ``top2`` minus ``auto`` NLL and the
+router's share of questions per vertical. The generalist is cached under ``MOSE_HOME/benchmarks/`` (keyed by its training
 settings), so a second run only measures.
 """
 
@@ -44,6 +49,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 SYSTEMS = ("base", "generalist", "oracle", "auto")
+"""Systems that answer with one expert per question (NLL, greedy answers and option picks)."""
+MIXED = "top2"
+"""The per-token mixture of the router's two likeliest experts (NLL only)."""
 GENERALIST = "mixture-generalist"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -129,6 +137,32 @@ def expert_of(system: str, vertical: str, routed: str) -> str:
     return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical), "auto": routed}[system]
 
 
+def top_two(decision, served: set[str], fallback: str) -> list[tuple[str, float]]:
+    """(expert, weight) of the router's two most probable servable experts, weights renormalised
+    to sum to one; ``[(fallback, 1.0)]`` when the router abstained or has one expert to offer."""
+    picked: dict[str, float] = {}
+    if not decision.abstained:
+        for alternative in decision.top_k:
+            if alternative.expert in served and alternative.expert not in picked and len(picked) < 2:
+                picked[alternative.expert] = alternative.p
+    total = sum(picked.values())
+    if len(picked) < 2 or total <= 0:
+        return [(fallback, 1.0)]
+    return [(expert, p / total) for expert, p in picked.items()]
+
+
+def mixed_nll(token_logprobs: list[list[float]], weights: list[float]) -> tuple[float, int]:
+    """(summed NLL, tokens) of one answer under a per-token mixture: at each token,
+    -log sum_j w_j p_j(token), from each expert's log-prob of the same answer tokens."""
+    import math
+
+    total = 0.0
+    for per_expert in zip(*token_logprobs):
+        top = max(per_expert)
+        total -= top + math.log(sum(w * math.exp(lp - top) for w, lp in zip(weights, per_expert)))
+    return total, len(token_logprobs[0])
+
+
 def option_questions(data_dir: Path, verticals: list[str], per_vertical: int, seen: set[str]) -> list[tuple]:
     """(vertical, question, [(option, is right)]) for up to ``per_vertical`` multiple-choice
     questions per vertical from crosscheck_dev's ``mmlu_mc`` rows (one right option, at least one
@@ -212,11 +246,20 @@ def run(args: argparse.Namespace) -> dict:
     def system_expert(system: str, index: int) -> str:
         return expert_of(system, rows[index][0], routed[index])
 
-    log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS)} systems")
-    needed = sorted({system_expert(s, i) for s in SYSTEMS for i in range(len(rows))})
+    mixtures = [top_two(d, served, routed[i]) for i, d in enumerate(decisions)]
+    log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS) + 1} systems")
+    needed = sorted(
+        {system_expert(s, i) for s in SYSTEMS for i in range(len(rows))} | {e for m in mixtures for e, _ in m}
+    )
     pairs = [(p.question, p.answer) for _, p in rows]
-    by_expert = pool.answer_nll_rows(pairs, needed, max_tokens=settings.max_tokens)
-    nll = {s: [by_expert[system_expert(s, i)][i] for i in range(len(rows))] for s in SYSTEMS}
+    tokens = pool.answer_token_logprobs(pairs, needed, max_tokens=settings.max_tokens)
+    nll = {
+        s: [(-sum(tokens[system_expert(s, i)][i]), len(tokens[system_expert(s, i)][i])) for i in range(len(rows))]
+        for s in SYSTEMS
+    }
+    nll[MIXED] = [
+        mixed_nll([tokens[e][i] for e, _ in mixture], [w for _, w in mixture]) for i, mixture in enumerate(mixtures)
+    ]
 
     gen_index = [i for i, (v, _) in enumerate(rows) if data[v].heldout.index(rows[i][1]) < args.gen_rows]
     jobs = sorted({(i, system_expert(s, i)) for s in SYSTEMS for i in gen_index})
@@ -307,6 +350,7 @@ def run(args: argparse.Namespace) -> dict:
         per_vertical[vertical] = {
             s: {"nll": nll_of(s, indices), **gen_metrics(s, indices), **option_metrics(s, vertical)} for s in SYSTEMS
         }
+        per_vertical[vertical][MIXED] = {"nll": nll_of(MIXED, indices)}
         per_vertical[vertical]["rows"] = len(indices)
         shares: dict[str, int] = {}
         for i in indices:
@@ -316,6 +360,8 @@ def run(args: argparse.Namespace) -> dict:
             indices
         )
     auto_minus_generalist = bootstrap_difference(nll["auto"], nll["generalist"])
+    top2_minus_auto = bootstrap_difference(nll[MIXED], nll["auto"])
+    mixed_rows = sum(len(m) == 2 for m in mixtures)
     return {
         "home": str(home.root),
         "profile": report.profile,
@@ -328,6 +374,8 @@ def run(args: argparse.Namespace) -> dict:
         "per_vertical": per_vertical,
         "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
         "auto_minus_oracle_nll": nll_of("auto", list(range(len(rows)))) - nll_of("oracle", list(range(len(rows)))),
+        "top2_minus_auto_nll": dict(zip(("estimate", "low", "high"), top2_minus_auto)),
+        "top2_mixed_share": mixed_rows / max(1, len(rows)),
         "router": getattr(router, "version", "fallback"),
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -337,7 +385,7 @@ def table(result: dict) -> str:
     """Markdown tables: NLL per vertical and system, then the greedy-answer metrics overall."""
     verticals = result["verticals"]
     lines = ["| system | " + " | ".join(verticals) + " | overall |", "|---|" + "---|" * (len(verticals) + 1)]
-    for system in SYSTEMS:
+    for system in (*SYSTEMS, MIXED):
         cells = [f"{result['per_vertical'][v][system]['nll']:.3f}" for v in verticals + ["overall"]]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines.append(
@@ -376,11 +424,13 @@ def table(result: dict) -> str:
                 + " | ".join(f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted)
                 + " |"
             )
-    d = result["auto_minus_generalist_nll"]
+    d, t = result["auto_minus_generalist_nll"], result["top2_minus_auto_nll"]
     lines += [
         "",
         f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
         f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}",
+        f"top2 - auto NLL: {t['estimate']:+.3f} (95 % bootstrap {t['low']:+.3f} .. {t['high']:+.3f}); "
+        f"two experts mixed on {result['top2_mixed_share']:.0%} of rows",
     ]
     return "\n".join(lines)
 

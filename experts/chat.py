@@ -101,24 +101,32 @@ def answer_logprobs(
     mean hidden state after that many decoder layers over the positions that predict its answer
     tokens (the answer as the model has read it; the jury's truthfulness probe reads it).
     """
-    ids, mask, positions = left_pad([p.input_ids for p in pairs], pad_id)
-    device = next(model.parameters()).device
-    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
-    keep = max(p.answer_len for p in pairs)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        use_cache=False,
-        logits_to_keep=keep + 1,
-        output_hidden_states=state_layer is not None,
-        **forward_kwargs(adapter_names),
-    )
+    out, ids = _answer_forward(model, pairs, pad_id, adapter_names, hidden_states=state_layer is not None)
     sums, counts = answer_token_logprobs(out.logits, ids, pairs)
     if state_layer is None:
         return sums, counts
     hidden = out.hidden_states[state_layer][:, :-1]  # the last position predicts nothing scored
     return sums, counts, [answer_mean(hidden[i], p.answer_len) for i, p in enumerate(pairs)]
+
+
+def _answer_forward(
+    model: Any, pairs: Sequence[EncodedPair], pad_id: int, adapter_names: Sequence[str] | None, hidden_states=False
+):
+    """(model output, left-padded ids) of one forward pass over ``pairs``, computing logits only
+    for the last ``max(answer_len) + 1`` positions (the LM head is a large part of the cost)."""
+    ids, mask, positions = left_pad([p.input_ids for p in pairs], pad_id)
+    device = next(model.parameters()).device
+    ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=False,
+        logits_to_keep=max(p.answer_len for p in pairs) + 1,
+        output_hidden_states=hidden_states,
+        **forward_kwargs(adapter_names),
+    )
+    return out, ids
 
 
 def answer_mean(state: Any, count: int) -> Any:
@@ -131,6 +139,13 @@ def answer_mean(state: Any, count: int) -> Any:
 def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):
     """(sum of answer-token log-probs, answer-token count) per row from the last ``keep + 1``
     positions' logits of left-padded rows (``keep`` = the longest answer)."""
+    logp, answer_mask, lengths = _gathered_logprobs(logits, ids, pairs)
+    return (logp * answer_mask).sum(-1), lengths
+
+
+def _gathered_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):
+    """([rows, keep] log-prob of each scored position's actual token, the mask of answer tokens,
+    each row's answer length) for left-padded rows."""
     import torch
 
     keep = max(p.answer_len for p in pairs)
@@ -138,5 +153,15 @@ def answer_token_logprobs(logits: Any, ids: Any, pairs: Sequence[EncodedPair]):
     logp = logp.gather(-1, ids[:, -keep:].unsqueeze(-1)).squeeze(-1)
     lengths = torch.tensor([p.answer_len for p in pairs], device=ids.device)
     cols = torch.arange(keep, device=ids.device).unsqueeze(0)
-    answer_mask = cols >= (keep - lengths).unsqueeze(1)
-    return (logp * answer_mask).sum(-1), lengths
+    return logp, cols >= (keep - lengths).unsqueeze(1), lengths
+
+
+def answer_token_logprob_rows(
+    model: Any, pairs: Sequence[EncodedPair], pad_id: int, adapter_names: Sequence[str] | None = None
+) -> list[list[float]]:
+    """Each row's answer-token log-probs in order (teacher-forced, one forward pass): what a
+    per-token mixture of several models' next-token distributions is computed from."""
+    out, ids = _answer_forward(model, pairs, pad_id, adapter_names)
+    keep = max(p.answer_len for p in pairs)
+    logp, _, _ = _gathered_logprobs(out.logits, ids, pairs)
+    return [row[keep - p.answer_len :].tolist() for row, p in zip(logp, pairs)]

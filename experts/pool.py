@@ -32,6 +32,7 @@ from experts.chat import (
     BASE_ADAPTER,
     EncodedPair,
     answer_logprobs,
+    answer_token_logprob_rows,
     encode_pair,
     prompt_ids,
     template_prefix,
@@ -549,11 +550,19 @@ class ExpertPool:
         """Per shared-base expert, per pair: (summed answer-token NLL, answer tokens), every
         (pair, expert) row in mixed-adapter batches (teacher-forced, truncated to ``max_tokens``).
         Runs on the engine loop's thread, between decoding steps."""
-        return self.engine.call(self._answer_nll_rows, pairs, experts, max_tokens, batch_size)
+        rows = self.answer_token_logprobs(pairs, experts, max_tokens, batch_size)
+        return {name: [(-sum(tokens), len(tokens)) for tokens in per_pair] for name, per_pair in rows.items()}
 
-    def _answer_nll_rows(
+    def answer_token_logprobs(
+        self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int = 96, batch_size: int = 8
+    ) -> dict[str, list[list[float]]]:
+        """Per shared-base expert, per pair: the log-prob of each answer token, teacher-forced
+        (truncated to ``max_tokens``), in mixed-adapter batches on the engine loop's thread."""
+        return self.engine.call(self._answer_token_logprobs, pairs, experts, max_tokens, batch_size)
+
+    def _answer_token_logprobs(
         self, pairs: Sequence[tuple[str, str]], experts: Sequence[str], max_tokens: int, batch_size: int
-    ) -> dict[str, list[tuple[float, int]]]:
+    ) -> dict[str, list[list[float]]]:
         import torch
 
         keys = {}
@@ -568,16 +577,16 @@ class ExpertPool:
             ((name, i) for name in keys for i in range(len(encoded))),
             key=lambda job: (keys[job[0]], len(encoded[job[1]].input_ids)),
         )
-        out: dict[str, list[tuple[float, int]]] = {name: [(0.0, 0)] * len(encoded) for name in keys}
+        out: dict[str, list[list[float]]] = {name: [[] for _ in encoded] for name in keys}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         with torch.inference_mode():
             model = self._shared_model()
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
                 names = self._adapter_names([keys[name] for name, _ in chunk])
-                sums, counts = answer_logprobs(model, [encoded[i] for _, i in chunk], pad, names)
-                for (name, i), total, count in zip(chunk, sums.tolist(), counts.tolist()):
-                    out[name][i] = (-total, int(count))
+                rows = answer_token_logprob_rows(model, [encoded[i] for _, i in chunk], pad, names)
+                for (name, i), tokens in zip(chunk, rows):
+                    out[name][i] = tokens
         return out
 
     def score(

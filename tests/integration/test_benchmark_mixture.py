@@ -66,5 +66,8 @@ def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, 
         for system in ("base", "generalist", "oracle", "auto"):
             row = result["per_vertical"][vertical][system]
             assert row["mmlu_option_questions"] == questions and 0 <= row["mmlu_option"] <= 1
-    low, high = result["auto_minus_generalist_nll"]["low"], result["auto_minus_generalist_nll"]["high"]
-    assert low <= result["auto_minus_generalist_nll"]["estimate"] <= high
+    for key in ("auto_minus_generalist_nll", "top2_minus_auto_nll"):
+        assert result[key]["low"] <= result[key]["estimate"] <= result[key]["high"]
+    assert "| top2 |" in run.stdout and "top2 - auto NLL" in run.stdout
+    assert all(result["per_vertical"][v]["top2"]["nll"] > 0 for v in ("math", "code", "overall"))
+    assert 0 <= result["top2_mixed_share"] <= 1

@@ -72,6 +72,19 @@ def test_score_batches_experts_and_matches_single_scoring(two_adapters):
     assert scores[1].logp_given_question != pytest.approx(scores[0].logp_given_question, abs=1e-3)
 
 
+def test_answer_token_logprobs_are_the_scored_answer_token_by_token(two_adapters):
+    """The per-token log-probs a mixture of experts is computed from add up to what scoring reads."""
+    question, answer = "What is the capital of France?", "Paris is the capital of France."
+    tokens = two_adapters.answer_token_logprobs([(question, answer), (question, "Lyon.")], ["base", "alpha"])
+    for score in two_adapters.score(question, answer, ["base", "alpha"]):
+        row = tokens[score.expert][0]
+        assert len(row) == score.answer_tokens and all(lp <= 0 for lp in row)
+        assert sum(row) / len(row) == pytest.approx(score.logp_given_question, abs=2e-3)
+    assert tokens["base"][0] != tokens["alpha"][0] and len(tokens["base"][1]) < len(tokens["base"][0])
+    nll = two_adapters.answer_nll_rows([(question, answer)], ["base"])["base"][0]
+    assert nll == pytest.approx((-sum(tokens["base"][0]), len(tokens["base"][0])))
+
+
 def test_scoring_many_items_together_equals_each_alone_and_peft_path(two_adapters):
     pool = two_adapters
     items = [
