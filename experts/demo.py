@@ -51,7 +51,7 @@ VERTICALS = (
     "general_knowledge",
 )
 DEMO_OWNER = "mose-demo"
-DEMO_VERSION = "0.3.0"
+DEMO_VERSION = "0.4.0"
 
 Profile = Literal["start", "full"]
 

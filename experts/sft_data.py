@@ -37,6 +37,14 @@ s t so than then too very just also about into over under up down out answer
 SENTENCE_MIN_WORDS = 4
 """An option of this many words that ends like a sentence is already a full answer."""
 
+COMPLETION_MAX_WORDS = 24
+"""A stem longer than this is context followed by a question, not one sentence to complete:
+completing it would copy the whole context into the answer."""
+
+NEW_WORDS_MIN = 2
+"""A stem completed with an option must gain at least this many meaningful words: "... is the
+principle of practical guidance." for a stem that already says "practical" only copies it."""
+
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _FINAL_NUMBER = re.compile(r"\n?####\s*(.+?)\s*$")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -86,6 +94,17 @@ def echoes(question: str, answer: str) -> bool:
     asked = set(normalise(question).split())
     said = normalise(answer).split()
     return bool(said) and all(word in asked or word in _FUNCTION_WORDS for word in said)
+
+
+def meaningful_words(text: str) -> list[str]:
+    """The words of ``text`` that carry meaning (function words left out), normalised."""
+    return [word for word in normalise(text).split() if word not in _FUNCTION_WORDS]
+
+
+def adds_to(stem: str, option: str) -> bool:
+    """True when ``option`` brings at least :data:`NEW_WORDS_MIN` meaningful words ``stem`` lacks."""
+    asked = set(normalise(stem).split())
+    return len(set(meaningful_words(option)) - asked) >= NEW_WORDS_MIN
 
 
 def is_empty(answer: str) -> bool:
@@ -141,7 +160,22 @@ def _reads_as_sentence(option: str) -> bool:
 
 
 _BLANK = re.compile(r"_{1,}")
+_POINTS_AT_OPTIONS = re.compile(
+    r"^(both|all|none|neither)( of)?( the)? (above|these|of these|of the above|of them)\b|"
+    r"^(both|neither) \(?[a-d]\)? (and|nor) \(?[a-d]\)?\b",
+    re.IGNORECASE,
+)
+_LABELS = frozenset({"true", "false", "wrong", "not wrong", "yes", "no", "correct", "incorrect"})
 _FACTOID = re.compile(r"^(who|what|when|where|which|how many|how much|in what|in which)\b", re.IGNORECASE)
+
+
+def needs_other_options(option: str) -> bool:
+    """True when an option means nothing without the others: "Both of these", "All of the above",
+    "Neither A nor B", or a row of labels such as "Wrong, Not wrong" (one per scenario)."""
+    if _POINTS_AT_OPTIONS.match(option.strip()):
+        return True
+    parts = [normalise(part) for part in option.split(",")]
+    return all(part in _LABELS for part in parts)
 
 
 def option_answer(question: str, option: str) -> str | None:
@@ -152,15 +186,22 @@ def option_answer(question: str, option: str) -> str | None:
     to:") is completed with the option, blank filled. The option of a factoid question ("In what
     year did the Great Depression begin?") is the short answer a person gives ("1929."). Anything
     else ("Which of the following is true?" with "True, False") needs the options it came with,
-    and is dropped."""
+    and is dropped, as is an option that points at the others ("Both of these") and a stem that is
+    context plus a question rather than one sentence (a scenario, a long passage)."""
     option, stem = option.strip().rstrip("."), question.strip()
+    if needs_other_options(option):
+        return None
     if _reads_as_sentence(option + "."):
         return option + "."
     if "\n" in stem or stem.lower().startswith(("which of the following", "this question refers")):
         return None
-    if _BLANK.search(stem):
-        return _sentence(_BLANK.sub(lambda _: option, stem, count=1))
+    if "?" in stem.rstrip("?") or len(stem.split()) > COMPLETION_MAX_WORDS:
+        return None
     if not stem.endswith("?"):
+        if not adds_to(stem, option):
+            return None
+        if _BLANK.search(stem):
+            return _sentence(_BLANK.sub(lambda _: option, stem, count=1))
         return _sentence(stem.rstrip(":").rstrip() + " " + option)
     if _FACTOID.match(stem):
         return _sentence(option)

@@ -43,6 +43,22 @@ from experts.sft_data import (
         ),
         ("Which of the following is true?", "True, False", None),
         ("Why did the author write this?", "to amuse", None),
+        # an option that points at the others, or a row of labels, says nothing alone
+        ("The phenomenon of interference occurs for", "Both of these", None),
+        (
+            "For which of these two scenarios does the main character do something clearly morally wrong? "
+            "Scenario 1 | I hunted a giraffe with my bow. Scenario 2 | I threw confetti.",
+            "Wrong, Not wrong",
+            None,
+        ),
+        # a stem completed with one new word only copies the question back
+        ("Corresponding to the practical aim of moral theory is the principle of", "practical guidance", None),
+        (
+            "Based on the characteristic population curves that result from plotting population growth of a "
+            "species, the most effective means of controlling the mosquito population is to",
+            "reduce the carrying capacity of the environment",
+            None,
+        ),
     ],
 )
 def test_options_become_answers_that_stand_alone(question, option, answer):
@@ -50,15 +66,8 @@ def test_options_become_answers_that_stand_alone(question, option, answer):
 
 
 def test_mmlu_row_is_shaped_and_gsm8k_solution_ends_with_its_answer():
-    pair = shape_pair(
-        "Corresponding to the practical aim of moral theory is the principle of",
-        "practical guidance.",
-        "mmlu/moral_disputes",
-    )
-    assert (
-        pair is not None
-        and pair.answer == "Corresponding to the practical aim of moral theory is the principle of practical guidance."
-    )
+    pair = shape_pair("The Krebs cycle in humans occurs in the", "mitochondrial matrix", "mmlu/college_biology")
+    assert pair is not None and pair.answer == "The Krebs cycle in humans occurs in the mitochondrial matrix."
     solution = "The gas cost 8*3.5=$<<8*3.5=28>>28\nSo in total he paid 150+28=$<<150+28=178>>178\n#### 178"
     assert solution_answer(solution) == "The gas cost 8*3.5=$28\nSo in total he paid 150+28=$178\nThe answer is 178."
 
