@@ -139,6 +139,18 @@ class CalibratorConfig(BaseModel):
     """Inverse L2 strength of the gate's logistic regression (two standardised inputs: weak
     regularisation)."""
 
+    plausibility_features: tuple[str, ...] = ("jury_logp_given",)
+    """What the plausibility term reads (each one of :data:`MONOTONE_FEATURES`; empty: no term).
+    The term adds ``coef . z(features)`` to the log-odds, its weights >= 0 fitted on pairs of a
+    correct training answer and the same answer with a fact changed (:mod:`jury.negatives`), so a
+    plainly wrong answer the jurors find less likely reads less likely to be correct. The
+    labelled sources cannot teach this: their wrong answers are fluent and as likely as the right
+    ones (docs/decisions/jury-plausibility-term.md)."""
+
+    plausibility_strength: float = Field(1.0, gt=0.0)
+    """Inverse L2 strength of the plausibility term's pairwise fit (higher: steeper term; a few
+    dozen pairs: moderate regularisation)."""
+
     recalibrate: bool = False
     """Platt scaling after the chosen candidate: a logistic fit of the labels on its out-of-fold
     log-odds (slope, offset), applied to the refitted candidate, as scikit-learn's
@@ -195,11 +207,32 @@ class RelevanceGate(BaseModel):
         return _sigmoid(z @ np.asarray(self.coef) + self.intercept)
 
 
+class PlausibilityTerm(BaseModel):
+    """A shift of the log-odds by the jurors' support for the answer, standardised, with weights
+    >= 0 fitted so that a correct answer scores above the same answer with a fact changed
+    (conditional logistic regression on such pairs: what the question makes likely cancels)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[str]
+    mean: list[float]
+    scale: list[float]
+    coef: list[float]
+    pairs: int = 0
+    """Training pairs it was fitted on."""
+
+    def shift(self, x: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """The log-odds added to each row of ``x``, whose columns are ``names``."""
+        columns = [list(names).index(name) for name in self.features]
+        return ((x[:, columns] - np.asarray(self.mean)) / np.asarray(self.scale)) @ np.asarray(self.coef)
+
+
 class Calibrator(BaseModel):
     """A fitted calibrator: plain numbers, so it saves as JSON and loads anywhere.
 
     With a :attr:`gate`, P(correct) = P(the answer belongs to the question) x P(correct | it
-    does): the gate is fitted on constructed wrong answers, the candidate on the labelled rows."""
+    does): the gate is fitted on constructed wrong answers, the candidate on the labelled rows,
+    and a :attr:`plausibility` term shifts the candidate's log-odds by the jurors' support."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -228,6 +261,8 @@ class Calibrator(BaseModel):
     the reputation benchmark's shuffled juror gained weight)."""
     gate: RelevanceGate | None = None
     """The relevance gate whose P(belongs) multiplies the candidate's P(correct) (None: no gate)."""
+    plausibility: PlausibilityTerm | None = None
+    """The term added to the candidate's log-odds before the gate (None: none)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
@@ -240,6 +275,8 @@ class Calibrator(BaseModel):
         if self.recalibration is not None:
             slope, offset = self.recalibration
             p = _sigmoid(slope * _logit(p) + offset)
+        if self.plausibility is not None:
+            p = _sigmoid(_logit(p) + self.plausibility.shift(x, self.features))
         return p if self.gate is None else p * self.gate.predict(x, self.features)
 
     def _candidate_predict(self, x: np.ndarray) -> np.ndarray:
@@ -372,6 +409,7 @@ def fit_calibrator(
     config: CalibratorConfig | None = None,
     states: np.ndarray | None = None,
     constructed: np.ndarray | None = None,
+    perturbed_pairs: Sequence[tuple[int, int]] = (),
 ) -> Calibrator:
     """Choose the candidate (logistic at each strength, boosted trees, isotonic, the base rate) by
     cross-validated log loss on the labelled rows, refit it on them, gate it with a
@@ -383,7 +421,8 @@ def fit_calibrator(
     out-of-fold logits join the features as :data:`PROBE_FEATURE`. ``constructed``: True for rows
     made wrong on purpose (:mod:`jury.negatives`; their label is 0); the candidate never learns
     from them (they would teach it that every wrong answer looks like an answer to another
-    question), the gate learns from them and the labelled rows.
+    question), the gate learns from them and the labelled rows. ``perturbed_pairs``: (correct
+    row, the same answer with a fact changed) indexes, what the plausibility term is fitted on.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -401,6 +440,10 @@ def fit_calibrator(
         if best.probe is not None:
             inputs = np.column_stack([inputs, best.probe.logits(states[constructed])])
         p_all[constructed] = best.predict(inputs)
+    if config.plausibility_features and perturbed_pairs:
+        best.plausibility = fit_plausibility(x, perturbed_pairs, config)
+        p_all = _sigmoid(_logit(p_all) + best.plausibility.shift(x, FEATURES))
+    if constructed.any():
         best.gate, gate_oof = fit_gate(x, constructed, config)
         p_all *= gate_oof
         best.metrics["gate_validation_auroc"] = float(roc_auc_score(labelled, gate_oof))
@@ -422,7 +465,7 @@ def fit_calibrator(
         }
     )
     if best.probe is not None:
-        best.voter = fit_calibrator(x, labels, config, None, constructed)
+        best.voter = fit_calibrator(x, labels, config, None, constructed, perturbed_pairs)
     return best
 
 
@@ -507,6 +550,40 @@ def fit_constant(labels: np.ndarray) -> Calibrator:
     """The base rate: what the evidence is worth when nothing in it predicts correctness."""
     rate = float(np.clip(np.mean(labels), 0.01, 0.99))
     return Calibrator(method="constant", intercept=float(_logit(np.array(rate))))
+
+
+def fit_plausibility(x: np.ndarray, pairs: Sequence[tuple[int, int]], config: CalibratorConfig) -> PlausibilityTerm:
+    """The plausibility term: weights >= 0 on the standardised :attr:`~CalibratorConfig.plausibility_features`
+    that maximise the L2-regularised likelihood that each pair's correct answer scores above its
+    changed copy (the pair's own difference of features; whatever the question makes likely
+    cancels, so no intercept)."""
+    from scipy.optimize import minimize
+
+    unknown = set(config.plausibility_features) - set(MONOTONE_FEATURES)
+    if unknown:
+        raise MoseError(
+            f"plausibility features must be support features ({', '.join(MONOTONE_FEATURES)}): "
+            f"{', '.join(sorted(unknown))} is not"
+        )
+    columns = [FEATURES.index(name) for name in config.plausibility_features]
+    mean, scale = x[:, columns].mean(axis=0), x[:, columns].std(axis=0) + 1e-9
+    z = (x[:, columns] - mean) / scale
+    diff = np.array([z[right] - z[changed] for right, changed in pairs])
+    ridge = 1.0 / (config.plausibility_strength * len(diff))
+
+    def loss(coef: np.ndarray) -> tuple[float, np.ndarray]:
+        margin = diff @ coef
+        value = np.logaddexp(0, -margin).mean() + 0.5 * ridge * coef @ coef
+        return value, -(diff.T @ _sigmoid(-margin)) / len(diff) + ridge * coef
+
+    fit = minimize(loss, np.zeros(len(columns)), jac=True, method="L-BFGS-B", bounds=[(0.0, None)] * len(columns))
+    return PlausibilityTerm(
+        features=list(config.plausibility_features),
+        mean=mean.tolist(),
+        scale=scale.tolist(),
+        coef=fit.x.tolist(),
+        pairs=len(diff),
+    )
 
 
 def fit_gate(x: np.ndarray, constructed: np.ndarray, config: CalibratorConfig) -> tuple[RelevanceGate, np.ndarray]:

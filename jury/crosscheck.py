@@ -26,7 +26,7 @@ from tqdm import tqdm
 from experts.types import BASE_EXPERT
 from jury.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
 from jury.jury import JurorEvidence, Jury, features
-from jury.negatives import NegativesConfig, constructed_negatives, is_constructed, origin_digest
+from jury.negatives import PERTURBED, NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
 
@@ -369,7 +369,12 @@ def train(
         states = answer_states(evidence, config.probe_layer)
     constructed = np.array([e.row.origin() != e.row.digest() for e in evidence])
     calibrator = fit_calibrator(
-        matrix(evidence), np.array([e.row.label for e in evidence]), config, states, constructed
+        matrix(evidence),
+        np.array([e.row.label for e in evidence]),
+        config,
+        states,
+        constructed,
+        perturbed_pairs(evidence),
     )
     calibrator.trained_on = {
         **calibrator.trained_on,
@@ -383,6 +388,16 @@ def train(
         "pool_dtype": jury.pool.dtype,  # provenance: bf16 and float32 evidence differ by rounding
     }
     return calibrator
+
+
+def perturbed_pairs(evidence: Sequence[RowEvidence]) -> list[tuple[int, int]]:
+    """(index of a correct row, index of the same answer with a fact changed) in ``evidence``."""
+    index = {e.row.digest(): i for i, e in enumerate(evidence) if e.row.label == 1}
+    return [
+        (index[e.row.origin()], i)
+        for i, e in enumerate(evidence)
+        if e.row.source.startswith(PERTURBED) and e.row.origin() in index
+    ]
 
 
 def evaluation_evidence(

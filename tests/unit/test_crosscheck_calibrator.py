@@ -493,3 +493,55 @@ def test_a_gated_calibrator_survives_saving_and_loading(tmp_path):
     loaded = load_calibrator(tmp_path)
     assert loaded.gate == calibrator.gate
     assert np.allclose(loaded.predict(x[:20]), calibrator.predict(x[:20]))
+
+
+def _with_changed_facts(n: int, seed: int, drop: float = 1.0):
+    """Labelled rows whose support says nothing about correctness, plus, for each correct row, the
+    same answer with a fact changed: everything alike but the jurors' log-prob given the question,
+    lower by ``drop`` (noisy). Returns x, labels, constructed and the (correct, changed) pairs."""
+    rng = np.random.default_rng(seed)
+    x, labels = rng.normal(size=(n, len(FEATURES))), rng.integers(0, 2, n)
+    right = np.flatnonzero(labels == 1)
+    changed = x[right].copy()
+    given = FEATURES.index("jury_logp_given")
+    changed[:, given] -= drop + rng.normal(0, 0.3, len(right))
+    pairs = [(int(i), n + k) for k, i in enumerate(right)]
+    constructed = np.r_[np.zeros(n, bool), np.ones(len(right), bool)]
+    return np.vstack([x, changed]), np.r_[labels, np.zeros(len(right), int)], constructed, pairs
+
+
+def test_the_plausibility_term_ranks_a_correct_answer_above_its_changed_copy():
+    x, labels, constructed, pairs = _with_changed_facts(400, seed=31)
+    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",))
+    plain = fit_calibrator(x, labels, config.model_copy(update={"plausibility_features": ()}), None, constructed, pairs)
+    termed = fit_calibrator(x, labels, config, None, constructed, pairs)
+    assert plain.plausibility is None and termed.plausibility is not None
+    assert termed.plausibility.pairs == len(pairs) and termed.plausibility.coef[0] > 0.3
+    test_x, _, _, test_pairs = _with_changed_facts(200, seed=32)
+    for calibrator, least in ((plain, 0.0), (termed, 0.9)):
+        p = calibrator.predict(test_x)
+        assert np.mean([p[a] > p[b] for a, b in test_pairs]) >= least
+    p_plain = plain.predict(test_x)
+    assert np.mean([p_plain[a] > p_plain[b] for a, b in test_pairs]) < 0.8  # what the term adds
+    from jury.calibrator import MONOTONE_FEATURES, raise_support
+
+    p = termed.predict(test_x)
+    for feature in MONOTONE_FEATURES:
+        assert np.all(termed.predict(raise_support(test_x, FEATURES, feature, 1.0)) >= p - 1e-9), feature
+
+
+def test_the_plausibility_term_never_rewards_lower_support_and_survives_json(tmp_path):
+    # changed copies the jurors find *more* likely: the term's weight stays at zero, not negative
+    x, labels, constructed, pairs = _with_changed_facts(300, seed=33, drop=-1.0)
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0, probe_layer=None), None, constructed, pairs)
+    assert calibrator.plausibility is not None and calibrator.plausibility.coef == [0.0]
+    with pytest.raises(MoseError, match="log_answer_tokens is not"):
+        fit_calibrator(
+            x, labels, CalibratorConfig(plausibility_features=("log_answer_tokens",)), None, constructed, pairs
+        )
+    x, labels, constructed, pairs = _with_changed_facts(300, seed=34)
+    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0, probe_layer=None), None, constructed, pairs)
+    save_calibrator(calibrator, tmp_path)
+    loaded = load_calibrator(tmp_path)
+    assert loaded.plausibility == calibrator.plausibility
+    assert np.allclose(loaded.predict(x[:20]), calibrator.predict(x[:20]))
