@@ -385,7 +385,10 @@ SmolLM2-135M-Instruct, registers and activates them (`demo-<vertical>`, version 
 Each source row is shaped into the answer a chat user expects (`experts/sft_data.py`): an MMLU
 option completes its stem into a sentence ("Averaging the output of multiple decision trees helps
 decrease variance.") or answers a factoid question ("1929."), and MMLU rows that cannot stand
-without their options ("Which of the following ...?") are dropped; a GSM8K solution loses its
+without their options ("Which of the following ...?", "Both of these", one "Wrong, Not wrong"
+per scenario) are dropped, as are rows that would teach an expert to copy its question: a stem
+of more than 24 words or with a question inside it (a scenario, a passage), and a completion
+that adds fewer than two meaningful words to its stem; a GSM8K solution loses its
 calculator marks and ends with "The answer is N."; a MedQuAD answer that opens by restating the
 question loses that sentence; rows whose answer only restates the question are dropped.
 {config.heldout_fraction:.0%} of questions, chosen by a hash of the normalised question, are held
