@@ -146,77 +146,40 @@ def test_feedback_updates_reputation_persistently_once_and_is_audited(jury, jury
         assert reopened.audit_verify().ok
 
 
+def _mose(*args: str) -> subprocess.CompletedProcess:
+    """``mose <args>`` in a child process, its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=900)
+
+
 def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path):
     rows = tmp_path / "rows.jsonl"
     source = (shared_data / "crosscheck_dev.jsonl").read_text(encoding="utf-8").split("\n")
     rows.write_text("\n".join(source[:400]), encoding="utf-8")
     env_home = ["--home", str(jury_home.root)]
-    train = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--json",
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    train = _mose("crosscheck", "train", "--data", str(rows), "--limit", "5", "--json", *env_home)
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads(train.stdout)["version"].startswith("v")
     eval_evidence = tmp_path / "eval-evidence.jsonl"
     plots = tmp_path / "plots"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "eval",
-            "--data",
-            str(rows),
-            "--limit",
-            "2",
-            "--json",
-            "--save-evidence",
-            str(eval_evidence),
-            "--plots",
-            str(plots),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    run = _mose(
+        "crosscheck",
+        "eval",
+        "--data",
+        str(rows),
+        "--limit",
+        "2",
+        "--json",
+        "--save-evidence",
+        str(eval_evidence),
+        "--plots",
+        str(plots),
+        *env_home,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads(run.stdout)  # exactly one JSON object on stdout
     assert "cross-check evidence" in run.stderr  # the long part shows progress, beside the JSON
-    reused = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "eval",
-            "--data",
-            str(rows),
-            "--limit",
-            "2",
-            "--json",
-            "--evidence",
-            str(eval_evidence),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    reused = _mose(
+        "crosscheck", "eval", "--data", str(rows), "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home
     )
     assert reused.returncode == 0, reused.stderr[-2000:]
     assert json.loads(reused.stdout) == {k: v for k, v in report.items() if k != "plots"}  # the same draw,
@@ -243,63 +206,22 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert report["n"] == sum(v["n"] for v in labelled.values()) <= 2 * len(labelled)  # --limit 2 per source
     assert constructed and all(k.startswith(("swapped_", "perturbed_")) for k in constructed)
     assert all(0 <= v["flagged"] <= 1 for v in constructed.values())
-    check = subprocess.run(
-        [sys.executable, "-m", "serve.cli", "crosscheck", "check", "What is 2 + 2?", "4", "--json", *env_home],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    check = _mose("crosscheck", "check", "What is 2 + 2?", "4", "--json", *env_home)
     assert check.returncode == 0, check.stderr[-2000:]
     verdict = json.loads(check.stdout)
     assert "base_probe" in verdict["evidence"]  # the calibrator's probe read the base model's state
     assert all("answer_state" not in juror for juror in verdict["jurors"])
 
+    def retrain(*args: str) -> subprocess.CompletedProcess:
+        """``crosscheck train`` on the same draw of rows (seed 3), with ``args`` added."""
+        return _mose(
+            "crosscheck", "train", "--data", str(rows), "--limit", "5", "--seed", "3", "--json", *args, *env_home
+        )
+
     # evidence saved by one training run refits the same calibrator without scoring again
     saved = tmp_path / "evidence.jsonl"
-    first = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-            "--save-evidence",
-            str(saved),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    again = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-            "--evidence",
-            str(saved),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    first = retrain("--save-evidence", str(saved))
+    again = retrain("--evidence", str(saved))
     assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
     fits = [
         json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
@@ -316,6 +238,7 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
         "threshold",
         "probe",
         "voter",
+        "plausibility",
         "trained_on",
     )
     first, second = ({key: fit[key] for key in model} for fit in fits)
@@ -334,110 +257,25 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     lines = [json.loads(line) for line in saved.read_text().splitlines()]
     stripped, refilled = tmp_path / "no-states.jsonl", tmp_path / "refilled.jsonl"
     stripped.write_text("".join(json.dumps({**e, "answer_state": None, "state_layer": None}) + "\n" for e in lines))
-    fill = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-            "--evidence",
-            str(stripped),
-            "--save-evidence",
-            str(refilled),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    fill = retrain("--evidence", str(stripped), "--save-evidence", str(refilled))
     assert fill.returncode == 0, fill.stderr[-2000:]
     assert "answer states (layer 20)" in fill.stderr
     again_states = [json.loads(line) for line in refilled.read_text().splitlines()]
     assert [e["state_layer"] for e in again_states] == [20] * len(lines)
     assert np.allclose([e["answer_state"] for e in again_states], [e["answer_state"] for e in lines], atol=1e-3)
-    without = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-            "--evidence",
-            str(stripped),
-            "--no-probe",
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    without = retrain("--evidence", str(stripped), "--no-probe")
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
-    tuned = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "train",
-            "--data",
-            str(rows),
-            "--limit",
-            "5",
-            "--seed",
-            "3",
-            "--json",
-            "--evidence",
-            str(saved),
-            "--recalibrate",
-            "--average-probe-folds",
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    tuned = retrain("--evidence", str(saved), "--recalibrate", "--average-probe-folds")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     tuned_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(tuned.stdout)['version']}.json").read_text())
     assert len(tuned_fit["recalibration"]) == 2 and len(tuned_fit["voter"]["recalibration"]) == 2
     assert set(tuned_fit["probe"]["mean"]) == {0.0} and tuned_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
 
     # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
-    stale = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "serve.cli",
-            "crosscheck",
-            "eval",
-            "--data",
-            str(rows),
-            "--limit",
-            "2",
-            "--json",
-            "--evidence",
-            str(eval_evidence),
-            *env_home,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    stale = _mose(
+        "crosscheck", "eval", "--data", str(rows), "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home
     )
     assert stale.returncode != 0 and "have no saved evidence" in stale.stderr, stale.stderr[-2000:]
     assert stale.stdout == ""
