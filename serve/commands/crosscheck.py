@@ -20,6 +20,8 @@ CALIBRATOR_FLAGS = (
     "probe_layer",
     "probe_average_folds",
     "off_topic_share",
+    "plausibility_features",
+    "plausibility_strength",
     "recalibrate",
 )
 
@@ -72,6 +74,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-probe",
         action="store_true",
         help="no truthfulness probe: the calibrator reads the jurors' likelihoods only",
+    )
+    train.add_argument(
+        "--no-plausibility",
+        action="store_true",
+        help="no plausibility term: the jurors' log-prob given the question moves P(correct) only through "
+        "the candidate fitted on the labelled rows",
     )
     train.set_defaults(func=run_train)
 
@@ -157,6 +165,8 @@ def run_train(args: argparse.Namespace) -> int:
     from jury.negatives import NegativesConfig
 
     extra = {"probe_layer": None} if args.no_probe else {}
+    if args.no_plausibility:
+        extra["plausibility_features"] = ()
     config = config_from_args(
         CalibratorConfig, args, what="calibrator settings", seed=args.seed, **extra
     )  # before any loading

@@ -263,10 +263,13 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     again_states = [json.loads(line) for line in refilled.read_text().splitlines()]
     assert [e["state_layer"] for e in again_states] == [20] * len(lines)
     assert np.allclose([e["answer_state"] for e in again_states], [e["answer_state"] for e in lines], atol=1e-3)
-    without = retrain("--evidence", str(stripped), "--no-probe")
+    without = retrain("--evidence", str(stripped), "--no-probe", "--no-plausibility")
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
+    assert plain["plausibility"] is None
+    # the term is fitted on the changed-fact answers among the training rows, when there are any
+    assert (fits[0]["plausibility"] is not None) == (mix["perturbed"] > 0)
     tuned = retrain("--evidence", str(saved), "--recalibrate", "--average-probe-folds")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     tuned_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(tuned.stdout)['version']}.json").read_text())

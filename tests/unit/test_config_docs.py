@@ -122,7 +122,8 @@ def test_a_bad_value_is_a_clear_error(capsys):
     (["expert", "finetune", "--help"], FinetuneConfig, ["--lr", "--learning-rate", "--heldout", "--top-layers"]),
     (["router", "train", "--help"], RouterConfig, ["--epochs", "--fine-tune", "--max-rows-per-label", "--neighbours"]),
     (["crosscheck", "train", "--help"], CalibratorConfig, ["--target-flag-precision", "--probe-layer", "--no-probe",
-                                                           "--recalibrate", "--average-probe-folds"]),
+                                                           "--recalibrate", "--average-probe-folds",
+                                                           "--plausibility-strength", "--no-plausibility"]),
     (["serve", "--help"], ServeConfig, ["--host", "--port", "--address"]),
 ])  # fmt: skip
 def test_commands_take_their_flags_from_the_configs(capsys, argv, config_cls, expected):
