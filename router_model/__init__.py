@@ -21,7 +21,6 @@ _EXPORTS = {
     "FallbackRouter": "router_model.runtime",
     "RouteDecision": "router_model.runtime",
     "DomainScore": "router_model.runtime",
-    "ROUTERS": "router_model.runtime",
     "load_router": "router_model.runtime",
     "train_and_publish": "router_model.service",
     "write_split": "router_model.service",

@@ -2,8 +2,7 @@
 
 ``BaseRouter`` is the interface the server codes against (one method, ``route_batch``);
 ``OnnxRouter`` is the learned router and ``FallbackRouter`` sends everything to the fallback
-(what the server uses when no router artifact can be loaded). ``ROUTERS`` maps names to
-implementations, RouteLLM style.
+(what the server uses when no router artifact can be loaded); :func:`load_router` picks one.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from types import MappingProxyType
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -269,10 +267,6 @@ class FallbackRouter(BaseRouter):
 
     def route_batch(self, queries: Sequence[str]) -> list[RouteDecision]:
         return [RouteDecision(domain="unknown", expert=self.fallback, confidence=0.0, abstained=True) for _ in queries]
-
-
-ROUTERS = MappingProxyType({"onnx": OnnxRouter, "fallback": FallbackRouter})
-"""Router implementations by name."""
 
 
 def load_router(
