@@ -18,7 +18,7 @@ start: bootstrap
 
 ## Run the whole test suite (unit + integration) on real models and a real registry.
 test: bootstrap-dev
-	@.venv/bin/python -m pytest -q -ra $(PYTEST_ARGS)
+	@.venv/bin/python -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf .mose .mose-cache .pytest_cache
