@@ -1,6 +1,7 @@
 """The jury on 40 hand-written questions (tests/data/crosscheck_sanity.jsonl): with real demo experts,
-a real router and a calibrator trained as `mose up` trains it (labelled rows plus constructed wrong
-answers), the correct answer gets the highest P(correct) and every off-topic answer is flagged.
+a real router and a calibrator trained the way `mose up` trains it (labelled rows plus constructed
+wrong answers; fewer rows and smaller experts, to keep CI short), the correct answer gets the
+highest P(correct) and every off-topic answer is flagged.
 
 The README's crosscheck example is part of the suite: "100 degrees Celsius" for the boiling point
 of water is not flagged, "50 degrees Celsius" is."""
@@ -15,12 +16,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-CALIBRATION_ROWS_PER_SOURCE = 30
+CALIBRATION_ROWS_PER_SOURCE = 20
+"""Labelled rows per source the test calibrator is fitted on (`mose up` uses 30; 20 keeps the
+fixture to a few minutes in float32)."""
 
 
 @pytest.fixture(scope="module")
 def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
-    """Demo experts for every vertical (a short budget), a router on every domain (head only, on the
+    """Demo experts for every vertical (a short budget: 2,400 tokens each, which keeps this fixture to a few
+    minutes in float32), a router on every domain (head only, on the
     tests' routing subset), and a calibrator trained on a per-source sample of crosscheck_dev's
     train bucket with constructed negatives."""
     from experts.demo import DemoConfig, build_demo, profile_finetune
@@ -33,7 +37,7 @@ def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
     from tests._fixtures.router import small_router_config
 
     home = MoseHome.from_env(tmp_path_factory.mktemp("sanity") / "home")
-    settings = profile_finetune("start").model_copy(update={"train_tokens": 6000, "curve_points": 2})
+    settings = profile_finetune("start").model_copy(update={"train_tokens": 2400, "curve_points": 2})
     build_demo(home, DemoConfig(data_dir=shared_data, finetune=settings, eval_rows=8), progress=False)
     with Registry.open(home) as registry:
         train_and_publish(home, [router_subset], registry, small_router_config(), progress=False)
