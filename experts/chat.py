@@ -162,6 +162,5 @@ def answer_token_logprob_rows(
     """Each row's answer-token log-probs in order (teacher-forced, one forward pass): what a
     per-token mixture of several models' next-token distributions is computed from."""
     out, ids = _answer_forward(model, pairs, pad_id, adapter_names)
-    keep = max(p.answer_len for p in pairs)
-    logp, _, _ = _gathered_logprobs(out.logits, ids, pairs)
-    return [row[keep - p.answer_len :].tolist() for row, p in zip(logp, pairs)]
+    logp, answer_mask, _ = _gathered_logprobs(out.logits, ids, pairs)
+    return [row[mask].tolist() for row, mask in zip(logp, answer_mask)]

@@ -552,6 +552,17 @@ def fit_constant(labels: np.ndarray) -> Calibrator:
     return Calibrator(method="constant", intercept=float(_logit(np.array(rate))))
 
 
+def require_support(what: str, features: Sequence[str]) -> None:
+    """Refuse ``features`` that are not :data:`MONOTONE_FEATURES`: the gate's and the plausibility
+    term's weights are kept >= 0, which is only principled for support."""
+    unknown = set(features) - set(MONOTONE_FEATURES)
+    if unknown:
+        raise MoseError(
+            f"{what} features must be support features ({', '.join(MONOTONE_FEATURES)}): "
+            f"{', '.join(sorted(unknown))} is not"
+        )
+
+
 def fit_plausibility(x: np.ndarray, pairs: Sequence[tuple[int, int]], config: CalibratorConfig) -> PlausibilityTerm:
     """The plausibility term: weights >= 0 on the standardised :attr:`~CalibratorConfig.plausibility_features`
     that maximise the L2-regularised likelihood that each pair's correct answer scores above its
@@ -559,12 +570,7 @@ def fit_plausibility(x: np.ndarray, pairs: Sequence[tuple[int, int]], config: Ca
     cancels, so no intercept)."""
     from scipy.optimize import minimize
 
-    unknown = set(config.plausibility_features) - set(MONOTONE_FEATURES)
-    if unknown:
-        raise MoseError(
-            f"plausibility features must be support features ({', '.join(MONOTONE_FEATURES)}): "
-            f"{', '.join(sorted(unknown))} is not"
-        )
+    require_support("plausibility", config.plausibility_features)
     columns = [FEATURES.index(name) for name in config.plausibility_features]
     mean, scale = x[:, columns].mean(axis=0), x[:, columns].std(axis=0) + 1e-9
     z = (x[:, columns] - mean) / scale
@@ -604,12 +610,7 @@ def fit_gate(x: np.ndarray, constructed: np.ndarray, config: CalibratorConfig) -
 
 def _fit_gate(x: np.ndarray, belongs: np.ndarray, config: CalibratorConfig) -> RelevanceGate:
     """The gate's weighted logistic regression, every weight >= 0."""
-    unknown = set(config.gate_features) - set(MONOTONE_FEATURES)
-    if unknown:
-        raise MoseError(
-            f"gate features must be support features ({', '.join(MONOTONE_FEATURES)}): "
-            f"{', '.join(sorted(unknown))} is not"
-        )
+    require_support("gate", config.gate_features)
     share = config.off_topic_share
     weight = np.where(belongs == 1, (1 - share) / belongs.sum(), share / (1 - belongs).sum())
     fit = bounded_logistic(x, belongs, weight, [True] * x.shape[1], config.gate_strength)
