@@ -8,7 +8,8 @@ trained on), in one run and on the same rows for every system:
 
 * ``base``: SmolLM2-135M-Instruct alone;
 * ``generalist``: one LoRA of the same shape, trained on exactly the rows the nine experts were
-  trained on together (the same training tokens in all), shuffled, with the same settings;
+  trained on together (the shared seed's and each expert's own: the same training tokens in
+  all), shuffled, in one run with the experts' settings;
 * ``oracle``: each question answered by its own vertical's expert;
 * ``auto``: each question answered by the expert the shipped router picks (the base model where
   it abstains);
@@ -370,7 +371,8 @@ def run(args: argparse.Namespace) -> dict:
         "gen_rows_per_vertical": args.gen_rows,
         "max_new_tokens": args.max_new_tokens,
         "generalist": generalist_run,
-        "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts),
+        "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts)
+        + (report.seed.train_tokens if report.seed else 0),
         "per_vertical": per_vertical,
         "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
         "auto_minus_oracle_nll": nll_of("auto", list(range(len(rows)))) - nll_of("oracle", list(range(len(rows)))),

@@ -1,10 +1,13 @@
 """Demo experts: one LoRA expert per vertical of ``../shared/data/sft/``, registered and active.
 
 ``build_demo`` shapes each vertical's rows into chat answers (:mod:`experts.sft_data`), keeps a
-held-out split fixed by a hash of the question, fine-tunes the missing experts on a token
-budget set by the profile (the frozen lower layers run once per row,
-:mod:`experts.lora_training`), measures each expert's held-out loss curve against the base
-model on the same rows, then registers and activates them. Results go to
+held-out split fixed by a hash of the question, and trains on a token budget per vertical set by
+the profile, in two phases (branch-train, as in Branch-Train-Merge): the first ``seed_share`` of
+every vertical's budget, all verticals together, trains one shared seed adapter; each expert
+then starts from the seed and trains on the rest of its own vertical's budget. The frozen lower
+layers run once per row (:mod:`experts.lora_training`). Each expert's held-out loss curve is
+measured against the base model and the seed on the same rows; the experts are then registered
+and activated. Results go to
 ``MOSE_HOME/demo/report.json``; ``mose demo docs`` renders them as ``docs/experts.md``. A
 second run is a no-op.
 
@@ -29,6 +32,7 @@ from experts.finetune import (
     load_base_for_training,
     load_pairs,
     new_trunk,
+    plain_heldout_loss,
     register_expert,
     train_lora,
     write_expert,
@@ -51,7 +55,7 @@ VERTICALS = (
     "general_knowledge",
 )
 DEMO_OWNER = "mose-demo"
-DEMO_VERSION = "0.4.0"
+DEMO_VERSION = "0.5.0"
 
 Profile = Literal["start", "full"]
 
@@ -66,9 +70,10 @@ def demo_name(vertical: str) -> str:
 
 
 def profile_finetune(profile: Profile) -> FinetuneConfig:
-    """Fine-tune settings of a profile. ``start``: 12k training tokens per expert, one epoch (what
-    fits the first ``mose up``'s budget; docs/experts.md shows the curves and where held-out loss
-    still falls). ``full``: 64k tokens, two epochs."""
+    """Fine-tune settings of a profile. ``start``: 12k training tokens per vertical, one epoch
+    (what fits the first ``mose up``'s budget; docs/experts.md shows the curves). ``full``: 64k
+    tokens, two epochs. A vertical's budget is split between the shared seed and its own expert
+    (:attr:`DemoConfig.seed_share`)."""
     budget, epochs, points = {"start": (12_000, 1, 3), "full": (64_000, 2, 8)}[profile]
     return FinetuneConfig(
         steps=None,
@@ -105,6 +110,22 @@ class DemoConfig(BaseModel):
         default=64, ge=1, description="Held-out rows (the first by hash) each expert is measured on."
     )
     version: str = Field(default=DEMO_VERSION, description="Version of the demo experts.")
+    seed_share: float = Field(
+        default=0.75,
+        ge=0,
+        lt=1,
+        description="Share of each vertical's token budget trained first, all verticals together, "
+        "into one seed adapter that every expert continues from on the rest of its own budget "
+        "(0: each expert starts from the base model). The nine verticals share most of what a "
+        "small model learns from them (the chat answer's shape), so a seed learns it once.",
+    )
+    branch_lr_factor: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Peak learning rate of an expert's own training after the seed, as a share of "
+        "the profile's (a seeded expert refines rather than learns from scratch).",
+    )
 
     @model_validator(mode="after")
     def _profile_settings(self) -> DemoConfig:
@@ -123,16 +144,32 @@ class ExpertResult(BaseModel):
 
     heldout_loss: float = Field(description="Held-out answer loss (mean NLL per answer token) after training.")
     base_heldout_loss: float = Field(description="The base model's held-out loss on the same rows.")
+    seed_heldout_loss: float | None = Field(
+        default=None, description="The shared seed adapter's held-out loss on the same rows (None: no seed)."
+    )
     heldout_rows: int = Field(description="Held-out rows measured.")
     train_rows: int = Field(description="Training rows available after shaping.")
     dropped_rows: int = Field(
         description="Source rows dropped by shaping (echoes, empty answers, options "
         "that need their question's choices)."
     )
-    train_tokens: int = Field(description="Training tokens seen (all epochs).")
+    train_tokens: int = Field(description="Tokens of this vertical trained on after the seed (all epochs).")
+    steps: int = Field(description="Optimizer steps after the seed.")
+    seconds: float = Field(description="Training wall time after the seed, trunk cache included.")
+    curve: list[tuple[int, int, float]] = Field(
+        description="(step, tokens seen, held-out loss): the base model at 0, then the expert's "
+        "training, its steps and tokens counted after the seed's."
+    )
+
+
+class SeedResult(BaseModel):
+    """The shared seed adapter the experts branch from."""
+
+    key: str = Field(description="Hash of the settings and rows it was trained on (its cache key).")
+    rows: int = Field(description="Training rows (the first seed_share of every vertical's budget).")
+    train_tokens: int = Field(description="Training tokens seen.")
     steps: int = Field(description="Optimizer steps.")
-    seconds: float = Field(description="Training wall time, trunk cache included.")
-    curve: list[tuple[int, int, float]] = Field(description="(step, tokens seen, held-out loss) during training.")
+    seconds: float = Field(description="Training wall time (0 when loaded from the cache).")
 
 
 class DemoReport(BaseModel):
@@ -144,6 +181,11 @@ class DemoReport(BaseModel):
     built: list[str] = Field(default_factory=list, description="Experts trained and registered by this run.")
     already_built: bool = Field(default=False, description="True when nothing had to be done.")
     experts: dict[str, ExpertResult] = Field(default_factory=dict, description="Vertical -> result.")
+    seed: SeedResult | None = Field(default=None, description="The shared seed adapter (None: seed_share 0).")
+    seed_share: float = Field(default=0.0, description="Share of each vertical's budget trained into the seed.")
+    branch_learning_rate: float | None = Field(
+        default=None, description="Peak learning rate of the experts' training after the seed."
+    )
     seconds: dict[str, float] = Field(default_factory=dict, description="Wall time per phase.")
 
     @property
@@ -163,12 +205,13 @@ class DemoReport(BaseModel):
 def results_table(report: DemoReport) -> str:
     """Markdown table: per vertical, held-out loss of the base model and of its expert."""
     lines = [
-        "| vertical | held-out rows | base loss | expert loss | change | train tokens | steps |",
-        "|---|---|---|---|---|---|---|",
+        "| vertical | held-out rows | base loss | seed loss | expert loss | change vs base | own tokens | steps |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for vertical, r in report.experts.items():
+        seed = "-" if r.seed_heldout_loss is None else f"{r.seed_heldout_loss:.3f}"
         lines.append(
-            f"| {vertical} | {r.heldout_rows} | {r.base_heldout_loss:.3f} | {r.heldout_loss:.3f} | "
+            f"| {vertical} | {r.heldout_rows} | {r.base_heldout_loss:.3f} | {seed} | {r.heldout_loss:.3f} | "
             f"{r.heldout_loss - r.base_heldout_loss:+.3f} | {r.train_tokens:,} | {r.steps} |"
         )
     return "\n".join(lines)
@@ -247,9 +290,93 @@ def build_demo(home: MoseHome | None = None, config: DemoConfig | None = None, p
     missing = [v for v in config.verticals if v not in active]
     report = saved if saved is not None and saved.version == config.version else DemoReport(version=config.version)
     report = report.model_copy(
-        update={"profile": config.profile, "settings": config.settings, "built": [], "already_built": False}
+        update={
+            "profile": config.profile,
+            "settings": config.settings,
+            "seed_share": config.seed_share,
+            "built": [],
+            "already_built": False,
+        }
     )
     return _build(home, config, data, missing, report, progress)
+
+
+def budget_split(lengths: list[int], budget: int | None, share: float) -> tuple[int, int]:
+    """(seed end, branch end): row indices that cut a vertical's leading rows within ``budget``
+    tokens (as :func:`experts.lora_training.take_tokens` takes them; every row when None) where
+    ``share`` of the budget is used. Rows ``[:seed end]`` go to the seed, ``[seed end:branch end]``
+    to the vertical's own expert; together they are the rows an expert trained alone would use."""
+    total = sum(lengths) if budget is None else budget
+    seed_end = branch_end = 0
+    used = 0
+    for length in lengths:
+        if used >= total:
+            break
+        if used < share * total:
+            seed_end += 1
+        branch_end += 1
+        used += length
+    return seed_end, branch_end
+
+
+def _phases(
+    config: DemoConfig, data: dict[str, VerticalData], tokenizer: Any
+) -> tuple[list[QAPair], dict[str, list[QAPair]]]:
+    """(the seed's rows, all verticals shuffled together; each vertical's own rows after the seed)."""
+    from experts.chat import encode_pair
+
+    settings, seed_rows, own = config.settings, [], {}
+    for vertical in config.verticals:
+        train = data[vertical].train[: settings.max_train_rows] if settings.max_train_rows else data[vertical].train
+        lengths = []
+        for pair in train:  # lengths only as far as the budget reaches
+            lengths.append(len(encode_pair(tokenizer, pair.question, pair.answer, settings.max_tokens).input_ids))
+            if settings.train_tokens is not None and sum(lengths) >= settings.train_tokens:
+                break
+        seed_end, branch_end = budget_split(lengths, settings.train_tokens, config.seed_share)
+        seed_rows += train[:seed_end]
+        own[vertical] = train[seed_end:branch_end]
+    random.Random(settings.seed + 11).shuffle(seed_rows)
+    return seed_rows, own
+
+
+def _seed_adapter(
+    home: MoseHome, config: DemoConfig, rows: list[QAPair], model: Any, tokenizer: Any, trunk: Any, progress: bool
+) -> tuple[Any, dict | None, SeedResult | None]:
+    """(model, seed state dict, result): trained on ``rows``, or loaded from ``MOSE_HOME/demo/seed``
+    when the same settings and rows trained it before (an interrupted build resumes with it)."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    if not rows:
+        return model, None, None
+    settings = config.settings.model_copy(update={"train_tokens": None, "max_train_rows": None})
+    key = hashlib.sha256(
+        (settings.model_dump_json() + "".join(p.question + "\0" + p.answer for p in rows)).encode()
+    ).hexdigest()[:16]
+    folder = home.root / "demo" / "seed"
+    try:
+        result = SeedResult.model_validate_json((folder / "seed.json").read_text())
+        if result.key == key:
+            state = load_file(str(folder / "adapter_model.safetensors"))
+            return model, state, result.model_copy(update={"seconds": 0.0})
+    except (OSError, ValueError):
+        pass
+    peft_model, adapter = train_lora(
+        model, tokenizer, rows, settings, progress, label="seed (all verticals)", trunk=trunk
+    )
+    result = SeedResult(
+        key=key,
+        rows=len(rows),
+        train_tokens=adapter.train_tokens,
+        steps=len(adapter.train_losses),
+        seconds=round(adapter.seconds, 1),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in adapter.state_dict.items()}, str(folder / "adapter_model.safetensors"))
+    (folder / "seed.json").write_text(result.model_dump_json(indent=2))
+    return peft_model.unload(), adapter.state_dict, result
 
 
 def _build(
@@ -264,31 +391,29 @@ def _build(
     settings = config.settings
     model, tokenizer = load_base_for_training(home)
     trunk = new_trunk(model, tokenizer, settings)
+    seed_rows, own = _phases(config, data, tokenizer)
+    model, seed_state, report.seed = _seed_adapter(home, config, seed_rows, model, tokenizer, trunk, progress)
+    branch = settings.model_copy(update={"train_tokens": None, "max_train_rows": None})
+    if seed_state is not None:
+        branch = branch.model_copy(update={"learning_rate": settings.learning_rate * config.branch_lr_factor})
+    report.branch_learning_rate = branch.learning_rate
     for i, vertical in enumerate(missing, 1):
         rows = data[vertical]
         heldout = rows.heldout[: config.eval_rows]
+        base_loss = plain_heldout_loss(tokenizer, heldout, settings, trunk)
         peft_model, adapter = train_lora(
             model,
             tokenizer,
-            rows.train,
-            settings,
+            own[vertical],
+            branch,
             progress,
             label=f"[{i}/{len(missing)}] {demo_name(vertical)}",
             heldout=heldout,
             trunk=trunk,
+            init_state=seed_state,
         )
         model = peft_model.unload()  # LoRA leaves the base weights untouched: reuse them
-        result = ExpertResult(
-            heldout_loss=adapter.heldout_loss,
-            base_heldout_loss=adapter.base_heldout_loss,
-            heldout_rows=len(heldout),
-            train_rows=len(rows.train),
-            dropped_rows=rows.dropped,
-            train_tokens=adapter.train_tokens,
-            steps=len(adapter.train_losses),
-            seconds=round(adapter.seconds, 1),
-            curve=[(p.step, p.tokens, p.heldout_loss) for p in adapter.curve],
-        )
+        result = _result(report.seed, rows, heldout, adapter, base_loss)
         _register(home, config, vertical, adapter, rows.train, result)
         report.experts[vertical] = result
         report.built.append(demo_name(vertical))
@@ -304,6 +429,28 @@ def _build(
     return report
 
 
+def _result(
+    seed: SeedResult | None, rows: VerticalData, heldout: list[QAPair], adapter: Any, base_loss: float
+) -> ExpertResult:
+    """One expert's result; its curve starts at the base model and counts the seed's steps and tokens."""
+    steps, tokens = (seed.steps, seed.train_tokens) if seed else (0, 0)
+    curve = [(p.step + steps, p.tokens + tokens, p.heldout_loss) for p in adapter.curve]
+    if seed is not None:
+        curve.insert(0, (0, 0, base_loss))
+    return ExpertResult(
+        heldout_loss=adapter.heldout_loss,
+        base_heldout_loss=base_loss,
+        seed_heldout_loss=adapter.base_heldout_loss if seed else None,
+        heldout_rows=len(heldout),
+        train_rows=len(rows.train),
+        dropped_rows=rows.dropped,
+        train_tokens=adapter.train_tokens,
+        steps=len(adapter.train_losses),
+        seconds=round(adapter.seconds, 1),
+        curve=curve,
+    )
+
+
 def _register(
     home: MoseHome, config: DemoConfig, vertical: str, adapter: Any, train: list[QAPair], result: ExpertResult
 ) -> None:
@@ -315,6 +462,8 @@ def _register(
         "train_tokens": result.train_tokens,
         "final_train_loss": adapter.train_losses[-1],
     }
+    if result.seed_heldout_loss is not None:
+        metrics["seed_heldout_loss"] = result.seed_heldout_loss
     out = home.root / "demo" / demo_name(vertical)
     manifest = write_expert(
         out,
@@ -372,6 +521,17 @@ def render_docs(report: DemoReport, config: DemoConfig, extra: str = "") -> str:
     """The ``docs/experts.md`` page for a build's report (``extra``: more sections, e.g. a mixture table)."""
     ft = report.settings or config.settings
     wins = sum(report.wins.values())
+    seed_text = (
+        f"the first {report.seed_share:.0%} of every vertical's tokens, all nine shuffled together, train "
+        f"one seed adapter ({report.seed.rows:,} rows, {report.seed.train_tokens:,} tokens, {report.seed.steps} "
+        f"steps, peak lr {ft.learning_rate}); each expert starts from the seed and trains on the rest of its "
+        f"own vertical's tokens (peak lr {report.branch_learning_rate:g}). The verticals share "
+        "most of what a 135M model learns from them (the shape of a chat answer), so the seed learns it once "
+        "from all of them and each expert spends its own tokens on its vertical "
+        "(`docs/decisions/demo-experts-seed.md`)."
+        if report.seed
+        else f"none: each expert trains from the base model on its own vertical (peak lr {ft.learning_rate})."
+    )
     return f"""# Demo experts
 
 `mose demo build` fine-tunes one LoRA expert per vertical of `shared/data/sft/` on
@@ -406,16 +566,19 @@ Experts beating the base model on their own vertical: **{wins} / {len(report.exp
 
 ## Learning curves
 
-Held-out loss measured during training (the first point is the base model: LoRA starts as the
-identity).
+Held-out loss by training tokens seen. The first point is the base model; with a seed, the
+second is the shared seed adapter (every vertical's tokens counted) and the rest the expert's
+own training from it.
 
 {curves_table(report)}
 
 ## How they were built
 
+Two phases on the same rows an expert trained alone would use ({ft.train_tokens or 0:,} training
+tokens per vertical, {ft.epochs} epoch(s)): {seed_text}
+
 LoRA rank {ft.rank} (alpha {ft.alpha}) on {", ".join(ft.target_modules)} of the last
-{ft.top_layers} decoder layers; {ft.train_tokens or 0:,} training tokens per expert, {ft.epochs}
-epoch(s), batches of {ft.batch_size} length-bucketed rows, AdamW peak lr {ft.learning_rate} with a
+{ft.top_layers} decoder layers; batches of {ft.batch_size} length-bucketed rows, AdamW with a
 short warm-up and linear decay, loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
 below the adapters run once per row (`experts/lora_training.py`). Build time on the 2-core CPU:
 {report.seconds.get("total", 0):.0f} s for the experts this report's last run built.

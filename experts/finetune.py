@@ -229,15 +229,18 @@ def train_lora(
     label: str = "finetune",
     heldout: list[QAPair] | None = None,
     trunk: Any = None,
+    init_state: dict | None = None,
 ) -> tuple[Any, TrainedAdapter]:
     """Train a LoRA adapter on ``model`` (wrapped in place); return (peft model, adapter).
 
     The frozen layers below the adapted ones run once per row (:mod:`experts.lora_training`);
     pass the ``trunk`` of an earlier call on the same base model to reuse its cached rows.
     ``heldout`` rows give the adapter's held-out loss curve (``config.curve_points`` points).
+    ``init_state`` (an adapter state dict of the same shape, e.g. a shared seed) is where training
+    starts instead of the identity; the curve's first point is then that adapter's loss.
     """
     import torch
-    from peft import get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     from experts.lora_training import take_tokens, train_cached
 
@@ -246,6 +249,10 @@ def train_lora(
     torch.manual_seed(config.seed)
     num_layers = model.config.num_hidden_layers
     peft_model = get_peft_model(model, lora_config_for(config, num_layers), adapter_name=ADAPTER_KEY)
+    if init_state is not None:
+        loaded = set_peft_model_state_dict(peft_model, init_state, adapter_name=ADAPTER_KEY)
+        if loaded.unexpected_keys:
+            raise MoseError(f"initial adapter does not fit these settings: {sorted(loaded.unexpected_keys)[:3]}")
     rows = train[: config.max_train_rows] if config.max_train_rows else train
     encoded = take_tokens(
         [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows], config.train_tokens
@@ -271,6 +278,14 @@ def train_lora(
     lora_config.base_model_name_or_path = SMOLLM2_ID  # an id, never a path or hub name to fetch
     lora_config.inference_mode = True
     return peft_model, TrainedAdapter(lora_config, state, run.train_losses, run.seconds, run.curve, run.train_tokens)
+
+
+def plain_heldout_loss(tokenizer: Any, rows: list[QAPair], config: FinetuneConfig, trunk: Any) -> float:
+    """Mean answer NLL per token of ``rows`` under the trunk's model as it is (the base model when
+    no adapter is attached), rows cut as training cuts them."""
+    encoded = [encode_pair(tokenizer, p.question, p.answer, config.max_tokens) for p in rows]
+    trunk.fill(encoded)
+    return round(trunk.mean_nll(encoded), 4)
 
 
 def new_trunk(model: Any, tokenizer: Any, config: FinetuneConfig) -> Any:

@@ -1,7 +1,9 @@
 """``mose demo build|docs``: the demo experts, one per vertical.
 
-``build`` shapes each vertical of ``../shared/data/sft/`` (nine) into chat answers, fine-tunes a
-LoRA expert on it with the profile's token budget, measures its held-out loss curve against the
+``build`` shapes each vertical of ``../shared/data/sft/`` (nine) into chat answers, trains one
+shared seed adapter on the first share of every vertical's token budget (all verticals
+together), then fine-tunes each vertical's LoRA expert from that seed on the rest of its own
+budget, measures its held-out loss curve against the
 base model on rows never trained on, registers and activates it, and records the results in
 ``MOSE_HOME/demo/report.json``. Slow on first run (minutes), a no-op after.
 
@@ -44,6 +46,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     build.add_argument(
         "--train-tokens", type=int, default=None, help="training tokens per expert (default: the profile's)"
     )
+    build.add_argument(
+        "--seed-share",
+        type=float,
+        default=None,
+        help="share of each vertical's budget trained into the shared seed first (0: every expert "
+        "starts from the base model; default 0.75)",
+    )
     build.add_argument("--verticals", default=None, help="comma-separated subset of verticals (default: all nine)")
     build.set_defaults(func=run_build)
     docs = demo_sub.add_parser(
@@ -74,6 +83,8 @@ def _config(args: argparse.Namespace):
         overrides["data_dir"] = args.data
     if getattr(args, "verticals", None):
         overrides["verticals"] = [v.strip() for v in args.verticals.split(",") if v.strip()]
+    if getattr(args, "seed_share", None) is not None:
+        overrides["seed_share"] = args.seed_share
     if getattr(args, "train_tokens", None) is not None:
         settings = profile_finetune(overrides["profile"]).model_dump() | {"train_tokens": args.train_tokens}
         overrides["finetune"] = settings

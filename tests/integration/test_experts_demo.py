@@ -32,10 +32,17 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
     report = build_demo(home, config, progress=False)
     assert report.built == ["demo-math", "demo-code"] and not report.already_built
     assert report.wins == {"math": True, "code": True}
+    seed = report.seed
+    assert seed is not None and report.seed_share == config.seed_share
     for result in report.experts.values():
-        assert result.heldout_rows == 24 and len(result.curve) == 3 and result.curve[0][1] == 0
+        # base model, the shared seed, then the expert's own training from it
+        assert result.heldout_rows == 24 and len(result.curve) >= 3 and result.curve[0][1] == 0
         assert result.curve[-1][2] == result.heldout_loss and result.curve[0][2] == result.base_heldout_loss
-        assert 2500 <= result.train_tokens < 2500 + 8 * 128
+        assert result.curve[1][:2] == (seed.steps, seed.train_tokens) and result.curve[1][2] == result.seed_heldout_loss
+        assert result.curve[-1][1] == seed.train_tokens + result.train_tokens
+    own = sum(r.train_tokens for r in report.experts.values())
+    assert 2 * 2500 <= seed.train_tokens + own < 2 * (2500 + 128)  # each vertical's budget, split
+    assert own < seed.train_tokens  # the seed takes the larger share
     assert load_report(home) == report
     assert (
         subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout == tracked
