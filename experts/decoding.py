@@ -23,6 +23,8 @@ class RowState:
 
     params: SamplingParams
     generator: Any
+    prompt_ids: Sequence[int] = ()
+    """The prompt's tokens (the repetition penalty reads them)."""
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -39,6 +41,33 @@ class RowState:
 GREEDY_BELOW_TEMPERATURE = 1e-3
 """Temperatures below this decode greedily: ``softmax(logits / 1e-300)`` overflows to NaN, and a
 NaN row would fail every request decoded in the same batch."""
+
+
+def penalise(logits: Any, row: RowState) -> Any:
+    """The row's logits with its repetition, presence and frequency penalties applied (the same
+    tensor when none is set). Repetition: every token of the answer so far (and of the prompt with
+    ``repetition_penalty_prompt``, as vLLM and Hugging Face), positive logits divided and negative
+    ones multiplied by the penalty. Presence and frequency: subtracted once, and once per
+    occurrence, for tokens of the answer (OpenAI)."""
+    import torch
+
+    params = row.params
+    if not params.penalised:
+        return logits
+    logits = logits.float().clone()
+    if params.repetition_penalty != 1.0:
+        prompt = row.prompt_ids if params.repetition_penalty_prompt else ()
+        seen = torch.tensor(sorted({*prompt, *row.token_ids}), dtype=torch.long, device=logits.device)
+        if len(seen):
+            values = logits[seen]
+            logits[seen] = torch.where(
+                values > 0, values / params.repetition_penalty, values * params.repetition_penalty
+            )
+    if row.token_ids and (params.presence_penalty or params.frequency_penalty):
+        ids = torch.tensor(row.token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
 
 
 def _sample(logits: Any, params: SamplingParams, generator: Any) -> int:
@@ -83,15 +112,17 @@ def _apply_stops(row: RowState, tokenizer: Any, eos_ids: set[int]) -> None:
         row.finish_reason = "length"
 
 
-def new_row(params: SamplingParams) -> RowState:
-    """A row about to decode with ``params`` (its own random generator, seeded when asked)."""
-    return RowState(params=params, generator=_generator(params.seed))
+def new_row(params: SamplingParams, prompt_ids: Sequence[int] = ()) -> RowState:
+    """A row about to decode ``prompt_ids`` with ``params`` (its own random generator, seeded when
+    asked)."""
+    return RowState(params=params, generator=_generator(params.seed), prompt_ids=prompt_ids)
 
 
 def advance(row: RowState, logits: Any, tokenizer: Any, eos_ids: set[int]) -> int:
     """Sample the row's next token from its logits, append it and apply end-of-turn, stop strings
-    and the length limit; returns the token (fed to the next step unless the row is done)."""
-    token = _sample(logits, row.params, row.generator)
+    and the length limit; returns the token (fed to the next step unless the row is done). The
+    penalties change what is sampled; recorded log-probs are the model's own."""
+    token = _sample(penalise(logits, row), row.params, row.generator)
     row.token_ids.append(token)
     if row.params.logprobs is not None:
         _record_logprobs(row, logits, token)
@@ -208,7 +239,7 @@ def decode(
     finished rows are fed padding until the last one ends)."""
     import torch
 
-    rows = [new_row(p) for p in params]
+    rows = [new_row(p, prompt) for p, prompt in zip(params, prompts)]
     device = next(model.parameters()).device
     ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
     cache = None

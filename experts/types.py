@@ -12,6 +12,12 @@ BASE_EXPERT = "base"
 """Name that addresses the base model itself (its id, e.g. ``smollm2-135m-instruct``, works too)."""
 
 
+DEFAULT_REPETITION_PENALTY = 1.1
+"""Greedy answers of the 135M demo experts loop (a sentence or a list item again and again) on
+about one question in eight without a penalty; 1.1 on the answer's own tokens removes the loops
+and keeps answers as close to the reference (docs/decisions/repetition-penalty.md)."""
+
+
 class SamplingParams(BaseModel):
     """How to sample one completion."""
 
@@ -28,6 +34,38 @@ class SamplingParams(BaseModel):
         default_factory=list, max_length=8, description="Strings that end the completion (not included in the text)."
     )
     seed: int | None = Field(default=None, description="Seed for sampling; same seed, same completion.")
+    repetition_penalty: float = Field(
+        default=DEFAULT_REPETITION_PENALTY,
+        gt=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description=(
+            "Divides the positive logits (multiplies the negative ones) of every token the answer "
+            "already holds; 1 = off. The default keeps the small experts' greedy answers from looping "
+            "(docs/decisions/repetition-penalty.md)."
+        ),
+    )
+    repetition_penalty_prompt: bool = Field(
+        default=False,
+        description=(
+            "Apply the repetition penalty to the prompt's tokens too, as vLLM and Hugging Face do "
+            "(off by default: it pushes answers away from the question's own terms)."
+        ),
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Subtracted once from the logit of every token the answer already holds (OpenAI's meaning).",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Subtracted from a token's logit once per time the answer already holds it (OpenAI's meaning).",
+    )
     logprobs: int | None = Field(
         default=None,
         ge=0,
@@ -46,6 +84,11 @@ class SamplingParams(BaseModel):
             "this many most likely alternatives (None: do not score the prompt)."
         ),
     )
+
+    @property
+    def penalised(self) -> bool:
+        """True when any repetition, presence or frequency penalty changes the logits."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @field_validator("stop")
     @classmethod

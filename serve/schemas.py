@@ -2,7 +2,7 @@
 
 Requests accept (and ignore) OpenAI fields that do not change the answer (``user``, ``metadata``,
 ``store``, ...), so the official client works unchanged. Fields that would change it and that mose
-does not implement (``tools``, ``response_format`` other than text, ``logit_bias``, penalties, ...)
+does not implement (``tools``, ``response_format`` other than text, ``logit_bias``, ...)
 and values it cannot honour (NaN temperature, a seed torch cannot hold, text with unpaired
 surrogates) are refused with a 400 that names the field. Responses carry the routing decision in a
 ``mose`` object.
@@ -33,8 +33,6 @@ _UNSUPPORTED = {
     "functions": ((None, []), "mose does not call functions"),
     "function_call": ((None, "none", "auto"), "mose does not call functions"),
     "logit_bias": ((None, {}), "mose does not apply logit_bias"),
-    "presence_penalty": ((None, 0, 0.0), "mose does not apply presence_penalty (send 0 or leave it out)"),
-    "frequency_penalty": ((None, 0, 0.0), "mose does not apply frequency_penalty (send 0 or leave it out)"),
     "audio": ((None,), "mose answers with text only"),
     "modalities": ((None, ["text"]), "mose answers with text only"),
     "prediction": ((None,), "mose does not use predicted outputs"),
@@ -121,6 +119,16 @@ class SamplingFields(_Request):
 
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     """Seed for reproducible sampling (a 64-bit signed integer)."""
+
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Lowers the logit of every token the answer already holds by this much (OpenAI's meaning)."""
+
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    """Lowers a token's logit by this much per time the answer already holds it (OpenAI's meaning)."""
+
+    repetition_penalty: float | None = Field(None, gt=0.0, le=2.0)
+    """As vLLM's extension, but on the answer's tokens only: divides the positive logits of tokens
+    the answer already holds (1 = off; absent: the server's default, 1.1)."""
 
     stream: bool = False
     """Send the answer as server-sent events, token by token."""

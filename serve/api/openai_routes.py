@@ -317,6 +317,9 @@ class _OpenAIHandlers:
                 top_p=body.top_p if body.top_p is not None else 1.0,
                 stop=body.stop_list(),
                 seed=body.seed,
+                presence_penalty=body.presence_penalty or 0.0,
+                frequency_penalty=body.frequency_penalty or 0.0,
+                **({} if body.repetition_penalty is None else {"repetition_penalty": body.repetition_penalty}),
                 logprobs=body.logprob_alternatives(),
                 prompt_logprobs=(body.logprob_alternatives() or 0) if echo else None,
             )

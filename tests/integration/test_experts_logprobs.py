@@ -35,10 +35,10 @@ def _scored(pool, expert: str, prompt: list[int], generated: list[int]) -> list[
 
 @pytest.mark.parametrize("expert", ["base", "alpha"])
 def test_generated_logprobs_equal_the_pools_scoring(pool, expert):
-    request = GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 10, "logprobs": 3})
-    plain, result = pool.generate(
-        [GenerationRequest(expert=expert, messages=FRANCE, params={"max_new_tokens": 10}), request]
-    )
+    # no repetition penalty: the greedy token is then the model's most likely one
+    params = {"max_new_tokens": 10, "repetition_penalty": 1.0}
+    request = GenerationRequest(expert=expert, messages=FRANCE, params=params | {"logprobs": 3})
+    plain, result = pool.generate([GenerationRequest(expert=expert, messages=FRANCE, params=params), request])
     assert result.text == plain.text and plain.logprobs is None  # recording does not change decoding
     assert result.logprobs is not None and len(result.logprobs) == result.completion_tokens
     tokenizer = pool.tokenizer

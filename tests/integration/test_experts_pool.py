@@ -298,10 +298,12 @@ def test_adapter_with_missing_weights_is_refused_and_the_pool_still_serves(exper
 
 
 def test_batched_lora_decoding_matches_peft_generate(two_adapters):
-    """The stacked-matmul path gives the same greedy tokens as peft's own single-adapter generate."""
+    """The stacked-matmul path gives the same greedy tokens as peft's own single-adapter generate,
+    with a repetition penalty on the prompt and the answer as Hugging Face applies it."""
     import torch
 
     from experts.chat import prompt_ids
+    from experts.types import DEFAULT_REPETITION_PENALTY
 
     pool = two_adapters
     ids = torch.tensor([prompt_ids(pool.tokenizer, FRANCE)])
@@ -309,10 +311,14 @@ def test_batched_lora_decoding_matches_peft_generate(two_adapters):
         pool._peft.set_adapter(pool._adapters[name])
         with torch.inference_mode():
             out = pool._peft.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=8,
+                do_sample=False,
+                repetition_penalty=DEFAULT_REPETITION_PENALTY,
             )
         reference = pool.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-        assert pool.generate([_req(name)])[0].text == reference
+        assert pool.generate([_req(name, repetition_penalty_prompt=True)])[0].text == reference
 
 
 @pytest.mark.parametrize("adapt_question", [True, False])

@@ -119,8 +119,6 @@ TEXT = {"model": "med", "prompt": "The capital of France is"}
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
         ("response_format", {"type": "json_object"}),
         ("logit_bias", {"50256": -100}),
-        ("presence_penalty", 0.5),
-        ("frequency_penalty", 1.0),
         ("modalities", ["text", "audio"]),
     ],
 )
@@ -152,6 +150,20 @@ def test_fields_that_do_not_change_the_answer_are_accepted(http):
     }
     assert http.post("/v1/chat/completions", json=CHAT | neutral).status_code == 200
     assert http.post("/v1/completions", json=TEXT | {"echo": False, "best_of": 1, "suffix": None}).status_code == 200
+
+
+def test_penalties_reach_the_pool_and_the_repetition_penalty_has_a_server_default(client, http, pool):
+    from experts.types import DEFAULT_REPETITION_PENALTY
+
+    client.chat.completions.create(**CHAT, presence_penalty=0.5, frequency_penalty=-1.0)
+    params = pool.requests[-1].params
+    assert (params.presence_penalty, params.frequency_penalty) == (0.5, -1.0)
+    assert params.repetition_penalty == DEFAULT_REPETITION_PENALTY
+    client.chat.completions.create(**CHAT, extra_body={"repetition_penalty": 1.0})  # vLLM's extension: off
+    assert pool.requests[-1].params.repetition_penalty == 1.0 and not pool.requests[-1].params.penalised
+    for field, value in (("presence_penalty", 2.5), ("frequency_penalty", -3), ("repetition_penalty", 0)):
+        response = http.post("/v1/chat/completions", json=CHAT | {field: value})
+        assert response.status_code == 400 and field in response.json()["error"]["message"], response.text
 
 
 def test_n_choices_are_n_rows_each_with_its_own_seed(client, pool):
