@@ -582,6 +582,7 @@ LoRA rank {ft.rank} (alpha {ft.alpha}) on {", ".join(ft.target_modules)} of the 
 short warm-up and linear decay, loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
 below the adapters run once per row (`experts/lora_training.py`). Build time on the 2-core CPU:
 {report.seconds.get("total", 0):.0f} s for the experts this report's last run built.
+
 {extra}
 ## Data
 
