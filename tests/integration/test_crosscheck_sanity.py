@@ -75,8 +75,9 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
 @pytest.mark.xfail(
     strict=False,
     reason="target missed: with the calibrator `make start` builds the correct answer "
-    "ranks first on 80 % of the questions, every off-topic answer is flagged, and the plainly wrong "
-    "answers mostly are not (12 %; 50 degrees Celsius among them); see docs/benchmarks.md, sanity suite",
+    "ranks first on 80 % of the questions, 39 of 40 off-topic answers are flagged, and the plainly "
+    "wrong answers mostly are not (18 %; 50 degrees Celsius among them); see docs/benchmarks.md, "
+    "sanity suite",
 )
 def test_sanity_suite_targets(scored):
     """The suite's targets: the correct answer gets the highest P(correct) on 90 % of questions,
