@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -16,6 +16,10 @@ DEFAULT_REPETITION_PENALTY = 1.1
 """Greedy answers of the 135M demo experts loop (a sentence or a list item again and again) on
 about one question in eight without a penalty; 1.1 on the answer's own tokens removes the loops
 and keeps answers as close to the reference (docs/decisions/repetition-penalty.md)."""
+
+
+OpenAIPenalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+"""A presence or frequency penalty, in OpenAI's range."""
 
 
 class SamplingParams(BaseModel):
@@ -52,18 +56,12 @@ class SamplingParams(BaseModel):
             "(off by default: it pushes answers away from the question's own terms)."
         ),
     )
-    presence_penalty: float = Field(
+    presence_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
-        allow_inf_nan=False,
         description="Subtracted once from the logit of every token the answer already holds (OpenAI's meaning).",
     )
-    frequency_penalty: float = Field(
+    frequency_penalty: OpenAIPenalty = Field(
         default=0.0,
-        ge=-2.0,
-        le=2.0,
-        allow_inf_nan=False,
         description="Subtracted from a token's logit once per time the answer already holds it (OpenAI's meaning).",
     )
     logprobs: int | None = Field(
