@@ -328,10 +328,11 @@ def _phases(
     settings, seed_rows, own = config.settings, [], {}
     for vertical in config.verticals:
         train = data[vertical].train[: settings.max_train_rows] if settings.max_train_rows else data[vertical].train
-        lengths = []
+        lengths, used = [], 0
         for pair in train:  # lengths only as far as the budget reaches
             lengths.append(len(encode_pair(tokenizer, pair.question, pair.answer, settings.max_tokens).input_ids))
-            if settings.train_tokens is not None and sum(lengths) >= settings.train_tokens:
+            used += lengths[-1]
+            if settings.train_tokens is not None and used >= settings.train_tokens:
                 break
         seed_end, branch_end = budget_split(lengths, settings.train_tokens, config.seed_share)
         seed_rows += train[:seed_end]
