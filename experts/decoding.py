@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from experts.chat import forward_kwargs, left_pad
+from experts.sft_data import asked_words, brings_new_word
 from experts.types import SamplingParams
 
 
@@ -32,6 +33,9 @@ class RowState:
     """With ``params.logprobs``: per generated token (token, log-prob, [(alternative, log-prob)])."""
     prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
     """With ``params.prompt_logprobs``: the same per prompt token (the first has no log-prob)."""
+    asked: frozenset[str] | None = None
+    """The question's words while ``params.echo_guard`` holds end-of-turn; None once the answer
+    brings a word of its own (or when there is no question to guard against)."""
 
     @property
     def done(self) -> bool:
@@ -67,6 +71,21 @@ def penalise(logits: Any, row: RowState) -> Any:
         ids = torch.tensor(row.token_ids, dtype=torch.long, device=logits.device)
         counts = torch.bincount(ids, minlength=logits.shape[-1])[: logits.shape[-1]].to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def hold_echo(logits: Any, row: RowState, tokenizer: Any, eos_ids: set[int]) -> Any:
+    """The row's logits with end-of-turn ruled out while its answer only restates the question
+    (:attr:`RowState.asked` is set); the same tensor otherwise. The tokenizer's other special
+    tokens are ruled out too: held at end-of-turn, a chat model would otherwise open the next
+    turn (``<|im_start|>assistant``) inside its answer."""
+    if row.asked is None:
+        return logits
+    held = sorted(eos_ids | set(getattr(tokenizer, "all_special_ids", ())))
+    if not held:
+        return logits
+    logits = logits.clone()
+    logits[held] = float("-inf")
     return logits
 
 
@@ -112,21 +131,24 @@ def _apply_stops(row: RowState, tokenizer: Any, eos_ids: set[int]) -> None:
         row.finish_reason = "length"
 
 
-def new_row(params: SamplingParams, prompt_ids: Sequence[int] = ()) -> RowState:
+def new_row(params: SamplingParams, prompt_ids: Sequence[int] = (), question: str = "") -> RowState:
     """A row about to decode ``prompt_ids`` with ``params`` (its own random generator, seeded when
-    asked)."""
-    return RowState(params=params, generator=_generator(params.seed), prompt_ids=prompt_ids)
+    asked); ``question``, the last user message, is what ``params.echo_guard`` guards against."""
+    asked = asked_words(question) if params.echo_guard and question.strip() else None
+    return RowState(params=params, generator=_generator(params.seed), prompt_ids=prompt_ids, asked=asked)
 
 
 def advance(row: RowState, logits: Any, tokenizer: Any, eos_ids: set[int]) -> int:
     """Sample the row's next token from its logits, append it and apply end-of-turn, stop strings
     and the length limit; returns the token (fed to the next step unless the row is done). The
-    penalties change what is sampled; recorded log-probs are the model's own."""
-    token = _sample(penalise(logits, row), row.params, row.generator)
+    penalties and the echo guard change what is sampled; recorded log-probs are the model's own."""
+    token = _sample(hold_echo(penalise(logits, row), row, tokenizer, eos_ids), row.params, row.generator)
     row.token_ids.append(token)
     if row.params.logprobs is not None:
         _record_logprobs(row, logits, token)
     _apply_stops(row, tokenizer, eos_ids)
+    if row.asked is not None and brings_new_word(row.asked, row.text, complete=row.done):
+        row.asked = None
     del row.logprobs[len(row.token_ids) :]  # end-of-turn was dropped from the tokens
     return token
 
@@ -234,12 +256,15 @@ def decode(
     adapter_names: Sequence[str] | None,
     eos_ids: set[int],
     pad_id: int,
+    questions: Sequence[str] | None = None,
 ) -> Iterator[list[RowState]]:
     """Yield the row states after every decoding step until every row is done (a static batch:
-    finished rows are fed padding until the last one ends)."""
+    finished rows are fed padding until the last one ends). ``questions``: each row's last user
+    message, for the echo guard (none: no row is guarded)."""
     import torch
 
-    rows = [new_row(p, prompt) for p, prompt in zip(params, prompts)]
+    questions = questions or [""] * len(prompts)
+    rows = [new_row(p, prompt, question) for p, prompt, question in zip(params, prompts, questions)]
     device = next(model.parameters()).device
     ids, mask, positions = (t.to(device) for t in left_pad(prompts, pad_id))
     cache = None

@@ -559,7 +559,7 @@ class EngineLoop:
         logits = out.logits[:, -1, :]
         tokens = []
         for i, row in enumerate(rows):
-            row.state = new_row(row.request.params, row.admission.prompt)
+            row.state = new_row(row.request.params, row.admission.prompt, row.request.question)
             if row.request.params.prompt_logprobs is not None:  # the prompt's own positions of this pass
                 row.state.prompt_logprobs = score_prompt(
                     out.logits[i], row.admission.prompt, row.request.params.prompt_logprobs

@@ -91,9 +91,22 @@ def echoes(question: str, answer: str) -> bool:
     """True when the answer only restates the question: every word of it that carries meaning
     (not a function word) is already in the question. "Baseball is the most popular
     sport in Japan" answers its question; "What causes high blood pressure?" echoes it."""
-    asked = set(normalise(question).split())
-    said = normalise(answer).split()
-    return bool(said) and all(word in asked or word in _FUNCTION_WORDS for word in said)
+    return bool(normalise(answer)) and not brings_new_word(asked_words(question), answer)
+
+
+def asked_words(question: str) -> frozenset[str]:
+    """The question's normalised words: an answer made only of these and function words echoes it."""
+    return frozenset(normalise(question).split())
+
+
+def brings_new_word(asked: frozenset[str], answer: str, complete: bool = True) -> bool:
+    """True when the answer holds a meaningful word the question lacks. With ``complete=False``
+    the answer is still being written and its last word may be cut short, so it does not count
+    unless the text already ends after it."""
+    words = normalise(answer).split()
+    if not complete and words and answer[-1:].isalnum():
+        words = words[:-1]
+    return any(word not in asked and word not in _FUNCTION_WORDS for word in words)
 
 
 def meaningful_words(text: str) -> list[str]:

@@ -64,6 +64,15 @@ class SamplingParams(BaseModel):
         default=0.0,
         description="Subtracted from a token's logit once per time the answer already holds it (OpenAI's meaning).",
     )
+    echo_guard: bool = Field(
+        default=True,
+        description=(
+            "Hold end-of-turn while the answer only restates the question (no meaningful word the "
+            "last user message lacks yet). Small experts trained on short answers otherwise end on an "
+            "echo of a question they cannot answer (docs/decisions/echo-guard.md). Requests that "
+            "continue a raw ``prompt`` have no question and are not held."
+        ),
+    )
     logprobs: int | None = Field(
         default=None,
         ge=0,
@@ -116,6 +125,14 @@ class GenerationRequest(BaseModel):
     prompt: str | list[int] | None = Field(
         None, description=("Text or token ids to continue as they are, instead of the chat-formatted ``messages``.")
     )
+
+    @property
+    def question(self) -> str:
+        """The last user message: what the answer must not merely restate (empty when the
+        request continues a raw ``prompt``)."""
+        if self.prompt is not None:
+            return ""
+        return next((m.content for m in reversed(self.messages) if m.role == "user"), "")
 
 
 class TopLogprob(BaseModel):

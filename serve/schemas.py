@@ -130,6 +130,10 @@ class SamplingFields(_Request):
     """As vLLM's extension, but on the answer's tokens only: divides the positive logits of tokens
     the answer already holds (1 = off; absent: the server's default, 1.1)."""
 
+    echo_guard: bool | None = None
+    """mose's extension: hold end-of-turn while the answer only restates the question (absent: the
+    server's default, on; ``false`` lets the expert end whenever it likes)."""
+
     stream: bool = False
     """Send the answer as server-sent events, token by token."""
 

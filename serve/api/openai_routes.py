@@ -320,6 +320,7 @@ class _OpenAIHandlers:
                 presence_penalty=body.presence_penalty or 0.0,
                 frequency_penalty=body.frequency_penalty or 0.0,
                 **({} if body.repetition_penalty is None else {"repetition_penalty": body.repetition_penalty}),
+                **({} if body.echo_guard is None else {"echo_guard": body.echo_guard}),
                 logprobs=body.logprob_alternatives(),
                 prompt_logprobs=(body.logprob_alternatives() or 0) if echo else None,
             )

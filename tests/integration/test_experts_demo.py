@@ -154,27 +154,10 @@ def _no_more_degenerate_than_base(medicine_reasons, why: str) -> None:
     assert expert_rate < 0.05, bad
 
 
-@pytest.mark.parametrize(
-    "why",
-    [
-        pytest.param(
-            "echo",
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="target missed: the small medicine expert of this test (its seed trained on "
-                "medicine and math only) answers 1 of its 20 questions, a 'Which of the following' "
-                "question without its options, with math's 'The answer is: ...' and the question's "
-                "own words (the base model echoes none); on a fresh home's start-profile experts "
-                "`auto` echoes on 11 % of held-out questions against the base model's 0 % "
-                "(docs/benchmarks.md, mixture)",
-            ),
-        ),
-        "empty",
-    ],
-)
+@pytest.mark.parametrize("why", ["echo", "empty"])
 def test_trained_expert_echoes_and_goes_empty_no_more_than_base(medicine_reasons, why):
-    """Greedy answers of a real demo expert on its held-out questions: echoed questions and empty
-    answers each at most the base model's rate, and under 5 %."""
+    """Greedy answers of a real demo expert on its held-out questions (with the default echo
+    guard): echoed questions and empty answers each at most the base model's rate, and under 5 %."""
     _no_more_degenerate_than_base(medicine_reasons, why)
 
 

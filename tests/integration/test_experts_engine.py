@@ -69,6 +69,7 @@ def _static(pool, request) -> str:
             adapters,
             eos,
             tokenizer.pad_token_id,
+            [request.question],
         )  # the decoder yields the rows after each step: keep the last
     return rows[0].text
 

@@ -166,6 +166,15 @@ def test_penalties_reach_the_pool_and_the_repetition_penalty_has_a_server_defaul
         assert response.status_code == 400 and field in response.json()["error"]["message"], response.text
 
 
+def test_the_echo_guard_is_on_by_default_and_a_request_can_switch_it_off(client, http, pool):
+    client.chat.completions.create(**CHAT)
+    assert pool.requests[-1].params.echo_guard is True
+    client.chat.completions.create(**CHAT, extra_body={"echo_guard": False})
+    assert pool.requests[-1].params.echo_guard is False
+    response = http.post("/v1/chat/completions", json=CHAT | {"echo_guard": "sometimes"})
+    assert response.status_code == 400 and "echo_guard" in response.json()["error"]["message"], response.text
+
+
 def test_n_choices_are_n_rows_each_with_its_own_seed(client, pool):
     reply = client.chat.completions.create(**CHAT, n=3, seed=41, temperature=0.7)
     assert [c.index for c in reply.choices] == [0, 1, 2]
