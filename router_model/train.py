@@ -12,6 +12,7 @@ cached, so a step costs only the trained layers.
 from __future__ import annotations
 
 import copy
+import os
 import random
 import sys
 import time
@@ -47,13 +48,30 @@ def seed_everything(seed: int, threads: int) -> None:
     torch.set_num_threads(threads or auto_threads())
 
 
-def auto_threads() -> int:
-    """All cores on an idle machine; one when others keep the cores busy (threads that wait on
-    each other at every op lose more than they gain when they only get slices of a core)."""
-    import os
+OTHERS_BUSY_CORES = 0.5
+"""Other processes using more than this many cores make training run on one thread."""
 
-    cores = os.cpu_count() or 1
-    return cores if os.getloadavg()[0] < cores - 0.5 else 1
+
+def auto_threads(window_s: float = 0.5, measure=None) -> int:
+    """All cores when other processes leave them free; one when others keep them busy (threads
+    that wait on each other at every op lose more than they gain when they only get slices of a
+    core). Only other processes count: the load average also holds this process's own recent
+    work, and read after ``mose up`` trained the experts it made the router train on one core of
+    two (about 1.8x slower). ``measure``: :func:`busy_cores` unless given."""
+    total, own = (measure or busy_cores)(window_s)
+    return (os.cpu_count() or 1) if total - own < OTHERS_BUSY_CORES else 1
+
+
+def busy_cores(window_s: float) -> tuple[float, float]:
+    """Cores kept busy over the next ``window_s`` seconds: by every process, and by this one."""
+    import psutil
+
+    me = psutil.Process()
+    me.cpu_percent(None)
+    psutil.cpu_percent(None)
+    time.sleep(window_s)
+    total = psutil.cpu_percent(None) / 100 * (os.cpu_count() or 1)
+    return total, me.cpu_percent(None) / 100
 
 
 def log(message: str) -> None:
