@@ -11,11 +11,13 @@ cached, so a step costs only the trained layers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,11 +43,20 @@ class TrainedRouter:
     metrics: dict = field(default_factory=dict)
 
 
-def seed_everything(seed: int, threads: int) -> None:
+@contextlib.contextmanager
+def seeded_training(seed: int, threads: int) -> Iterator[None]:
+    """Seed every generator and train on ``threads`` torch threads (0: :func:`auto_threads`); the
+    process's own thread count comes back afterwards (``mose up`` scores the jury next in the same
+    process, and a server updates its router beside the experts it serves)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    before = torch.get_num_threads()
     torch.set_num_threads(threads or auto_threads())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 OTHERS_BUSY_CORES = 0.5
@@ -80,7 +91,11 @@ def log(message: str) -> None:
 
 def train_router(data: TrainingData, config: RouterConfig, progress: bool = True) -> TrainedRouter:
     """Fit, choose, calibrate. Never looks at ``data.heldout``."""
-    seed_everything(config.seed, config.threads)
+    with seeded_training(config.seed, config.threads):
+        return _fit(data, config, progress)
+
+
+def _fit(data: TrainingData, config: RouterConfig, progress: bool) -> TrainedRouter:
     started = time.perf_counter()
     labels = data.labels
     index = {label: i for i, label in enumerate(labels)}

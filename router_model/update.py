@@ -24,7 +24,7 @@ from router_model.export import write_artifact
 from router_model.model import load as load_net
 from router_model.model import run_batched
 from router_model.tokens import encode, load_tokenizer
-from router_model.train import TrainedRouter, log, seed_everything
+from router_model.train import TrainedRouter, log, seeded_training
 
 UPDATE_CHECK_ROWS = 256
 """Validation rows the exported graph is checked on during an update (the full set costs ~20 s)."""
@@ -115,7 +115,11 @@ def update_router(home, registry, progress: bool = True) -> UpdateResult:
     directory = current_dir(home.router_dir)
     metadata = read_metadata(directory)
     config = RouterConfig.model_validate(metadata.config)
-    seed_everything(config.seed, config.threads)
+    with seeded_training(config.seed, config.threads):
+        return _update(home, registry, directory, metadata, config, started, progress)
+
+
+def _update(home, registry, directory, metadata, config: RouterConfig, started: float, progress: bool) -> UpdateResult:
     new = new_domain_rows(registry, metadata.labels)
     if not new:
         return UpdateResult(version=metadata.version, previous=metadata.version, seconds=time.perf_counter() - started)

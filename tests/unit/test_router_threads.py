@@ -31,3 +31,18 @@ def test_training_takes_every_core_unless_other_processes_keep_them_busy():
     assert auto_threads(0.1, measure=lambda _: (1.9, 1.8)) == cores, "its own work leaves the cores to it"
     assert auto_threads(0.1, measure=lambda _: (0.3, 0.0)) == cores
     assert auto_threads(0.1, measure=lambda _: (1.9, 0.2)) == 1, "others hold the cores"
+
+
+def test_training_gives_the_process_its_thread_count_back():
+    import torch
+
+    from router_model.train import seeded_training
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with seeded_training(0, 2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
