@@ -86,9 +86,9 @@ class RouterConfig(BaseModel):
 
     threads: int = Field(default=0, ge=0)
     """Torch training threads; 0 = automatic: all cores when other processes leave them free, one
-    when other processes keep more than half a core busy (this process's own work does not count;
-    two threads on a busy 2-core machine measured 3.7x
-    slower per step than one). ONNX Runtime uses its default (all cores) unless this is set."""
+    when they keep more than half a core busy (this process's own work does not count; two
+    threads on a busy 2-core machine measured 3.7x slower per step than one). ONNX Runtime uses
+    its default (all cores) unless this is set."""
 
     # --- data ----------------------------------------------------------------------------
     heldout_fraction: float = Field(default=0.2, ge=0, lt=1)

@@ -17,7 +17,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -63,7 +63,7 @@ OTHERS_BUSY_CORES = 0.5
 """Other processes using more than this many cores make training run on one thread."""
 
 
-def auto_threads(window_s: float = 0.5, measure=None) -> int:
+def auto_threads(window_s: float = 0.5, measure: Callable[[float], tuple[float, float]] | None = None) -> int:
     """All cores when other processes leave them free; one when others keep them busy (threads
     that wait on each other at every op lose more than they gain when they only get slices of a
     core). Only other processes count: the load average also holds this process's own recent

@@ -115,14 +115,16 @@ def update_router(home, registry, progress: bool = True) -> UpdateResult:
     directory = current_dir(home.router_dir)
     metadata = read_metadata(directory)
     config = RouterConfig.model_validate(metadata.config)
-    with seeded_training(config.seed, config.threads):
-        return _update(home, registry, directory, metadata, config, started, progress)
-
-
-def _update(home, registry, directory, metadata, config: RouterConfig, started: float, progress: bool) -> UpdateResult:
     new = new_domain_rows(registry, metadata.labels)
     if not new:
         return UpdateResult(version=metadata.version, previous=metadata.version, seconds=time.perf_counter() - started)
+    with seeded_training(config.seed, config.threads):
+        return _update(home, registry, directory, metadata, config, new, started, progress)
+
+
+def _update(
+    home, registry, directory, metadata, config: RouterConfig, new: dict, started: float, progress: bool
+) -> UpdateResult:
     log(f"new domains: {', '.join(f'{d} ({len(r)} queries)' for d, r in new.items())}")
 
     net = load_net(directory)
