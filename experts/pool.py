@@ -667,6 +667,41 @@ class ExpertPool:
             for i, (_, _, experts) in enumerate(items)
         ]
 
+    def answer_states(self, items: Sequence[tuple[str, str]], layer: int) -> list[Any]:
+        """The base model's answer state at ``layer`` for each (question, answer): what
+        :meth:`score` gives the base model's score with ``state_layer``, without the jurors, the
+        unconditional text, the layers above ``layer`` or the LM head (with the shared trunk; a
+        base-model :meth:`score_many` otherwise). Texts are packed by length into passes of the
+        scoring budget, on the engine loop's thread."""
+        return self.engine.call(self._answer_states, items, layer)
+
+    def _answer_states(self, items: Sequence[tuple[str, str]], layer: int) -> list[Any]:
+        import torch
+
+        depth = self._base.config.num_hidden_layers if self._base is not None else None
+        if depth is not None and not 0 <= layer <= depth:
+            raise MoseError(f"state layer {layer} is outside the base model's layers (0-{depth})")
+        scorer = self._trunk_scorer([BASE_ADAPTER])
+        if scorer is None:
+            scores = self._score_many([(q, a, [BASE_EXPERT]) for q, a in items], True, layer)
+            return [torch.tensor(base.answer_state) for (base,) in scores]
+        pairs = [encode_pair(self.tokenizer, q, a, self.config.score_max_tokens) for q, a in items]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        budget = self.config.score_batch_tokens or _SCORE_BATCH_TOKENS.get(self.device, _SCORE_BATCH_TOKENS["cpu"])
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i].input_ids))
+        states: list[Any] = [None] * len(pairs)
+        start = 0
+        with torch.inference_mode():
+            while start < len(order):  # longest last: a pass holds as many rows as fit its widest
+                end = start + 1
+                while end < len(order) and (end - start + 1) * len(pairs[order[end]].input_ids) <= budget:
+                    end += 1
+                batch = order[start:end]
+                for i, state in zip(batch, scorer.answer_states([pairs[i] for i in batch], pad, layer)):
+                    states[i] = state
+                start = end
+        return states
+
     def _score_texts(self, items: Sequence[tuple[str, str, list[str]]]) -> dict[str, list[tuple]]:
         """Model group -> texts ((item, with question?), encoded pair, [(expert index, adapter key)]).
 

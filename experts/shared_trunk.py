@@ -205,6 +205,37 @@ class TrunkScorer:
             results[i][j] = (total, count, answer_mean(state, count) if state is not None else None)
         return results
 
+    def answer_states(self, texts: Sequence[EncodedPair], pad_id: int, layer: int) -> list[Any]:
+        """Each text's base-model answer state after ``layer`` decoder layers (the ``state`` of a
+        ``__base__`` row of :meth:`score`) without the layers above it or the LM head: the state
+        alone costs ``layer / depth`` of a base-model pass and nothing per vocabulary word.
+        Call under ``torch.inference_mode()``."""
+        import torch
+
+        device = next(self.lm.parameters()).device
+        prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
+        shared = len(prefix)
+        ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
+        mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)
+        inputs, mask, positions = (
+            ids[:, :-1],
+            mask[:, :-1],
+            positions[:, :-1],
+        )  # as in score: the last token predicts nothing
+        layers = range(min(layer, len(self.decoder.layers)))
+        with batched_lora.AdaptersOff(self.lora):
+            _, states = run_layers(
+                self.decoder,
+                self.decoder.embed_tokens(inputs),
+                mask,
+                positions,
+                self.decoder.layers[: len(layers)],
+                self._cache(prefix, [BASE_ADAPTER] * len(texts), layers),
+                layer,
+            )
+        return [answer_mean(state, text.answer_len) for state, text in zip(states, texts)]
+
     def _unadapted_context(
         self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any, branch: range
     ) -> tuple[Any, Any, Any]:

@@ -158,6 +158,14 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
     return sample
 
 
+def probe_sample(rows: Sequence[CheckRow], used: Sequence[CheckRow], per_source: int, seed: int) -> list[CheckRow]:
+    """Up to ``per_source`` labelled train-bucket rows of each source of ``rows`` that are not in
+    ``used`` (:func:`stratified_sample`): more rows for the truthfulness probe alone."""
+    taken = {row.digest() for row in used}
+    rest = [r for r in rows if not r.is_test() and not is_constructed(r.source) and r.digest() not in taken]
+    return stratified_sample(rest, per_source, seed) if per_source > 0 else []
+
+
 def proportional_counts(sizes: dict[int, int], total: int) -> dict[int, int]:
     """``total`` split across groups in proportion to ``sizes`` (largest remainder method)."""
     quota = {key: total * size / sum(sizes.values()) for key, size in sizes.items()}
@@ -262,6 +270,26 @@ def fill_answer_states(
     return len(todo)
 
 
+def probe_states(
+    jury: Jury, rows: Sequence[CheckRow], layer: int, progress: bool = True, chunk: int = 96
+) -> np.ndarray:
+    """The base model's answer states at ``layer`` for ``rows`` alone, without the jury's evidence
+    (:meth:`experts.pool.ExpertPool.answer_states`): more rows for the truthfulness probe at a
+    fraction of the jury's cost per row."""
+    texts = [(r.question, r.answer[: jury.config.max_answer_chars]) for r in rows]
+    # by length across chunks, so each chunk's passes pack rows of about one width
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
+    out: list[np.ndarray | None] = [None] * len(texts)
+    bar = tqdm(total=len(rows), desc=f"probe states (layer {layer})", unit="row", disable=not progress, file=sys.stderr)
+    for start in range(0, len(order), chunk):
+        part = order[start : start + chunk]
+        for i, state in zip(part, jury.pool.answer_states([texts[i] for i in part], layer)):
+            out[i] = np.asarray(state, dtype=np.float64)
+        bar.update(len(part))
+    bar.close()
+    return np.array(out, dtype=np.float64).reshape(len(rows), -1)
+
+
 def calibrator_inputs(calibrator: Calibrator, evidence: Sequence[RowEvidence]) -> np.ndarray:
     """The columns ``calibrator`` reads: :data:`FEATURES`, then its probe's logit if it has one."""
     x = matrix(evidence)
@@ -352,21 +380,31 @@ def train(
     k: int | None = None,
     progress: bool = True,
     evidence: Sequence[RowEvidence] | None = None,
+    probe_rows: Sequence[CheckRow] = (),
 ) -> Calibrator:
     """Fit a calibrator on the train-bucket rows given (test-bucket rows are dropped); ``evidence``:
     already collected for exactly those rows (:func:`load_evidence`), else it is collected here.
     With a probe (``config.probe_layer``), rows of ``evidence`` without the base model's answer
-    state get it (:func:`fill_answer_states`)."""
+    state get it (:func:`fill_answer_states`), and the probe also learns from the labelled
+    train-bucket rows of ``probe_rows`` that are not among ``rows`` (their answer states only:
+    :func:`probe_states`)."""
     rows = [r for r in rows if not r.is_test()]
+    seen = {r.digest() for r in rows}
+    probe_rows = [r for r in probe_rows if not r.is_test() and not is_constructed(r.source) and r.digest() not in seen]
     if not rows:
         raise MoseError("no training rows left after holding out the test bucket")
     config = config or CalibratorConfig()
     if evidence is None:
         evidence = collect(jury, rows, k, progress=progress, state_layer=config.probe_layer)
-    states = None
+    states, extra = None, None
     if config.probe_layer is not None:
         fill_answer_states(jury, evidence, config.probe_layer, progress)
         states = answer_states(evidence, config.probe_layer)
+        if probe_rows:
+            extra = (
+                probe_states(jury, probe_rows, config.probe_layer, progress),
+                np.array([r.label for r in probe_rows]),
+            )
     constructed = np.array([e.row.origin() != e.row.digest() for e in evidence])
     calibrator = fit_calibrator(
         matrix(evidence),
@@ -375,13 +413,15 @@ def train(
         states,
         constructed,
         perturbed_pairs(evidence),
+        extra,
     )
     calibrator.trained_on = {
         **calibrator.trained_on,
         "rows": len(rows),
+        "probe_rows": len(probe_rows) if extra is not None else 0,
         "sources": sorted({r.source for r in rows}),
         "negatives": negatives_mix(rows),
-        "row_digests": sorted(r.digest() for r in rows),
+        "row_digests": sorted(r.digest() for r in [*rows, *(probe_rows if extra is not None else ())]),
         "best_single_expert": best_single_expert(evidence),
         "k": jury.config.k if k is None else k,
         "adapters_read_question": jury.adapters_read_question,

@@ -71,6 +71,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavars={"probe_layer": "N", "candidates": "FAMILY"},
     )
     train.add_argument(
+        "--probe-rows",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also N more train-bucket rows per source, besides the sampled ones, for the truthfulness "
+        "probe alone: only the base model's answer state is read for them (about 0.1 s a row on "
+        "a 2-core CPU, against about 0.7 s for the jury's evidence); the "
+        "probe reads better with more rows (default 0)",
+    )
+    train.add_argument(
         "--no-probe",
         action="store_true",
         help="no truthfulness probe: the calibrator reads the jurors' likelihoods only",
@@ -156,6 +166,7 @@ def run_train(args: argparse.Namespace) -> int:
         load_evidence,
         load_rows,
         open_jury,
+        probe_sample,
         save_evidence,
         stratified_sample,
         train,
@@ -163,6 +174,7 @@ def run_train(args: argparse.Namespace) -> int:
     )
     from jury.jury import JuryConfig
     from jury.negatives import NegativesConfig
+    from registry.errors import MoseError
 
     extra = {"probe_layer": None} if args.no_probe else {}
     if args.no_plausibility:
@@ -170,9 +182,15 @@ def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(
         CalibratorConfig, args, what="calibrator settings", seed=args.seed, **extra
     )  # before any loading
+    if args.probe_rows < 0:
+        raise MoseError(f"--probe-rows must be 0 or more, got {args.probe_rows}")
+    if args.probe_rows and args.no_probe:
+        raise MoseError("--probe-rows needs the truthfulness probe: drop --no-probe")
     home = home_of(args)
-    rows = stratified_sample([r for r in load_rows(args.data) if not r.is_test()], args.limit, args.seed)
-    rows = with_negatives(rows, NegativesConfig(seed=args.seed) if args.negatives else None)
+    labelled = [r for r in load_rows(args.data) if not r.is_test()]
+    sampled = stratified_sample(labelled, args.limit, args.seed)
+    rows = with_negatives(sampled, NegativesConfig(seed=args.seed) if args.negatives else None)
+    probe_rows = probe_sample(labelled, sampled, args.probe_rows, args.seed)
     jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
     evidence = (
         load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)
@@ -181,7 +199,8 @@ def run_train(args: argparse.Namespace) -> int:
     )
     if evidence is None and args.save_evidence:
         evidence = collect(jury, rows, args.k, state_layer=config.probe_layer)
-    calibrator = train(jury, rows, config, k=args.k, evidence=evidence)  # fills in missing answer states
+    # fills in missing answer states
+    calibrator = train(jury, rows, config, k=args.k, evidence=evidence, probe_rows=probe_rows)
     if args.save_evidence:
         save_evidence(evidence, args.save_evidence)
     path = save_calibrator(calibrator, home.crosscheck_dir)

@@ -21,13 +21,20 @@ from pathlib import Path
 
 from serve.commands._common import add_common_flags, emit, home_of
 
-CALIBRATION_ROWS_PER_SOURCE = 30
-"""Labelled rows per source for the first calibrator (~150 rows, ~10 min on 2 cores; `mose
-crosscheck train --limit N` fits a larger one)."""
+CALIBRATION_ROWS_PER_SOURCE = 20
+"""Labelled rows per source the jury scores for the first calibrator (100 rows and 51 wrong
+answers made from them: about 2 min on 2 cores; `mose crosscheck train --limit N` fits on more)."""
+
+PROBE_ROWS_PER_SOURCE = 200
+"""More labelled rows per source for the first calibrator's truthfulness probe alone (1,000 rows,
+only the base model's answer state: about 1.5 min on 2 cores). The probe does most of the
+calibrator's ranking and reads better on more rows: held-out AUROC 0.49 with the probe on the
+scored rows alone, 0.585 with these (docs/decisions/jury-truthfulness-probe.md)."""
 
 START_EVIDENCE_FILE = "start-evidence.jsonl"
 """The jury evidence the first calibrator was fitted on, kept in ``MOSE_HOME/crosscheck/``:
-``mose crosscheck train --data ... --limit 30 --seed 0 --evidence <it>`` refits on the same rows."""
+``mose crosscheck train --data ... --limit 20 --probe-rows 200 --seed 0 --evidence <it>`` refits
+on the same rows."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -128,7 +135,16 @@ def _ensure_router(home, registry, data_dir: Path) -> str:
 def _ensure_calibrator(home, data_dir: Path) -> str:
     """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
     from jury.calibrator import CalibratorConfig, load_calibrator, save_calibrator
-    from jury.crosscheck import collect, load_rows, open_jury, save_evidence, stratified_sample, train, with_negatives
+    from jury.crosscheck import (
+        collect,
+        load_rows,
+        open_jury,
+        probe_sample,
+        save_evidence,
+        stratified_sample,
+        train,
+        with_negatives,
+    )
     from jury.negatives import NegativesConfig
     from registry.errors import MoseError
 
@@ -136,11 +152,13 @@ def _ensure_calibrator(home, data_dir: Path) -> str:
         return load_calibrator(home.crosscheck_dir).version
     except MoseError:
         pass
-    rows = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
-    rows = with_negatives(stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0), NegativesConfig(seed=0))
+    labelled = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
+    sampled = stratified_sample(labelled, CALIBRATION_ROWS_PER_SOURCE, seed=0)
+    rows = with_negatives(sampled, NegativesConfig(seed=0))
     jury = open_jury(home)
     evidence = collect(jury, rows, state_layer=CalibratorConfig().probe_layer)
-    calibrator = train(jury, rows, evidence=evidence)
+    probe_rows = probe_sample(labelled, sampled, PROBE_ROWS_PER_SOURCE, seed=0)
+    calibrator = train(jury, rows, evidence=evidence, probe_rows=probe_rows)
     save_calibrator(calibrator, home.crosscheck_dir)
     # Scoring is most of this step; keeping the evidence lets `mose crosscheck train --evidence`
     # refit on exactly these rows without scoring them again.

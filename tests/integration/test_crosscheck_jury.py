@@ -276,6 +276,22 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert len(tuned_fit["recalibration"]) == 2 and len(tuned_fit["voter"]["recalibration"]) == 2
     assert set(tuned_fit["probe"]["mean"]) == {0.0} and tuned_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
 
+    # more rows for the probe alone: only their answer states are read, and they count as seen
+    wider = retrain("--evidence", str(saved), "--probe-rows", "3")
+    assert wider.returncode == 0 and "probe states (layer 20)" in wider.stderr, wider.stderr[-2000:]
+    wider_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(wider.stdout)['version']}.json").read_text())
+    added = wider_fit["trained_on"]["probe_rows"]
+    assert 0 < added <= 3 * len(fits[0]["trained_on"]["sources"])
+    assert len(wider_fit["trained_on"]["row_digests"]) == fits[0]["trained_on"]["rows"] + added
+    assert wider_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
+    assert wider_fit["metrics"]["train_rows"] == fits[0]["metrics"]["train_rows"]  # the candidate's rows
+    for bad, message in (
+        (["--probe-rows", "-1"], "--probe-rows must be 0 or more, got -1"),
+        (["--probe-rows", "2", "--no-probe"], "--probe-rows needs the truthfulness probe"),
+    ):
+        refused = retrain("--evidence", str(saved), *bad)
+        assert refused.returncode != 0 and message in refused.stderr and refused.stdout == "", refused.stderr[-2000:]
+
     # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
     stale = _mose(
         "crosscheck", "eval", "--data", str(rows), "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home

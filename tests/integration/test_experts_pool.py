@@ -355,3 +355,28 @@ def test_base_answer_state_is_the_same_from_trunk_branch_and_full_pass(two_adapt
     assert all(s.answer_state is None for row in pool.score_many(items, adapt_question) for s in row)
     with pytest.raises(MoseError, match="state_layer 31 is outside the base model's layers \\(0-30\\)"):
         pool.score_many(items, adapt_question, state_layer=31)
+
+
+@pytest.mark.parametrize("layer", [8, 20])
+def test_answer_states_alone_equal_the_base_models_state_from_scoring(two_adapters, layer):
+    """The probe's extra rows: pool.answer_states runs only the base model's lower layers, packs
+    texts of different lengths into one pass, and gives each the state score_many gives it; without
+    the shared trunk it falls back to scoring with the base model."""
+    pool = two_adapters
+    items = [
+        ("What is the capital of France?", "Paris."),
+        ("Explain photosynthesis briefly.", "Plants turn light, water and CO2 into sugar and oxygen."),
+        ("Who wrote Hamlet?", "William Shakespeare wrote Hamlet around 1600."),
+    ]
+    scored = pool.score_many([(q, a, ["beta", "base"]) for q, a in items], True, state_layer=layer)
+    alone = pool.answer_states(items, layer)
+    assert len(alone) == len(items)
+    for row, state in zip(scored, alone):
+        assert np.allclose(row[1].answer_state, np.asarray(state), atol=2e-4)
+    pool.config.shared_trunk = False
+    try:
+        assert np.allclose(np.asarray(pool.answer_states(items[:1], layer)[0]), scored[0][1].answer_state, atol=2e-4)
+    finally:
+        pool.config.shared_trunk = True
+    with pytest.raises(MoseError, match="state layer 31 is outside the base model's layers \\(0-30\\)"):
+        pool.answer_states(items, 31)

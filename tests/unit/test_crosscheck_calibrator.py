@@ -545,3 +545,55 @@ def test_the_plausibility_term_never_rewards_lower_support_and_survives_json(tmp
     loaded = load_calibrator(tmp_path)
     assert loaded.plausibility == calibrator.plausibility
     assert np.allclose(loaded.predict(x[:20]), calibrator.predict(x[:20]))
+
+
+def test_more_rows_for_the_probe_alone_sharpen_it_and_the_candidate_learns_from_its_unseen_logits():
+    """100 scored rows and 1,000 rows with answer states only: the probe fitted on all of them
+    ranks unseen rows better than one fitted on the 100, and the candidate still learns only from
+    the scored rows' out-of-fold probe logits (its probe column has one value per scored row)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    labels, extra_labels, test_labels = rng.integers(0, 2, 100), rng.integers(0, 2, 1000), rng.integers(0, 2, 400)
+    x = rng.normal(size=(100, len(FEATURES)))
+    direction = np.random.default_rng(99).normal(size=400)
+    direction *= 2.0 / np.linalg.norm(direction)  # a weak direction among 400 noisy dimensions, as a model's
+
+    def wide_states(y: np.ndarray, seed: int) -> np.ndarray:
+        return np.random.default_rng(seed).normal(size=(len(y), 400)) * 3.0 + np.outer(2 * y - 1, direction)
+
+    states, extra_states, test_states = (
+        wide_states(labels, 1),
+        wide_states(extra_labels, 2),
+        wide_states(test_labels, 3),
+    )
+    config = CalibratorConfig(probe_layer=20)
+    alone = fit_calibrator(x, labels, config, states)
+    more = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
+    auroc_alone = roc_auc_score(test_labels, alone.probe.logits(test_states))
+    auroc_more = roc_auc_score(test_labels, more.probe.logits(test_states))
+    assert auroc_more > auroc_alone + 0.1 and auroc_more > 0.7
+    assert more.metrics["train_rows"] == 100  # the candidate's rows; the probe's are not among them
+    test_x = rng.normal(size=(400, len(FEATURES)))
+    p = more.predict(np.column_stack([test_x, more.probe.logits(test_states)]))
+    assert roc_auc_score(test_labels, p) > 0.7
+    with pytest.raises(
+        MoseError, match="the probe's extra rows have \\(32,\\)-wide states, the scored rows \\(400,\\)"
+    ):
+        fit_calibrator(x, labels, config, states, probe_rows=(extra_states[:, :32], extra_labels))
+
+
+def test_the_probe_column_is_not_shrunk_with_the_jurors_columns():
+    """bounded_logistic leaves unpenalised columns out of the L2 penalty: under a strong penalty
+    the probe's weight stays near its unregularised value while a penalised copy shrinks."""
+    from jury.calibrator import bounded_logistic
+
+    rng = np.random.default_rng(0)
+    score = rng.normal(size=2000)
+    labels = (rng.random(2000) < 1 / (1 + np.exp(-2.0 * score))).astype(int)
+    x = np.column_stack([score, rng.normal(size=2000)])
+    strong = bounded_logistic(x, labels, None, [False, False], 0.001)
+    free = bounded_logistic(x, labels, None, [False, False], 0.001, [True, False])
+    reference = bounded_logistic(x, labels, None, [False, False], 1e6)
+    assert strong["coef"][0] < 0.5 * reference["coef"][0]
+    assert free["coef"][0] == pytest.approx(reference["coef"][0], rel=0.05)
