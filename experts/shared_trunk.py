@@ -154,13 +154,7 @@ class TrunkScorer:
         lengths = torch.tensor([t.answer_len for t in texts], device=device)
         row_lengths = lengths[row_text]
 
-        prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
-        shared = len(prefix)
-        ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
-        mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)
-        # The last token predicts nothing that is scored: no layer needs to run on it.
-        inputs, mask, positions = ids[:, :-1], mask[:, :-1], positions[:, :-1]
+        prefix, ids, inputs, mask, positions = self._inputs(texts, pad_id)
 
         trunk_cache = self._cache(prefix, [BASE_ADAPTER] * len(texts), range(split))
         # state_layer within the trunk: every text's state is there, before any adapter
@@ -210,19 +204,7 @@ class TrunkScorer:
         ``__base__`` row of :meth:`score`) without the layers above it or the LM head: the state
         alone costs ``layer / depth`` of a base-model pass and nothing per vocabulary word.
         Call under ``torch.inference_mode()``."""
-        import torch
-
-        device = next(self.lm.parameters()).device
-        prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
-        shared = len(prefix)
-        ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
-        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
-        mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)
-        inputs, mask, positions = (
-            ids[:, :-1],
-            mask[:, :-1],
-            positions[:, :-1],
-        )  # as in score: the last token predicts nothing
+        prefix, _, inputs, mask, positions = self._inputs(texts, pad_id)
         layers = range(min(layer, len(self.decoder.layers)))
         with batched_lora.AdaptersOff(self.lora):
             _, states = run_layers(
@@ -235,6 +217,19 @@ class TrunkScorer:
                 layer,
             )
         return [answer_mean(state, text.answer_len) for state, text in zip(states, texts)]
+
+    def _inputs(self, texts: Sequence[EncodedPair], pad_id: int) -> tuple[tuple[int, ...], Any, Any, Any, Any]:
+        """(cached prefix, left-padded ids after it, the ids layers run on, attention mask over
+        prefix and inputs, positions): the last token predicts nothing scored, so no layer runs on it."""
+        import torch
+
+        device = next(self.lm.parameters()).device
+        prefix = next((p for p in self.prefixes if shared_prefix_length(texts, p)), ())
+        shared = len(prefix)
+        ids, mask, positions = left_pad([t.input_ids[shared:] for t in texts], pad_id)
+        ids, mask, positions = ids.to(device), mask.to(device), positions.to(device) + shared
+        mask = torch.cat([torch.ones((len(texts), shared), dtype=mask.dtype, device=device), mask], dim=1)
+        return prefix, ids, ids[:, :-1], mask[:, :-1], positions[:, :-1]
 
     def _unadapted_context(
         self, prefix: tuple[int, ...], hidden: Any, mask: Any, positions: Any, lengths: Any, branch: range
