@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 CALIBRATION_ROWS_PER_SOURCE = 20
-"""Labelled rows per source the test calibrator is fitted on (`mose up` uses 30; 20 keeps the
-fixture to a few minutes in float32)."""
+"""Labelled rows per source the test calibrator is fitted on, as `mose up` (which also fits its
+probe on 200 more rows per source; left out here: about two more minutes of CI)."""
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +75,8 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
 @pytest.mark.xfail(
     strict=False,
     reason="target missed: with the calibrator `make start` builds the correct answer "
-    "ranks first on 80 % of the questions, 39 of 40 off-topic answers are flagged, and the plainly "
-    "wrong answers mostly are not (18 %; 50 degrees Celsius among them); see docs/benchmarks.md, "
+    "ranks first on 88 % of the questions and every off-topic answer is flagged, but 100 degrees "
+    "Celsius is flagged (P 0.49) and 50 degrees Celsius is not (0.54); see docs/benchmarks.md, "
     "sanity suite",
 )
 def test_sanity_suite_targets(scored):
