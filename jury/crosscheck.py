@@ -159,10 +159,11 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
 
 
 def probe_sample(rows: Sequence[CheckRow], used: Sequence[CheckRow], per_source: int, seed: int) -> list[CheckRow]:
-    """Up to ``per_source`` labelled train-bucket rows of each source of ``rows`` that are not in
-    ``used`` (:func:`stratified_sample`): more rows for the truthfulness probe alone."""
+    """Up to ``per_source`` rows of each source of ``rows`` that are not in ``used``
+    (:func:`stratified_sample`): more rows for the truthfulness probe alone (:func:`train` keeps
+    the labelled train-bucket ones)."""
     taken = {row.digest() for row in used}
-    rest = [r for r in rows if not r.is_test() and not is_constructed(r.source) and r.digest() not in taken]
+    rest = [r for r in rows if r.digest() not in taken]
     return stratified_sample(rest, per_source, seed) if per_source > 0 else []
 
 
@@ -241,37 +242,20 @@ def answer_states(evidence: Sequence[RowEvidence], layer: int) -> np.ndarray:
     return np.array([e.answer_state for e in evidence], dtype=np.float64)
 
 
-def fill_answer_states(
-    jury: Jury, evidence: Sequence[RowEvidence], layer: int, progress: bool = True, chunk: int = 48
-) -> int:
+def fill_answer_states(jury: Jury, evidence: Sequence[RowEvidence], layer: int, progress: bool = True) -> int:
     """Give evidence saved without the base model's answer state at ``layer`` (before the probe
-    existed, or at another layer) that state, in place: the base model alone scores each such
-    row (on crosscheck_dev's long answers about two thirds of the time of scoring the jury again:
-    the vocabulary-wide log-softmax over every answer token is most of it). Returns the rows filled."""
+    existed, or at another layer) that state, in place (:func:`probe_states`: the base model's
+    lower layers only). Returns the rows filled."""
     todo = [e for e in evidence if not e.has_state(layer)]
-    bar = tqdm(
-        total=len(todo),
-        desc=f"answer states (layer {layer})",
-        unit="row",
-        disable=not progress or not todo,
-        file=sys.stderr,
-    )
-    for start in range(0, len(todo), chunk):
-        part = todo[start : start + chunk]
-        scores = jury.pool.score_many(
-            [(e.row.question, e.row.answer[: jury.config.max_answer_chars], [BASE_EXPERT]) for e in part],
-            jury.adapters_read_question,
-            layer,
-        )
-        for item, (base,) in zip(part, scores):
-            item.answer_state, item.state_layer = base.answer_state, layer
-        bar.update(len(part))
-    bar.close()
+    if todo:
+        states = probe_states(jury, [e.row for e in todo], layer, progress, desc="answer states")
+        for item, state in zip(todo, states):
+            item.answer_state, item.state_layer = state.tolist(), layer
     return len(todo)
 
 
 def probe_states(
-    jury: Jury, rows: Sequence[CheckRow], layer: int, progress: bool = True, chunk: int = 96
+    jury: Jury, rows: Sequence[CheckRow], layer: int, progress: bool = True, desc: str = "probe states", chunk: int = 96
 ) -> np.ndarray:
     """The base model's answer states at ``layer`` for ``rows`` alone, without the jury's evidence
     (:meth:`experts.pool.ExpertPool.answer_states`): more rows for the truthfulness probe at a
@@ -280,7 +264,7 @@ def probe_states(
     # by length across chunks, so each chunk's passes pack rows of about one width
     order = sorted(range(len(texts)), key=lambda i: len(texts[i][0]) + len(texts[i][1]))
     out: list[np.ndarray | None] = [None] * len(texts)
-    bar = tqdm(total=len(rows), desc=f"probe states (layer {layer})", unit="row", disable=not progress, file=sys.stderr)
+    bar = tqdm(total=len(rows), desc=f"{desc} (layer {layer})", unit="row", disable=not progress, file=sys.stderr)
     for start in range(0, len(order), chunk):
         part = order[start : start + chunk]
         for i, state in zip(part, jury.pool.answer_states([texts[i] for i in part], layer)):
