@@ -158,13 +158,19 @@ def stratified_sample(rows: Sequence[CheckRow], per_source: int | None, seed: in
     return sample
 
 
-def probe_sample(rows: Sequence[CheckRow], used: Sequence[CheckRow], per_source: int, seed: int) -> list[CheckRow]:
-    """Up to ``per_source`` rows of each source of ``rows`` that are not in ``used``
-    (:func:`stratified_sample`): more rows for the truthfulness probe alone (:func:`train` keeps
-    the labelled train-bucket ones)."""
-    taken = {row.digest() for row in used}
-    rest = [r for r in rows if r.digest() not in taken]
-    return stratified_sample(rest, per_source, seed) if per_source > 0 else []
+def training_sample(
+    rows: Sequence[CheckRow], per_source: int | None, probe_per_source: int, seed: int, negatives: bool = True
+) -> tuple[list[CheckRow], list[CheckRow]]:
+    """What a calibrator is fitted on, from ``rows``' train bucket: up to ``per_source`` rows of
+    each source (:func:`stratified_sample`) with the wrong answers constructed from them (none
+    without ``negatives``), for the jury to score; and up to ``probe_per_source`` other rows of
+    each source for the truthfulness probe alone (see :func:`train`)."""
+    labelled = [r for r in rows if not r.is_test()]
+    sampled = stratified_sample(labelled, per_source, seed)
+    taken = {row.digest() for row in sampled}
+    rest = [r for r in labelled if r.digest() not in taken]
+    probe_rows = stratified_sample(rest, probe_per_source, seed) if probe_per_source > 0 else []
+    return with_negatives(sampled, NegativesConfig(seed=seed) if negatives else None), probe_rows
 
 
 def proportional_counts(sizes: dict[int, int], total: int) -> dict[int, int]:

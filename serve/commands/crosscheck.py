@@ -166,14 +166,11 @@ def run_train(args: argparse.Namespace) -> int:
         load_evidence,
         load_rows,
         open_jury,
-        probe_sample,
         save_evidence,
-        stratified_sample,
         train,
-        with_negatives,
+        training_sample,
     )
     from jury.jury import JuryConfig
-    from jury.negatives import NegativesConfig
     from registry.errors import MoseError
 
     extra = {"probe_layer": None} if args.no_probe else {}
@@ -187,10 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.probe_rows and args.no_probe:
         raise MoseError("--probe-rows needs the truthfulness probe: drop --no-probe")
     home = home_of(args)
-    labelled = [r for r in load_rows(args.data) if not r.is_test()]
-    sampled = stratified_sample(labelled, args.limit, args.seed)
-    rows = with_negatives(sampled, NegativesConfig(seed=args.seed) if args.negatives else None)
-    probe_rows = probe_sample(labelled, sampled, args.probe_rows, args.seed)
+    rows, probe_rows = training_sample(load_rows(args.data), args.limit, args.probe_rows, args.seed, args.negatives)
     jury = open_jury(home, JuryConfig(adapters_read_question=not args.answer_only_adapters))
     evidence = (
         load_evidence(args.evidence, rows, set(jury.pool.experts()), jury.adapters_read_question)

@@ -135,29 +135,18 @@ def _ensure_router(home, registry, data_dir: Path) -> str:
 def _ensure_calibrator(home, data_dir: Path) -> str:
     """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
     from jury.calibrator import CalibratorConfig, load_calibrator, save_calibrator
-    from jury.crosscheck import (
-        collect,
-        load_rows,
-        open_jury,
-        probe_sample,
-        save_evidence,
-        stratified_sample,
-        train,
-        with_negatives,
-    )
-    from jury.negatives import NegativesConfig
+    from jury.crosscheck import collect, load_rows, open_jury, save_evidence, train, training_sample
     from registry.errors import MoseError
 
     try:
         return load_calibrator(home.crosscheck_dir).version
     except MoseError:
         pass
-    labelled = [r for r in load_rows(data_dir / "crosscheck_dev.jsonl") if not r.is_test()]
-    sampled = stratified_sample(labelled, CALIBRATION_ROWS_PER_SOURCE, seed=0)
-    rows = with_negatives(sampled, NegativesConfig(seed=0))
+    rows, probe_rows = training_sample(
+        load_rows(data_dir / "crosscheck_dev.jsonl"), CALIBRATION_ROWS_PER_SOURCE, PROBE_ROWS_PER_SOURCE, seed=0
+    )
     jury = open_jury(home)
     evidence = collect(jury, rows, state_layer=CalibratorConfig().probe_layer)
-    probe_rows = probe_sample(labelled, sampled, PROBE_ROWS_PER_SOURCE, seed=0)
     calibrator = train(jury, rows, evidence=evidence, probe_rows=probe_rows)
     save_calibrator(calibrator, home.crosscheck_dir)
     # Scoring is most of this step; keeping the evidence lets `mose crosscheck train --evidence`

@@ -597,3 +597,24 @@ def test_the_probe_column_is_not_shrunk_with_the_jurors_columns():
     reference = bounded_logistic(x, labels, None, [False, False], 1e6)
     assert strong["coef"][0] < 0.5 * reference["coef"][0]
     assert free["coef"][0] == pytest.approx(reference["coef"][0], rel=0.05)
+
+
+def test_a_training_sample_keeps_the_probes_rows_apart_from_the_scored_ones_and_the_test_bucket():
+    from jury.crosscheck import CheckRow, training_sample
+    from jury.negatives import is_constructed
+
+    rows = [
+        CheckRow(
+            question=f"Question {i} of {source}?", answer=f"Answer {i}.", label=i % 2, source=source, id=f"{source}/{i}"
+        )
+        for source in ("a", "b")
+        for i in range(60)
+    ]
+    scored, probe = training_sample(rows, 5, 8, seed=0)
+    labelled = [r for r in scored if not is_constructed(r.source)]
+    assert len(labelled) == 10 and len(probe) == 16 and len(scored) > len(labelled)
+    assert not {r.digest() for r in labelled} & {r.digest() for r in probe}
+    assert not any(r.is_test() for r in [*scored, *probe])
+    assert {r.origin() for r in scored} <= {r.digest() for r in labelled}  # negatives only from the scored rows
+    plain, none = training_sample(rows, 5, 0, seed=0, negatives=False)
+    assert plain == labelled and none == []
