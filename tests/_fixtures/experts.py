@@ -7,13 +7,45 @@ different adapters really produce different tokens).
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-# One torch thread for the models in these tests (read by experts.policy.DevicePolicy, inherited
-# by the CLI subprocesses): on the shared 2-core machine two threads are several times slower,
-# because every parallel region waits for the thread whose core is busy elsewhere.
+
+@contextlib.contextmanager
+def idle_cores() -> Iterator[int]:
+    """Torch threads on every core for heavy work that runs alone (training, jury scoring), while
+    no other process keeps the cores busy; else one thread, the tests' default (tests/conftest.py:
+    beside a busy server, two threads wait on each other). Measured here: a demo build and a
+    calibrator's evidence about 1.7x faster on two threads than on one. Sets $MOSE_CPU_THREADS
+    (what pools, trainers and CLI subprocesses read) and torch's count; restores both."""
+    import torch
+
+    from experts.policy import THREADS_ENV
+    from router_model.train import auto_threads
+
+    threads, env, before = auto_threads(), os.environ.get(THREADS_ENV), torch.get_num_threads()
+    os.environ[THREADS_ENV] = str(threads)
+    torch.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        if env is None:
+            os.environ.pop(THREADS_ENV, None)
+        else:
+            os.environ[THREADS_ENV] = env
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def on_idle_cores() -> Iterator[int]:
+    """:func:`idle_cores` for a whole module whose tests run no server beside them."""
+    with idle_cores() as threads:
+        yield threads
+
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 

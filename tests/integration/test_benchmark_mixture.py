@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, tmp_path):
+def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, on_idle_cores, tmp_path):
     from experts.demo import DemoConfig, build_demo, profile_finetune
 
     settings = profile_finetune("start").model_copy(update={"train_tokens": 1200, "curve_points": 2})

@@ -17,8 +17,9 @@ from tests._fixtures.experts import write_lora_expert
 
 
 @pytest.fixture(scope="module")
-def jury_home(base_models, tmp_path_factory):
-    """A data directory with two active LoRA experts (law, medicine)."""
+def jury_home(base_models, on_idle_cores, tmp_path_factory):
+    """A data directory with two active LoRA experts (law, medicine); the module's models run on
+    every idle core (:func:`tests._fixtures.experts.idle_cores`)."""
     from registry.home import MoseHome
 
     home = MoseHome.from_env(tmp_path_factory.mktemp("jury-home"))
@@ -156,7 +157,10 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     source = (shared_data / "crosscheck_dev.jsonl").read_text(encoding="utf-8").split("\n")
     rows.write_text("\n".join(source[:400]), encoding="utf-8")
     env_home = ["--home", str(jury_home.root)]
-    train = _mose("crosscheck", "train", "--data", str(rows), "--limit", "5", "--json", *env_home)
+    saved = tmp_path / "evidence.jsonl"
+    train = _mose(
+        "crosscheck", "train", "--data", str(rows), "--limit", "5", "--json", "--save-evidence", str(saved), *env_home
+    )
     assert train.returncode == 0, train.stderr[-2000:]
     assert json.loads(train.stdout)["version"].startswith("v")
     eval_evidence = tmp_path / "eval-evidence.jsonl"
@@ -213,16 +217,12 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     assert all("answer_state" not in juror for juror in verdict["jurors"])
 
     def retrain(*args: str) -> subprocess.CompletedProcess:
-        """``crosscheck train`` on the same draw of rows (seed 3), with ``args`` added."""
-        return _mose(
-            "crosscheck", "train", "--data", str(rows), "--limit", "5", "--seed", "3", "--json", *args, *env_home
-        )
+        """``crosscheck train`` on the first training run's draw of rows, with ``args`` added."""
+        return _mose("crosscheck", "train", "--data", str(rows), "--limit", "5", "--json", *args, *env_home)
 
-    # evidence saved by one training run refits the same calibrator without scoring again
-    saved = tmp_path / "evidence.jsonl"
-    first = retrain("--save-evidence", str(saved))
-    again = retrain("--evidence", str(saved))
-    assert first.returncode == 0 and again.returncode == 0, (first.stderr + again.stderr)[-2000:]
+    # the evidence the first training run saved refits the same calibrator without scoring again
+    first, again = train, retrain("--evidence", str(saved))
+    assert again.returncode == 0, again.stderr[-2000:]
     fits = [
         json.loads((jury_home.crosscheck_dir / f"{json.loads(out.stdout)['version']}.json").read_text())
         for out in (first, again)
@@ -292,7 +292,8 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
         refused = retrain("--evidence", str(saved), *bad)
         assert refused.returncode != 0 and message in refused.stderr and refused.stdout == "", refused.stderr[-2000:]
 
-    # evaluation evidence belongs to its draw: under this calibrator (other training rows) it is refused
+    # evaluation evidence belongs to its draw: under this calibrator (its training rows grew by the
+    # probe's) the draw is another, and the saved evidence is refused
     stale = _mose(
         "crosscheck", "eval", "--data", str(rows), "--limit", "2", "--json", "--evidence", str(eval_evidence), *env_home
     )

@@ -22,7 +22,7 @@ probe on 200 more rows per source; left out here: about two more minutes of CI).
 
 
 @pytest.fixture(scope="module")
-def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
+def sanity_home(base_models, shared_data, router_subset, on_idle_cores, tmp_path_factory):
     """Demo experts for every vertical (a short budget: 2,400 tokens each, which keeps this fixture to a few
     minutes in float32), a router on every domain (head only, on the
     tests' routing subset), and a calibrator trained on a per-source sample of crosscheck_dev's
@@ -48,7 +48,7 @@ def sanity_home(base_models, shared_data, router_subset, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def scored(sanity_home):
+def scored(sanity_home, on_idle_cores):
     from sanity import load_suite, score_suite
 
     from jury.crosscheck import open_jury

@@ -14,24 +14,37 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _small_config(shared_data, verticals, tokens=2500):
+def _small_config(shared_data, verticals, tokens):
     from experts.demo import DemoConfig, profile_finetune
 
     settings = profile_finetune("start").model_copy(update={"train_tokens": tokens, "curve_points": 3})
     return DemoConfig(data_dir=shared_data, verticals=verticals, finetune=settings, eval_rows=24)
 
 
-def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
-    from experts.demo import build_demo, load_report, render_docs
-    from registry import Registry
+CHAT_TOKENS = 6000
+"""Training tokens per vertical of the module's demo build (the README examples need on-topic answers)."""
+
+
+@pytest.fixture(scope="module")
+def chat_build(base_models, shared_data, on_idle_cores, tmp_path_factory):
+    """(home, config, report, checkout status before): real medicine and math demo experts built once
+    for the module; the status of the checkout is read before building."""
+    from experts.demo import build_demo
     from registry.home import MoseHome
 
-    home = MoseHome.from_env(tmp_path / "home")
-    config = _small_config(shared_data, ["math", "code"])
+    home = MoseHome.from_env(tmp_path_factory.mktemp("chat") / "home")
+    config = _small_config(shared_data, ["medicine", "math"], tokens=CHAT_TOKENS)
     tracked = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout
-    report = build_demo(home, config, progress=False)
-    assert report.built == ["demo-math", "demo-code"] and not report.already_built
-    assert report.wins == {"math": True, "code": True}
+    return home, config, build_demo(home, config, progress=False), tracked
+
+
+def test_demo_build_small_subset_then_noop(chat_build, shared_data, tmp_path):
+    from experts.demo import build_demo, load_report, render_docs
+    from registry import Registry
+
+    home, config, report, tracked = chat_build
+    assert report.built == ["demo-medicine", "demo-math"] and not report.already_built
+    assert report.wins == {"medicine": True, "math": True}
     seed = report.seed
     assert seed is not None and report.seed_share == config.seed_share
     for result in report.experts.values():
@@ -41,7 +54,7 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
         assert result.curve[1][:2] == (seed.steps, seed.train_tokens) and result.curve[1][2] == result.seed_heldout_loss
         assert result.curve[-1][1] == seed.train_tokens + result.train_tokens
     own = sum(r.train_tokens for r in report.experts.values())
-    assert 2 * 2500 <= seed.train_tokens + own < 2 * (2500 + 128)  # each vertical's budget, split
+    assert 2 * CHAT_TOKENS <= seed.train_tokens + own < 2 * (CHAT_TOKENS + 128)  # each vertical's budget, split
     assert own < seed.train_tokens  # the seed takes the larger share
     assert load_report(home) == report
     assert (
@@ -76,11 +89,11 @@ def test_demo_build_small_subset_then_noop(base_models, shared_data, tmp_path):
 
     with Registry.open(home) as registry:
         records = {r.name: r for r in registry.list(status="active")}
-        assert set(records) == {"demo-math", "demo-code"}
+        assert set(records) == {"demo-medicine", "demo-math"}
         metrics = records["demo-math"].manifest.metrics
         assert metrics["heldout_loss"] == report.experts["math"].heldout_loss
         assert metrics["base_heldout_loss"] == report.experts["math"].base_heldout_loss
-        assert len(records["demo-code"].manifest.example_queries) >= 20
+        assert len(records["demo-medicine"].manifest.example_queries) >= 20
 
     started = time.perf_counter()
     again = build_demo(home, config, progress=False)
@@ -93,15 +106,12 @@ README_CHAT = {"What causes high blood pressure?": "demo-medicine", "Solve 2x + 
 
 
 @pytest.fixture(scope="module")
-def chat_pool(base_models, shared_data, tmp_path_factory):
-    """A pool with real medicine and math demo experts (6k training tokens each)."""
-    from experts.demo import build_demo
+def chat_pool(chat_build):
+    """A pool with the module's real medicine and math demo experts."""
     from experts.pool import ExpertPool
     from registry import Registry
-    from registry.home import MoseHome
 
-    home = MoseHome.from_env(tmp_path_factory.mktemp("chat") / "home")
-    build_demo(home, _small_config(shared_data, ["medicine", "math"], tokens=6000), progress=False)
+    home = chat_build[0]
     with Registry.open(home) as registry:
         return ExpertPool.from_registry(registry, home=home)
 
@@ -114,7 +124,7 @@ def _answers(pool, questions_and_experts, max_new_tokens=64):
     return [r.text for r in pool.generate(requests)]
 
 
-def test_readme_chat_examples_get_on_topic_answers(chat_pool):
+def test_readme_chat_examples_get_on_topic_answers(chat_pool, on_idle_cores):
     """Each README chat question, answered by its expert: not empty, not an echo, no loop, and about
     the question (MiniLM similarity to it above 0.3)."""
     from experts.sft_data import degenerate
@@ -129,7 +139,7 @@ def test_readme_chat_examples_get_on_topic_answers(chat_pool):
 
 
 @pytest.fixture(scope="module")
-def medicine_reasons(chat_pool, shared_data):
+def medicine_reasons(chat_pool, shared_data, on_idle_cores):
     """Why each greedy answer of the medicine expert and of the base model to 20 held-out medicine
     questions is degenerate (None when it is not), and the degenerate answers."""
     from experts.demo import load_vertical
