@@ -48,7 +48,7 @@ def sanity_home(base_models, shared_data, router_subset, on_idle_cores, tmp_path
 
 
 @pytest.fixture(scope="module")
-def scored(sanity_home, on_idle_cores):
+def scored(sanity_home):
     from sanity import load_suite, score_suite
 
     from jury.crosscheck import open_jury

@@ -28,7 +28,8 @@ CHAT_TOKENS = 6000
 @pytest.fixture(scope="module")
 def chat_build(base_models, shared_data, on_idle_cores, tmp_path_factory):
     """(home, config, report, checkout status before): real medicine and math demo experts built once
-    for the module; the status of the checkout is read before building."""
+    for the module, whose models then run on every idle core; the checkout's status is read before
+    building."""
     from experts.demo import build_demo
     from registry.home import MoseHome
 
@@ -124,7 +125,7 @@ def _answers(pool, questions_and_experts, max_new_tokens=64):
     return [r.text for r in pool.generate(requests)]
 
 
-def test_readme_chat_examples_get_on_topic_answers(chat_pool, on_idle_cores):
+def test_readme_chat_examples_get_on_topic_answers(chat_pool):
     """Each README chat question, answered by its expert: not empty, not an echo, no loop, and about
     the question (MiniLM similarity to it above 0.3)."""
     from experts.sft_data import degenerate
@@ -139,7 +140,7 @@ def test_readme_chat_examples_get_on_topic_answers(chat_pool, on_idle_cores):
 
 
 @pytest.fixture(scope="module")
-def medicine_reasons(chat_pool, shared_data, on_idle_cores):
+def medicine_reasons(chat_pool, shared_data):
     """Why each greedy answer of the medicine expert and of the base model to 20 held-out medicine
     questions is degenerate (None when it is not), and the degenerate answers."""
     from experts.demo import load_vertical
