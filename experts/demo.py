@@ -3,8 +3,9 @@
 ``build_demo`` shapes each vertical's rows into chat answers (:mod:`experts.sft_data`), keeps a
 held-out split fixed by a hash of the question, and trains on a token budget per vertical set by
 the profile, in two phases (branch-train, as in Branch-Train-Merge): the first ``seed_share`` of
-every vertical's budget, all verticals together, trains one shared seed adapter; each expert
-then starts from the seed and trains on the rest of its own vertical's budget. The frozen lower
+every vertical's budget, all verticals together, trains one shared seed adapter at its peak
+learning rate; each expert then starts from the seed and trains on the rest of its own
+vertical's budget while the rate decays (warm-up, stable, decay). The frozen lower
 layers run once per row (:mod:`experts.lora_training`). Each expert's held-out loss curve is
 measured against the base model and the seed on the same rows; the experts are then registered
 and activated. Results go to
@@ -55,7 +56,7 @@ VERTICALS = (
     "general_knowledge",
 )
 DEMO_OWNER = "mose-demo"
-DEMO_VERSION = "0.5.0"
+DEMO_VERSION = "0.6.0"
 
 Profile = Literal["start", "full"]
 
@@ -122,6 +123,12 @@ class DemoConfig(BaseModel):
         "(0: each expert starts from the base model). The nine verticals share most of what a "
         "small model learns from them (the chat answer's shape), so a seed learns it once.",
     )
+    seed_holds_lr: bool = Field(
+        default=True,
+        description="The seed holds its peak learning rate after the warm-up and each expert decays "
+        "it on its own rows (warm-up, stable, decay: an expert's own rows are its annealing); "
+        "False: the seed decays too and each expert warms up again from its end.",
+    )
     branch_lr_factor: float = Field(
         default=0.5,
         gt=0,
@@ -186,6 +193,9 @@ class DemoReport(BaseModel):
     experts: dict[str, ExpertResult] = Field(default_factory=dict, description="Vertical -> result.")
     seed: SeedResult | None = Field(default=None, description="The shared seed adapter (None: seed_share 0).")
     seed_share: float = Field(default=0.0, description="Share of each vertical's budget trained into the seed.")
+    seed_holds_lr: bool = Field(
+        default=False, description="Whether the seed held its peak learning rate (the experts decayed it)."
+    )
     branch_learning_rate: float | None = Field(
         default=None, description="Peak learning rate of the experts' training after the seed."
     )
@@ -297,6 +307,7 @@ def build_demo(home: MoseHome | None = None, config: DemoConfig | None = None, p
             "profile": config.profile,
             "settings": config.settings,
             "seed_share": config.seed_share,
+            "seed_holds_lr": config.seed_holds_lr,
             "built": [],
             "already_built": False,
         }
@@ -355,7 +366,9 @@ def _seed_adapter(
 
     if not rows:
         return model, None, None
-    settings = config.settings.model_copy(update={"train_tokens": None, "max_train_rows": None})
+    settings = config.settings.model_copy(
+        update={"train_tokens": None, "max_train_rows": None, "lr_decay": not config.seed_holds_lr}
+    )
     key = hashlib.sha256(
         (settings.model_dump_json() + "".join(p.question + "\0" + p.answer for p in rows)).encode()
     ).hexdigest()[:16]
@@ -528,8 +541,9 @@ def render_docs(report: DemoReport, config: DemoConfig, extra: str = "") -> str:
     seed_text = (
         f"the first {report.seed_share:.0%} of every vertical's tokens, all nine shuffled together, train "
         f"one seed adapter ({report.seed.rows:,} rows, {report.seed.train_tokens:,} tokens, {report.seed.steps} "
-        f"steps, peak lr {ft.learning_rate}); each expert starts from the seed and trains on the rest of its "
-        f"own vertical's tokens (peak lr {report.branch_learning_rate:g}). The verticals share "
+        f"steps, peak lr {ft.learning_rate}{', held to the end' if report.seed_holds_lr else ''}); each expert "
+        f"starts from the seed and trains on the rest of its own vertical's tokens (peak lr "
+        f"{report.branch_learning_rate:g}, decayed to a tenth over them). The verticals share "
         "most of what a 135M model learns from them (the shape of a chat answer), so the seed learns it once "
         "from all of them and each expert spends its own tokens on its vertical "
         "(`docs/decisions/demo-experts-seed.md`)."

@@ -50,7 +50,11 @@ class FinetuneConfig(BaseModel):
     """Question/answer pairs per step."""
 
     learning_rate: float = Field(default=1e-3, gt=0)
-    """AdamW peak learning rate (short warm-up, then linear decay to a tenth)."""
+    """AdamW peak learning rate (short warm-up, then linear decay to a tenth; see ``lr_decay``)."""
+
+    lr_decay: bool = True
+    """Decay the learning rate linearly to a tenth of its peak after the warm-up (False: hold the
+    peak to the end, for a shared seed whose experts each decay it on their own rows)."""
 
     rank: int = Field(default=8, ge=1, le=256)
     """LoRA rank."""
@@ -268,6 +272,7 @@ def train_lora(
         epochs=config.epochs,
         max_steps=config.steps,
         learning_rate=config.learning_rate,
+        decay=config.lr_decay,
         seed=config.seed + 1,
         curve_points=config.curve_points,
         progress=progress,

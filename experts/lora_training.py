@@ -158,6 +158,15 @@ def curve_steps(total: int, points: int) -> set[int]:
     return {round(total * i / (points - 1)) for i in range(points)}
 
 
+def lr_factor(step: int, steps: int, decay: bool) -> float:
+    """The share of the peak learning rate at ``step`` of ``steps``: a linear warm-up over the first
+    5 % of steps, then a linear decay to a tenth (``decay``) or the peak held to the end."""
+    warmup = max(1, steps // 20)
+    if step < warmup or not decay:
+        return min((step + 1) / warmup, 1.0)
+    return max(0.1, (steps - step) / max(1, steps - warmup))
+
+
 def train_cached(
     peft_model: Any,
     trunk: TrunkCache,
@@ -168,13 +177,16 @@ def train_cached(
     epochs: int,
     learning_rate: float,
     seed: int,
+    decay: bool = True,
     max_steps: int | None = None,
     curve_points: int = 2,
     progress: bool = True,
     label: str = "finetune",
 ) -> TrainingRun:
     """Train ``peft_model``'s LoRA weights (above the trunk) on ``train``; the held-out loss is
-    measured at ``curve_points`` steps (step 0 is the base model: LoRA starts as the identity)."""
+    measured at ``curve_points`` steps (step 0 is the base model: LoRA starts as the identity).
+    The learning rate warms up over the first 5 % of steps, then either decays linearly to a tenth
+    of ``learning_rate`` (``decay``) or holds it (:func:`lr_factor`)."""
     import torch
     from tqdm import tqdm
 
@@ -184,10 +196,7 @@ def train_cached(
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
     batches = length_batches(train, batch_size, epochs, seed)[:max_steps]
-    warmup = max(1, len(batches) // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / warmup, max(0.1, (len(batches) - s) / max(1, len(batches) - warmup)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, len(batches), decay))
     evaluate_at = curve_steps(len(batches), curve_points) if heldout else set()
     peft_model.train()
     bar = tqdm(total=len(batches), desc=label, unit="step", file=sys.stderr, disable=not progress)

@@ -53,6 +53,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="share of each vertical's budget trained into the shared seed first (0: every expert "
         "starts from the base model; default 0.75)",
     )
+    build.add_argument(
+        "--seed-decays",
+        action="store_true",
+        help="decay the seed's learning rate too (default: the seed holds its peak and each expert "
+        "decays it on its own rows)",
+    )
     build.add_argument("--verticals", default=None, help="comma-separated subset of verticals (default: all nine)")
     build.set_defaults(func=run_build)
     docs = demo_sub.add_parser(
@@ -85,6 +91,8 @@ def _config(args: argparse.Namespace):
         overrides["verticals"] = [v.strip() for v in args.verticals.split(",") if v.strip()]
     if getattr(args, "seed_share", None) is not None:
         overrides["seed_share"] = args.seed_share
+    if getattr(args, "seed_decays", False):
+        overrides["seed_holds_lr"] = False
     if getattr(args, "train_tokens", None) is not None:
         settings = profile_finetune(overrides["profile"]).model_dump() | {"train_tokens": args.train_tokens}
         overrides["finetune"] = settings

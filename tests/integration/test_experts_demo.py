@@ -47,7 +47,7 @@ def test_demo_build_small_subset_then_noop(chat_build, shared_data, tmp_path):
     assert report.built == ["demo-medicine", "demo-math"] and not report.already_built
     assert report.wins == {"medicine": True, "math": True}
     seed = report.seed
-    assert seed is not None and report.seed_share == config.seed_share
+    assert seed is not None and report.seed_share == config.seed_share and report.seed_holds_lr
     for result in report.experts.values():
         # base model, the shared seed, then the expert's own training from it
         assert result.heldout_rows == 24 and len(result.curve) >= 3 and result.curve[0][1] == 0

@@ -1,9 +1,10 @@
-"""The cached-trunk trainer's batching: every row once per epoch, little padding, seeded; token budgets."""
+"""The cached-trunk trainer's batching: every row once per epoch, little padding, seeded; token budgets;
+the learning-rate schedule."""
 
 from __future__ import annotations
 
 from experts.chat import EncodedPair
-from experts.lora_training import curve_steps, length_batches, take_tokens
+from experts.lora_training import curve_steps, length_batches, lr_factor, take_tokens
 
 
 def _rows(lengths):
@@ -35,3 +36,13 @@ def test_take_tokens_stops_at_the_budget_and_curve_steps_span_training():
     rows = _rows([10] * 20)
     assert len(take_tokens(rows, 35)) == 4 and len(take_tokens(rows, None)) == 20
     assert curve_steps(30, 4) == {0, 10, 20, 30} and curve_steps(30, 2) == {0, 30}
+
+
+def test_lr_factor_warms_up_then_decays_to_a_tenth_or_holds_the_peak():
+    decayed = [lr_factor(step, 100, decay=True) for step in range(100)]
+    held = [lr_factor(step, 100, decay=False) for step in range(100)]
+    assert decayed[:5] == held[:5] == [0.2, 0.4, 0.6, 0.8, 1.0]  # 5 % warm-up, the same for both
+    assert all(a >= b for a, b in zip(decayed[4:], decayed[5:]))
+    assert decayed[-1] == 0.1 and min(decayed) == 0.1
+    assert held[4:] == [1.0] * 96
+    assert lr_factor(0, 3, decay=True) == 1.0  # fewer than 20 steps: one warm-up step
