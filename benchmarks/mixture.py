@@ -7,9 +7,11 @@ On the held-out rows of every demo vertical (the first ``--rows`` by question ha
 trained on), in one run and on the same rows for every system:
 
 * ``base``: SmolLM2-135M-Instruct alone;
-* ``generalist``: one LoRA of the same shape, trained on exactly the rows the nine experts were
-  trained on together (the shared seed's and each expert's own: the same training tokens in
-  all), shuffled, in one run with the experts' settings;
+* ``generalist``: the experts' recipe without the split: the same shared seed adapter, continued
+  on the nine experts' own rows together (shuffled) with the experts' settings, so it sees exactly
+  the rows and tokens the experts saw, under the same learning-rate schedule;
+* ``one_run_generalist``: one LoRA of the same shape trained on the same rows in one run from the
+  base model, its learning rate warming up and decaying once;
 * ``oracle``: each question answered by its own vertical's expert;
 * ``auto``: each question answered by the expert the shipped router picks (the base model where
   it abstains);
@@ -27,9 +29,9 @@ multiple-choice questions per vertical (crosscheck_dev's ``mmlu_mc`` rows groupe
 right option and a distractor, questions of the experts' fine-tuning data left out), whether the
 system finds the right option likelier (mean answer-token log-prob) than the wrong one, chance
 being 50 %. Printed beside them: 95 %
-bootstrap intervals for ``auto`` minus ``generalist`` and ``top2`` minus ``auto`` NLL and the
-router's share of questions per vertical. The generalist is cached under ``MOSE_HOME/benchmarks/`` (keyed by its training
-settings), so a second run only measures.
+bootstrap intervals for ``auto`` minus each generalist and ``top2`` minus ``auto`` NLL and the
+router's share of questions per vertical. The generalists are cached under ``MOSE_HOME/benchmarks/``
+(keyed by their training settings and rows), so a second run only measures.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-SYSTEMS = ("base", "generalist", "oracle", "auto")
+SYSTEMS = ("base", "one_run_generalist", "generalist", "oracle", "auto")
 """Systems that answer with one expert per question (NLL, greedy answers and option picks)."""
 MIXED = "top2"
 """The per-token mixture of the router's two likeliest experts (NLL only)."""
-GENERALIST = "mixture-generalist"
+GENERALISTS = {"generalist": "mixture-generalist", "one_run_generalist": "mixture-one-run-generalist"}
+"""System -> the name its adapter is served under in the benchmark's pool."""
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
@@ -82,29 +85,68 @@ def generalist_rows(data: dict, settings, tokenizer) -> list:
 
 
 def train_generalist(home, data: dict, settings, progress: bool):
-    """(lora_config, state_dict) of the generalist, trained once and cached in the home."""
-    import torch
-    from peft import LoraConfig
-    from safetensors.torch import load_file, save_file
+    """(lora_config, state_dict, run) of the one-run generalist: every row the experts trained on,
+    shuffled, in one run from the base model with the experts' settings."""
     from transformers import AutoTokenizer
 
     from experts.base_models import SMOLLM2_ID, ensure_base_model
-    from experts.finetune import load_base_for_training, train_lora
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
     rows = generalist_rows(data, settings, tokenizer)
-    key = hashlib.sha256(
-        (settings.model_dump_json() + "".join(p.question + p.answer for p in rows)).encode()
-    ).hexdigest()[:16]
-    folder = home.root / "benchmarks" / f"generalist-{key}"
+    run = settings.model_copy(update={"train_tokens": None, "curve_points": 2})
+    return cached_lora(home, "one-run-generalist", rows, run, None, progress)
+
+
+def train_seeded_generalist(home, config, data: dict, report, progress: bool):
+    """(lora_config, state_dict, run) of the generalist trained by the experts' own recipe: the
+    build's shared seed (``MOSE_HOME/demo/seed``), continued on the nine verticals' own rows
+    together with the experts' settings (from the base model when the build had no seed)."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from experts.base_models import SMOLLM2_ID, ensure_base_model
+    from experts.demo import _phases
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
+    seed_rows, own = _phases(config, data, tokenizer)
+    seed_state = None
+    if report.seed is not None:
+        seed_state = load_file(str(home.root / "demo" / "seed" / "adapter_model.safetensors"))
+    rows = [pair for vertical in config.verticals for pair in own[vertical]]
+    random.Random(config.settings.seed + 7).shuffle(rows)
+    branch = config.settings.model_copy(
+        update={
+            "train_tokens": None,
+            "max_train_rows": None,
+            "curve_points": 2,
+            "learning_rate": report.branch_learning_rate or config.settings.learning_rate,
+        }
+    )
+    lora_config, state, run = cached_lora(home, "generalist", rows, branch, seed_state, progress)
+    seed_tokens = report.seed.train_tokens if report.seed else 0
+    return lora_config, state, {**run, "train_tokens": run["train_tokens"] + seed_tokens, "seed_tokens": seed_tokens}
+
+
+def cached_lora(home, name: str, rows: list, settings, init_state: dict | None, progress: bool):
+    """(lora_config, state_dict, run) of a LoRA trained on ``rows`` (from ``init_state`` when
+    given), cached under ``MOSE_HOME/benchmarks/`` by its settings, rows and starting point."""
+    import torch
+    from peft import LoraConfig
+    from safetensors.torch import load_file, save_file
+
+    from experts.finetune import load_base_for_training, train_lora
+
+    digest = hashlib.sha256((settings.model_dump_json() + "".join(p.question + p.answer for p in rows)).encode())
+    for key in sorted(init_state or {}):
+        digest.update(key.encode() + init_state[key].float().numpy().tobytes())
+    folder = home.root / "benchmarks" / f"{name}-{digest.hexdigest()[:16]}"
     if (folder / "adapter_model.safetensors").is_file():
         config = LoraConfig(**json.loads((folder / "adapter_config.json").read_text()))
         run = json.loads((folder / "run.json").read_text())
         return config, load_file(str(folder / "adapter_model.safetensors")), run
-    log(f"training the generalist on {len(rows)} rows (the nine experts' training rows together)")
+    log(f"training the {name} on {len(rows)} rows")
     model, tokenizer = load_base_for_training(home)
-    generalist = settings.model_copy(update={"train_tokens": None, "curve_points": 2})
-    _, adapter = train_lora(model, tokenizer, rows, generalist, progress, label="generalist")
+    _, adapter = train_lora(model, tokenizer, rows, settings, progress, label=name, init_state=init_state)
     folder.mkdir(parents=True, exist_ok=True)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in adapter.lora_config.to_dict().items()}
     (folder / "adapter_config.json").write_text(json.dumps(config, default=str))
@@ -135,7 +177,7 @@ def expert_of(system: str, vertical: str, routed: str) -> str:
     servable pick, or the base model)."""
     from experts.demo import demo_name
 
-    return {"base": "base", "generalist": GENERALIST, "oracle": demo_name(vertical), "auto": routed}[system]
+    return {"base": "base", **GENERALISTS, "oracle": demo_name(vertical), "auto": routed}[system]
 
 
 def top_two(decision, served: set[str], fallback: str) -> list[tuple[str, float]]:
@@ -218,10 +260,16 @@ def run(args: argparse.Namespace) -> dict:
     if report is None:
         raise SystemExit(f"no demo build in {home.root}: run `mose up --prepare-only` (or `mose demo build`) first")
     verticals = [v for v in (args.verticals.split(",") if args.verticals else report.experts) if v]
-    config = DemoConfig(data_dir=args.data or DemoConfig().data_dir, profile=report.profile, verticals=verticals)
-    built_with = report.settings or config.settings  # the generalist gets the experts' own budget
+    built_with = report.settings or DemoConfig(profile=report.profile).settings  # the experts' own budget
     settings = (
         built_with if args.train_tokens is None else built_with.model_copy(update={"train_tokens": args.train_tokens})
+    )
+    config = DemoConfig(
+        data_dir=args.data or DemoConfig().data_dir,
+        profile=report.profile,
+        verticals=verticals,
+        finetune=settings,
+        seed_share=report.seed_share,
     )
     data = {v: load_vertical(config.data_dir, v, config.heldout_fraction, settings.seed) for v in verticals}
 
@@ -231,12 +279,16 @@ def run(args: argparse.Namespace) -> dict:
         args.option_questions,
         {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout},
     )
-    lora_config, state, generalist_run = train_generalist(home, data, settings, progress=not args.quiet)
+    trained = {
+        "one_run_generalist": train_generalist(home, data, settings, progress=not args.quiet),
+        "generalist": train_seeded_generalist(home, config, data, report, progress=not args.quiet),
+    }
     with Registry.open(home) as registry:
         pool = ExpertPool(home=home)
         for vertical in verticals:
             pool.add_registered(registry, registry.active(demo_name(vertical)))
-        pool.add_adapter(GENERALIST, lora_config, state)
+        for system, (lora_config, state, _) in trained.items():
+            pool.add_adapter(GENERALISTS[system], lora_config, state)
         router = load_router(home, registry)
         rows = [(v, p) for v in verticals for p in data[v].heldout[: args.rows]]
         decisions = router.route_batch([p.question for _, p in rows])
@@ -361,6 +413,7 @@ def run(args: argparse.Namespace) -> dict:
             indices
         )
     auto_minus_generalist = bootstrap_difference(nll["auto"], nll["generalist"])
+    auto_minus_one_run = bootstrap_difference(nll["auto"], nll["one_run_generalist"])
     top2_minus_auto = bootstrap_difference(nll[MIXED], nll["auto"])
     mixed_rows = sum(len(m) == 2 for m in mixtures)
     return {
@@ -370,11 +423,13 @@ def run(args: argparse.Namespace) -> dict:
         "rows_per_vertical": args.rows,
         "gen_rows_per_vertical": args.gen_rows,
         "max_new_tokens": args.max_new_tokens,
-        "generalist": generalist_run,
+        "generalist": trained["generalist"][2],
+        "one_run_generalist": trained["one_run_generalist"][2],
         "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts)
         + (report.seed.train_tokens if report.seed else 0),
         "per_vertical": per_vertical,
         "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
+        "auto_minus_one_run_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_one_run)),
         "auto_minus_oracle_nll": nll_of("auto", list(range(len(rows)))) - nll_of("oracle", list(range(len(rows)))),
         "top2_minus_auto_nll": dict(zip(("estimate", "low", "high"), top2_minus_auto)),
         "top2_mixed_share": mixed_rows / max(1, len(rows)),
@@ -426,10 +481,13 @@ def table(result: dict) -> str:
                 + " | ".join(f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted)
                 + " |"
             )
-    d, t = result["auto_minus_generalist_nll"], result["top2_minus_auto_nll"]
+    d, o, t = (
+        result[k] for k in ("auto_minus_generalist_nll", "auto_minus_one_run_generalist_nll", "top2_minus_auto_nll")
+    )
     lines += [
         "",
         f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
+        f"auto - one_run_generalist: {o['estimate']:+.3f} ({o['low']:+.3f} .. {o['high']:+.3f}); "
         f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}",
         f"top2 - auto NLL: {t['estimate']:+.3f} (95 % bootstrap {t['low']:+.3f} .. {t['high']:+.3f}); "
         f"two experts mixed on {result['top2_mixed_share']:.0%} of rows",

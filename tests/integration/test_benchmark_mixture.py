@@ -1,4 +1,4 @@
-"""benchmarks/mixture.py on a tiny run: real demo experts, a real router, a real generalist; the table
+"""benchmarks/mixture.py on a tiny run: real demo experts, a real router, real generalists; the table
 has every system's row and the JSON every key the docs quote."""
 
 from __future__ import annotations
@@ -48,25 +48,27 @@ def test_mixture_benchmark_tiny_run(base_models, shared_data, router_home_copy, 
         timeout=900,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    for system in ("base", "generalist", "oracle", "auto"):
+    for system in ("base", "one_run_generalist", "generalist", "oracle", "auto"):
         assert f"| {system} |" in run.stdout
     assert "auto - generalist NLL" in run.stdout and "routed to own expert" in run.stdout
     result = json.loads(out.read_text())
     assert result["verticals"] == ["math", "code"]
-    assert result["generalist"]["train_tokens"] == result["experts_train_tokens"]  # same budget as the experts
+    for generalist in ("generalist", "one_run_generalist"):  # the same budget as the experts
+        assert result[generalist]["train_tokens"] == result["experts_train_tokens"]
+    assert result["generalist"]["seed_tokens"] > 0  # continued from the build's seed
     for vertical in ("math", "code", "overall"):
         row = result["per_vertical"][vertical]
         assert row["rows"] == (6 if vertical == "overall" else 3)
-        for system in ("base", "generalist", "oracle", "auto"):
+        for system in ("base", "one_run_generalist", "generalist", "oracle", "auto"):
             assert row[system]["nll"] > 0
             assert {"similarity", "degenerate", "echo", "empty", "loop"} <= set(row[system])
     assert "math_final_number" in result["per_vertical"]["math"]["oracle"]
     assert "multiple-choice: right option likelier" in run.stdout
     for vertical, questions in (("math", 2), ("code", 2), ("overall", 4)):
-        for system in ("base", "generalist", "oracle", "auto"):
+        for system in ("base", "one_run_generalist", "generalist", "oracle", "auto"):
             row = result["per_vertical"][vertical][system]
             assert row["mmlu_option_questions"] == questions and 0 <= row["mmlu_option"] <= 1
-    for key in ("auto_minus_generalist_nll", "top2_minus_auto_nll"):
+    for key in ("auto_minus_generalist_nll", "auto_minus_one_run_generalist_nll", "top2_minus_auto_nll"):
         assert result[key]["low"] <= result[key]["estimate"] <= result[key]["high"]
     assert "| top2 |" in run.stdout and "top2 - auto NLL" in run.stdout
     assert all(result["per_vertical"][v]["top2"]["nll"] > 0 for v in ("math", "code", "overall"))
