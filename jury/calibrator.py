@@ -18,6 +18,9 @@ out-of-fold too). Artifacts are versioned JSON under ``MOSE_HOME/crosscheck/`` (
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -769,3 +772,54 @@ def load_calibrator(directory: Path) -> Calibrator:
             f"cross-check calibrator {path} is missing or damaged ({type(exc).__name__}): "
             "retrain with `mose crosscheck train`"
         ) from None
+
+
+FITTING_FILE = "fitting.json"
+"""Written into the calibrator folder while a process fits the first calibrator for a server that
+is already running (``mose up``); the jury answers 503 until the calibrator lands."""
+
+
+class CalibratorFitting(BaseModel):
+    """Who is fitting a calibrator for this folder, and since when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: float
+    """Unix time the fit started."""
+    host: str
+    """Host name of the fitting process."""
+    pid: int
+    """Its process id."""
+
+    def alive(self) -> bool:
+        """False when the fitting process is known to be gone (same host, no such process)."""
+        if self.host != socket.gethostname():
+            return True  # another node's process cannot be checked from here
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+def mark_fitting(directory: Path) -> None:
+    """Record that this process is fitting a calibrator into ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    marker = CalibratorFitting(since=time.time(), host=socket.gethostname(), pid=os.getpid())
+    atomic_write(directory / FITTING_FILE, marker.model_dump_json())
+
+
+def clear_fitting(directory: Path) -> None:
+    """Remove the fitting record (the fit finished, failed or was stopped)."""
+    (directory / FITTING_FILE).unlink(missing_ok=True)
+
+
+def fitting_in_progress(directory: Path) -> CalibratorFitting | None:
+    """The fit under way for ``directory``, or None (no record, a damaged one, or its process gone)."""
+    try:
+        marker = CalibratorFitting.model_validate_json((directory / FITTING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return marker if marker.alive() else None

@@ -6,6 +6,7 @@ import argparse
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from serve.commands._common import add_common_flags
 from serve.commands._config_args import add_config_arguments, overrides_from_args
@@ -74,7 +75,9 @@ def announce_admin(config) -> None:
         print("mose: admin endpoints need 'Authorization: Bearer $MOSE_ADMIN_TOKEN'", file=sys.stderr)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, background: Callable[[], None] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; ``background`` (e.g. fitting what the server can do without at
+    first) runs in a daemon thread once the server answers."""
     from serve import app
 
     config = _load(args)  # an invalid config (e.g. admin on without a token) stops here, before Ray
@@ -87,6 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         print(f"mose: serving on {url}  (OpenAI base URL: {url}/v1; Ctrl-C to stop)", flush=True)
+        if background is not None:
+            threading.Thread(target=background, name="mose-background", daemon=True).start()
         stop.wait()
     finally:
         print("mose: shutting down", file=sys.stderr)

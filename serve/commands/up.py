@@ -10,6 +10,11 @@ under a minute:
    teach it the domains of newly activated experts;
 4. calibrator: the cross-check jury's, trained on a per-source sample of labelled answers;
 5. serve on the embedded local Ray (skipped with ``--prepare-only``).
+
+When the calibrator is missing and ``mose up`` goes on to serve, the server starts first and the
+calibrator is fitted beside it (about 4 minutes on 2 cores): chat answers come at once, and
+``/v1/crosscheck`` answers 503 until the jury's calibrator lands (``/healthz`` reports
+``calibrator_fitting``), then reloads it without a restart. ``--prepare-only`` fits it in line.
 """
 
 from __future__ import annotations
@@ -90,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
         router_version = _ensure_router(home, registry, data_dir)
         timings["router"] = time.perf_counter() - started
 
-        started = _step("cross-check calibrator")
-        calibrator_version = _ensure_calibrator(home, data_dir)
-        timings["calibrator"] = time.perf_counter() - started
+        calibrator_version = _current_calibrator(home)
+        if calibrator_version is None and args.prepare_only:
+            started = _step("cross-check calibrator")
+            calibrator_version = _ensure_calibrator(home, data_dir)
+            timings["calibrator"] = time.perf_counter() - started
 
         experts = [
             {"name": r.name, "version": r.version, "status": r.status, "domains": r.domains} for r in registry.list()
@@ -104,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         "experts": experts,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    calibrator_text = calibrator_version or "fitted once the server answers"
     lines = [
-        f"mose is ready in {home.root} (router {router_version}, calibrator {calibrator_version})",
+        f"mose is ready in {home.root} (router {router_version}, calibrator {calibrator_text})",
         f"{len(experts)} expert(s) registered:",
     ]
     lines += [f"  {e['name']}@{e['version']}  [{e['status']}]  {', '.join(e['domains'])}" for e in experts]
@@ -114,7 +122,53 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from serve.commands.serve import run_serve
 
-    return run_serve(serve_args)
+    if calibrator_version is not None:
+        return run_serve(serve_args)
+    try:
+        return run_serve(serve_args, background=lambda: _fit_calibrator_beside_server(home, data_dir))
+    finally:
+        _clear_fitting(home)  # stopped part-way: the next `mose up` fits it again
+
+
+def _current_calibrator(home) -> str | None:
+    from jury.calibrator import load_calibrator
+    from registry.errors import MoseError
+
+    try:
+        return load_calibrator(home.crosscheck_dir).version
+    except MoseError:
+        return None
+
+
+def _fit_calibrator_beside_server(home, data_dir: Path) -> None:
+    """Fit the first calibrator while the server runs; the jury deployment refuses verdicts with
+    a 503 while the fitting record exists and reloads the calibrator once it is saved."""
+    from jury.calibrator import mark_fitting
+
+    mark_fitting(home.crosscheck_dir)
+    started = _step("cross-check calibrator (the server answers chat meanwhile; /v1/crosscheck from when it is fitted)")
+    try:
+        version = _ensure_calibrator(home, data_dir)
+        print(
+            f"mose up: calibrator {version} fitted in {time.perf_counter() - started:.0f} s; /v1/crosscheck is on",
+            file=sys.stderr,
+            flush=True,
+        )
+    except Exception as exc:  # the server keeps serving chat: say what to run instead
+        print(
+            f"mose up: WARNING: fitting the cross-check calibrator failed ({exc}); verdicts stay "
+            "uncalibrated until `mose crosscheck train --data ../shared/data/crosscheck_dev.jsonl` fits one",
+            file=sys.stderr,
+            flush=True,
+        )
+    finally:
+        _clear_fitting(home)
+
+
+def _clear_fitting(home) -> None:
+    from jury.calibrator import clear_fitting
+
+    clear_fitting(home.crosscheck_dir)
 
 
 def _ensure_router(home, registry, data_dir: Path) -> str:

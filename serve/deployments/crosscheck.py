@@ -6,7 +6,7 @@ import asyncio
 import time
 from typing import Any
 
-from registry.errors import MoseError
+from registry.errors import MoseError, UnavailableError
 from registry.home import MoseHome
 from serve.deployments._common import REGISTRY_REFRESH_S, logger, open_registry
 
@@ -15,7 +15,8 @@ class CrossCheckDeployment:
     """The jury: asks the router for jurors and the expert pool for evidence, then calibrates.
 
     Holds no model of its own (the pool's base model is shared); the calibrator is reloaded when
-    a new version is trained.
+    a new version is trained. While ``mose up`` fits the first calibrator beside the running
+    server, verdicts are refused with a 503 rather than given uncalibrated.
     """
 
     def __init__(self, home_root: str, router: Any, pool: Any) -> None:
@@ -49,6 +50,7 @@ class CrossCheckDeployment:
         from jury.jury import select_jurors
 
         self._maybe_reload()
+        self._refuse_while_fitting()
         jury = self.jury
         question, answer = jury.prepare(question, answer)
         if not answer.strip():
@@ -74,5 +76,21 @@ class CrossCheckDeployment:
     def feedback(self, verdict_id: str, correct: bool, actor: str) -> dict[str, float]:
         return self.jury.feedback(verdict_id, correct, actor=actor)
 
+    def _refuse_while_fitting(self) -> None:
+        from jury.calibrator import fitting_in_progress
+
+        if self.jury.calibrator is not None:
+            return
+        fitting = fitting_in_progress(self.home.crosscheck_dir)
+        if fitting is not None:
+            raise UnavailableError(
+                f"the cross-check calibrator is being fitted (started {time.time() - fitting.since:.0f} s ago; "
+                "about 4 minutes on 2 CPU cores): retry when /healthz reports a calibrator"
+            )
+
     def status(self) -> dict[str, Any]:
-        return {"calibrator": self.jury.calibrator_version}
+        from jury.calibrator import fitting_in_progress
+
+        self._maybe_reload()
+        fitting = None if self.jury.calibrator is not None else fitting_in_progress(self.home.crosscheck_dir)
+        return {"calibrator": self.jury.calibrator_version, "calibrator_fitting": fitting is not None}
