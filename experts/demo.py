@@ -597,7 +597,8 @@ tokens per vertical, {ft.epochs} epoch(s)): {seed_text}
 
 LoRA rank {ft.rank} (alpha {ft.alpha}) on {", ".join(ft.target_modules)} of the last
 {ft.top_layers} decoder layers; batches of {ft.batch_size} length-bucketed rows, AdamW with a
-short warm-up and linear decay, loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
+short warm-up, then a linear decay to a tenth of the peak (a seed that holds its rate skips the
+decay), loss on answer tokens only, seed {ft.seed}. The 20 frozen layers
 below the adapters run once per row (`experts/lora_training.py`). Build time on the 2-core CPU:
 {report.seconds.get("total", 0):.0f} s for the experts this report's last run built.
 
