@@ -76,7 +76,7 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
     strict=False,
     reason="target missed: with the calibrator `make start` builds the correct answer "
     "ranks first on 88 % of the questions and every off-topic answer is flagged, but 100 degrees "
-    "Celsius is flagged (P 0.49) and 50 degrees Celsius is not (0.54); see docs/benchmarks.md, "
+    "Celsius is flagged (P 0.43) and 50 degrees Celsius reads higher (0.46); see docs/benchmarks.md, "
     "sanity suite",
 )
 def test_sanity_suite_targets(scored):
