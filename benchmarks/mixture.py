@@ -105,10 +105,10 @@ def train_seeded_generalist(home, config, data: dict, report, progress: bool):
     from transformers import AutoTokenizer
 
     from experts.base_models import SMOLLM2_ID, ensure_base_model
-    from experts.demo import _phases
+    from experts.demo import seed_and_own_rows
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_base_model(SMOLLM2_ID, home), local_files_only=True)
-    seed_rows, own = _phases(config, data, tokenizer)
+    _, own = seed_and_own_rows(config, data, tokenizer)
     seed_state = None
     if report.seed is not None:
         seed_state = load_file(str(home.root / "demo" / "seed" / "adapter_model.safetensors"))

@@ -333,7 +333,7 @@ def budget_split(lengths: list[int], budget: int | None, share: float) -> tuple[
     return seed_end, branch_end
 
 
-def _phases(
+def seed_and_own_rows(
     config: DemoConfig, data: dict[str, VerticalData], tokenizer: Any
 ) -> tuple[list[QAPair], dict[str, list[QAPair]]]:
     """(the seed's rows, all verticals shuffled together; each vertical's own rows after the seed)."""
@@ -408,7 +408,7 @@ def _build(
     settings = config.settings
     model, tokenizer = load_base_for_training(home)
     trunk = new_trunk(model, tokenizer, settings)
-    seed_rows, own = _phases(config, data, tokenizer)
+    seed_rows, own = seed_and_own_rows(config, data, tokenizer)
     model, seed_state, report.seed = _seed_adapter(home, config, seed_rows, model, tokenizer, trunk, progress)
     branch = settings.model_copy(update={"train_tokens": None, "max_train_rows": None})
     if seed_state is not None:

@@ -188,14 +188,12 @@ def _ensure_router(home, registry, data_dir: Path) -> str:
 
 def _ensure_calibrator(home, data_dir: Path) -> str:
     """Train the cross-check calibrator once, on a per-source sample of the train bucket."""
-    from jury.calibrator import CalibratorConfig, load_calibrator, save_calibrator
+    from jury.calibrator import CalibratorConfig, save_calibrator
     from jury.crosscheck import collect, load_rows, open_jury, save_evidence, train, training_sample
-    from registry.errors import MoseError
 
-    try:
-        return load_calibrator(home.crosscheck_dir).version
-    except MoseError:
-        pass
+    current = _current_calibrator(home)
+    if current is not None:
+        return current
     rows, probe_rows = training_sample(
         load_rows(data_dir / "crosscheck_dev.jsonl"), CALIBRATION_ROWS_PER_SOURCE, PROBE_ROWS_PER_SOURCE, seed=0
     )
