@@ -279,10 +279,10 @@ def run(args: argparse.Namespace) -> dict:
         args.option_questions,
         {p.question.strip() for v in verticals for p in data[v].train + data[v].heldout},
     )
-    trained = {
-        "one_run_generalist": train_generalist(home, data, settings, progress=not args.quiet),
-        "generalist": train_seeded_generalist(home, config, data, report, progress=not args.quiet),
-    }
+    systems = tuple(s for s in SYSTEMS if not (args.no_one_run_generalist and s == "one_run_generalist"))
+    trained = {"generalist": train_seeded_generalist(home, config, data, report, progress=not args.quiet)}
+    if "one_run_generalist" in systems:
+        trained["one_run_generalist"] = train_generalist(home, data, settings, progress=not args.quiet)
     with Registry.open(home) as registry:
         pool = ExpertPool(home=home)
         for vertical in verticals:
@@ -300,22 +300,22 @@ def run(args: argparse.Namespace) -> dict:
         return expert_of(system, rows[index][0], routed[index])
 
     mixtures = [top_two(d, served, routed[i]) for i, d in enumerate(decisions)]
-    log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(SYSTEMS) + 1} systems")
+    log(f"teacher-forced NLL on {len(rows)} held-out rows x {len(systems) + 1} systems")
     needed = sorted(
-        {system_expert(s, i) for s in SYSTEMS for i in range(len(rows))} | {e for m in mixtures for e, _ in m}
+        {system_expert(s, i) for s in systems for i in range(len(rows))} | {e for m in mixtures for e, _ in m}
     )
     pairs = [(p.question, p.answer) for _, p in rows]
     tokens = pool.answer_token_logprobs(pairs, needed, max_tokens=settings.max_tokens)
     nll = {
         s: [(-sum(tokens[system_expert(s, i)][i]), len(tokens[system_expert(s, i)][i])) for i in range(len(rows))]
-        for s in SYSTEMS
+        for s in systems
     }
     nll[MIXED] = [
         mixed_nll([tokens[e][i] for e, _ in mixture], [w for _, w in mixture]) for i, mixture in enumerate(mixtures)
     ]
 
     gen_index = [i for i, (v, _) in enumerate(rows) if data[v].heldout.index(rows[i][1]) < args.gen_rows]
-    jobs = sorted({(i, system_expert(s, i)) for s in SYSTEMS for i in gen_index})
+    jobs = sorted({(i, system_expert(s, i)) for s in systems for i in gen_index})
     log(f"greedy answers: {len(jobs)} distinct (question, expert) pairs, up to {args.max_new_tokens} tokens")
     answers = {}
     for start in range(0, len(jobs), args.batch):
@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict:
     # each question's options scored only under the experts its systems use
     by_option_expert: dict[str, list[int]] = {}
     for i in range(len(options)):
-        for expert in {option_expert(s, i) for s in SYSTEMS}:
+        for expert in {option_expert(s, i) for s in systems}:
             by_option_expert.setdefault(expert, []).append(i)
     log(f"multiple-choice options: {len(options)} questions under {len(by_option_expert)} experts")
     option_nll: dict[tuple[str, int], list[tuple[float, int]]] = {}
@@ -401,7 +401,7 @@ def run(args: argparse.Namespace) -> dict:
     for vertical in verticals + ["overall"]:
         indices = [i for i, (v, _) in enumerate(rows) if vertical in (v, "overall")]
         per_vertical[vertical] = {
-            s: {"nll": nll_of(s, indices), **gen_metrics(s, indices), **option_metrics(s, vertical)} for s in SYSTEMS
+            s: {"nll": nll_of(s, indices), **gen_metrics(s, indices), **option_metrics(s, vertical)} for s in systems
         }
         per_vertical[vertical][MIXED] = {"nll": nll_of(MIXED, indices)}
         per_vertical[vertical]["rows"] = len(indices)
@@ -413,7 +413,9 @@ def run(args: argparse.Namespace) -> dict:
             indices
         )
     auto_minus_generalist = bootstrap_difference(nll["auto"], nll["generalist"])
-    auto_minus_one_run = bootstrap_difference(nll["auto"], nll["one_run_generalist"])
+    auto_minus_one_run = (
+        bootstrap_difference(nll["auto"], nll["one_run_generalist"]) if "one_run_generalist" in nll else None
+    )
     top2_minus_auto = bootstrap_difference(nll[MIXED], nll["auto"])
     mixed_rows = sum(len(m) == 2 for m in mixtures)
     return {
@@ -424,12 +426,15 @@ def run(args: argparse.Namespace) -> dict:
         "gen_rows_per_vertical": args.gen_rows,
         "max_new_tokens": args.max_new_tokens,
         "generalist": trained["generalist"][2],
-        "one_run_generalist": trained["one_run_generalist"][2],
+        "one_run_generalist": trained["one_run_generalist"][2] if "one_run_generalist" in trained else None,
+        "systems": [*systems, MIXED],
         "experts_train_tokens": sum(report.experts[v].train_tokens for v in verticals if v in report.experts)
         + (report.seed.train_tokens if report.seed else 0),
         "per_vertical": per_vertical,
         "auto_minus_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_generalist)),
-        "auto_minus_one_run_generalist_nll": dict(zip(("estimate", "low", "high"), auto_minus_one_run)),
+        "auto_minus_one_run_generalist_nll": (
+            None if auto_minus_one_run is None else dict(zip(("estimate", "low", "high"), auto_minus_one_run))
+        ),
         "auto_minus_oracle_nll": nll_of("auto", list(range(len(rows)))) - nll_of("oracle", list(range(len(rows)))),
         "top2_minus_auto_nll": dict(zip(("estimate", "low", "high"), top2_minus_auto)),
         "top2_mixed_share": mixed_rows / max(1, len(rows)),
@@ -441,8 +446,9 @@ def run(args: argparse.Namespace) -> dict:
 def table(result: dict) -> str:
     """Markdown tables: NLL per vertical and system, then the greedy-answer metrics overall."""
     verticals = result["verticals"]
+    systems = [s for s in result.get("systems", [*SYSTEMS, MIXED]) if s != MIXED]
     lines = ["| system | " + " | ".join(verticals) + " | overall |", "|---|" + "---|" * (len(verticals) + 1)]
-    for system in (*SYSTEMS, MIXED):
+    for system in (*systems, MIXED):
         cells = [f"{result['per_vertical'][v][system]['nll']:.3f}" for v in verticals + ["overall"]]
         lines.append(f"| {system} | " + " | ".join(cells) + " |")
     lines.append(
@@ -457,7 +463,7 @@ def table(result: dict) -> str:
     ]
     overall = result["per_vertical"]["overall"]
     math = result["per_vertical"].get("math", {})
-    for system in SYSTEMS:
+    for system in systems:
         m = overall[system]
         if "similarity" not in m:
             continue
@@ -475,7 +481,7 @@ def table(result: dict) -> str:
             + " |",
             "|---|" + "---|" * len(counted),
         ]
-        for system in SYSTEMS:
+        for system in systems:
             lines.append(
                 f"| {system} | "
                 + " | ".join(f"{result['per_vertical'][v][system]['mmlu_option']:.0%}" for v in counted)
@@ -484,11 +490,13 @@ def table(result: dict) -> str:
     d, o, t = (
         result[k] for k in ("auto_minus_generalist_nll", "auto_minus_one_run_generalist_nll", "top2_minus_auto_nll")
     )
+    one_run = (
+        "" if o is None else f"auto - one_run_generalist: {o['estimate']:+.3f} ({o['low']:+.3f} .. {o['high']:+.3f}); "
+    )
     lines += [
         "",
         f"auto - generalist NLL: {d['estimate']:+.3f} (95 % bootstrap {d['low']:+.3f} .. {d['high']:+.3f}); "
-        f"auto - one_run_generalist: {o['estimate']:+.3f} ({o['low']:+.3f} .. {o['high']:+.3f}); "
-        f"auto - oracle: {result['auto_minus_oracle_nll']:+.3f}",
+        f"{one_run}auto - oracle: {result['auto_minus_oracle_nll']:+.3f}",
         f"top2 - auto NLL: {t['estimate']:+.3f} (95 % bootstrap {t['low']:+.3f} .. {t['high']:+.3f}); "
         f"two experts mixed on {result['top2_mixed_share']:.0%} of rows",
     ]
@@ -521,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="tokens per vertical in the generalist's data (default: the experts' budget)",
+    )
+    parser.add_argument(
+        "--no-one-run-generalist",
+        action="store_true",
+        help="leave out the one-run generalist (on the full profile its training is the longest step)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
