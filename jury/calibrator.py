@@ -160,6 +160,13 @@ class CalibratorConfig(BaseModel):
     ``CalibratedClassifierCV(method="sigmoid", ensemble=False)``. Corrects a fitting procedure that
     is systematically over- or under-confident on rows it did not see."""
 
+    recalibrate_output: bool = False
+    """Platt scaling of the final P(correct), after the plausibility term and the relevance gate:
+    a logistic fit of the labelled rows' labels on their out-of-fold P(correct). The term spreads
+    the labelled answers' log-odds and the gate lowers them, neither with the labelled rows'
+    calibration in view; this maps the whole product back onto them (monotone: the ranking is
+    kept, the flag threshold is chosen after it). Not applied when the fitted slope is not positive."""
+
 
 class Tree(BaseModel):
     """One regression tree in flat arrays (scikit-learn's layout): node ``i`` splits on
@@ -266,6 +273,8 @@ class Calibrator(BaseModel):
     """The relevance gate whose P(belongs) multiplies the candidate's P(correct) (None: no gate)."""
     plausibility: PlausibilityTerm | None = None
     """The term added to the candidate's log-odds before the gate (None: none)."""
+    output_recalibration: tuple[float, float] | None = None
+    """Platt scaling (slope, offset) applied to the log-odds of the gated P(correct) (None: none)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     trained_on: dict[str, object] = Field(default_factory=dict)
     version: str = ""
@@ -280,7 +289,12 @@ class Calibrator(BaseModel):
             p = _sigmoid(slope * _logit(p) + offset)
         if self.plausibility is not None:
             p = _sigmoid(_logit(p) + self.plausibility.shift(x, self.features))
-        return p if self.gate is None else p * self.gate.predict(x, self.features)
+        if self.gate is not None:
+            p = p * self.gate.predict(x, self.features)
+        if self.output_recalibration is not None:
+            slope, offset = self.output_recalibration
+            p = _sigmoid(slope * _logit(p) + offset)
+        return p
 
     def _candidate_predict(self, x: np.ndarray) -> np.ndarray:
         if self.method == "logistic":
@@ -456,6 +470,8 @@ def fit_calibrator(
         best.gate, gate_oof = fit_gate(x, constructed, config)
         p_all *= gate_oof
         best.metrics["gate_validation_auroc"] = float(roc_auc_score(labelled, gate_oof))
+    if config.recalibrate_output:
+        p_all = _recalibrate_output(best, p_all, labels, labelled, config)
     flag_cut = choose_threshold(
         1.0 - p_all,
         labels == 0,
@@ -476,6 +492,26 @@ def fit_calibrator(
     if best.probe is not None:
         best.voter = fit_calibrator(x, labels, config, None, constructed, perturbed_pairs)
     return best
+
+
+def _recalibrate_output(
+    best: Calibrator, p_all: np.ndarray, labels: np.ndarray, labelled: np.ndarray, config: CalibratorConfig
+) -> np.ndarray:
+    """Set ``best.output_recalibration`` from the labelled rows' out-of-fold ``p_all`` and return
+    ``p_all`` scaled by it: the labelled rows by fits on the other folds (so the metrics stay out
+    of fold), the constructed rows by the fit on every labelled row (as served)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    slope, offset = fit_platt(p_all[labelled], labels[labelled])
+    best.metrics["output_recalibration_slope"] = slope
+    if slope <= 0:  # the product ranks the labelled rows at or below chance: a flipped or flat map
+        return p_all  # would undo the gate and the jurors' support direction, so none is applied
+    best.output_recalibration = (slope, offset)
+    scaled = _sigmoid(slope * _logit(p_all) + offset)
+    folds = min(config.folds, int(min(np.bincount(labels[labelled], minlength=2))))
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    scaled[labelled] = _cross_fitted_platt(p_all[labelled], labels[labelled], split)
+    return scaled
 
 
 def _row_weights(constructed: np.ndarray, config: CalibratorConfig) -> np.ndarray:

@@ -23,6 +23,7 @@ CALIBRATOR_FLAGS = (
     "plausibility_features",
     "plausibility_strength",
     "recalibrate",
+    "recalibrate_output",
 )
 
 

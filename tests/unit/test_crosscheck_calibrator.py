@@ -618,3 +618,47 @@ def test_a_training_sample_keeps_the_probes_rows_apart_from_the_scored_ones_and_
     assert {r.origin() for r in scored} <= {r.digest() for r in labelled}  # negatives only from the scored rows
     plain, none = training_sample(rows, 5, 0, seed=0, negatives=False)
     assert plain == labelled and none == []
+
+
+def test_output_recalibration_maps_the_gated_term_back_onto_the_labelled_rows(tmp_path):
+    """Labelled rows whose support says little about correctness, changed-fact pairs that fit a
+    steep plausibility term, and a gate that cannot tell the constructed rows apart: the term
+    spreads the labelled rows' log-odds and the gate lowers them, so unseen labelled rows read
+    over-confident and low. Platt scaling of the output fixes that on them, keeps their order and
+    the jurors' support direction, and is saved with the calibrator."""
+    from sklearn.metrics import log_loss
+
+    from jury.calibrator import MONOTONE_FEATURES, raise_support
+
+    def rows_with_weak_support_signal(seed: int):
+        x, labels, constructed, pairs = _with_changed_facts(400, seed=seed, drop=2.0)
+        given = FEATURES.index("jury_logp_given")
+        x[:400, given] += 0.6 * labels[:400]
+        x[400:, given] += 0.6  # each changed copy keeps its correct row's shift
+        return x, labels, constructed, pairs
+
+    x, labels, constructed, pairs = rows_with_weak_support_signal(35)
+    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",))
+    plain = fit_calibrator(x, labels, config, None, constructed, pairs)
+    scaled = fit_calibrator(x, labels, config.model_copy(update={"recalibrate_output": True}), None, constructed, pairs)
+    assert plain.output_recalibration is None and scaled.output_recalibration[0] > 0
+    test_x, test_labels, test_constructed, _ = rows_with_weak_support_signal(36)
+    rows, truth = test_x[~test_constructed], test_labels[~test_constructed]
+    p_plain, p_scaled = plain.predict(rows), scaled.predict(rows)
+    assert log_loss(truth, p_scaled) < log_loss(truth, p_plain) - 0.02
+    assert abs(p_scaled.mean() - truth.mean()) < abs(p_plain.mean() - truth.mean())
+    assert np.all(np.diff(p_scaled[np.argsort(p_plain, kind="stable")]) >= -1e-12)  # the same order
+    assert scaled.metrics["validation_ece"] < plain.metrics["validation_ece"]  # out of fold, both
+    for feature in MONOTONE_FEATURES:
+        assert np.all(scaled.predict(raise_support(rows, FEATURES, feature, 1.0)) >= p_scaled - 1e-9), feature
+    save_calibrator(scaled, tmp_path)
+    assert np.allclose(load_calibrator(tmp_path).predict(rows), p_scaled)
+
+
+def test_output_recalibration_is_left_out_when_the_output_ranks_labelled_rows_below_chance():
+    """Labelled rows whose support says nothing: a Platt fit on them finds no positive slope, and a
+    flat or flipped map would undo the gate, so the calibrator keeps its output unscaled."""
+    x, labels, constructed, pairs = _with_changed_facts(400, seed=35, drop=2.0)
+    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",), recalibrate_output=True)
+    calibrator = fit_calibrator(x, labels, config, None, constructed, pairs)
+    assert calibrator.metrics["output_recalibration_slope"] <= 0 and calibrator.output_recalibration is None
