@@ -319,8 +319,11 @@ def budget_split(lengths: list[int], budget: int | None, share: float) -> tuple[
     """(seed end, branch end): row indices that cut a vertical's leading rows within ``budget``
     tokens (as :func:`experts.lora_training.take_tokens` takes them; every row when None) where
     ``share`` of the budget is used. Rows ``[:seed end]`` go to the seed, ``[seed end:branch end]``
-    to the vertical's own expert; together they are the rows an expert trained alone would use."""
-    total = sum(lengths) if budget is None else budget
+    to the vertical's own expert; together they are the rows an expert trained alone would use.
+    A vertical with fewer tokens than ``budget`` splits the tokens it has, and its expert keeps
+    at least its last row: a seed share taken of a budget the data cannot fill would leave the
+    expert nothing of its own to train on."""
+    total = sum(lengths) if budget is None else min(budget, sum(lengths))
     seed_end = branch_end = 0
     used = 0
     for length in lengths:
@@ -330,7 +333,7 @@ def budget_split(lengths: list[int], budget: int | None, share: float) -> tuple[
             seed_end += 1
         branch_end += 1
         used += length
-    return seed_end, branch_end
+    return min(seed_end, max(0, branch_end - 1)), branch_end
 
 
 def seed_and_own_rows(
