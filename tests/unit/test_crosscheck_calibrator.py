@@ -638,7 +638,9 @@ def test_output_recalibration_maps_the_gated_term_back_onto_the_labelled_rows(tm
         return x, labels, constructed, pairs
 
     x, labels, constructed, pairs = rows_with_weak_support_signal(35)
-    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",))
+    config = CalibratorConfig(
+        seed=0, probe_layer=None, gate_features=("jury_pmi",), candidates=("monotone logistic", "base rate")
+    )
     plain = fit_calibrator(x, labels, config, None, constructed, pairs)
     scaled = fit_calibrator(x, labels, config.model_copy(update={"recalibrate_output": True}), None, constructed, pairs)
     assert plain.output_recalibration is None and scaled.output_recalibration[0] > 0
@@ -659,6 +661,12 @@ def test_output_recalibration_is_left_out_when_the_output_ranks_labelled_rows_be
     """Labelled rows whose support says nothing: a Platt fit on them finds no positive slope, and a
     flat or flipped map would undo the gate, so the calibrator keeps its output unscaled."""
     x, labels, constructed, pairs = _with_changed_facts(400, seed=35, drop=2.0)
-    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",), recalibrate_output=True)
+    config = CalibratorConfig(
+        seed=0,
+        probe_layer=None,
+        gate_features=("jury_pmi",),
+        candidates=("monotone logistic", "base rate"),
+        recalibrate_output=True,
+    )
     calibrator = fit_calibrator(x, labels, config, None, constructed, pairs)
     assert calibrator.metrics["output_recalibration_slope"] <= 0 and calibrator.output_recalibration is None
