@@ -503,18 +503,22 @@ def _recalibrate_output(
     """Set ``best.output_recalibration`` from the labelled rows' out-of-fold ``p_all`` and return
     ``p_all`` scaled by it: the labelled rows by fits on the other folds (so the metrics stay out
     of fold), the constructed rows by the fit on every labelled row (as served)."""
-    from sklearn.model_selection import StratifiedKFold
-
     slope, offset = fit_platt(p_all[labelled], labels[labelled])
     best.metrics["output_recalibration_slope"] = slope
     if slope <= 0:  # the product ranks the labelled rows at or below chance: a flipped or flat map
         return p_all  # would undo the gate and the jurors' support direction, so none is applied
     best.output_recalibration = (slope, offset)
     scaled = _sigmoid(slope * _logit(p_all) + offset)
-    folds = min(config.folds, int(min(np.bincount(labels[labelled], minlength=2))))
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
-    scaled[labelled] = _cross_fitted_platt(p_all[labelled], labels[labelled], split)
+    scaled[labelled] = _cross_fitted_platt(p_all[labelled], labels[labelled], _label_folds(labels[labelled], config))
     return scaled
+
+
+def _label_folds(labels: np.ndarray, config: CalibratorConfig):
+    """``config.folds`` stratified, shuffled folds of ``labels`` (fewer when a class has fewer rows)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(config.folds, int(min(np.bincount(labels, minlength=2))))
+    return StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
 
 
 def _row_weights(constructed: np.ndarray, config: CalibratorConfig) -> np.ndarray:
@@ -538,11 +542,9 @@ def _fit_candidate(
     direction, refitted on every row, and its out-of-fold predictions (``probe_rows``: as in
     :func:`fit_calibrator`)."""
     from sklearn.metrics import log_loss, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
     if len(labels) < 20 or min(np.bincount(labels, minlength=2)) < 2:
         raise MoseError("calibration needs at least 20 labelled rows with both correct and wrong answers")
-    folds = min(config.folds, int(min(np.bincount(labels))))
     names, probe = list(FEATURES), None
     if states is not None:
         if config.probe_layer is None:
@@ -585,7 +587,7 @@ def _fit_candidate(
     }
     if not candidates:
         raise MoseError("no calibrator candidate left: boosted_trees is 0 and no other family is in candidates")
-    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
+    split = _label_folds(labels, config)
     out_of_fold = {name: np.zeros(len(labels)) for name in candidates}
     for train, val in split.split(x, labels):
         for name, fit in candidates.items():
