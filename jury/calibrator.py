@@ -288,15 +288,13 @@ class Calibrator(BaseModel):
         x = np.atleast_2d(np.asarray(x, dtype=np.float64))
         p = self._candidate_predict(x)
         if self.recalibration is not None:
-            slope, offset = self.recalibration
-            p = _sigmoid(slope * _logit(p) + offset)
+            p = platt_scaled(p, self.recalibration)
         if self.plausibility is not None:
             p = _sigmoid(_logit(p) + self.plausibility.shift(x, self.features))
         if self.gate is not None:
             p = p * self.gate.predict(x, self.features)
         if self.output_recalibration is not None:
-            slope, offset = self.output_recalibration
-            p = _sigmoid(slope * _logit(p) + offset)
+            p = platt_scaled(p, self.output_recalibration)
         return p
 
     def _candidate_predict(self, x: np.ndarray) -> np.ndarray:
@@ -325,6 +323,12 @@ def _sigmoid(logits: np.ndarray) -> np.ndarray:
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-12, 1 - 1e-12)
     return np.log(p / (1 - p))
+
+
+def platt_scaled(p: np.ndarray, scaling: tuple[float, float]) -> np.ndarray:
+    """``p`` through Platt scaling ``(slope, offset)`` of its log-odds."""
+    slope, offset = scaling
+    return _sigmoid(slope * _logit(p) + offset)
 
 
 def fit_platt(p: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -508,7 +512,7 @@ def _recalibrate_output(
     if slope <= 0:  # the product ranks the labelled rows at or below chance: a flipped or flat map
         return p_all  # would undo the gate and the jurors' support direction, so none is applied
     best.output_recalibration = (slope, offset)
-    scaled = _sigmoid(slope * _logit(p_all) + offset)
+    scaled = platt_scaled(p_all, best.output_recalibration)
     scaled[labelled] = _cross_fitted_platt(p_all[labelled], labels[labelled], _label_folds(labels[labelled], config))
     return scaled
 
@@ -764,8 +768,7 @@ def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:
     """Platt-scaled ``p``, each fold scaled by a fit on the other folds."""
     scaled = np.zeros(len(p))
     for train, val in split.split(p[:, None], labels):
-        slope, offset = fit_platt(p[train], labels[train])
-        scaled[val] = _sigmoid(slope * _logit(p[val]) + offset)
+        scaled[val] = platt_scaled(p[val], fit_platt(p[train], labels[train]))
     return scaled
 
 
