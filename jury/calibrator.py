@@ -121,6 +121,23 @@ class CalibratorConfig(BaseModel):
     """Inverse L2 strengths tried for the probe's logistic regression on its 576 standardised
     inputs (strong regularisation: a few thousand rows); the best by cross-validated log loss is kept."""
 
+    probe_negatives: bool = True
+    """The probe also learns, as wrong, the wrong answers constructed from its extra rows
+    (``probe_rows``: answers moved to another question, a fact changed; :mod:`jury.negatives`),
+    whose states cost what the extra rows' do. It then reads an answer to another question as
+    false instead of leaving that to the relevance gate alone. (The jury's own constructed rows
+    stay out of the probe: learnt too, they took labelled AUROC from 0.60 to 0.58.) On the first start's rows: labelled
+    AUROC 0.60 against 0.56 with the gate, answers moved to another question 0.94 against 0.89
+    (docs/decisions/jury-probe-candidate.md)."""
+
+    probe_candidate: bool = True
+    """With a probe, the candidate is the probe's logit Platt-scaled on the out-of-fold logits of
+    every labelled row the probe learnt from (the scored rows and ``probe_rows``), instead of the
+    family with the lowest cross-validated log loss on the scored rows alone. At the first start
+    those are 100 rows, and the choice moved with the folds' seed between a probe-led logistic and
+    the base rate (labelled AUROC 0.60 against 0.41); beside the probe the jurors' own evidence got
+    weights near 0 either way. The jurors' evidence still sets the relevance gate and the votes."""
+
     probe_average_folds: bool = False
     """The probe kept is the mean of its cross-validation folds' probes (whose out-of-fold logits
     the calibrator learnt from) instead of a refit on every row, which reads new rows more sharply
@@ -131,24 +148,27 @@ class CalibratorConfig(BaseModel):
     kept >= 0). Both separate an answer from answers to other questions on crosscheck_dev's training
     rows; the jury PMI most (AUROC about 0.94 against the answers they were moved from)."""
 
-    off_topic_share: float = Field(0.3, gt=0.0, lt=1.0)
+    off_topic_share: float = Field(0.2, gt=0.0, lt=1.0)
     """Weight of the constructed wrong answers against the labelled rows, as a share of the total,
     when the gate is fitted and the flag threshold chosen. Lower trusts answers more: fewer flags,
-    answers moved from other questions caught less often. On the calibrator ``mose up`` builds,
-    0.3 caught answers moved to another question at AUROC 0.95 (0.90 at 0.2, 0.75 at 0.1) for
-    labelled-source AUROC 0.59 (0.61, 0.63): docs/decisions/jury-constructed-negatives.md."""
+    answers moved from other questions caught less often. On the first start's calibrator (with
+    :attr:`probe_negatives`), 0.2 flagged 95 % of the answers moved to another question for
+    labelled AUROC 0.60 (0.1: 92 % for 0.63; 0.3: 98 % for 0.57; docs/decisions/jury-probe-candidate.md)."""
 
     gate_strength: float = Field(10.0, gt=0.0)
     """Inverse L2 strength of the gate's logistic regression (two standardised inputs: weak
     regularisation)."""
 
-    plausibility_features: tuple[str, ...] = ("jury_logp_given",)
-    """What the plausibility term reads (each one of :data:`MONOTONE_FEATURES`; empty: no term).
+    plausibility_features: tuple[str, ...] = ()
+    """What the plausibility term reads (each one of :data:`MONOTONE_FEATURES`; empty, the default:
+    no term; ``jury_logp_given`` is the term measured).
     The term adds ``coef . z(features)`` to the log-odds, its weights >= 0 fitted on pairs of a
     correct training answer and the same answer with a fact changed (:mod:`jury.negatives`), so a
     plainly wrong answer the jurors find less likely reads less likely to be correct. The
     labelled sources cannot teach this: their wrong answers are fluent and as likely as the right
-    ones (docs/decisions/jury-plausibility-term.md)."""
+    ones (docs/decisions/jury-plausibility-term.md). Beside a probe that learns from constructed
+    wrong answers (:attr:`probe_negatives`) the term bought 2-5 points of the sanity suite for
+    0.02-0.10 labelled AUROC, so it is off by default (docs/decisions/jury-probe-candidate.md)."""
 
     plausibility_strength: float = Field(1.0, gt=0.0)
     """Inverse L2 strength of the plausibility term's pairwise fit (higher: steeper term; a few
@@ -158,7 +178,8 @@ class CalibratorConfig(BaseModel):
     """Platt scaling after the chosen candidate: a logistic fit of the labels on its out-of-fold
     log-odds (slope, offset), applied to the refitted candidate, as scikit-learn's
     ``CalibratedClassifierCV(method="sigmoid", ensemble=False)``. Corrects a fitting procedure that
-    is systematically over- or under-confident on rows it did not see."""
+    is systematically over- or under-confident on rows it did not see (the probe candidate,
+    :attr:`probe_candidate`, is Platt-scaled on more rows already)."""
 
     recalibrate_output: bool = False
     """Platt scaling of the final P(correct), after the plausibility term and the relevance gate:
@@ -166,8 +187,8 @@ class CalibratorConfig(BaseModel):
     the labelled answers' log-odds and the gate lowers them, neither with the labelled rows'
     calibration in view; this maps the whole product back onto them (monotone: the ranking is
     kept, the flag threshold is chosen after it). Not applied when the fitted slope is not positive.
-    Off by default: on the first start's calibrator it takes the labelled rows' ECE from 0.112 to
-    0.025 but, with a ranking that weak, brings answers to another question up to the base rate
+    Off by default: on an earlier first-start calibrator it took the labelled rows' ECE from 0.112 to
+    0.025 but, with a ranking that weak, brought answers to another question up to the base rate
     (flagged 37-87 % instead of 96-100 %): docs/decisions/jury-output-recalibration.md."""
 
 
@@ -435,6 +456,7 @@ def fit_calibrator(
     constructed: np.ndarray | None = None,
     perturbed_pairs: Sequence[tuple[int, int]] = (),
     probe_rows: tuple[np.ndarray, np.ndarray] | None = None,
+    probe_negatives: np.ndarray | None = None,
 ) -> Calibrator:
     """Choose the candidate (logistic at each strength, boosted trees, isotonic, the base rate) by
     cross-validated log loss on the labelled rows, refit it on them, gate it with a
@@ -451,6 +473,8 @@ def fit_calibrator(
     ``probe_rows``: (answer states, labels) of more labelled rows for the probe alone (states cost
     a fraction of the jury's evidence): it is fitted on them and the labelled rows of ``x``
     together, and the candidate learns from its out-of-fold logits on the latter.
+    ``probe_negatives``: answer states of wrong answers constructed from those rows, which the
+    probe learns from as wrong (:attr:`CalibratorConfig.probe_negatives`).
     """
     from sklearn.metrics import roc_auc_score
 
@@ -461,7 +485,12 @@ def fit_calibrator(
         raise MoseError("constructed rows are wrong answers: their label must be 0")
     labelled = ~constructed
     best, p_oof = _fit_candidate(
-        x[labelled], labels[labelled], config, None if states is None else states[labelled], probe_rows
+        x[labelled],
+        labels[labelled],
+        config,
+        None if states is None else states[labelled],
+        probe_rows,
+        probe_negatives,
     )
     p_all = np.empty(len(labels))
     p_all[labelled] = p_oof
@@ -541,10 +570,12 @@ def _fit_candidate(
     config: CalibratorConfig,
     states: np.ndarray | None,
     probe_rows: tuple[np.ndarray, np.ndarray] | None = None,
+    probe_negatives: np.ndarray | None = None,
 ) -> tuple[Calibrator, np.ndarray]:
-    """The best candidate by cross-validated log loss that keeps :data:`MONOTONE_FEATURES`'
-    direction, refitted on every row, and its out-of-fold predictions (``probe_rows``: as in
-    :func:`fit_calibrator`)."""
+    """The candidate, refitted on every row, and its out-of-fold predictions (``probe_rows``,
+    ``probe_negatives``: as in :func:`fit_calibrator`): with a probe and
+    :attr:`~CalibratorConfig.probe_candidate`, the probe's logit Platt-scaled; otherwise the best
+    family by cross-validated log loss that keeps :data:`MONOTONE_FEATURES`' direction."""
     from sklearn.metrics import log_loss, roc_auc_score
 
     if len(labels) < 20 or min(np.bincount(labels, minlength=2)) < 2:
@@ -553,15 +584,12 @@ def _fit_candidate(
     if states is not None:
         if config.probe_layer is None:
             raise MoseError("answer states were given but probe_layer is None")
-        probe_states, probe_labels = states, labels
-        if probe_rows is not None and len(probe_rows[1]):
-            if np.shape(probe_rows[0])[1:] != states.shape[1:]:
-                raise MoseError(
-                    f"the probe's extra rows have {np.shape(probe_rows[0])[1:]}-wide states, the scored rows "
-                    f"{states.shape[1:]}: read both at the same layer of the same base model"
-                )
-            probe_states = np.concatenate([states, np.asarray(probe_rows[0], dtype=np.float64)])
-            probe_labels = np.concatenate([labels, np.asarray(probe_rows[1], dtype=np.int64)])
+        probe_states, probe_labels = _probe_training_rows(states, labels, probe_rows)
+        labelled_for_probe = len(probe_labels)  # the constructed wrong answers come after these
+        if probe_negatives is not None and len(probe_negatives):
+            probe_states, probe_labels = _probe_training_rows(
+                probe_states, probe_labels, (probe_negatives, np.zeros(len(probe_negatives), dtype=np.int64))
+            )
         probe, probe_logits = fit_probe(
             probe_states,
             probe_labels,
@@ -571,6 +599,11 @@ def _fit_candidate(
             config.seed,
             config.probe_average_folds,
         )
+        if config.probe_candidate:
+            best, p_oof = _probe_candidate(
+                probe, probe_logits[:labelled_for_probe], probe_labels[:labelled_for_probe], len(labels), config
+            )
+            return best, _recalibrated_candidate(best, p_oof, labels, config)
         probe_logits = probe_logits[: len(labels)]  # cross-fitted: each from a probe that did not see the row
         x, names = np.column_stack([x, probe_logits]), names + [PROBE_FEATURE]
     pmi = FEATURES.index("jury_pmi")
@@ -609,16 +642,78 @@ def _fit_candidate(
         **({"validation_log_loss_isotonic": float(losses["isotonic"])} if "isotonic" in losses else {}),
         **{f"cv_log_loss {name}": float(loss) for name, loss in losses.items()},
     }
-    if config.recalibrate:
-        best.recalibration = fit_platt(p_oof, labels)
-        p_oof = _cross_fitted_platt(p_oof, labels, split)  # the metrics stay out-of-fold
-        best.metrics["validation_log_loss_recalibrated"] = float(
-            log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])
-        )
+    p_oof = _recalibrated_candidate(best, p_oof, labels, config)
     if probe is not None:
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
     best.trained_on = {"candidate": chosen}
     return best, p_oof
+
+
+def _recalibrated_candidate(
+    best: Calibrator, p_oof: np.ndarray, labels: np.ndarray, config: CalibratorConfig
+) -> np.ndarray:
+    """With :attr:`~CalibratorConfig.recalibrate`: set ``best.recalibration`` from the out-of-fold
+    ``p_oof`` and return them scaled, each fold by a fit on the others (the metrics stay out of
+    fold); otherwise ``p_oof`` as it is."""
+    from sklearn.metrics import log_loss
+
+    if not config.recalibrate:
+        return p_oof
+    best.recalibration = fit_platt(p_oof, labels)
+    p_oof = _cross_fitted_platt(p_oof, labels, _label_folds(labels, config))
+    best.metrics["validation_log_loss_recalibrated"] = float(
+        log_loss(labels, np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])
+    )
+    return p_oof
+
+
+def _probe_training_rows(
+    states: np.ndarray, labels: np.ndarray, more: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``states`` and ``labels`` with the rows of ``more`` (states, labels) after them."""
+    if more is None or not len(more[1]):
+        return states, labels
+    if np.shape(more[0])[1:] != states.shape[1:]:
+        raise MoseError(
+            f"the probe's extra rows have {np.shape(more[0])[1:]}-wide states, the scored rows "
+            f"{states.shape[1:]}: read both at the same layer of the same base model"
+        )
+    return (
+        np.concatenate([states, np.asarray(more[0], dtype=np.float64)]),
+        np.concatenate([labels, np.asarray(more[1], dtype=np.int64)]),
+    )
+
+
+def _probe_candidate(
+    probe: Probe, logits: np.ndarray, labels: np.ndarray, scored: int, config: CalibratorConfig
+) -> tuple[Calibrator, np.ndarray]:
+    """The probe's logit Platt-scaled on ``logits`` (out-of-fold, of the labelled rows it learnt
+    from; the first ``scored`` are the rows the jury scored), and the scored rows' predictions,
+    each scaled by a fit on the other folds."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    p = _sigmoid(logits)
+    slope, offset = fit_platt(p, labels)
+    names = [*FEATURES, PROBE_FEATURE]
+    coef = np.zeros(len(names))
+    coef[-1] = slope
+    candidate = Calibrator(
+        method="logistic",
+        features=names,
+        mean=[0.0] * len(names),
+        scale=[1.0] * len(names),
+        coef=coef.tolist(),
+        intercept=offset,
+        probe=probe,
+    )
+    p_oof = _cross_fitted_platt(p, labels, _label_folds(labels, config))[:scored]
+    candidate.metrics = {
+        "validation_log_loss": float(log_loss(labels[:scored], np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])),
+        "probe_validation_auroc": float(roc_auc_score(labels[:scored], logits[:scored])),
+        "probe_labelled_rows": float(len(labels)),
+    }
+    candidate.trained_on = {"candidate": f"probe, Platt-scaled on {len(labels)} labelled rows"}
+    return candidate, p_oof
 
 
 def fit_constant(labels: np.ndarray) -> Calibrator:

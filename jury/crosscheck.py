@@ -377,7 +377,8 @@ def train(
     With a probe (``config.probe_layer``), rows of ``evidence`` without the base model's answer
     state get it (:func:`fill_answer_states`), and the probe also learns from the labelled
     train-bucket rows of ``probe_rows`` that are not among ``rows`` (their answer states only:
-    :func:`probe_states`)."""
+    :func:`probe_states`) and, with :attr:`~jury.calibrator.CalibratorConfig.probe_negatives`,
+    from the wrong answers constructed from those rows alone."""
     rows = [r for r in rows if not r.is_test()]
     seen = {r.digest() for r in rows}
     probe_rows = [r for r in probe_rows if not r.is_test() and not is_constructed(r.source) and r.digest() not in seen]
@@ -386,7 +387,7 @@ def train(
     config = config or CalibratorConfig()
     if evidence is None:
         evidence = collect(jury, rows, k, progress=progress, state_layer=config.probe_layer)
-    states, extra = None, None
+    states, extra, negatives, negative_states = None, None, [], None
     if config.probe_layer is not None:
         fill_answer_states(jury, evidence, config.probe_layer, progress)
         states = answer_states(evidence, config.probe_layer)
@@ -395,6 +396,9 @@ def train(
                 probe_states(jury, probe_rows, config.probe_layer, progress),
                 np.array([r.label for r in probe_rows]),
             )
+            negatives = probe_negatives(probe_rows, config)
+            if negatives:
+                negative_states = probe_states(jury, negatives, config.probe_layer, progress, "probe negatives")
     constructed = np.array([e.row.origin() != e.row.digest() for e in evidence])
     calibrator = fit_calibrator(
         matrix(evidence),
@@ -404,11 +408,13 @@ def train(
         constructed,
         perturbed_pairs(evidence),
         extra,
+        negative_states,
     )
     calibrator.trained_on = {
         **calibrator.trained_on,
         "rows": len(rows),
         "probe_rows": len(probe_rows) if extra is not None else 0,
+        "probe_negatives": negatives_mix(negatives),
         "sources": sorted({r.source for r in rows}),
         "negatives": negatives_mix(rows),
         "row_digests": sorted(r.digest() for r in [*rows, *(probe_rows if extra is not None else ())]),
@@ -418,6 +424,14 @@ def train(
         "pool_dtype": jury.pool.dtype,  # provenance: bf16 and float32 evidence differ by rounding
     }
     return calibrator
+
+
+def probe_negatives(probe_rows: Sequence[CheckRow], config: CalibratorConfig) -> list[CheckRow]:
+    """Wrong answers constructed from ``probe_rows`` alone (none without
+    :attr:`~jury.calibrator.CalibratorConfig.probe_negatives`), for the truthfulness probe."""
+    if not config.probe_negatives:
+        return []
+    return constructed_negatives(probe_rows, NegativesConfig(seed=config.seed))
 
 
 def perturbed_pairs(evidence: Sequence[RowEvidence]) -> list[tuple[int, int]]:

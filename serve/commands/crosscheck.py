@@ -19,6 +19,8 @@ CALIBRATOR_FLAGS = (
     "boosted_trees",
     "probe_layer",
     "probe_average_folds",
+    "probe_negatives",
+    "probe_candidate",
     "off_topic_share",
     "plausibility_features",
     "plausibility_strength",
@@ -85,12 +87,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--no-probe",
         action="store_true",
         help="no truthfulness probe: the calibrator reads the jurors' likelihoods only",
-    )
-    train.add_argument(
-        "--no-plausibility",
-        action="store_true",
-        help="no plausibility term: the jurors' log-prob given the question moves P(correct) only through "
-        "the candidate fitted on the labelled rows",
     )
     train.set_defaults(func=run_train)
 
@@ -175,8 +171,8 @@ def run_train(args: argparse.Namespace) -> int:
     from registry.errors import MoseError
 
     extra = {"probe_layer": None} if args.no_probe else {}
-    if args.no_plausibility:
-        extra["plausibility_features"] = ()
+    if not args.negatives:
+        extra["probe_negatives"] = False
     config = config_from_args(
         CalibratorConfig, args, what="calibrator settings", seed=args.seed, **extra
     )  # before any loading

@@ -263,13 +263,16 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     again_states = [json.loads(line) for line in refilled.read_text().splitlines()]
     assert [e["state_layer"] for e in again_states] == [20] * len(lines)
     assert np.allclose([e["answer_state"] for e in again_states], [e["answer_state"] for e in lines], atol=1e-3)
-    without = retrain("--evidence", str(stripped), "--no-probe", "--no-plausibility")
+    without = retrain("--evidence", str(stripped), "--no-probe")
     assert without.returncode == 0 and "answer states" not in without.stderr, without.stderr[-2000:]
     plain = json.loads((jury_home.crosscheck_dir / f"{json.loads(without.stdout)['version']}.json").read_text())
     assert plain["probe"] is None and "base_probe" not in plain["features"]
-    assert plain["plausibility"] is None
+    assert plain["plausibility"] is None and fits[0]["plausibility"] is None  # no term by default
+    termed = retrain("--evidence", str(saved), "--plausibility-features", "jury_logp_given")
+    assert termed.returncode == 0, termed.stderr[-2000:]
+    termed_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(termed.stdout)['version']}.json").read_text())
     # the term is fitted on the changed-fact answers among the training rows, when there are any
-    assert (fits[0]["plausibility"] is not None) == (mix["perturbed"] > 0)
+    assert (termed_fit["plausibility"] is not None) == (mix["perturbed"] > 0)
     tuned = retrain("--evidence", str(saved), "--recalibrate", "--average-probe-folds")
     assert tuned.returncode == 0, tuned.stderr[-2000:]
     tuned_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(tuned.stdout)['version']}.json").read_text())
@@ -282,6 +285,9 @@ def test_cli_train_and_eval_print_the_contract(jury_home, shared_data, tmp_path)
     wider_fit = json.loads((jury_home.crosscheck_dir / f"{json.loads(wider.stdout)['version']}.json").read_text())
     added = wider_fit["trained_on"]["probe_rows"]
     assert 0 < added <= 3 * len(fits[0]["trained_on"]["sources"])
+    assert "probe negatives (layer 20)" in wider.stderr  # wrong answers made from those rows, for the probe
+    assert wider_fit["trained_on"]["probe_negatives"]["labelled"] == 0
+    assert wider_fit["trained_on"]["candidate"].startswith("probe, Platt-scaled on")
     assert len(wider_fit["trained_on"]["row_digests"]) == fits[0]["trained_on"]["rows"] + added
     assert wider_fit["probe"]["coef"] != fits[0]["probe"]["coef"]
     assert wider_fit["metrics"]["train_rows"] == fits[0]["metrics"]["train_rows"]  # the candidate's rows

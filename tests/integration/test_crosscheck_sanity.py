@@ -17,8 +17,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 CALIBRATION_ROWS_PER_SOURCE = 20
-"""Labelled rows per source the test calibrator is fitted on, as `mose up` (which also fits its
-probe on 200 more rows per source; left out here: about two more minutes of CI)."""
+"""Labelled rows per source the jury scores for the test calibrator, as `mose up`."""
+
+PROBE_ROWS_PER_SOURCE = 40
+"""More labelled rows per source for the probe alone, with the wrong answers made from them
+(`mose up` reads 200: about two more minutes of CI)."""
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +29,11 @@ def sanity_home(base_models, shared_data, router_subset, on_idle_cores, tmp_path
     """Demo experts for every vertical (a short budget: 2,400 tokens each, which keeps this fixture to a few
     minutes in float32), a router on every domain (head only, on the
     tests' routing subset), and a calibrator trained on a per-source sample of crosscheck_dev's
-    train bucket with constructed negatives."""
+    train bucket with constructed negatives, its probe also on more rows and the wrong answers made
+    from them."""
     from experts.demo import DemoConfig, build_demo, profile_finetune
     from jury.calibrator import save_calibrator
-    from jury.crosscheck import load_rows, open_jury, stratified_sample, train, with_negatives
-    from jury.negatives import NegativesConfig
+    from jury.crosscheck import load_rows, open_jury, train, training_sample
     from registry import Registry
     from registry.home import MoseHome
     from router_model.service import train_and_publish
@@ -41,9 +44,10 @@ def sanity_home(base_models, shared_data, router_subset, on_idle_cores, tmp_path
     build_demo(home, DemoConfig(data_dir=shared_data, finetune=settings, eval_rows=8), progress=False)
     with Registry.open(home) as registry:
         train_and_publish(home, [router_subset], registry, small_router_config(), progress=False)
-    rows = [r for r in load_rows(shared_data / "crosscheck_dev.jsonl") if not r.is_test()]
-    rows = with_negatives(stratified_sample(rows, CALIBRATION_ROWS_PER_SOURCE, seed=0), NegativesConfig())
-    save_calibrator(train(open_jury(home), rows, progress=False), home.crosscheck_dir)
+    rows, probe_rows = training_sample(
+        load_rows(shared_data / "crosscheck_dev.jsonl"), CALIBRATION_ROWS_PER_SOURCE, PROBE_ROWS_PER_SOURCE, seed=0
+    )
+    save_calibrator(train(open_jury(home), rows, progress=False, probe_rows=probe_rows), home.crosscheck_dir)
     return home
 
 
@@ -55,6 +59,7 @@ def scored(sanity_home):
 
     jury = open_jury(sanity_home, require_calibrator=True)
     assert jury.calibrator.trained_on["negatives"]["swapped"] > 0
+    assert jury.calibrator.trained_on["probe_negatives"]["swapped"] > 0
     return score_suite(jury, load_suite())
 
 
@@ -75,9 +80,9 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
 @pytest.mark.xfail(
     strict=False,
     reason="target missed: with the calibrator `make start` builds the correct answer "
-    "ranks first on 88 % of the questions and every off-topic answer is flagged, but 100 degrees "
-    "Celsius is flagged (P 0.43) and 50 degrees Celsius reads higher (0.46); see docs/benchmarks.md, "
-    "sanity suite",
+    "ranks first on 80 % of the questions and every off-topic answer is flagged, but 50 degrees "
+    "Celsius (P 0.62) reads above 100 degrees Celsius (0.49) and neither is flagged; see "
+    "docs/benchmarks.md, sanity suite",
 )
 def test_sanity_suite_targets(scored):
     """The suite's targets: the correct answer gets the highest P(correct) on 90 % of questions,

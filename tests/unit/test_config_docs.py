@@ -123,7 +123,8 @@ def test_a_bad_value_is_a_clear_error(capsys):
     (["router", "train", "--help"], RouterConfig, ["--epochs", "--fine-tune", "--max-rows-per-label", "--neighbours"]),
     (["crosscheck", "train", "--help"], CalibratorConfig, ["--target-flag-precision", "--probe-layer", "--no-probe",
                                                            "--recalibrate", "--average-probe-folds",
-                                                           "--plausibility-strength", "--no-plausibility"]),
+                                                           "--plausibility-strength", "--no-probe-negatives",
+                                                           "--no-probe-candidate"]),
     (["serve", "--help"], ServeConfig, ["--host", "--port", "--address"]),
 ])  # fmt: skip
 def test_commands_take_their_flags_from_the_configs(capsys, argv, config_cls, expected):

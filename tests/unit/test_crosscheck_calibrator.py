@@ -512,7 +512,9 @@ def _with_changed_facts(n: int, seed: int, drop: float = 1.0):
 
 def test_the_plausibility_term_ranks_a_correct_answer_above_its_changed_copy():
     x, labels, constructed, pairs = _with_changed_facts(400, seed=31)
-    config = CalibratorConfig(seed=0, probe_layer=None, gate_features=("jury_pmi",))
+    config = CalibratorConfig(
+        seed=0, probe_layer=None, gate_features=("jury_pmi",), plausibility_features=("jury_logp_given",)
+    )
     plain = fit_calibrator(x, labels, config.model_copy(update={"plausibility_features": ()}), None, constructed, pairs)
     termed = fit_calibrator(x, labels, config, None, constructed, pairs)
     assert plain.plausibility is None and termed.plausibility is not None
@@ -533,14 +535,16 @@ def test_the_plausibility_term_ranks_a_correct_answer_above_its_changed_copy():
 def test_the_plausibility_term_never_rewards_lower_support_and_survives_json(tmp_path):
     # changed copies the jurors find *more* likely: the term's weight stays at zero, not negative
     x, labels, constructed, pairs = _with_changed_facts(300, seed=33, drop=-1.0)
-    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0, probe_layer=None), None, constructed, pairs)
+    term = CalibratorConfig(seed=0, probe_layer=None, plausibility_features=("jury_logp_given",))
+    calibrator = fit_calibrator(x, labels, term, None, constructed, pairs)
     assert calibrator.plausibility is not None and calibrator.plausibility.coef == [0.0]
     with pytest.raises(MoseError, match="log_answer_tokens is not"):
         fit_calibrator(
             x, labels, CalibratorConfig(plausibility_features=("log_answer_tokens",)), None, constructed, pairs
         )
     x, labels, constructed, pairs = _with_changed_facts(300, seed=34)
-    calibrator = fit_calibrator(x, labels, CalibratorConfig(seed=0, probe_layer=None), None, constructed, pairs)
+    term = CalibratorConfig(seed=0, probe_layer=None, plausibility_features=("jury_logp_given",))
+    calibrator = fit_calibrator(x, labels, term, None, constructed, pairs)
     save_calibrator(calibrator, tmp_path)
     loaded = load_calibrator(tmp_path)
     assert loaded.plausibility == calibrator.plausibility
@@ -581,6 +585,84 @@ def test_more_rows_for_the_probe_alone_sharpen_it_and_the_candidate_learns_from_
         MoseError, match="the probe's extra rows have \\(32,\\)-wide states, the scored rows \\(400,\\)"
     ):
         fit_calibrator(x, labels, config, states, probe_rows=(extra_states[:, :32], extra_labels))
+
+
+def _probe_world(n: int, seed: int, wrong_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and 64-wide answer states: correctness along one direction, and (``wrong_shift``) a
+    second direction where constructed wrong answers sit and labelled answers do not."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    states = rng.normal(size=(n, 64))
+    states[:, 0] += 1.5 * (2 * labels - 1)
+    states[:, 1] += wrong_shift
+    return labels, states
+
+
+def test_the_probe_candidate_is_the_probe_platt_scaled_on_every_labelled_row():
+    """30 scored rows and 600 probe rows: the candidate reads the probe's logit alone, scaled by a
+    fit on all 630 labelled rows' out-of-fold logits, so its probabilities on unseen rows are
+    calibrated although 30 rows could not have chosen or fitted a model."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, states = _probe_world(30, 1)
+    extra_labels, extra_states = _probe_world(600, 2)
+    test_labels, test_states = _probe_world(2000, 3)
+    x = np.random.default_rng(4).normal(size=(30, len(FEATURES)))
+    config = CalibratorConfig(probe_layer=20, seed=0)
+    fitted = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
+    assert fitted.method == "logistic" and fitted.trained_on["candidate"].startswith("probe, Platt-scaled on 630")
+    assert np.count_nonzero(fitted.coef) == 1 and fitted.coef[-1] > 0 and fitted.features[-1] == "base_probe"
+    assert fitted.metrics["probe_labelled_rows"] == 630 and fitted.metrics["train_rows"] == 30
+    logits = fitted.probe.logits(test_states)
+    p = fitted.predict(np.column_stack([np.zeros((2000, len(FEATURES))), logits]))
+    assert np.all(np.diff(p[np.argsort(logits)]) >= -1e-12)  # monotone in the probe's logit
+    assert roc_auc_score(test_labels, p) > 0.8
+    assert expected_calibration_error(p, test_labels) < 0.05
+    chosen = fit_calibrator(x, labels, config.model_copy(update={"probe_candidate": False}), states,
+                            probe_rows=(extra_states, extra_labels))  # fmt: skip
+    assert not chosen.trained_on["candidate"].startswith("probe")
+
+
+def test_the_probe_learns_constructed_wrong_answers_as_wrong():
+    """Constructed wrong answers sit where no labelled answer does: a probe given their states as
+    wrong reads such answers lower than one fitted on the labelled rows alone, and keeps ranking
+    the labelled rows."""
+    from sklearn.metrics import roc_auc_score
+
+    labels, states = _probe_world(40, 1)
+    extra_labels, extra_states = _probe_world(600, 2)
+    _, negatives = _probe_world(300, 5, wrong_shift=3.0)
+    test_labels, test_states = _probe_world(1000, 3)
+    _, test_negatives = _probe_world(500, 6, wrong_shift=3.0)
+    x = np.random.default_rng(4).normal(size=(40, len(FEATURES)))
+    config = CalibratorConfig(probe_layer=20, seed=0)
+    plain = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
+    taught = fit_calibrator(
+        x, labels, config, states, probe_rows=(extra_states, extra_labels), probe_negatives=negatives
+    )
+    for probe in (plain.probe, taught.probe):
+        assert roc_auc_score(test_labels, probe.logits(test_states)) > 0.8
+
+    def moved_auroc(probe) -> float:  # correct test answers against the constructed ones
+        correct = probe.logits(test_states[test_labels == 1])
+        return roc_auc_score(np.r_[np.ones(len(correct)), np.zeros(500)], np.r_[correct, probe.logits(test_negatives)])
+
+    assert moved_auroc(taught.probe) > moved_auroc(plain.probe) + 0.1
+
+
+def test_probe_negatives_are_made_from_the_probe_rows_alone():
+    from jury.crosscheck import CheckRow, probe_negatives
+
+    rows = [
+        CheckRow(question=f"In which year did event {i} happen?", answer=f"It happened in {1900 + i}.", label=1,
+                 source="s", domain=f"d{i % 3}", id=f"s/{i}")
+        for i in range(40)
+    ]  # fmt: skip
+    made = probe_negatives(rows, CalibratorConfig())
+    assert made and all(r.label == 0 for r in made)
+    assert {r.origin() for r in made} <= {r.digest() for r in rows}
+    assert {r.source.split("_")[0] for r in made} == {"swapped", "perturbed"}
+    assert probe_negatives(rows, CalibratorConfig(probe_negatives=False)) == []
 
 
 def test_the_probe_column_is_not_shrunk_with_the_jurors_columns():
@@ -666,6 +748,7 @@ def test_output_recalibration_is_left_out_when_the_output_ranks_labelled_rows_be
         probe_layer=None,
         gate_features=("jury_pmi",),
         candidates=("monotone logistic", "base rate"),
+        plausibility_features=("jury_logp_given",),
         recalibrate_output=True,
     )
     calibrator = fit_calibrator(x, labels, config, None, constructed, pairs)
