@@ -12,7 +12,8 @@ under a minute:
 5. serve on the embedded local Ray (skipped with ``--prepare-only``).
 
 When the calibrator is missing and ``mose up`` goes on to serve, the server starts first and the
-calibrator is fitted beside it (about 4 minutes on 2 cores): chat answers come at once, and
+calibrator is fitted beside it (3 minutes alone on 2 cores, up to 8 beside the server): chat
+answers come at once, and
 ``/v1/crosscheck`` answers 503 until the jury's calibrator lands (``/healthz`` reports
 ``calibrator_fitting``), then reloads it without a restart. ``--prepare-only`` fits it in line.
 """
@@ -31,10 +32,11 @@ CALIBRATION_ROWS_PER_SOURCE = 20
 answers made from them: about 2 min on 2 cores; `mose crosscheck train --limit N` fits on more)."""
 
 PROBE_ROWS_PER_SOURCE = 200
-"""More labelled rows per source for the first calibrator's truthfulness probe alone (1,000 rows,
-only the base model's answer state: about 1.5 min on 2 cores). The probe does most of the
-calibrator's ranking and reads better on more rows: held-out AUROC 0.49 with the probe on the
-scored rows alone, 0.585 with these (docs/decisions/jury-truthfulness-probe.md)."""
+"""More labelled rows per source for the first calibrator's truthfulness probe alone (1,000 rows
+and the 502 wrong answers made from them, only the base model's answer state: about 1.5 min on 2
+cores). The probe is the calibrator's candidate: held-out AUROC 0.49 with the probe on the scored
+rows alone, 0.585 with these (docs/decisions/jury-truthfulness-probe.md); on every training row
+instead of these it reads no better (docs/decisions/jury-probe-candidate.md)."""
 
 START_EVIDENCE_FILE = "start-evidence.jsonl"
 """The jury evidence the first calibrator was fitted on, kept in ``MOSE_HOME/crosscheck/``:

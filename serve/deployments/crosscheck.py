@@ -85,7 +85,7 @@ class CrossCheckDeployment:
         if fitting is not None:
             raise UnavailableError(
                 f"the cross-check calibrator is being fitted (started {time.time() - fitting.since:.0f} s ago; "
-                "about 4 minutes on 2 CPU cores): retry when /healthz reports a calibrator"
+                "3 to 8 minutes on 2 CPU cores): retry when /healthz reports a calibrator"
             )
 
     def status(self) -> dict[str, Any]:
