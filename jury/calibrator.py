@@ -125,10 +125,10 @@ class CalibratorConfig(BaseModel):
     """The probe also learns, as wrong, the wrong answers constructed from its extra rows
     (``probe_rows``: answers moved to another question, a fact changed; :mod:`jury.negatives`),
     whose states cost what the extra rows' do. It then reads an answer to another question as
-    false instead of leaving that to the relevance gate alone. (The jury's own constructed rows
-    stay out of the probe: learnt too, they took labelled AUROC from 0.60 to 0.58.) On the first start's rows: labelled
-    AUROC 0.60 against 0.56 with the gate, answers moved to another question 0.94 against 0.89
-    (docs/decisions/jury-probe-candidate.md)."""
+    false instead of leaving that to the relevance gate alone. On the first start's rows: labelled
+    AUROC 0.60 against 0.56, answers moved to another question 0.94 against 0.89. The jury's own
+    constructed rows stay out of the probe (learnt too, they took labelled AUROC to 0.58;
+    docs/decisions/jury-probe-candidate.md)."""
 
     probe_candidate: bool = True
     """With a probe, the candidate is the probe's logit Platt-scaled on the out-of-fold logits of
@@ -458,10 +458,11 @@ def fit_calibrator(
     probe_rows: tuple[np.ndarray, np.ndarray] | None = None,
     probe_negatives: np.ndarray | None = None,
 ) -> Calibrator:
-    """Choose the candidate (logistic at each strength, boosted trees, isotonic, the base rate) by
-    cross-validated log loss on the labelled rows, refit it on them, gate it with a
-    :class:`RelevanceGate` when there are constructed rows, and set the flag threshold on
-    out-of-fold predictions of every row.
+    """Fit the candidate on the labelled rows (with a probe and
+    :attr:`~CalibratorConfig.probe_candidate`, the probe's logit Platt-scaled; otherwise the
+    family, among logistic at each strength, boosted trees, isotonic and the base rate, with the
+    lowest cross-validated log loss, refitted), gate it with a :class:`RelevanceGate` when there
+    are constructed rows, and set the flag threshold on out-of-fold predictions of every row.
 
     ``x``: the :data:`FEATURES` columns. ``states`` (the base model's answer states at
     ``config.probe_layer``, one row each): a truthfulness probe is fitted first, and its
