@@ -456,7 +456,7 @@ def fit_calibrator(
     constructed: np.ndarray | None = None,
     perturbed_pairs: Sequence[tuple[int, int]] = (),
     probe_rows: tuple[np.ndarray, np.ndarray] | None = None,
-    probe_negatives: np.ndarray | None = None,
+    probe_negative_states: np.ndarray | None = None,
 ) -> Calibrator:
     """Fit the candidate on the labelled rows (with a probe and
     :attr:`~CalibratorConfig.probe_candidate`, the probe's logit Platt-scaled; otherwise the
@@ -474,7 +474,7 @@ def fit_calibrator(
     ``probe_rows``: (answer states, labels) of more labelled rows for the probe alone (states cost
     a fraction of the jury's evidence): it is fitted on them and the labelled rows of ``x``
     together, and the candidate learns from its out-of-fold logits on the latter.
-    ``probe_negatives``: answer states of wrong answers constructed from those rows, which the
+    ``probe_negative_states``: answer states of wrong answers constructed from those rows, which the
     probe learns from as wrong (:attr:`CalibratorConfig.probe_negatives`).
     """
     from sklearn.metrics import roc_auc_score
@@ -491,7 +491,7 @@ def fit_calibrator(
         config,
         None if states is None else states[labelled],
         probe_rows,
-        probe_negatives,
+        probe_negative_states,
     )
     p_all = np.empty(len(labels))
     p_all[labelled] = p_oof
@@ -571,10 +571,10 @@ def _fit_candidate(
     config: CalibratorConfig,
     states: np.ndarray | None,
     probe_rows: tuple[np.ndarray, np.ndarray] | None = None,
-    probe_negatives: np.ndarray | None = None,
+    probe_negative_states: np.ndarray | None = None,
 ) -> tuple[Calibrator, np.ndarray]:
     """The candidate, refitted on every row, and its out-of-fold predictions (``probe_rows``,
-    ``probe_negatives``: as in :func:`fit_calibrator`): with a probe and
+    ``probe_negative_states``: as in :func:`fit_calibrator`): with a probe and
     :attr:`~CalibratorConfig.probe_candidate`, the probe's logit Platt-scaled; otherwise the best
     family by cross-validated log loss that keeps :data:`MONOTONE_FEATURES`' direction."""
     from sklearn.metrics import log_loss, roc_auc_score
@@ -587,9 +587,11 @@ def _fit_candidate(
             raise MoseError("answer states were given but probe_layer is None")
         probe_states, probe_labels = _probe_training_rows(states, labels, probe_rows)
         labelled_for_probe = len(probe_labels)  # the constructed wrong answers come after these
-        if probe_negatives is not None and len(probe_negatives):
+        if probe_negative_states is not None and len(probe_negative_states):
             probe_states, probe_labels = _probe_training_rows(
-                probe_states, probe_labels, (probe_negatives, np.zeros(len(probe_negatives), dtype=np.int64))
+                probe_states,
+                probe_labels,
+                (probe_negative_states, np.zeros(len(probe_negative_states), dtype=np.int64)),
             )
         probe, probe_logits = fit_probe(
             probe_states,

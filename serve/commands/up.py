@@ -13,9 +13,9 @@ under a minute:
 
 When the calibrator is missing and ``mose up`` goes on to serve, the server starts first and the
 calibrator is fitted beside it (3 minutes alone on 2 cores, up to 8 beside the server): chat
-answers come at once, and
-``/v1/crosscheck`` answers 503 until the jury's calibrator lands (``/healthz`` reports
-``calibrator_fitting``), then reloads it without a restart. ``--prepare-only`` fits it in line.
+answers come at once, and ``/v1/crosscheck`` answers 503 until the jury's calibrator lands
+(``/healthz`` reports ``calibrator_fitting``), then reloads it without a restart.
+``--prepare-only`` fits it in line.
 """
 
 from __future__ import annotations

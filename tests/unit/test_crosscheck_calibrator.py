@@ -638,7 +638,7 @@ def test_the_probe_learns_constructed_wrong_answers_as_wrong():
     config = CalibratorConfig(probe_layer=20, seed=0)
     plain = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
     taught = fit_calibrator(
-        x, labels, config, states, probe_rows=(extra_states, extra_labels), probe_negatives=negatives
+        x, labels, config, states, probe_rows=(extra_states, extra_labels), probe_negative_states=negatives
     )
     for probe in (plain.probe, taught.probe):
         assert roc_auc_score(test_labels, probe.logits(test_states)) > 0.8
