@@ -290,7 +290,10 @@ def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> di
     from jury.crosscheck import auroc
 
     p = np.array(
-        [jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, None)) for e in evidence]
+        [
+            jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, e.row.answer, None))
+            for e in evidence
+        ]
     )
     labels = np.array([e.row.label for e in evidence])
     sources = np.array([e.row.source for e in evidence])

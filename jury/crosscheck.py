@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm import tqdm
 
 from experts.types import BASE_EXPERT
-from jury.calibrator import FEATURES, Calibrator, CalibratorConfig, fit_calibrator
+from jury.calibrator import CHECK_FEATURES, FEATURES, Calibrator, CalibratorConfig, fit_calibrator
+from jury.checks import text_checks
 from jury.jury import JurorEvidence, Jury, features
 from jury.negatives import PERTURBED, NegativesConfig, constructed_negatives, is_constructed, origin_digest
 from registry.errors import MoseError
@@ -82,7 +83,9 @@ class RowEvidence(BaseModel):
     def refresh_values(self) -> None:
         """Recompute :attr:`values` from the jury's evidence with the current features, so evidence
         saved before a feature change stays usable."""
-        self.values = features(self.jurors[: self.jury_size or len(self.jurors)], self.row.question, None)
+        self.values = features(
+            self.jurors[: self.jury_size or len(self.jurors)], self.row.question, self.row.answer, None
+        )
 
 
 def with_negatives(rows: Sequence[CheckRow], config: NegativesConfig | None) -> list[CheckRow]:
@@ -218,7 +221,7 @@ def collect(
                 RowEvidence(
                     row=row,
                     jurors=found,
-                    values=features(in_jury, row.question, None),
+                    values=features(in_jury, row.question, row.answer[: jury.config.max_answer_chars], None),
                     seconds=seconds,
                     jury_size=len(jurors),
                     adapters_read_question=jury.adapters_read_question,
@@ -233,6 +236,14 @@ def collect(
 
 def matrix(evidence: Sequence[RowEvidence]) -> np.ndarray:
     return np.array([[e.values[f] for f in FEATURES] for e in evidence], dtype=np.float64)
+
+
+def check_matrix(rows: Sequence[CheckRow]) -> np.ndarray:
+    """The :data:`~jury.calibrator.CHECK_FEATURES` columns of ``rows``, read from their text alone."""
+    outcomes = [text_checks(r.question, r.answer) for r in rows]
+    return np.array([[o[c] for c in CHECK_FEATURES] for o in outcomes], dtype=np.float64).reshape(
+        len(rows), len(CHECK_FEATURES)
+    )
 
 
 def answer_states(evidence: Sequence[RowEvidence], layer: int) -> np.ndarray:
@@ -387,7 +398,7 @@ def train(
     config = config or CalibratorConfig()
     if evidence is None:
         evidence = collect(jury, rows, k, progress=progress, state_layer=config.probe_layer)
-    states, extra, negatives, negative_states = None, None, [], None
+    states, extra, negatives, negative_states, checks = None, None, [], None, None
     if config.probe_layer is not None:
         fill_answer_states(jury, evidence, config.probe_layer, progress)
         states = answer_states(evidence, config.probe_layer)
@@ -396,6 +407,7 @@ def train(
                 probe_states(jury, probe_rows, config.probe_layer, progress),
                 np.array([r.label for r in probe_rows]),
             )
+            checks = check_matrix(probe_rows)
             negatives = probe_negatives(probe_rows, config)
             if negatives:
                 negative_states = probe_states(jury, negatives, config.probe_layer, progress, "probe negatives")
@@ -409,6 +421,7 @@ def train(
         perturbed_pairs(evidence),
         extra,
         negative_states,
+        checks,
     )
     calibrator.trained_on = {
         **calibrator.trained_on,

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from experts.types import BASE_EXPERT, ChatMessage, ExpertScore, GenerationRequest, SamplingParams
 from jury.calibrator import FEATURES, PROBE_FEATURE, Calibrator
+from jury.checks import text_checks
 from registry.errors import MoseError, ServerError
 from registry.service import Reputation
 
@@ -106,9 +107,10 @@ def reliability_weight(reputation: Reputation, sharpness: float) -> float:
     return math.exp(sharpness * (reputation.mean - 0.5))
 
 
-def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | None) -> dict[str, float]:
+def features(jurors: Sequence[JurorEvidence], question: str, answer: str, agreement: bool | None) -> dict[str, float]:
     """Composition-independent evidence (reputation-weighted means over the experts, the base
-    model's own, their contrast), the item's format, and their interactions (:data:`FEATURES`)."""
+    model's own, their contrast), the item's format, their interactions, and the checks of the
+    answer's text (:mod:`jury.checks`) (:data:`FEATURES`)."""
     base = next((j for j in jurors if j.expert == BASE_EXPERT), None)
     experts = [j for j in jurors if j.expert != BASE_EXPERT] or ([base] if base else [])
     if base is None or not experts:
@@ -138,7 +140,7 @@ def features(jurors: Sequence[JurorEvidence], question: str, agreement: bool | N
         "log_question_chars": math.log1p(len(question)),
         "long_answer": float(base.answer_tokens > 40),
     }
-    values = {**evidence, **shape}
+    values = {**evidence, **shape, **text_checks(question, answer)}
     for name, value in evidence.items():
         values[f"{name}_x_long"] = value * shape["long_answer"]
         values[f"{name}_x_log_answer_tokens"] = value * shape["log_answer_tokens"]
@@ -256,7 +258,7 @@ class Jury:
             for s, (_, domain) in zip(scores, jurors)
         ]
 
-    def cast_votes(self, question: str, jurors: Sequence[JurorEvidence], agreement: bool | None) -> None:
+    def cast_votes(self, question: str, answer: str, jurors: Sequence[JurorEvidence], agreement: bool | None) -> None:
         """Each expert's vote: does its evidence, beside the base model's, make the calibrator's
         P(correct) higher than the base model's evidence alone does? So a vote is the juror's
         own contribution; what every juror shares (the answer's length, the base model) moves
@@ -270,14 +272,15 @@ class Jury:
                 juror.vote = juror.pmi > 0
             return
         voter = self.calibrator.voter or self.calibrator  # without the probe every juror shares
-        base_values = self.evidence_values([base], question, agreement)
+        base_values = self.evidence_values([base], question, answer, agreement)
         reference = self.probability(base_values, voter)
         for juror in jurors:
             if juror is base:
                 juror.vote = self.probability(base_values) > 0.5  # the probe is the base model's own
                 continue
             alone = self.probability(
-                self.evidence_values([juror.model_copy(update={"weight": 1.0}), base], question, agreement), voter
+                self.evidence_values([juror.model_copy(update={"weight": 1.0}), base], question, answer, agreement),
+                voter,
             )
             juror.vote = alone > reference if alone != reference else reference > 0.5
 
@@ -335,9 +338,9 @@ class Jury:
 
     def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
         """Aggregate the jurors' evidence into a calibrated verdict."""
-        values = self.evidence_values(jurors, question, agreement)
+        values = self.evidence_values(jurors, question, answer, agreement)
         p_correct = self.probability(values)
-        self.cast_votes(question, jurors, agreement)
+        self.cast_votes(question, answer, jurors, agreement)
         return Verdict(
             id=new_verdict_id(question, answer),
             p_correct=p_correct,
@@ -350,10 +353,10 @@ class Jury:
         )
 
     def evidence_values(
-        self, jurors: Sequence[JurorEvidence], question: str, agreement: bool | None
+        self, jurors: Sequence[JurorEvidence], question: str, answer: str, agreement: bool | None
     ) -> dict[str, float]:
         """:func:`features`, plus the truthfulness probe's logit when the calibrator has a probe."""
-        values = features(jurors, question, agreement)
+        values = features(jurors, question, answer, agreement)
         probe = self.calibrator.probe if self.calibrator is not None else None
         if probe is not None:
             state = next(j.answer_state for j in jurors if j.expert == BASE_EXPERT)

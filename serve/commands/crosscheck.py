@@ -21,6 +21,7 @@ CALIBRATOR_FLAGS = (
     "probe_average_folds",
     "probe_negatives",
     "probe_candidate",
+    "text_checks",
     "off_topic_share",
     "plausibility_features",
     "plausibility_strength",

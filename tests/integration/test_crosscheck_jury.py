@@ -376,12 +376,12 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
         # law-juror is a random adapter, itself a poor judge; base and med-juror judge well
         assert weights["shuffled-juror"] < min(weights[BASE_EXPERT], weights["med-juror"]) / 3, weights
 
-        evidence = [(q, jury.evidence(q, a, jury.select(q)), ok) for q, a, ok in heldout]
+        evidence = [(q, a, jury.evidence(q, a, jury.select(q)), ok) for q, a, ok in heldout]
 
         def auroc(seat_bad: bool) -> float:
             scores = [
-                jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q, None))
-                for q, jurors, _ in evidence
+                jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q, a, None))
+                for q, a, jurors, _ in evidence
             ]
             return roc_auc_score([ok for *_, ok in evidence], scores)
 

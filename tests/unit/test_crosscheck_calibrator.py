@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jury.calibrator import (
+    CHECK_FEATURES,
     FEATURES,
     CalibratorConfig,
     fit_calibrator,
@@ -16,11 +17,18 @@ from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
 
 
+def _features(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``n`` rows of standard-normal evidence; the check columns (last) stay 0: no answer fails one."""
+    x = np.zeros((n, len(FEATURES)))
+    x[:, : len(FEATURES) - len(CHECK_FEATURES)] = rng.normal(size=(n, len(FEATURES) - len(CHECK_FEATURES)))
+    return x
+
+
 def _evidence(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Features whose jury PMI carries a real but noisy signal about the label (like the jury's)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, len(FEATURES)))
+    x = _features(rng, n)
     x[:, FEATURES.index("jury_pmi")] = 3.0 * labels + rng.normal(0, 2.0, n) + 5.0  # badly scaled
     return x, labels
 
@@ -110,7 +118,7 @@ def test_boosted_trees_find_a_sign_flip_the_logistic_model_cannot_and_survive_js
     def sign_flip(n, seed):
         rng = np.random.default_rng(seed)
         labels = rng.integers(0, 2, n)
-        x = rng.normal(size=(n, len(FEATURES)))
+        x = _features(rng, n)
         long = (rng.random(n) < 0.3).astype(float)  # a minority of long responses
         x[:, FEATURES.index("long_answer")] = long
         x[:, FEATURES.index("base_pmi")] = np.where(long == 1, -1.0, 1.0) * (2 * labels - 1) + rng.normal(0, 1, n)
@@ -287,11 +295,11 @@ def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
         )
 
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
-    Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", jurors, None)
+    Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", "A.", jurors, None)
     assert [j.vote for j in jurors] == [True, False, True]  # base: sigmoid(0.2) > 0.5
 
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
-    Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes("Q?", jurors, None)
+    Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes("Q?", "A.", jurors, None)
     assert [j.vote for j in jurors] == [False, False, False]  # length alone: all side with the base
 
 
@@ -312,7 +320,7 @@ def test_a_truthfulness_probe_adds_what_the_jurors_miss_and_survives_json(tmp_pa
 
     rng = np.random.default_rng(0)
     labels, test_labels = rng.integers(0, 2, 800), rng.integers(0, 2, 400)
-    x, test_x = rng.normal(size=(800, len(FEATURES))), rng.normal(size=(400, len(FEATURES)))
+    x, test_x = _features(rng, 800), _features(rng, 400)
     states, test_states = _states(labels, 1), _states(test_labels, 2)
     without = fit_calibrator(x, labels)
     with_probe = fit_calibrator(x, labels, CalibratorConfig(probe_layer=7), states)
@@ -355,9 +363,7 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
 
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 2, 200)
-    calibrator = fit_calibrator(
-        rng.normal(size=(200, len(FEATURES))), labels, CalibratorConfig(probe_layer=20), _states(labels, 4)
-    )
+    calibrator = fit_calibrator(_features(rng, 200), labels, CalibratorConfig(probe_layer=20), _states(labels, 4))
     jury = Jury(None, None, None, calibrator)
     assert jury.state_layer == 20 and Jury(None, None, None).state_layer is None
     state = _states(np.array([1]), 5)[0].tolist()
@@ -372,24 +378,24 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
         )
         for name in ("demo-law", "base")
     ]
-    values = jury.evidence_values(jurors, "Question?", None)
+    values = jury.evidence_values(jurors, "Question?", "Answer.", None)
     assert values[PROBE_FEATURE] == pytest.approx(float(calibrator.probe.logits(np.array(state))[0]))
     assert 0.0 <= jury.probability(values) <= 1.0
     assert "answer_state" not in jurors[1].model_dump()  # verdicts do not carry the 576 numbers
     # votes: the experts' by the probe-less voter fitted on the same rows, the base model's with its probe
     assert calibrator.voter.probe is None and calibrator.voter.features == list(FEATURES)
     assert Calibrator.model_validate_json(calibrator.model_dump_json()).voter == calibrator.voter
-    jury.cast_votes("Question?", jurors, None)
+    jury.cast_votes("Question?", "Answer.", jurors, None)
     alone = jury.probability(
-        jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]], "Question?", None),
+        jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]], "Question?", "Answer.", None),
         calibrator.voter,
     )
-    reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", None), calibrator.voter)
+    reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", "Answer.", None), calibrator.voter)
     assert jurors[0].vote == (alone > reference if alone != reference else reference > 0.5)
-    assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", None)) > 0.5)
+    assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", "Answer.", None)) > 0.5)
     jurors[1].answer_state = None
     with pytest.raises(MoseError, match="reads the base model's answer state at layer 20, and the evidence has none"):
-        jury.evidence_values(jurors, "Question?", None)
+        jury.evidence_values(jurors, "Question?", "Answer.", None)
 
 
 def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_path):
@@ -401,7 +407,7 @@ def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_pa
     from jury.calibrator import MONOTONE_FEATURES
 
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(2400, len(FEATURES)))
+    x = _features(rng, 2400)
     signal = x[:, FEATURES.index("jury_logp_given")].copy()
     labels = (signal + rng.normal(size=2400) > 0).astype(int)
     # the jurors' support columns (whose direction the calibrator keeps) carry the signal or nothing
@@ -446,10 +452,10 @@ def _with_constructed(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.nda
     question) whose support is far lower."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 2, n)
-    x = rng.normal(size=(n, len(FEATURES)))
+    x = _features(rng, n)
     for feature in ("jury_pmi", "jury_logp_given"):
         x[:, FEATURES.index(feature)] = rng.normal(0.5, 1.0, n)
-    moved = rng.normal(size=(n // 3, len(FEATURES)))
+    moved = _features(rng, n // 3)
     for feature in ("jury_pmi", "jury_logp_given"):
         moved[:, FEATURES.index(feature)] = rng.normal(-3.0, 1.0, n // 3)
     constructed = np.r_[np.zeros(n, bool), np.ones(n // 3, bool)]
@@ -500,7 +506,7 @@ def _with_changed_facts(n: int, seed: int, drop: float = 1.0):
     same answer with a fact changed: everything alike but the jurors' log-prob given the question,
     lower by ``drop`` (noisy). Returns x, labels, constructed and the (correct, changed) pairs."""
     rng = np.random.default_rng(seed)
-    x, labels = rng.normal(size=(n, len(FEATURES))), rng.integers(0, 2, n)
+    x, labels = _features(rng, n), rng.integers(0, 2, n)
     right = np.flatnonzero(labels == 1)
     changed = x[right].copy()
     given = FEATURES.index("jury_logp_given")
@@ -559,7 +565,7 @@ def test_more_rows_for_the_probe_alone_sharpen_it_and_the_candidate_learns_from_
 
     rng = np.random.default_rng(0)
     labels, extra_labels, test_labels = rng.integers(0, 2, 100), rng.integers(0, 2, 1000), rng.integers(0, 2, 400)
-    x = rng.normal(size=(100, len(FEATURES)))
+    x = _features(rng, 100)
     direction = np.random.default_rng(99).normal(size=400)
     direction *= 2.0 / np.linalg.norm(direction)  # a weak direction among 400 noisy dimensions, as a model's
 
@@ -578,7 +584,7 @@ def test_more_rows_for_the_probe_alone_sharpen_it_and_the_candidate_learns_from_
     auroc_more = roc_auc_score(test_labels, more.probe.logits(test_states))
     assert auroc_more > auroc_alone + 0.1 and auroc_more > 0.7
     assert more.metrics["train_rows"] == 100  # the candidate's rows; the probe's are not among them
-    test_x = rng.normal(size=(400, len(FEATURES)))
+    test_x = _features(rng, 400)
     p = more.predict(np.column_stack([test_x, more.probe.logits(test_states)]))
     assert roc_auc_score(test_labels, p) > 0.7
     with pytest.raises(
@@ -607,7 +613,7 @@ def test_the_probe_candidate_is_the_probe_platt_scaled_on_every_labelled_row():
     labels, states = _probe_world(30, 1)
     extra_labels, extra_states = _probe_world(600, 2)
     test_labels, test_states = _probe_world(2000, 3)
-    x = np.random.default_rng(4).normal(size=(30, len(FEATURES)))
+    x = _features(np.random.default_rng(4), 30)
     config = CalibratorConfig(probe_layer=20, seed=0)
     fitted = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
     assert fitted.method == "logistic" and fitted.trained_on["candidate"].startswith("probe, Platt-scaled on 630")
@@ -634,7 +640,7 @@ def test_the_probe_learns_constructed_wrong_answers_as_wrong():
     _, negatives = _probe_world(300, 5, wrong_shift=3.0)
     test_labels, test_states = _probe_world(1000, 3)
     _, test_negatives = _probe_world(500, 6, wrong_shift=3.0)
-    x = np.random.default_rng(4).normal(size=(40, len(FEATURES)))
+    x = _features(np.random.default_rng(4), 40)
     config = CalibratorConfig(probe_layer=20, seed=0)
     plain = fit_calibrator(x, labels, config, states, probe_rows=(extra_states, extra_labels))
     taught = fit_calibrator(
@@ -753,3 +759,45 @@ def test_output_recalibration_is_left_out_when_the_output_ranks_labelled_rows_be
     )
     calibrator = fit_calibrator(x, labels, config, None, constructed, pairs)
     assert calibrator.metrics["output_recalibration_slope"] <= 0 and calibrator.output_recalibration is None
+
+
+def test_a_failed_check_lowers_p_correct_by_a_shift_fitted_on_every_labelled_row():
+    """Scored rows and probe rows where a failed arithmetic check goes mostly with wrong answers:
+    the probe candidate learns a negative shift for it from both, with the probe's weight as
+    before; the fitted calibrator never raises P(correct) for a failed check."""
+    from jury.calibrator import is_monotone
+
+    labels, states = _probe_world(60, 1)
+    extra_labels, extra_states = _probe_world(600, 2)
+    rng = np.random.default_rng(7)
+    x = _features(rng, 60)
+    x[:, FEATURES.index("arithmetic_slip")] = (labels == 0) & (rng.random(60) < 0.3)
+    extra_checks = ((extra_labels == 0) & (rng.random(600) < 0.3)).astype(float)[:, None]
+    extra_checks[np.flatnonzero(extra_labels == 1)[:3]] = 1.0  # a few correct answers slip too
+    config = CalibratorConfig(probe_layer=20, seed=0)
+    fitted = fit_calibrator(
+        x, labels, config, states, probe_rows=(extra_states, extra_labels), probe_checks=extra_checks
+    )
+    shift = fitted.metrics["check_shift arithmetic_slip"]
+    assert shift < -1.0 and fitted.coef[fitted.features.index("arithmetic_slip")] == pytest.approx(shift)
+    assert "failing a check" in fitted.trained_on["candidate"]
+    test_x = np.column_stack([np.zeros((50, len(FEATURES))), fitted.probe.logits(_probe_world(50, 3)[1])])
+    assert is_monotone(fitted, test_x)
+    off = fit_calibrator(
+        x, labels, config.model_copy(update={"text_checks": False}), states,
+        probe_rows=(extra_states, extra_labels), probe_checks=extra_checks,
+    )  # fmt: skip
+    assert off.coef[off.features.index("arithmetic_slip")] == 0.0
+
+
+def test_a_check_that_fails_only_on_correct_answers_gets_no_shift():
+    from jury.calibrator import fit_probe_scaling
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 400)
+    logits = 2.0 * (labels - 0.5) + rng.normal(0, 1, 400)
+    checks = ((labels == 1) & (rng.random(400) < 0.2)).astype(float)[:, None]
+    slope, _, shifts = fit_probe_scaling(logits, checks, labels, prior_scale=2.0)
+    assert slope > 0 and shifts[0] == 0.0  # bounded at 0: a failed check never counts for an answer
+    none = np.zeros((400, 1))
+    assert fit_probe_scaling(logits, none, labels, 2.0)[2][0] == 0.0
