@@ -12,7 +12,7 @@ under a minute:
 5. serve on the embedded local Ray (skipped with ``--prepare-only``).
 
 When the calibrator is missing and ``mose up`` goes on to serve, the server starts first and the
-calibrator is fitted beside it (3 minutes alone on 2 cores, up to 8 beside the server): chat
+calibrator is fitted beside it (about 3 minutes on 2 cores with bf16, up to 8 on a float32 machine): chat
 answers come at once, and ``/v1/crosscheck`` answers 503 until the jury's calibrator lands
 (``/healthz`` reports ``calibrator_fitting``), then reloads it without a restart.
 ``--prepare-only`` fits it in line.
