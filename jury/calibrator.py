@@ -649,15 +649,11 @@ def _fit_candidate(
             config.probe_average_folds,
         )
         if config.probe_candidate:
-            checks = x[:, [FEATURES.index(check) for check in CHECK_FEATURES]]
-            if labelled_for_probe > len(labels):
-                more = np.zeros((labelled_for_probe - len(labels), len(CHECK_FEATURES)))
-                checks = np.concatenate([checks, more if probe_checks is None else np.asarray(probe_checks, float)])
             best, p_oof = _probe_candidate(
                 probe,
                 probe_logits[:labelled_for_probe],
                 probe_labels[:labelled_for_probe],
-                checks if config.text_checks else np.zeros_like(checks),
+                _labelled_checks(x, probe_checks, labelled_for_probe - len(labels)),
                 len(labels),
                 config,
             )
@@ -705,6 +701,15 @@ def _fit_candidate(
         best.metrics["probe_validation_auroc"] = float(roc_auc_score(labels, probe_logits))
     best.trained_on = {"candidate": chosen}
     return best, p_oof
+
+
+def _labelled_checks(x: np.ndarray, probe_checks: np.ndarray | None, probe_rows: int) -> np.ndarray:
+    """The :data:`CHECK_FEATURES` columns of every labelled row the probe learnt from: the scored
+    rows' (``x``), then the ``probe_rows`` extra rows' (``probe_checks``; none given: no check failed)."""
+    scored = x[:, [FEATURES.index(check) for check in CHECK_FEATURES]]
+    if probe_checks is None:
+        probe_checks = np.zeros((probe_rows, len(CHECK_FEATURES)))
+    return np.concatenate([scored, np.asarray(probe_checks, dtype=np.float64).reshape(probe_rows, len(CHECK_FEATURES))])
 
 
 def _recalibrated_candidate(
