@@ -22,6 +22,7 @@ CALIBRATOR_FLAGS = (
     "probe_negatives",
     "probe_candidate",
     "text_checks",
+    "check_prior_scale",
     "off_topic_share",
     "plausibility_features",
     "plausibility_strength",
