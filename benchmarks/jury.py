@@ -287,11 +287,16 @@ def panel(item, bad: str | None, weights: dict[str, float]):
 
 
 def jury_auroc(jury, evidence, bad: str | None, weights: dict[str, float]) -> dict[str, float]:
+    from jury.checks import text_checks
     from jury.crosscheck import auroc
 
     p = np.array(
         [
-            jury.probability(jury.evidence_values(panel(e, bad, weights), e.row.question, e.row.answer, None))
+            jury.probability(
+                jury.evidence_values(
+                    panel(e, bad, weights), e.row.question, text_checks(e.row.question, e.row.answer), None
+                )
+            )
             for e in evidence
         ]
     )

@@ -83,9 +83,8 @@ class RowEvidence(BaseModel):
     def refresh_values(self) -> None:
         """Recompute :attr:`values` from the jury's evidence with the current features, so evidence
         saved before a feature change stays usable."""
-        self.values = features(
-            self.jurors[: self.jury_size or len(self.jurors)], self.row.question, self.row.answer, None
-        )
+        checks = text_checks(self.row.question, self.row.answer)
+        self.values = features(self.jurors[: self.jury_size or len(self.jurors)], self.row.question, checks, None)
 
 
 def with_negatives(rows: Sequence[CheckRow], config: NegativesConfig | None) -> list[CheckRow]:
@@ -221,7 +220,12 @@ def collect(
                 RowEvidence(
                     row=row,
                     jurors=found,
-                    values=features(in_jury, row.question, row.answer[: jury.config.max_answer_chars], None),
+                    values=features(
+                        in_jury,
+                        row.question,
+                        text_checks(row.question, row.answer[: jury.config.max_answer_chars]),
+                        None,
+                    ),
                     seconds=seconds,
                     jury_size=len(jurors),
                     adapters_read_question=jury.adapters_read_question,

@@ -107,10 +107,12 @@ def reliability_weight(reputation: Reputation, sharpness: float) -> float:
     return math.exp(sharpness * (reputation.mean - 0.5))
 
 
-def features(jurors: Sequence[JurorEvidence], question: str, answer: str, agreement: bool | None) -> dict[str, float]:
+def features(
+    jurors: Sequence[JurorEvidence], question: str, checks: dict[str, float], agreement: bool | None
+) -> dict[str, float]:
     """Composition-independent evidence (reputation-weighted means over the experts, the base
-    model's own, their contrast), the item's format, their interactions, and the checks of the
-    answer's text (:mod:`jury.checks`) (:data:`FEATURES`)."""
+    model's own, their contrast), the item's format, their interactions, and ``checks``, the
+    outcomes of :func:`jury.checks.text_checks` on the answer (:data:`FEATURES`)."""
     base = next((j for j in jurors if j.expert == BASE_EXPERT), None)
     experts = [j for j in jurors if j.expert != BASE_EXPERT] or ([base] if base else [])
     if base is None or not experts:
@@ -140,7 +142,7 @@ def features(jurors: Sequence[JurorEvidence], question: str, answer: str, agreem
         "log_question_chars": math.log1p(len(question)),
         "long_answer": float(base.answer_tokens > 40),
     }
-    values = {**evidence, **shape, **text_checks(question, answer)}
+    values = {**evidence, **shape, **checks}
     for name, value in evidence.items():
         values[f"{name}_x_long"] = value * shape["long_answer"]
         values[f"{name}_x_log_answer_tokens"] = value * shape["log_answer_tokens"]
@@ -258,7 +260,9 @@ class Jury:
             for s, (_, domain) in zip(scores, jurors)
         ]
 
-    def cast_votes(self, question: str, answer: str, jurors: Sequence[JurorEvidence], agreement: bool | None) -> None:
+    def cast_votes(
+        self, question: str, jurors: Sequence[JurorEvidence], checks: dict[str, float], agreement: bool | None
+    ) -> None:
         """Each expert's vote: does its evidence, beside the base model's, make the calibrator's
         P(correct) higher than the base model's evidence alone does? So a vote is the juror's
         own contribution; what every juror shares (the answer's length, the base model) moves
@@ -272,14 +276,14 @@ class Jury:
                 juror.vote = juror.pmi > 0
             return
         voter = self.calibrator.voter or self.calibrator  # without the probe every juror shares
-        base_values = self.evidence_values([base], question, answer, agreement)
+        base_values = self.evidence_values([base], question, checks, agreement)
         reference = self.probability(base_values, voter)
         for juror in jurors:
             if juror is base:
                 juror.vote = self.probability(base_values) > 0.5  # the probe is the base model's own
                 continue
             alone = self.probability(
-                self.evidence_values([juror.model_copy(update={"weight": 1.0}), base], question, answer, agreement),
+                self.evidence_values([juror.model_copy(update={"weight": 1.0}), base], question, checks, agreement),
                 voter,
             )
             juror.vote = alone > reference if alone != reference else reference > 0.5
@@ -337,10 +341,11 @@ class Jury:
         )
 
     def verdict(self, question: str, answer: str, jurors: list[JurorEvidence], agreement: bool | None) -> Verdict:
-        """Aggregate the jurors' evidence into a calibrated verdict."""
-        values = self.evidence_values(jurors, question, answer, agreement)
+        """Aggregate the jurors' evidence and the answer's text checks into a calibrated verdict."""
+        checks = text_checks(question, answer)
+        values = self.evidence_values(jurors, question, checks, agreement)
         p_correct = self.probability(values)
-        self.cast_votes(question, answer, jurors, agreement)
+        self.cast_votes(question, jurors, checks, agreement)
         return Verdict(
             id=new_verdict_id(question, answer),
             p_correct=p_correct,
@@ -353,10 +358,10 @@ class Jury:
         )
 
     def evidence_values(
-        self, jurors: Sequence[JurorEvidence], question: str, answer: str, agreement: bool | None
+        self, jurors: Sequence[JurorEvidence], question: str, checks: dict[str, float], agreement: bool | None
     ) -> dict[str, float]:
         """:func:`features`, plus the truthfulness probe's logit when the calibrator has a probe."""
-        values = features(jurors, question, answer, agreement)
+        values = features(jurors, question, checks, agreement)
         probe = self.calibrator.probe if self.calibrator is not None else None
         if probe is not None:
             state = next(j.answer_state for j in jurors if j.expert == BASE_EXPERT)

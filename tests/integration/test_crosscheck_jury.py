@@ -347,6 +347,7 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
     from sklearn.metrics import roc_auc_score
 
     from experts.finetune import FinetuneConfig, QAPair, load_base_for_training, load_pairs, train_lora
+    from jury.checks import text_checks
     from jury.jury import features
 
     pairs = load_pairs(shared_data / "sft" / "general_knowledge.jsonl")
@@ -380,7 +381,11 @@ def test_a_bad_juror_loses_weight_through_feedback_and_the_jury_recovers(jury, s
 
         def auroc(seat_bad: bool) -> float:
             scores = [
-                jury.probability(features([j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q, a, None))
+                jury.probability(
+                    features(
+                        [j for j in jurors if seat_bad or j.expert != "shuffled-juror"], q, text_checks(q, a), None
+                    )
+                )
                 for q, a, jurors, _ in evidence
             ]
             return roc_auc_score([ok for *_, ok in evidence], scores)

@@ -16,6 +16,9 @@ from jury.calibrator import (
 from registry.errors import MoseError
 from router_model.calibration import expected_calibration_error
 
+NO_CHECKS = {check: 0.0 for check in CHECK_FEATURES}
+"""The outcome of :func:`jury.checks.text_checks` on an answer that fails none."""
+
 
 def _features(rng: np.random.Generator, n: int) -> np.ndarray:
     """``n`` rows of standard-normal evidence; the check columns (last) stay 0: no answer fails one."""
@@ -295,11 +298,13 @@ def test_an_experts_vote_is_its_own_contribution_beside_the_base_model():
         )
 
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
-    Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", "A.", jurors, None)
+    Jury(None, None, None, calibrator({"contrast_pmi": 1.0}, intercept=0.2)).cast_votes("Q?", jurors, NO_CHECKS, None)
     assert [j.vote for j in jurors] == [True, False, True]  # base: sigmoid(0.2) > 0.5
 
     jurors = [juror("sharp", 1.5), juror("muddled", -0.5), juror("base", 0.5)]
-    Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes("Q?", "A.", jurors, None)
+    Jury(None, None, None, calibrator({"log_answer_tokens": -1.0}, intercept=0.0)).cast_votes(
+        "Q?", jurors, NO_CHECKS, None
+    )
     assert [j.vote for j in jurors] == [False, False, False]  # length alone: all side with the base
 
 
@@ -378,24 +383,24 @@ def test_a_jury_with_a_probe_reads_the_base_models_state_and_asks_the_pool_for_i
         )
         for name in ("demo-law", "base")
     ]
-    values = jury.evidence_values(jurors, "Question?", "Answer.", None)
+    values = jury.evidence_values(jurors, "Question?", NO_CHECKS, None)
     assert values[PROBE_FEATURE] == pytest.approx(float(calibrator.probe.logits(np.array(state))[0]))
     assert 0.0 <= jury.probability(values) <= 1.0
     assert "answer_state" not in jurors[1].model_dump()  # verdicts do not carry the 576 numbers
     # votes: the experts' by the probe-less voter fitted on the same rows, the base model's with its probe
     assert calibrator.voter.probe is None and calibrator.voter.features == list(FEATURES)
     assert Calibrator.model_validate_json(calibrator.model_dump_json()).voter == calibrator.voter
-    jury.cast_votes("Question?", "Answer.", jurors, None)
+    jury.cast_votes("Question?", jurors, NO_CHECKS, None)
     alone = jury.probability(
-        jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]], "Question?", "Answer.", None),
+        jury.evidence_values([jurors[0].model_copy(update={"weight": 1.0}), jurors[1]], "Question?", NO_CHECKS, None),
         calibrator.voter,
     )
-    reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", "Answer.", None), calibrator.voter)
+    reference = jury.probability(jury.evidence_values([jurors[1]], "Question?", NO_CHECKS, None), calibrator.voter)
     assert jurors[0].vote == (alone > reference if alone != reference else reference > 0.5)
-    assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", "Answer.", None)) > 0.5)
+    assert jurors[1].vote == (jury.probability(jury.evidence_values([jurors[1]], "Question?", NO_CHECKS, None)) > 0.5)
     jurors[1].answer_state = None
     with pytest.raises(MoseError, match="reads the base model's answer state at layer 20, and the evidence has none"):
-        jury.evidence_values(jurors, "Question?", "Answer.", None)
+        jury.evidence_values(jurors, "Question?", NO_CHECKS, None)
 
 
 def test_platt_recalibration_tames_an_overconfident_fit_and_survives_json(tmp_path):
