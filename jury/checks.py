@@ -39,16 +39,24 @@ def _number(token: str) -> float:
     return float(token[:-1]) / 100 if token.endswith("%") else float(token)
 
 
-def _evaluate(node: ast.AST) -> float:
-    """The value of an expression of numbers and + - * / only (anything else raises ValueError)."""
+def _evaluate(node: ast.AST, names: dict[str, float] | None = None) -> float:
+    """The value of an expression of numbers, ``names`` and + - * / (and powers up to 4) only;
+    anything else raises ValueError."""
+    names = names or {}
     if isinstance(node, ast.Expression):
-        return _evaluate(node.body)
+        return _evaluate(node.body, names)
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         return float(node.value)
+    if isinstance(node, ast.Name) and node.id in names:
+        return names[node.id]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-        return -_evaluate(node.operand)
+        return -_evaluate(node.operand, names)
     if isinstance(node, ast.BinOp) and type(node.op) in _OPERATORS:
-        return _OPERATORS[type(node.op)](_evaluate(node.left), _evaluate(node.right))
+        return _OPERATORS[type(node.op)](_evaluate(node.left, names), _evaluate(node.right, names))
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+        exponent = node.right
+        if isinstance(exponent, ast.Constant) and isinstance(exponent.value, int) and 0 <= exponent.value <= 4:
+            return _evaluate(node.left, names) ** exponent.value
     raise ValueError("not plain arithmetic")
 
 
@@ -114,34 +122,7 @@ def _expression(tokens: list[str]) -> str:
 
 
 def _evaluate_with(expression: str, name: str, value: float) -> float:
-    tree = ast.parse(expression, mode="eval")
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name):
-            if node.id != name:
-                raise ValueError("another name")
-        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
-            exponent = node.right
-            if not (isinstance(exponent, ast.Constant) and isinstance(exponent.value, int) and exponent.value <= 4):
-                raise ValueError("not a small power")
-    body = ast.Expression(ast.fix_missing_locations(_substitute(tree.body, name, value)))
-    return _evaluate(body)
-
-
-def _substitute(node: ast.AST, name: str, value: float) -> ast.AST:
-    if isinstance(node, ast.Name) and node.id == name:
-        return ast.Constant(value)
-    if isinstance(node, ast.BinOp):
-        op = ast.Mult() if isinstance(node.op, ast.Pow) else node.op
-        if isinstance(node.op, ast.Pow):  # x ** n as n factors, so _evaluate needs no power
-            left = _substitute(node.left, name, value)
-            product: ast.AST = left
-            for _ in range(int(node.right.value) - 1):
-                product = ast.BinOp(product, op, left)
-            return product
-        return ast.BinOp(_substitute(node.left, name, value), op, _substitute(node.right, name, value))
-    if isinstance(node, ast.UnaryOp):
-        return ast.UnaryOp(node.op, _substitute(node.operand, name, value))
-    return node
+    return _evaluate(ast.parse(expression, mode="eval"), {name: value})
 
 
 def equation_in(question: str) -> tuple[str, str, str] | None:
