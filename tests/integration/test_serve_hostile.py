@@ -223,7 +223,8 @@ def test_prompt_injection_in_a_description_is_stored_and_shown_verbatim(served, 
     shown = run_mose("expert", "show", "injection-expert", "--json", home=served.home, check=True)
     assert json.loads(shown.stdout)["manifest"]["description"] == description
     assert not sentinel.exists()
-    assert "49" not in cards["injection-expert"]["mose"]["description"]
+    # Rendered as a template, "{{7*7}}" would read "49"; the path above may itself contain "49".
+    assert "{{7*7}}" in cards["injection-expert"]["mose"]["description"]
 
 
 def _paths_case(tmp_path: Path, bad_path: str) -> dict:
