@@ -80,7 +80,7 @@ def test_off_topic_answers_are_flagged_and_ranked_below_the_right_one(scored):
 @pytest.mark.xfail(
     strict=False,
     reason="target missed: with the calibrator `make start` builds the correct answer "
-    "ranks first on 80 % of the questions and every off-topic answer is flagged, but 50 degrees "
+    "ranks first on 82 % of the questions and every off-topic answer is flagged, but 50 degrees "
     "Celsius (P 0.62) reads above 100 degrees Celsius (0.49) and neither is flagged; see "
     "docs/benchmarks.md, sanity suite",
 )
