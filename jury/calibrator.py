@@ -21,10 +21,10 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -33,6 +33,9 @@ from jury.probe import Probe, fit_probe, standardised_logistic
 from registry.artifacts import atomic_write
 from registry.errors import MoseError, ServerError, UnavailableError
 from router_model.calibration import choose_threshold, expected_calibration_error
+
+if TYPE_CHECKING:
+    from sklearn.model_selection import StratifiedKFold
 
 EVIDENCE_FEATURES: tuple[str, ...] = (
     "jury_pmi",
@@ -679,10 +682,10 @@ def _fit_candidate(
     if not candidates:
         raise MoseError("no calibrator candidate left: boosted_trees is 0 and no other family is in candidates")
     split = _label_folds(labels, config)
-    out_of_fold = {name: np.zeros(len(labels)) for name in candidates}
-    for train, val in split.split(x, labels):
-        for name, fit in candidates.items():
-            out_of_fold[name][val] = fit(x[train], labels[train]).predict(x[val])
+    out_of_fold = {
+        name: _out_of_fold(labels, split, lambda train, val, fit=fit: fit(x[train], labels[train]).predict(x[val]))
+        for name, fit in candidates.items()
+    }
     losses = {name: log_loss(labels, np.clip(p, 1e-6, 1 - 1e-6), labels=[0, 1]) for name, p in out_of_fold.items()}
     for chosen in sorted(losses, key=losses.get):  # the best candidate that keeps MONOTONE_FEATURES' direction
         best = candidates[chosen](x, labels)
@@ -770,13 +773,14 @@ def _probe_candidate(
         intercept=offset,
         probe=probe,
     )
-    p_oof = np.zeros(len(labels))
-    for train, val in _label_folds(labels, config).split(logits[:, None], labels):
+
+    def scaled_fold(train: np.ndarray, val: np.ndarray) -> np.ndarray:
         fold_slope, fold_offset, fold_shifts = fit_probe_scaling(
             logits[train], checks[train], labels[train], config.check_prior_scale
         )
-        p_oof[val] = _sigmoid(fold_slope * logits[val] + fold_offset + checks[val] @ fold_shifts)
-    p_oof = p_oof[:scored]
+        return _sigmoid(fold_slope * logits[val] + fold_offset + checks[val] @ fold_shifts)
+
+    p_oof = _out_of_fold(labels, _label_folds(labels, config), scaled_fold)[:scored]
     candidate.metrics = {
         "validation_log_loss": float(log_loss(labels[:scored], np.clip(p_oof, 1e-6, 1 - 1e-6), labels=[0, 1])),
         "probe_validation_auroc": float(roc_auc_score(labels[:scored], logits[:scored])),
@@ -867,11 +871,13 @@ def fit_gate(x: np.ndarray, constructed: np.ndarray, config: CalibratorConfig) -
 
     belongs = (~constructed).astype(np.float64)
     columns = [FEATURES.index(name) for name in config.gate_features]
-    oof = np.zeros(len(belongs))
     folds = max(2, min(config.folds, int(constructed.sum()), int((~constructed).sum())))
     split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=config.seed)
-    for train, val in split.split(x, belongs):
-        oof[val] = _fit_gate(x[train][:, columns], belongs[train], config).predict(x[val], FEATURES)
+    oof = _out_of_fold(
+        belongs,
+        split,
+        lambda train, val: _fit_gate(x[train][:, columns], belongs[train], config).predict(x[val], FEATURES),
+    )
     return _fit_gate(x[:, columns], belongs, config), oof
 
 
@@ -956,12 +962,20 @@ def fit_monotone_logistic(
     )
 
 
-def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split) -> np.ndarray:
+def _cross_fitted_platt(p: np.ndarray, labels: np.ndarray, split: StratifiedKFold) -> np.ndarray:
     """Platt-scaled ``p``, each fold scaled by a fit on the other folds."""
-    scaled = np.zeros(len(p))
-    for train, val in split.split(p[:, None], labels):
-        scaled[val] = platt_scaled(p[val], fit_platt(p[train], labels[train]))
-    return scaled
+    return _out_of_fold(labels, split, lambda train, val: platt_scaled(p[val], fit_platt(p[train], labels[train])))
+
+
+def _out_of_fold(
+    labels: np.ndarray, split: StratifiedKFold, predict: Callable[[np.ndarray, np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Out-of-fold predictions: for each fold of ``split`` (a stratified splitter of ``labels``),
+    ``predict(train, val)``, a fit on the other folds' indexes read on this fold's."""
+    out = np.zeros(len(labels))
+    for train, val in split.split(np.zeros((len(labels), 1)), labels):
+        out[val] = predict(train, val)
+    return out
 
 
 def fit_isotonic(jury_pmi: np.ndarray, labels: np.ndarray) -> Calibrator:
